@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# onnxruntime-gpu where a CUDA GPU is present, plain onnxruntime otherwise (never both).
+ORT := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.fastprompt-installed
+
+.PHONY: install demo test bench build clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q setuptools wheel ninja
+	# Without build isolation, so the extension builds against the torch just installed.
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(ORT),test]"
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) -m fastprompt demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_clip_cross_entropy.py
+
+# Rebuild the C++ extension after editing csrc/.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+clean:
+	rm -rf build fastprompt/*.so *.egg-info

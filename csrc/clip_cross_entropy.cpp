@@ -1,0 +1,183 @@
+// CPU kernels of fastprompt_cpp::clip_cross_entropy_{forward,backward}.
+//
+// Forward: one BLAS product for the raw logits X T̂ᵀ (float32, N x C; the only N x C buffer),
+// then one pass per row while it is in cache: scale by s/||x_i||, max, log-sum-exp, the double
+// softmax statistics, the target terms, the loss, and the logit gradient written over the logits.
+// Backward: products on the saved logit gradient G only, never forming diag(grad_rows) G.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "clip_features.h"
+#include "softmax_rows.h"
+
+namespace fastprompt_cpp {
+namespace {
+
+// Rows per block of the backward's Gᵀ X̂ product: large enough for BLAS to run at full speed.
+constexpr int64_t kBackwardRowBlock = 1024;
+
+std::tuple<at::Tensor, at::Tensor> clip_cross_entropy_forward(
+    const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& labels,
+    const at::Tensor& scale, const std::optional<at::Tensor>& soft_labels,
+    const std::optional<at::Tensor>& sample_index, double smoothing, bool double_softmax,
+    bool normalize, bool compute_grad) {
+  check_features(image_features, text_features, labels);
+  const int64_t N = image_features.size(0);
+  const int64_t C = text_features.size(0);
+  const double s = read_scale(scale);
+
+  const at::Tensor x = as_float(image_features);
+  const at::Tensor row_factor = logit_row_factors(x, s, normalize);
+  at::Tensor logits = at::mm(x, product_rows(text_features, normalize).t());
+  at::Tensor loss_rows = at::empty({N}, x.options());
+  const Targets targets(labels, soft_labels, sample_index, smoothing, C);
+
+  float* z_all = logits.data_ptr<float>();
+  const float* factor = row_factor.data_ptr<float>();
+  float* loss = loss_rows.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(double_softmax && compute_grad ? C : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      float* z = z_all + i * C;
+      const float m = scale_and_max(z, C, factor[i]);
+      loss[i] = task_loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
+                              compute_grad, scratch.data());
+    }
+  });
+
+  at::Tensor grad_logits = compute_grad ? in_dtype(logits, image_features.scalar_type())
+                                        : at::empty({0}, image_features.options());
+  return {loss_rows, grad_logits};
+}
+
+// With normalize: grad_text_c = s (A_c - (A_c . t̂_c) t̂_c) / ||t_c||, A = Gᵀ X̂, and likewise for
+// the images with B = G T̂; grad_scale = sum_c A_c . t̂_c. Without: s A, s B and sum_c A_c . t_c.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
+    const at::Tensor& grad_rows, const at::Tensor& grad_logits, const at::Tensor& image_features,
+    const at::Tensor& text_features, const at::Tensor& scale, bool normalize, bool need_image_grad,
+    bool need_text_grad, bool need_scale_grad) {
+  const int64_t N = image_features.size(0);
+  const int64_t C = text_features.size(0);
+  const int64_t D = image_features.size(1);
+  TORCH_CHECK(grad_logits.dim() == 2 && grad_logits.size(0) == N && grad_logits.size(1) == C,
+              "grad_logits: expected N x C (the forward ran without compute_grad?)");
+  TORCH_CHECK(grad_rows.numel() == N, "grad_rows: expected N values");
+  const double s = read_scale(scale);
+  const at::ScalarType dtype = image_features.scalar_type();
+  const at::Tensor g = as_float(grad_logits);
+  const at::Tensor upstream = as_float(grad_rows);
+  const at::Tensor x = as_float(image_features);
+  const at::Tensor t = as_float(text_features);
+  // 1/||row|| (ones without normalize), so x̂_i = x_i * inv_x_norm_i.
+  const at::Tensor inv_x_norm = normalize
+      ? at::linalg_vector_norm(x, 2, at::IntArrayRef{1}).reciprocal_() : at::ones({N}, x.options());
+  const at::Tensor inv_t_norm = normalize
+      ? at::linalg_vector_norm(t, 2, at::IntArrayRef{1}).reciprocal_() : at::ones({C}, t.options());
+  const float* gr = upstream.data_ptr<float>();
+  const float* ixn = inv_x_norm.data_ptr<float>();
+  const float* itn = inv_t_norm.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  const float sf = static_cast<float>(s);
+
+  at::Tensor grad_image = at::empty({0}, image_features.options());
+  at::Tensor grad_text = at::empty({0}, text_features.options());
+  at::Tensor grad_scale = at::empty({0}, x.options());
+  double scale_sum = 0.0;
+  bool scale_done = false;
+
+  if (need_text_grad || (need_scale_grad && !need_image_grad)) {
+    // A = Gᵀ X̂ without forming G: rows of X̂ scaled by the upstream gradient, a block of rows at
+    // a time, so that the scaled copy never takes N x D memory.
+    const at::Tensor row_weight = upstream * inv_x_norm;
+    at::Tensor a = at::empty({C, D}, x.options());
+    for (int64_t r0 = 0; r0 < N; r0 += kBackwardRowBlock) {
+      const int64_t rows = std::min(kBackwardRowBlock, N - r0);
+      const at::Tensor xw = x.narrow(0, r0, rows) * row_weight.narrow(0, r0, rows).unsqueeze(1);
+      const at::Tensor g_t = g.narrow(0, r0, rows).t();
+      if (r0 == 0) {
+        at::mm_out(a, g_t, xw);
+      } else {
+        a.addmm_(g_t, xw);
+      }
+    }
+    float* ap = a.data_ptr<float>();
+    std::vector<double> dots(C);
+    at::parallel_for(0, C, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        float* ac = ap + c * D;
+        const float* tc = tp + c * D;
+        const float it = itn[c];
+        float dot = 0.0f; // A_c . t̂_c
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < D; ++k) dot += ac[k] * tc[k];
+        dot *= it;
+        dots[c] = dot;
+        const float f = sf * it;
+        const float proj = normalize ? dot * it : 0.0f;
+#pragma omp simd
+        for (int64_t k = 0; k < D; ++k) ac[k] = f * (ac[k] - proj * tc[k]);
+      }
+    });
+    for (double d : dots) scale_sum += d;
+    scale_done = true;
+    if (need_text_grad) grad_text = in_dtype(a, dtype);
+  }
+
+  if (need_image_grad) {
+    // N x D; the rows still lack their grad_rows factor.
+    at::Tensor b = at::mm(g, normalize ? t * inv_t_norm.unsqueeze(1) : t);
+    float* bp = b.data_ptr<float>();
+    std::vector<double> dots(N);
+    at::parallel_for(0, N, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* bi = bp + i * D;
+        const float* xi = xp + i * D;
+        const float ix = ixn[i];
+        float dot = 0.0f; // B_i . x̂_i before the grad_rows scaling
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < D; ++k) dot += bi[k] * xi[k];
+        dot *= ix;
+        dots[i] = static_cast<double>(dot) * gr[i];
+        const float f = sf * ix * gr[i];
+        const float proj = normalize ? dot * ix : 0.0f;
+#pragma omp simd
+        for (int64_t k = 0; k < D; ++k) bi[k] = f * (bi[k] - proj * xi[k]);
+      }
+    });
+    if (!scale_done) {
+      for (double d : dots) scale_sum += d;
+    }
+    grad_image = in_dtype(b, dtype);
+  }
+
+  if (need_scale_grad) {
+    grad_scale = at::full({}, scale_sum, x.options());
+  }
+  return {grad_image, grad_text, grad_scale};
+}
+
+} // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastprompt_cpp, m) {
+  m.def(
+      "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
+      "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, "
+      "bool double_softmax, bool normalize, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "clip_cross_entropy_backward(Tensor grad_rows, Tensor grad_logits, Tensor image_features, "
+      "Tensor text_features, Tensor scale, bool normalize, bool need_image_grad, "
+      "bool need_text_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastprompt_cpp, CPU, m) {
+  m.impl("clip_cross_entropy_forward", &clip_cross_entropy_forward);
+  m.impl("clip_cross_entropy_backward", &clip_cross_entropy_backward);
+}
+
+} // namespace fastprompt_cpp

@@ -1,0 +1,243 @@
+"""Input checks shared by every backend and by the reference.
+
+Each public op validates here once, so every backend raises the same
+``ValueError``/``TypeError`` naming the offending argument. Shape, dtype and
+device checks are free; value checks (finiteness, index ranges) need one host
+synchronisation, done in a single batched ``.tolist()``. They are skipped while
+``torch.compile`` traces, where a data-dependent branch would break the graph;
+kernels clamp their index loads so even unchecked bad indices cannot fault.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, floating: bool = False,
+                 integer: bool = False) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+    if integer and x.dtype != torch.int64:
+        raise TypeError(f"{name}: expected an int64 tensor, got {x.dtype}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name}: on {x.device}, but {ref_name} is on {ref.device}")
+
+
+def as_scale_tensor(scale, device: torch.device) -> torch.Tensor:
+    """The logit multiplier as a 0-d float32 tensor (keeps its autograd graph)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dim() > 1:
+            raise ValueError(f"scale: expected a float or a 0-d tensor, got shape {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"scale: expected a floating tensor, got {scale.dtype}")
+        if scale.device != device:
+            raise ValueError(f"scale: on {scale.device}, but image_features is on {device}")
+        return scale.reshape(()).float() if scale.dtype != torch.float64 else scale.reshape(())
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or a 0-d tensor, got {type(scale).__name__}")
+    if not (float(scale) == float(scale)) or abs(float(scale)) == float("inf"):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+
+
+def run_value_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
+    """Evaluate boolean 0-d tensors with one synchronisation; raise on the first false one."""
+    if not checks or _is_compiling():
+        return
+    flags = torch.stack([c.reshape(()) for _, c in checks]).tolist()
+    for (message, _), ok in zip(checks, flags):
+        if not ok:
+            raise ValueError(message)
+
+
+def check_clip_cross_entropy_args(image_features, text_features, labels, scale, *,
+                                  smoothing, soft_labels, sample_index, normalize,
+                                  reduction) -> torch.Tensor:
+    """Validate the arguments of ``clip_cross_entropy``; return ``scale`` as a 0-d tensor."""
+    check_tensor("image_features", image_features, ndim=2, floating=True)
+    check_tensor("text_features", text_features, ndim=2, floating=True)
+    check_tensor("labels", labels, ndim=1, integer=True)
+    n, d = image_features.shape
+    c = text_features.shape[0]
+    if n == 0:
+        raise ValueError("image_features: empty batch (0 rows)")
+    if c == 0:
+        raise ValueError("text_features: no classes (0 rows)")
+    if d == 0:
+        raise ValueError("image_features: feature dimension is 0")
+    if text_features.shape[1] != d:
+        raise ValueError(f"text_features: feature dimension {text_features.shape[1]} does not match "
+                         f"image_features' {d}")
+    if text_features.dtype != image_features.dtype:
+        raise TypeError(f"text_features: dtype {text_features.dtype} differs from image_features' "
+                        f"{image_features.dtype}; cast one of them")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels: expected {n} labels (one per image_features row), got {labels.shape[0]}")
+    check_same_device("image_features", image_features, text_features=text_features, labels=labels,
+                      soft_labels=soft_labels, sample_index=sample_index)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+        raise TypeError(f"smoothing: expected a float, got {type(smoothing).__name__}")
+    if not 0.0 <= float(smoothing) <= 1.0:
+        raise ValueError(f"smoothing: must lie in [0, 1], got {smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    s = as_scale_tensor(scale, image_features.device)
+
+    checks = [
+        ("image_features: contains NaN or infinite values", torch.isfinite(image_features).all()),
+        ("text_features: contains NaN or infinite values", torch.isfinite(text_features).all()),
+        ("scale: must be finite", torch.isfinite(s.detach())),
+        (f"labels: values must lie in [0, {c})", ((labels >= 0) & (labels < c)).all()),
+    ]
+    if normalize:
+        checks += [
+            ("image_features: a row has zero norm and cannot be normalised",
+             (image_features != 0).any(dim=1).all()),
+            ("text_features: a row has zero norm and cannot be normalised",
+             (text_features != 0).any(dim=1).all()),
+        ]
+    if soft_labels is not None:
+        check_tensor("soft_labels", soft_labels, ndim=2, floating=True)
+        if soft_labels.shape[1] != c:
+            raise ValueError(f"soft_labels: expected {c} columns (one per class), got shape "
+                             f"{tuple(soft_labels.shape)}")
+        if sample_index is None and soft_labels.shape[0] != c:
+            raise ValueError(f"soft_labels: a class-wise table must be {c} x {c}, got shape "
+                             f"{tuple(soft_labels.shape)}; pass sample_index for an instance-wise table")
+        if soft_labels.shape[0] == 0:
+            raise ValueError("soft_labels: the table has no rows")
+        row_sums = soft_labels.detach().double().sum(dim=1)
+        checks += [
+            ("soft_labels: contains NaN, infinite or negative values",
+             (torch.isfinite(soft_labels) & (soft_labels >= 0)).all()),
+            ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
+        ]
+    if sample_index is not None:
+        if soft_labels is None:
+            raise ValueError("sample_index: given without soft_labels (an instance-wise table)")
+        check_tensor("sample_index", sample_index, ndim=1, integer=True)
+        if sample_index.shape[0] != n:
+            raise ValueError(f"sample_index: expected {n} indices (one per image_features row), got "
+                             f"{sample_index.shape[0]}")
+        m = soft_labels.shape[0]
+        checks.append((f"sample_index: values must lie in [0, {m}) (rows of soft_labels)",
+                       ((sample_index >= 0) & (sample_index < m)).all()))
+    run_value_checks(checks)
+    return s
+
+
+def check_finite_positive(name: str, value, *, allow_zero: bool = False) -> float:
+    """A finite Python number > 0 (>= 0 with ``allow_zero``), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    bound_ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (value == value and abs(value) != float("inf") and bound_ok):
+        raise ValueError(f"{name}: must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+    return value
+
+
+def check_prograd_losses_args(image_features, text_features, zeroshot_text_features, labels, scale,
+                              *, temperature, smoothing, soft_labels,
+                              sample_index) -> tuple[torch.Tensor, float]:
+    """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature)``."""
+    temperature = check_finite_positive("temperature", temperature)
+    s = check_clip_cross_entropy_args(
+        image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
+        sample_index=sample_index, normalize=True, reduction="mean")
+    check_tensor("zeroshot_text_features", zeroshot_text_features, ndim=2, floating=True)
+    if zeroshot_text_features.shape != text_features.shape:
+        raise ValueError(f"zeroshot_text_features: shape {tuple(zeroshot_text_features.shape)} differs "
+                         f"from text_features' {tuple(text_features.shape)} (one row per class)")
+    if zeroshot_text_features.dtype != image_features.dtype:
+        raise TypeError(f"zeroshot_text_features: dtype {zeroshot_text_features.dtype} differs from "
+                        f"image_features' {image_features.dtype}; cast one of them")
+    check_same_device("image_features", image_features, zeroshot_text_features=zeroshot_text_features)
+    run_value_checks([
+        ("zeroshot_text_features: contains NaN or infinite values",
+         torch.isfinite(zeroshot_text_features).all()),
+        ("zeroshot_text_features: a row has zero norm and cannot be normalised",
+         (zeroshot_text_features != 0).any(dim=1).all()),
+    ])
+    return s, temperature
+
+
+def _check_tensor_list(name: str, tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
+    for i, x in enumerate(tensors):
+        check_tensor(f"{name}[{i}]", x, floating=True)
+    return list(tensors)
+
+
+def finiteness_checks(name: str, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``run_value_checks`` entries saying which tensor of a list holds NaN or infinite values.
+
+    One multi-tensor max-abs reduction covers the whole list (NaN and inf survive it). None and
+    empty entries are skipped; messages keep the list's indices.
+    """
+    indexed = [(i, x) for i, x in enumerate(tensors) if x is not None and x.numel() > 0]
+    if not indexed:
+        return []
+    peaks = torch._foreach_norm([x for _, x in indexed], float("inf"))
+    return [(f"{name}[{i}]: contains NaN or infinite values", torch.isfinite(p))
+            for (i, _), p in zip(indexed, peaks)]
+
+
+def check_project_conflicting_args(grads, ref_grads, lam) -> float:
+    """Validate the arguments of ``project_conflicting_``; return ``lam`` as a float."""
+    grads = _check_tensor_list("grads", grads)
+    ref_grads = _check_tensor_list("ref_grads", ref_grads)
+    if len(ref_grads) != len(grads):
+        raise ValueError(f"ref_grads: expected {len(grads)} tensors (one per grads tensor), got "
+                         f"{len(ref_grads)}")
+    lam = check_finite_positive("lam", lam, allow_zero=True)
+    for i, (g, h) in enumerate(zip(grads, ref_grads)):
+        if h.shape != g.shape:
+            raise ValueError(f"ref_grads[{i}]: shape {tuple(h.shape)} differs from grads[{i}]'s "
+                             f"{tuple(g.shape)}")
+        if h.dtype != g.dtype:
+            raise ValueError(f"ref_grads[{i}]: dtype {h.dtype} differs from grads[{i}]'s {g.dtype}")
+        # One device for all: the fused projection covers every tensor in one launch.
+        check_same_device("grads[0]", grads[0], **{f"grads[{i}]": g, f"ref_grads[{i}]": h})
+    run_value_checks(finiteness_checks("grads", grads) + finiteness_checks("ref_grads", ref_grads))
+    return lam
+
+
+def check_prograd_backward_args(task_loss, kl_loss, params, lam) -> tuple[list[torch.Tensor], float]:
+    """Validate the arguments of ``prograd_backward``; return ``(params as a list, lam)``."""
+    for name, loss in (("task_loss", task_loss), ("kl_loss", kl_loss)):
+        check_tensor(name, loss, floating=True)
+        if loss.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar loss, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(f"{name}: does not require grad (computed under no_grad, or from "
+                             "inputs that do not require grad)")
+    check_same_device("task_loss", task_loss, kl_loss=kl_loss)
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    if not params:
+        raise ValueError("params: empty; pass the parameters to update")
+    for i, p in enumerate(params):
+        check_tensor(f"params[{i}]", p, floating=True)
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}]: does not require grad")
+        check_same_device("params[0]", params[0], **{f"params[{i}]": p})
+    return params, check_finite_positive("lam", lam, allow_zero=True)

@@ -1,0 +1,150 @@
+"""``fastprompt.clip_cross_entropy``: the fused prompt-tuning loss as torch custom ops.
+
+Two ops, one schema each, every backend behind them:
+
+* ``fastprompt::clip_cross_entropy_forward`` -> ``(loss_rows, grad_logits)``: the per-row loss
+  (float32) and, when a gradient will be needed, ``∂loss_i/∂z`` (N x C, input dtype) written
+  during the forward as Liger-Kernel does, so the backward is products only.
+* ``fastprompt::clip_cross_entropy_backward``: from ``grad_logits`` and the upstream per-row
+  gradient to the gradients of the image features, text features and scale (closed forms in
+  ``KERNELS.md``: the normalisation's backward is a projection, no N x C temporary).
+
+The reduction stays in Python (a mean over N values), so autograd and ``torch.compile`` see it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastprompt import _backend, reference
+from fastprompt._validation import check_clip_cross_entropy_args
+
+_EMPTY = (0,)
+
+
+def _kernels(backend: str):
+    if backend == "cpp":
+        return (torch.ops.fastprompt_cpp.clip_cross_entropy_forward,
+                torch.ops.fastprompt_cpp.clip_cross_entropy_backward)
+    if backend == "triton":
+        from fastprompt.kernels import clip_cross_entropy as k
+        return k.clip_cross_entropy_forward, k.clip_cross_entropy_backward
+    raise ValueError(f"backend: no fused kernel for {backend!r}")
+
+
+@torch.library.custom_op("fastprompt::clip_cross_entropy_forward", mutates_args=())
+def clip_cross_entropy_forward(image_features: Tensor, text_features: Tensor, labels: Tensor,
+                               scale: Tensor, soft_labels: Optional[Tensor],
+                               sample_index: Optional[Tensor], smoothing: float,
+                               double_softmax: bool, normalize: bool, compute_grad: bool,
+                               backend: str) -> tuple[Tensor, Tensor]:
+    forward, _ = _kernels(backend)
+    return forward(image_features, text_features, labels, scale, soft_labels, sample_index,
+                   smoothing, double_softmax, normalize, compute_grad)
+
+
+@clip_cross_entropy_forward.register_fake
+def _(image_features, text_features, labels, scale, soft_labels, sample_index, smoothing,
+      double_softmax, normalize, compute_grad, backend):
+    n, c = image_features.shape[0], text_features.shape[0]
+    loss_rows = image_features.new_empty((n,), dtype=torch.float32)
+    grad_logits = image_features.new_empty((n, c) if compute_grad else _EMPTY)
+    return loss_rows, grad_logits
+
+
+@torch.library.custom_op("fastprompt::clip_cross_entropy_backward", mutates_args=())
+def clip_cross_entropy_backward(grad_rows: Tensor, grad_logits: Tensor, image_features: Tensor,
+                                text_features: Tensor, scale: Tensor, normalize: bool,
+                                need_image_grad: bool, need_text_grad: bool,
+                                need_scale_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _, backward = _kernels(backend)
+    return backward(grad_rows, grad_logits, image_features, text_features, scale, normalize,
+                    need_image_grad, need_text_grad, need_scale_grad)
+
+
+@clip_cross_entropy_backward.register_fake
+def _(grad_rows, grad_logits, image_features, text_features, scale, normalize, need_image_grad,
+      need_text_grad, need_scale_grad, backend):
+    gx = torch.empty_like(image_features) if need_image_grad else image_features.new_empty(_EMPTY)
+    gt = torch.empty_like(text_features) if need_text_grad else text_features.new_empty(_EMPTY)
+    gs = scale.new_empty(() if need_scale_grad else _EMPTY, dtype=torch.float32)
+    return gx, gt, gs
+
+
+def _setup_context(ctx, inputs, output):
+    image_features, text_features, _, scale, _, _, _, _, normalize, _, backend = inputs
+    _, grad_logits = output
+    ctx.save_for_backward(image_features, text_features, scale, grad_logits)
+    ctx.normalize = normalize
+    ctx.backend = backend
+    ctx.mark_non_differentiable(grad_logits)
+
+
+def _backward(ctx, grad_rows, _unused):
+    image_features, text_features, scale, grad_logits = ctx.saved_tensors
+    if grad_logits.dim() != 2:
+        raise RuntimeError("clip_cross_entropy: backward called, but the forward ran without "
+                           "gradients (inputs did not require grad when it ran)")
+    need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    gx, gt, gs = clip_cross_entropy_backward(
+        grad_rows.float().contiguous(), grad_logits, image_features, text_features, scale,
+        ctx.normalize, need_x, need_t, need_s, ctx.backend)
+    return (gx if need_x else None, gt if need_t else None, None, gs if need_s else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastprompt::clip_cross_entropy_forward", _backward,
+                                setup_context=_setup_context)
+
+
+def clip_cross_entropy(image_features, text_features, labels, scale, *, double_softmax=False,
+                       smoothing=0.0, soft_labels=None, sample_index=None, normalize=True,
+                       reduction="mean"):
+    """Cross-entropy of CLIP logits ``scale * x̂ t̂ᵀ`` against hard or soft targets, fused.
+
+    Args:
+        image_features: N x D (cached image features; may require grad).
+        text_features: C x D (the prompts' text features; may require grad).
+        labels: N int64 class indices in [0, C).
+        scale: the logit multiplier (``logit_scale.exp()``), a float or a 0-d tensor.
+        double_softmax: DSPT's loss, cross-entropy over ``softmax(softmax(z))``.
+        smoothing: ε; targets are ``(1-ε) e_y + ε r`` when ε > 0.
+        soft_labels: ``r``: None for uniform, a C x C class-wise table indexed by label, or an
+            M x C instance-wise table indexed by ``sample_index``. Rows sum to 1.
+        sample_index: N int64 rows of an instance-wise ``soft_labels`` table.
+        normalize: L2-normalise the rows of both feature matrices first (CLIP does).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (N per-row losses).
+
+    Returns the float32 loss. Runs the Triton kernels on CUDA and the C++ kernels on CPU
+    (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
+    """
+    s = check_clip_cross_entropy_args(
+        image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
+        sample_index=sample_index, normalize=normalize, reduction=reduction)
+    smoothing = float(smoothing)
+    backend = _backend.resolve(image_features.device)
+    if backend == "reference":
+        return reference.clip_cross_entropy_unchecked(
+            image_features, text_features, labels, s, double_softmax, smoothing, soft_labels,
+            sample_index, normalize, reduction)
+    if image_features.dtype == torch.float64:
+        raise TypeError(f"image_features: float64 has no fused {backend} kernel; use float32, "
+                        "bfloat16 or float16, or fastprompt.reference for float64 checks")
+    if smoothing == 0.0:  # hard targets: the table plays no part
+        soft_labels = sample_index = None
+    if soft_labels is not None:
+        soft_labels = soft_labels.float().contiguous()
+    if sample_index is not None:
+        sample_index = sample_index.contiguous()
+    compute_grad = torch.is_grad_enabled() and (
+        image_features.requires_grad or text_features.requires_grad or s.requires_grad)
+    loss_rows, _ = clip_cross_entropy_forward(
+        image_features.contiguous(), text_features.contiguous(), labels.contiguous(), s,
+        soft_labels, sample_index, smoothing, bool(double_softmax), normalize, compute_grad, backend)
+    if reduction == "mean":
+        return loss_rows.mean()
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows

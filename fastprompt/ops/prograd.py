@@ -1,0 +1,251 @@
+"""ProGrad (Zhu et al., "Prompt-aligned Gradient for Prompt Tuning") as torch custom ops.
+
+* ``fastprompt::prograd_losses_forward`` -> ``(task_rows, kl_rows, grad_task_logits,
+  grad_kl_logits)``: one fused pass gives the task loss (``clip_cross_entropy``'s, every target
+  option and DSPT's double softmax), the distillation loss towards zero-shot CLIP
+  ``-τ² Σ_c softmax(z⁰/τ)_c log softmax(z/τ)_c`` and both logit gradients. The zero-shot logits
+  ``z⁰`` are recomputed from the zero-shot text features inside the pass, never stored; they are a
+  fixed teacher, as in the official code (no gradient flows through them).
+  Its backward forms ``G = a_i Gtask + b_i Gkl`` from the upstream per-row gradients ``a``, ``b``
+  and reuses ``fastprompt::clip_cross_entropy_backward``.
+* ``fastprompt::project_conflicting_``: for every pair ``(g, h)``, ``g <- g - λ <g,h>/‖h‖² h``
+  where ``<g,h> < 0``, in place; one multi-tensor launch, the sign test on the device.
+
+``prograd_backward`` gets both parameter gradients from one batched backward
+(``is_grads_batched``), so the text encoder's graph is walked once, not twice with
+``retain_graph``. Autograd vectorises that backward with vmap; the fused backward op gets a vmap
+rule here that loops over the (tiny) batch of two.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from fastprompt import _backend, reference
+from fastprompt._validation import (check_project_conflicting_args, check_prograd_backward_args,
+                                    check_prograd_losses_args, finiteness_checks, run_value_checks)
+from fastprompt.ops.clip_cross_entropy import clip_cross_entropy_backward
+
+_EMPTY = (0,)
+
+
+def _kernels(backend: str):
+    if backend == "cpp":
+        return (torch.ops.fastprompt_cpp.prograd_losses_forward,
+                torch.ops.fastprompt_cpp.project_conflicting_)
+    if backend == "triton":
+        from fastprompt.kernels import prograd as k
+        return k.prograd_losses_forward, k.project_conflicting_
+    raise ValueError(f"backend: no fused kernel for {backend!r}")
+
+
+@torch.library.custom_op("fastprompt::prograd_losses_forward", mutates_args=())
+def prograd_losses_forward(image_features: Tensor, text_features: Tensor,
+                           zeroshot_text_features: Tensor, labels: Tensor, scale: Tensor,
+                           soft_labels: Optional[Tensor], sample_index: Optional[Tensor],
+                           smoothing: float, double_softmax: bool, temperature: float,
+                           compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    forward, _ = _kernels(backend)
+    return forward(image_features, text_features, zeroshot_text_features, labels, scale,
+                   soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad)
+
+
+@prograd_losses_forward.register_fake
+def _(image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
+      sample_index, smoothing, double_softmax, temperature, compute_grad, backend):
+    n, c = image_features.shape[0], text_features.shape[0]
+    task_rows = image_features.new_empty((n,), dtype=torch.float32)
+    kl_rows = image_features.new_empty((n,), dtype=torch.float32)
+    grad_shape = (n, c) if compute_grad else _EMPTY
+    return task_rows, kl_rows, image_features.new_empty(grad_shape), image_features.new_empty(grad_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    image_features, text_features, _, _, scale, *_, backend = inputs
+    _, _, grad_task_logits, grad_kl_logits = output
+    ctx.save_for_backward(image_features, text_features, scale, grad_task_logits, grad_kl_logits)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(grad_task_logits, grad_kl_logits)
+
+
+def _backward(ctx, grad_task_rows, grad_kl_rows, _unused_task, _unused_kl):
+    image_features, text_features, scale, grad_task_logits, grad_kl_logits = ctx.saved_tensors
+    if grad_task_logits.dim() != 2:
+        raise RuntimeError("prograd_losses: backward called, but the forward ran without gradients "
+                           "(inputs did not require grad when it ran)")
+    need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+    # One N x C buffer for both losses, so the products run once. Not in place: the saved
+    # gradients serve again when the graph is retained (the official two-backward procedure).
+    combined = (grad_task_logits * grad_task_rows.float()[:, None]
+                + grad_kl_logits * grad_kl_rows.float()[:, None]).to(grad_task_logits.dtype)
+    ones = torch.ones_like(grad_task_rows, dtype=torch.float32)
+    gx, gt, gs = clip_cross_entropy_backward(
+        ones, combined, image_features, text_features, scale, True, need_x, need_t, need_s,
+        ctx.backend)
+    return (gx if need_x else None, gt if need_t else None, None, None, gs if need_s else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastprompt::prograd_losses_forward", _backward,
+                                setup_context=_setup_context)
+
+
+def _vmap_by_loop(op):
+    """A vmap rule that runs ``op`` once per batch entry and stacks the outputs.
+
+    For the small backward ops that ``is_grads_batched`` meets (the batch holds two); the text
+    encoder's backward, where the time goes, is what gets batched.
+    """
+    def rule(info, in_dims, *args):
+        outputs = []
+        for b in range(info.batch_size):
+            sliced = [a.select(d, b).contiguous() if d is not None else a
+                      for a, d in zip(args, in_dims)]
+            outputs.append(op(*sliced))
+        stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+        return stacked, (0,) * len(stacked)
+    return rule
+
+
+torch.library.register_vmap("fastprompt::clip_cross_entropy_backward",
+                            _vmap_by_loop(clip_cross_entropy_backward))
+
+
+@torch.library.custom_op("fastprompt::project_conflicting_", mutates_args=("grads",))
+def project_conflicting_op(grads: list[Tensor], ref_grads: list[Tensor], lam: float,
+                           backend: str) -> None:
+    _, project = _kernels(backend)
+    project(grads, ref_grads, lam)
+
+
+@project_conflicting_op.register_fake
+def _(grads, ref_grads, lam, backend):
+    return None
+
+
+def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_features: Tensor,
+                   labels: Tensor, scale, *, temperature: float = 1.0, double_softmax: bool = False,
+                   smoothing: float = 0.0, soft_labels: Optional[Tensor] = None,
+                   sample_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """ProGrad's task loss and distillation loss towards zero-shot CLIP, fused.
+
+    Args:
+        image_features: N x D (cached image features; may require grad).
+        text_features: C x D (the prompts' text features; may require grad).
+        zeroshot_text_features: C x D, zero-shot CLIP's text features for the same classes
+            (hand-written prompts such as "a photo of a {}."). A fixed teacher: no gradient flows
+            through the zero-shot logits, to any input.
+        labels: N int64 class indices in [0, C).
+        scale: the logit multiplier (``logit_scale.exp()``), a float or a 0-d tensor; it scales
+            both the prompt logits ``z`` and the zero-shot logits ``z⁰``.
+        temperature: τ > 0 of the distillation loss.
+        double_softmax, smoothing, soft_labels, sample_index: the task loss's options, exactly
+            as in ``clip_cross_entropy``.
+
+    Returns ``(task_loss, kl_loss)``, both float32 scalar means over the batch, with
+    ``kl_loss = mean_i -τ² Σ_c softmax(z⁰_i/τ)_c log softmax(z_i/τ)_c``. Feed them to
+    ``prograd_backward``. Runs the Triton kernel on CUDA and the C++ kernel on CPU
+    (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
+    """
+    s, temperature = check_prograd_losses_args(
+        image_features, text_features, zeroshot_text_features, labels, scale,
+        temperature=temperature, smoothing=smoothing, soft_labels=soft_labels,
+        sample_index=sample_index)
+    smoothing = float(smoothing)
+    backend = _backend.resolve(image_features.device)
+    if backend == "reference":
+        return reference.prograd_losses_unchecked(
+            image_features, text_features, zeroshot_text_features, labels, s, temperature,
+            double_softmax, smoothing, soft_labels, sample_index)
+    if image_features.dtype == torch.float64:
+        raise TypeError(f"image_features: float64 has no fused {backend} kernel; use float32, "
+                        "bfloat16 or float16, or fastprompt.reference for float64 checks")
+    if smoothing == 0.0:  # hard targets: the table plays no part
+        soft_labels = sample_index = None
+    if soft_labels is not None:
+        soft_labels = soft_labels.float().contiguous()
+    if sample_index is not None:
+        sample_index = sample_index.contiguous()
+    compute_grad = torch.is_grad_enabled() and (
+        image_features.requires_grad or text_features.requires_grad or s.requires_grad)
+    task_rows, kl_rows, _, _ = prograd_losses_forward(
+        image_features.contiguous(), text_features.contiguous(),
+        zeroshot_text_features.detach().contiguous(), labels.contiguous(), s, soft_labels,
+        sample_index, smoothing, bool(double_softmax), temperature, compute_grad, backend)
+    return task_rows.mean(), kl_rows.mean()
+
+
+def _project_unchecked_(grads: list[Tensor], ref_grads: list[Tensor], lam: float) -> None:
+    pairs = [(g, h) for g, h in zip(grads, ref_grads) if g.numel() > 0]
+    if not pairs:
+        return
+    backend = _backend.resolve(pairs[0][0].device)
+    if backend == "reference":
+        reference.project_conflicting_unchecked_([g for g, _ in pairs], [h for _, h in pairs], lam)
+        return
+    # The kernels read flat contiguous memory; a strided gradient is projected in a copy.
+    work = [g if g.is_contiguous() else g.contiguous() for g, _ in pairs]
+    project_conflicting_op(work, [h.contiguous() for _, h in pairs], lam, backend)
+    for (g, _), w in zip(pairs, work):
+        if w is not g:
+            g.copy_(w)
+
+
+def project_conflicting_(grads: list[Tensor], ref_grads: list[Tensor], lam: float = 1.0) -> None:
+    """ProGrad's projection, in place: drop the part of each gradient that conflicts with its
+    reference gradient.
+
+    For every pair ``(g, h)`` on its own (one pair per parameter tensor, as the official code
+    does it): if ``<g, h> < 0``, ``g <- g - lam * <g,h>/||h||² * h``; otherwise ``g`` is left as
+    it is. A zero ``h`` leaves ``g`` unchanged. Reductions run in float32 (float64 for float64).
+
+    Args:
+        grads: tensors to project (the task loss's gradients), modified in place.
+        ref_grads: the distillation loss's gradients, same shapes, dtypes and device.
+        lam: λ >= 0, the fraction of the conflicting component removed (1 removes it all).
+
+    On CUDA one Triton launch covers every tensor and the sign test never leaves the device; on
+    CPU the C++ kernel runs. Validation (finite values) costs one host synchronisation, skipped
+    under ``torch.compile``.
+    """
+    lam = check_project_conflicting_args(grads, ref_grads, lam)
+    _project_unchecked_(list(grads), list(ref_grads), lam)
+
+
+def prograd_backward(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor],
+                     lam: float = 1.0) -> None:
+    """ProGrad's backward: accumulate the projected task gradient into each ``param.grad``.
+
+    Equal, up to float rounding, to the official procedure (``kl_loss.backward(retain_graph=True)``,
+    copy the gradients ``h``, ``task_loss.backward()`` for ``g``, project each ``g`` against its
+    ``h``; ``fastprompt.reference.prograd_backward``), but both gradients come from ONE backward
+    pass through the graph with a batch of two grad outputs (``is_grads_batched``). The graph is
+    freed afterwards, as ``task_loss.backward()`` would.
+
+    Args:
+        task_loss, kl_loss: scalar losses sharing a graph (from ``prograd_losses``, or any two).
+        params: the tensors to update (leaves requiring grad, e.g. the prompt context); each
+            ``param.grad`` is added to as ``backward()`` would (set when it is None).
+        lam: λ >= 0 of the projection.
+    """
+    params, lam = check_prograd_backward_args(task_loss, kl_loss, params, lam)
+    dtype = torch.promote_types(task_loss.dtype, kl_loss.dtype)
+    losses = torch.stack([task_loss.reshape(()).to(dtype), kl_loss.reshape(()).to(dtype)])
+    batched = torch.autograd.grad(losses, params, torch.eye(2, dtype=dtype, device=losses.device),
+                                  is_grads_batched=True, allow_unused=True)
+    run_value_checks(
+        finiteness_checks("task_loss: gradient of params", [b if b is None else b[0] for b in batched])
+        + finiteness_checks("kl_loss: gradient of params", [b if b is None else b[1] for b in batched]))
+    # A parameter that neither loss reaches keeps its .grad, as backward() leaves it.
+    reached = [(p, pair) for p, pair in zip(params, batched) if pair is not None]
+    grads = [pair[0] for _, pair in reached]
+    ref_grads = [pair[1] for _, pair in reached]
+    _project_unchecked_(grads, ref_grads, lam)
+    for (p, _), g in zip(reached, grads):
+        # A slice of the batched result; clone so it does not keep ``h`` alive.
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
