@@ -1,0 +1,361 @@
+"""Triton pieces shared by the fused CLIP losses (``clip_cross_entropy`` and ProGrad's pair of
+losses): block-size choice, the tensor-core dot, row norms, and the one forward kernel both ops
+run (ProGrad's is the same row math plus a zero-shot KL term, switched on by a constexpr).
+
+Schedule (Liger-Kernel style, see ``clip_cross_entropy.py`` for the product count): each program
+owns ``BLOCK_N`` rows and sweeps the classes in ``BLOCK_C`` tiles. The logits ``z = s x̂ t̂ᵀ`` are
+never stored: every sweep recomputes its tile from the features (a ``BLOCK_N x BLOCK_C x D``
+product), because keeping ``z`` in a bf16 buffer would cost precision exactly where the softmax is
+sensitive (|z| up to 100 means steps of 0.5). The normalisation is folded in as per-row and
+per-column factors (``s / ‖x_i‖`` and ``1 / ‖t_c‖``), so no normalised copy exists.
+
+Sweeps: (1) online log-sum-exp of ``z`` and the cross-entropy's target term (plus, with the KL
+term, the log-sum-exps of ``z/τ`` and ``z⁰/τ`` and the KL's cross term); (2) double softmax only:
+``p = softmax(z) ∈ [0, 1]`` so ``Σ e^p``, ``Σ p e^p`` and ``Σ t p`` need no running max;
+(3) only when a gradient is wanted: recompute the tile and write ``∂loss_i/∂z`` (and the KL's) in
+the input dtype, the only N x C buffer.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter computes bf16/fp16 tl.dot wrongly: there the operands are cast to fp32 first
+# (read once, at import, as triton itself does when @triton.jit runs).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
+
+
+def next_pow2_between(n: int, low: int, high: int) -> int:
+    """The power of two covering ``n``, clamped to [low, high] (tl.dot needs dims >= 16)."""
+    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 follows torch's matmul setting (``ieee`` by default,
+    ``tf32`` after ``torch.set_float32_matmul_precision("high")``); half types ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: bool) -> dict:
+    """Block sizes and launch options of the forward kernel; deterministic, no autotuning."""
+    if INTERPRET:  # interpreter cost grows with programs x iterations: few, large blocks
+        return dict(BLOCK_N=next_pow2_between(n, 16, 64), BLOCK_C=next_pow2_between(c, 16, 128),
+                    BLOCK_D=next_pow2_between(d, 16, 128))
+    # GPU (not yet timed on a device; chosen so that ptxas reports no or few register spills for
+    # sm_90): 64 x 64 tiles on 8 warps, 64 x 32 with two accumulators (ProGrad); the D step is
+    # one 128-byte row of half (64) or float32 (32) elements. Small batches get narrower row
+    # blocks so that more programs run.
+    block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)
+    block_c = next_pow2_between(c, 16, 32 if two_products else 64)
+    block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def mma(a, b, acc, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in float32 (operands upcast under the interpreter)."""
+    if CAST_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_inv_norm_kernel(x_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    base = x_ptr + rows.to(tl.int64)[:, None] * D
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(base + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    sumsq = tl.where(row_mask, sumsq, 1.0)  # padding rows: keep the interpreter quiet
+    tl.store(out_ptr + rows, 1.0 / tl.sqrt(sumsq), mask=row_mask)
+
+
+def row_inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """``1 / ‖x_i‖`` of each row of a contiguous M x D matrix, float32 (M,)."""
+    m, d = x.shape
+    out = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_m = next_pow2_between(m, 16, 64) if INTERPRET else 16
+    block_d = next_pow2_between(d, 16, 512 if INTERPRET else 256)
+    _row_inv_norm_kernel[(triton.cdiv(m, block_m),)](x, out, m, d, BLOCK_M=block_m, BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
+def _logit_tiles(x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef, col_coef,
+                 col_coef0, HAS_T0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``z = row_coef_i col_coef_c (x_i · t_c)`` on one tile, and ``z⁰`` from ``t0`` sharing the
+    same loads of ``x`` when HAS_T0 (otherwise the second result is a copy of the first)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    x_base = x_ptr + rows.to(tl.int64)[:, None] * D
+    t_offs = cols.to(tl.int64)[None, :] * D
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        x = tl.load(x_base + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        t_mask = d_mask[:, None] & col_mask[None, :]
+        t = tl.load(t_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)  # BLOCK_D x BLOCK_C
+        acc = mma(x, t, acc, CAST_FP32, PRECISION)
+        if HAS_T0:
+            t0 = tl.load(t0_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)
+            acc0 = mma(x, t0, acc0, CAST_FP32, PRECISION)
+    z = acc * row_coef[:, None] * col_coef[None, :]
+    if HAS_T0:
+        z0 = acc0 * row_coef[:, None] * col_coef0[None, :]
+    else:
+        z0 = z
+    return z, z0
+
+
+@triton.jit
+def _col_coef(inv_norm_ptr, cols, col_mask, NORMALIZE: tl.constexpr, BLOCK_C: tl.constexpr):
+    if NORMALIZE:
+        coef = tl.load(inv_norm_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        coef = tl.full((BLOCK_C,), 1.0, dtype=tl.float32)
+    return coef
+
+
+@triton.jit
+def _targets(labels, table_base, cols, col_mask, smoothing, C, TARGET: tl.constexpr):
+    """Target probabilities ``(1-ε) [c = y] + ε r_c`` (float32) at the class indices ``cols``,
+    a 2-D index broadcast against the rows (a tile of columns, or one column per row)."""
+    onehot = (cols == labels[:, None]).to(tl.float32)
+    if TARGET == 0:
+        target = onehot
+    elif TARGET == 1:
+        target = (1.0 - smoothing) * onehot + smoothing / C
+    else:
+        r = tl.load(table_base[:, None] + cols, mask=col_mask, other=0.0)
+        target = (1.0 - smoothing) * onehot + smoothing * r
+    return target
+
+
+@triton.jit
+def _online_lse(m, l, z):
+    """One tile of a running log-sum-exp: max ``m`` and ``l = Σ e^{z - m}`` per row."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, l
+
+
+@triton.jit
+def clip_loss_forward_kernel(
+        x_ptr, t_ptr, t0_ptr, x_inv_norm_ptr, t_inv_norm_ptr, t0_inv_norm_ptr, scale_ptr,
+        labels_ptr, table_row_ptr, table_ptr,
+        loss_ptr, kl_ptr, grad_ptr, grad_kl_ptr,
+        N, C, D, R, smoothing, temperature,
+        TARGET: tl.constexpr, DOUBLE_SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
+        HAS_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    # Index loads are clamped so that unchecked bad labels can never address outside the tables.
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    labels = tl.minimum(tl.maximum(labels, 0), C - 1)
+    if TARGET == 2:
+        table_rows = tl.load(table_row_ptr + rows, mask=row_mask, other=0)
+        table_rows = tl.minimum(tl.maximum(table_rows, 0), R - 1)
+        table_base = table_ptr + table_rows.to(tl.int64) * C
+    else:
+        table_base = table_ptr
+    s = tl.load(scale_ptr).to(tl.float32)
+    if NORMALIZE:
+        row_coef = s * tl.load(x_inv_norm_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        row_coef = tl.zeros((BLOCK_N,), dtype=tl.float32) + s
+    inv_temperature = 1.0 / temperature
+
+    # Sweep 1: lse(z) (running max m, l = Σ e^{z-m}); with the KL term also lse(z/τ) and
+    # lse(z⁰/τ). The losses are accumulated as sums of non-negative terms, so that a small loss
+    # (a well-fit row at scale 100) is not the difference of two O(100) numbers:
+    #   cross-entropy  lse(z) - Σ t z            = log l + Σ_c t_c (m - z_c)
+    #   KL term        -τ² Σ P0 log softmax(z/τ) = τ² (log l_τ + Σ_c P0_c (m_τ - z_c/τ))
+    # with each sum shifted whenever its running max grows.
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_seen = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    top = tl.zeros((BLOCK_N,), dtype=tl.int32)  # a column where z is largest (double softmax)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        z, z0 = _logit_tiles(
+            x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+            _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+            _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+            HAS_KL, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+        z_in = tl.where(col_mask[None, :], z, 0.0)
+        z_lse = tl.where(col_mask[None, :], z, float("-inf"))
+        if DOUBLE_SOFTMAX:
+            top = tl.where(tl.max(z_lse, axis=1) > m, tl.argmax(z_lse, axis=1) + c0, top)
+        else:
+            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
+                              TARGET)
+            target = tl.where(col_mask[None, :], target, 0.0)
+            m_next = tl.maximum(m, tl.max(z_lse, axis=1))
+            shift = tl.where(target_seen > 0, m_next - m, 0.0)
+            target_gap += shift * target_seen + tl.sum(target * (m_next[:, None] - z_in), axis=1)
+            target_seen += tl.sum(target, axis=1)
+        m, l = _online_lse(m, l, z_lse)
+        if HAS_KL:
+            z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
+            z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
+            m_tau_next = tl.maximum(m_tau, tl.max(z_tau, axis=1))
+            m0_next = tl.maximum(m0, tl.max(z0_tau, axis=1))
+            alpha = tl.exp(m0 - m0_next)
+            e0 = tl.exp(z0_tau - m0_next[:, None])
+            shift = tl.where(l0 > 0, m_tau_next - m_tau, 0.0)
+            kl_gap = ((kl_gap + shift * l0) * alpha
+                      + tl.sum(e0 * (m_tau_next[:, None] - z_in * inv_temperature), axis=1))
+            l0 = l0 * alpha + tl.sum(e0, axis=1)
+            m0 = m0_next
+            m_tau, l_tau = _online_lse(m_tau, l_tau, z_tau)
+    # softmax as e^{z - m} / l rather than e^{z - lse}: z - m is exact near the top, while lse
+    # (up to ~100) carries an absolute rounding error of ~1e-5 into every probability.
+    inv_l = 1.0 / l
+
+    if DOUBLE_SOFTMAX:
+        # Sweep 2: p = softmax(z) lies in [0, 1], so a fixed shift of 1 replaces the running max
+        # (e^{p-1} in [1/e, 1]; exact 0 loss for C = 1). The gradient
+        #   ∂loss/∂z_c = p_c (q_c - t_c - Σ_k p_k (q_k - t_k)),   q = e^{p-1} / Σ e^{p-1},
+        # is tiny where p is nearly one-hot (DSPT's suppressed samples), and summing Σ p q and
+        # Σ p t separately would leave only rounding of 1. With j = argmax p (p_j = 1/l) and
+        # Σ p = 1 it is rewritten without cancellation as
+        #   p_c ((e^{p_c-1} - e^{p_j-1} + Σ_k p_k (e^{p_j-1} - e^{p_k-1})) / Σ e^{p-1}
+        #        - (t_c - t_j + Σ_k p_k (t_j - t_k))).
+        exp_p_top = tl.exp(inv_l - 1.0)
+        target_top = tl.sum(_targets(labels, table_base, top[:, None], top[:, None] < C,
+                                     smoothing, C, TARGET), axis=1)
+        sum_exp_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        spread_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        spread_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        target_dot_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            z, _ = _logit_tiles(
+                x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                False, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+            p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
+            exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
+            sum_exp_p += tl.sum(exp_p, axis=1)
+            spread_q += tl.sum(p * (exp_p_top[:, None] - exp_p), axis=1)
+            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
+                              TARGET)
+            spread_t += tl.sum(p * (target_top[:, None] - target), axis=1)
+            target_dot_p += tl.sum(target * p, axis=1)
+        loss = tl.log(sum_exp_p) + (1.0 - target_dot_p)
+        inv_sum_exp_p = 1.0 / sum_exp_p
+    else:
+        loss = tl.log(l) + target_gap
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    if HAS_KL:
+        kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
+        tl.store(kl_ptr + rows, kl, mask=row_mask)
+        inv_l_tau = 1.0 / l_tau
+        inv_l0 = 1.0 / l0
+
+    if COMPUTE_GRAD:
+        # Sweep 3: recompute the tile, write ∂loss_i/∂z (and τ (softmax(z/τ) - softmax(z⁰/τ))).
+        out_offs = rows.to(tl.int64)[:, None] * C
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < C
+            z, z0 = _logit_tiles(
+                x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                HAS_KL, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
+                              TARGET)
+            # Padding columns get p = 0 (their z = 0 may lie far above m and overflow e^{p-1}).
+            p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
+            if DOUBLE_SOFTMAX:
+                dq = ((tl.exp(p - 1.0) - exp_p_top[:, None] + spread_q[:, None])
+                      * inv_sum_exp_p[:, None])
+                dt = target - target_top[:, None] + spread_t[:, None]
+                grad = p * (dq - dt)
+            else:
+                grad = p - target
+            out_mask = row_mask[:, None] & col_mask[None, :]
+            tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=out_mask)
+            if HAS_KL:
+                z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
+                z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
+                grad_kl = temperature * (tl.exp(z_tau - m_tau[:, None]) * inv_l_tau[:, None]
+                                         - tl.exp(z0_tau - m0[:, None]) * inv_l0[:, None])
+                tl.store(grad_kl_ptr + out_offs + cols[None, :],
+                         grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
+
+
+def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
+                      zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
+                      scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
+                      sample_index: Optional[torch.Tensor], smoothing: float, double_softmax: bool,
+                      normalize: bool, temperature: float, compute_grad: bool):
+    """Launch the forward kernel; returns ``(loss_rows, grad_logits, kl_rows, grad_kl_logits)``
+    (the last two empty without ``zeroshot_text_features``; gradients empty without
+    ``compute_grad``). Arguments follow the kernel contract (validated by the op layer)."""
+    x, t, t0 = image_features, text_features, zeroshot_text_features
+    n, d = x.shape
+    c = t.shape[0]
+    has_kl = t0 is not None
+    # Outputs never alias one another (custom ops forbid it), the empty ones included.
+    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
+    grad = x.new_empty((n, c) if compute_grad else (0,))
+    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+
+    smoothing = float(smoothing)
+    if smoothing == 0.0:
+        target, table, table_rows = TARGET_HARD, None, None
+    elif soft_labels is None:
+        target, table, table_rows = TARGET_UNIFORM, None, None
+    else:
+        target, table = TARGET_TABLE, soft_labels
+        table_rows = labels if sample_index is None else sample_index
+    x_inv = row_inv_norms(x) if normalize else None
+    t_inv = row_inv_norms(t) if normalize else None
+    t0_inv = row_inv_norms(t0) if normalize and has_kl else None
+
+    # Pointers a specialisation never touches get a stand-in (labels) rather than None or an
+    # empty tensor's null pointer.
+    def ptr(tensor):
+        return labels if tensor is None or tensor.numel() == 0 else tensor
+
+    cfg = forward_config(n, c, d, x.dtype, has_kl)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    clip_loss_forward_kernel[grid](
+        x, t, ptr(t0), ptr(x_inv), ptr(t_inv), ptr(t0_inv), scale,
+        labels, ptr(table_rows), ptr(table),
+        loss_rows, ptr(kl_rows), ptr(grad), ptr(grad_kl),
+        n, c, d, 1 if table is None else table.shape[0], smoothing, float(temperature),
+        TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax), NORMALIZE=bool(normalize),
+        HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad), CAST_FP32=INTERPRET,
+        PRECISION=dot_precision(x.dtype), **cfg)
+    return loss_rows, grad, kl_rows, grad_kl
