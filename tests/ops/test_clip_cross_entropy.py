@@ -1,0 +1,278 @@
+"""clip_cross_entropy: every backend against the float64 reference, plus the reference against
+torch's own cross-entropy, bad input, torch.compile and the fallback."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastprompt
+from fastprompt import _backend, reference
+from testlib import assert_close_to_truth, backend, fresh_seed  # noqa: F401 (fixture)
+
+TARGETS = ("hard", "uniform", "classwise", "instancewise")
+
+
+def make_inputs(n, c, d, *, target="hard", seed=None, device="cpu", dtype=torch.float32, scale=None,
+                smoothing=0.2):
+    g = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
+    x = torch.randn(n, d, generator=g)
+    t = torch.randn(c, d, generator=g)
+    labels = torch.randint(0, c, (n,), generator=g)
+    s = torch.tensor(float(scale) if scale is not None else 5.0 + 20.0 * torch.rand((), generator=g).item())
+    kw = {}
+    if target != "hard":
+        kw["smoothing"] = smoothing
+    if target == "classwise":
+        kw["soft_labels"] = torch.softmax(3 * torch.randn(c, c, generator=g), dim=1)
+    if target == "instancewise":
+        m = n + 3
+        kw["soft_labels"] = torch.softmax(3 * torch.randn(m, c, generator=g), dim=1)
+        kw["sample_index"] = torch.randint(0, m, (n,), generator=g)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    return x.to(device, dtype), t.to(device, dtype), labels.to(device), s.to(device), kw
+
+
+def loss_and_grads(fn, x, t, labels, s, kw, *, reduction="mean", grad_image=True, grad_scale=True,
+                   upstream=None, **opts):
+    x = x.detach().clone().requires_grad_(grad_image)
+    t = t.detach().clone().requires_grad_(True)
+    s = s.detach().clone().requires_grad_(grad_scale)
+    loss = fn(x, t, labels, s, reduction=reduction, **kw, **opts)
+    objective = loss if loss.dim() == 0 else (loss * upstream.to(loss)).sum()
+    objective.backward()
+    return loss, x.grad, t.grad, s.grad
+
+
+def truth(x, t, labels, s, kw, **opts):
+    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    return loss_and_grads(reference.clip_cross_entropy, x.double(), t.double(), labels, s.double(),
+                          kw64, **opts)
+
+
+def tolerance(dtype, backend_name):
+    if dtype == torch.float32:
+        return 1e-5, 1e-5
+    return 2e-2, 2e-2
+
+
+# --- the reference against independent formulas ------------------------------------------------
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_reference_equals_torch_cross_entropy(double_softmax):
+    x, t, labels, s, _ = make_inputs(23, 9, 12, dtype=torch.float64)
+    z = s * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T
+    if double_softmax:
+        z = torch.softmax(z, dim=1)
+    for eps in (0.0, 0.3):
+        kw = {"smoothing": eps} if eps else {}
+        ours = reference.clip_cross_entropy(x, t, labels, s, double_softmax=double_softmax, **kw)
+        theirs = F.cross_entropy(z, labels, label_smoothing=eps)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_soft_tables_select_rows():
+    # A class-wise table whose rows are one-hot on the label equals hard targets; an instance-wise
+    # table indexed by sample_index picks each sample's own row.
+    x, t, labels, s, _ = make_inputs(10, 6, 8, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+    hard = reference.clip_cross_entropy(x, t, labels, s)
+    assert torch.allclose(reference.clip_cross_entropy(x, t, labels, s, smoothing=0.7, soft_labels=eye), hard)
+    table = torch.softmax(torch.randn(10, 6, dtype=torch.float64), 1)
+    idx = torch.arange(10).flip(0)
+    z = s * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T
+    target = 0.6 * F.one_hot(labels, 6).double() + 0.4 * table[idx]
+    expected = -(target * torch.log_softmax(z, 1)).sum(1).mean()
+    got = reference.clip_cross_entropy(x, t, labels, s, smoothing=0.4, soft_labels=table, sample_index=idx)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_reference_gradcheck(target, double_softmax):
+    x, t, labels, s, kw = make_inputs(5, 4, 3, target=target)
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    x, t, s = (v.double().requires_grad_() for v in (x, t, s))
+    fn = lambda x, t, s: reference.clip_cross_entropy(x, t, labels, s, double_softmax=double_softmax, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, t, s))
+
+
+# --- every backend against the float64 reference -----------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_backend_matches_float64(backend, target, double_softmax, reduction):
+    name, device = backend
+    n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
+    x, t, labels, s, kw = make_inputs(n, c, d, target=target, device=device)
+    upstream = torch.rand(n, dtype=torch.float64)
+    opts = dict(double_softmax=double_softmax, reduction=reduction, upstream=upstream)
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = truth(x, t, labels, s, kw, **opts)
+    rtol, atol = tolerance(torch.float32, name)
+    for what, a, b in zip(("loss", "grad image", "grad text", "grad scale"), got, want):
+        assert_close_to_truth(a, b, rtol, atol, what)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_odd_sizes(backend, shape, double_softmax):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=device)
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    for what, a, b in zip(("loss", "grad image", "grad text", "grad scale"), got, want):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_unnormalized_features(backend, double_softmax):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3)
+    opts = dict(double_softmax=double_softmax, normalize=False)
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = truth(x, t, labels, s, kw, **opts)
+    for what, a, b in zip(("loss", "grad image", "grad text", "grad scale"), got, want):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_extreme_logits(backend, double_softmax):
+    # scale 100 with image rows equal to class rows: logits of 100 next to -100, no NaN allowed.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0)
+    x = t[labels].clone()
+    x[::2] = -x[::2]  # half the samples point away from their class: huge loss, tiny softmax
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    for what, a, b in zip(("loss", "grad image", "grad text", "grad scale"), got, want):
+        assert_close_to_truth(a, b, 1e-4, 1e-5, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_half_precision(backend, dtype, double_softmax):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype)
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    for what, a, b in zip(("loss", "grad image", "grad text", "grad scale"), got, want):
+        assert_close_to_truth(a, b, 2e-2, 2e-2, what)
+
+
+def test_backend_frozen_image_features_and_no_grad(backend):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(11, 7, 9, target="classwise", device=device)
+    t_req = t.clone().requires_grad_()
+    loss = fastprompt.clip_cross_entropy(x, t_req, labels, s, double_softmax=True, **kw)
+    loss.backward()
+    assert t_req.grad is not None and x.grad is None
+    with torch.no_grad():
+        again = fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, **kw)
+    want = truth(x, t, labels, s, kw, double_softmax=True)
+    assert_close_to_truth(again, want[0], 1e-5, 1e-5, "no-grad loss")
+    assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, "grad text")
+
+
+def test_backend_python_float_scale(backend):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(6, 5, 7, device=device)
+    a = fastprompt.clip_cross_entropy(x, t, labels, 12.5)
+    b = reference.clip_cross_entropy(x.double(), t.double(), labels, 12.5)
+    assert_close_to_truth(a, b, 1e-5, 1e-5, "loss")
+
+
+# --- bad input: every backend, a clear error naming the argument ----------------------------------
+
+def _bad_cases(device):
+    x, t, labels, s, _ = make_inputs(4, 3, 5, device=device)
+    table = torch.full((3, 3), 1 / 3, device=device)
+    nan_x = x.clone()
+    nan_x[1, 2] = float("nan")
+    zero_t = t.clone()
+    zero_t[0] = 0
+    return [
+        ("image_features", TypeError, (x.tolist(), t, labels, s), {}),
+        ("image_features", ValueError, (x[0], t, labels, s), {}),
+        ("image_features", ValueError, (x[:0], t, labels[:0], s), {}),
+        ("text_features", ValueError, (x, t[:, :4], labels, s), {}),
+        ("text_features", TypeError, (x, t.double(), labels, s), {}),
+        ("labels", TypeError, (x, t, labels.float(), s), {}),
+        ("labels", ValueError, (x, t, labels[:3], s), {}),
+        ("labels", ValueError, (x, t, torch.tensor([0, 1, 3, 0], device=device), s), {}),
+        ("labels", ValueError, (x, t, torch.tensor([0, -1, 2, 0], device=device), s), {}),
+        ("image_features", ValueError, (nan_x, t, labels, s), {}),
+        ("text_features", ValueError, (x, zero_t, labels, s), {}),
+        ("scale", ValueError, (x, t, labels, float("inf")), {}),
+        ("scale", ValueError, (x, t, labels, torch.tensor(float("nan"), device=device)), {}),
+        ("scale", TypeError, (x, t, labels, "10"), {}),
+        ("scale", ValueError, (x, t, labels, torch.ones(3, device=device)), {}),
+        ("smoothing", ValueError, (x, t, labels, s), {"smoothing": -0.1}),
+        ("smoothing", ValueError, (x, t, labels, s), {"smoothing": 1.5}),
+        ("soft_labels", ValueError, (x, t, labels, s), {"smoothing": 0.1, "soft_labels": table[:, :2]}),
+        ("soft_labels", ValueError, (x, t, labels, s), {"smoothing": 0.1, "soft_labels": table[:2]}),
+        ("soft_labels", ValueError, (x, t, labels, s), {"smoothing": 0.1, "soft_labels": table * 2}),
+        ("sample_index", ValueError, (x, t, labels, s),
+         {"smoothing": 0.1, "soft_labels": table, "sample_index": torch.tensor([0, 1, 2, 3], device=device)}),
+        ("sample_index", ValueError, (x, t, labels, s),
+         {"smoothing": 0.1, "sample_index": torch.tensor([0, 1, 2, 0], device=device)}),
+        ("reduction", ValueError, (x, t, labels, s), {"reduction": "avg"}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases("cpu"))))
+def test_bad_input_names_the_argument(backend, case):
+    name, device = backend
+    arg, exc, args, kw = _bad_cases(device)[case]
+    with pytest.raises(exc, match=f"^{arg}"):
+        fastprompt.clip_cross_entropy(*args, **kw)
+
+
+# --- integration: torch.compile, opcheck, fallback ---------------------------------------------------
+
+def test_torch_compile_fullgraph(backend):
+    name, device = backend
+    if name == "triton" and device.type == "cpu":
+        pytest.skip("inductor does not run the Triton interpreter on CPU tensors")
+    x, t, labels, s, kw = make_inputs(8, 6, 16, target="classwise", device=device)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    def step(x, t, labels, s, table):
+        return fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, smoothing=0.2,
+                                             soft_labels=table)
+
+    t_req = t.clone().requires_grad_()
+    loss = step(x, t_req, labels, s, kw["soft_labels"])
+    loss.backward()
+    want = truth(x, t, labels, s, kw, double_softmax=True)
+    assert_close_to_truth(loss, want[0], 1e-5, 1e-5, "compiled loss")
+    assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, "compiled grad text")
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
+def test_opcheck_cpp_forward():
+    x, t, labels, s, kw = make_inputs(6, 5, 8, target="instancewise")
+    args = (x, t.requires_grad_(), labels, s, kw["soft_labels"], kw["sample_index"], 0.2, True, True,
+            True, "cpp")
+    torch.library.opcheck(torch.ops.fastprompt.clip_cross_entropy_forward.default, args)
+
+
+def test_missing_extension_falls_back_to_reference(monkeypatch):
+    monkeypatch.delenv("FASTPROMPT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_cpp_error", "ImportError: simulated")
+    monkeypatch.setattr(_backend, "_warned", False)
+    x, t, labels, s, kw = make_inputs(5, 4, 6, target="uniform")
+    with pytest.warns(RuntimeWarning, match="falling back to the plain-torch reference"):
+        got = fastprompt.clip_cross_entropy(x, t, labels, s, **kw)
+    assert_close_to_truth(got, truth(x, t, labels, s, kw)[0], 1e-5, 1e-5, "fallback loss")
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "cuda-magic")
+    x, t, labels, s, _ = make_inputs(3, 2, 4)
+    with pytest.raises(ValueError, match="^FASTPROMPT_BACKEND"):
+        fastprompt.clip_cross_entropy(x, t, labels, s)
