@@ -1,0 +1,17 @@
+"""open_clip integration: model loading, CoOp prompt learner, truncated prompt text encoder."""
+from fastprompt.models.factory import TINY_MODEL, create_model, register_configs
+from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS, PromptedTextModel, PromptLearner
+from fastprompt.models.text_encoder import PromptTextEncoder, zeroshot_text_features
+from fastprompt.models.utils import count_parameters
+
+__all__ = [
+    "CLASS_TOKEN_POSITIONS",
+    "PromptLearner",
+    "PromptTextEncoder",
+    "PromptedTextModel",
+    "TINY_MODEL",
+    "count_parameters",
+    "create_model",
+    "register_configs",
+    "zeroshot_text_features",
+]

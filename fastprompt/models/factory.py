@@ -1,0 +1,146 @@
+"""Model loading through open_clip, with fastprompt's own configs registered.
+
+``fastprompt-tiny`` is a small random-initialised CLIP (2 layers per tower, width <= 96) for the
+demo and the tests; real use names an open_clip model and a local checkpoint file. Nothing is
+ever downloaded: pretrained tags, ``hf-hub:`` names and Hugging Face text towers or tokenizers
+are refused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+import warnings
+
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+TINY_MODEL = "fastprompt-tiny"
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
+_registered = False
+
+
+def register_configs() -> None:
+    """Make fastprompt's model configs (``fastprompt-tiny``) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def _check_offline_config(name: str) -> dict:
+    # Only built-in or registered names: 'hf-hub:' and 'local-dir:' schemas would fetch configs.
+    if name not in open_clip.list_models():
+        raise ValueError(f"name: unknown open_clip model {name!r} (see open_clip.list_models())")
+    config = open_clip.get_model_config(name)
+    text_cfg = config.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            raise ValueError(f"name: {name!r} uses the Hugging Face {key[3:-5]} {text_cfg[key]!r}, "
+                             "which open_clip would download; fastprompt works offline with "
+                             "open_clip's own text tower and tokenizer")
+    return config
+
+
+def _warn_quickgelu(name: str, config: dict, pretrained: str) -> None:
+    # open_clip infers QuickGELU from a pretrained tag, never from a file; OpenAI's weights were
+    # trained with it, and loading them into a GELU model works silently but scores worse. The
+    # file name is the only cheap hint.
+    if not config.get("quick_gelu", False) and "openai" in os.path.basename(pretrained).lower():
+        warnings.warn(f"pretrained: {pretrained!r} looks like OpenAI weights, which were trained "
+                      f"with QuickGELU, but {name!r} uses GELU; use {name + '-quickgelu'!r} if "
+                      "open_clip has it", stacklevel=3)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu", *,
+                 precision: str = "fp32", weights_only: bool = True):
+    """``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip model.
+
+    The model is in eval mode with every parameter frozen (``requires_grad=False``).
+
+    Args:
+        name: an open_clip model name (``open_clip.list_models()``) or ``fastprompt-tiny``.
+        pretrained: a local checkpoint file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) holding
+            a state dict of exactly this model, loaded strictly; None for random weights.
+            Nothing is downloaded. A missing, damaged or mismatched file raises ValueError naming
+            it. For OpenAI's weights use a ``-quickgelu`` name: a file does not tell open_clip
+            (a warning fires when the file name says "openai" and the model uses GELU).
+        device: where the model goes.
+        precision: open_clip's precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
+        weights_only: passed to ``torch.load``; OpenAI's own TorchScript ``.pt`` archives need
+            False, which runs code from the file: only for a file you trust.
+    """
+    register_configs()
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {PRECISIONS}, got {precision!r}")
+    config = _check_offline_config(name)
+    if pretrained is not None:
+        if not isinstance(pretrained, (str, os.PathLike)):
+            raise TypeError(f"pretrained: expected a file path or None, got {type(pretrained).__name__}")
+        pretrained = os.fspath(pretrained)
+        if not os.path.isfile(pretrained):
+            raise ValueError(f"pretrained: {pretrained!r} is not a file (fastprompt loads local "
+                             "checkpoints only; nothing is downloaded)")
+        _warn_quickgelu(name, config, pretrained)
+    # The file is loaded below, not by open_clip, so that its errors can name it: silence
+    # open_clip's "initialized randomly" warning, which would then be false.
+    quiet = _DropMessage("initialized randomly") if pretrained is not None else None
+    root = logging.getLogger()
+    if quiet is not None:
+        root.addFilter(quiet)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, precision=precision, device=device)
+    finally:
+        if quiet is not None:
+            root.removeFilter(quiet)
+    if pretrained is not None:
+        _load_checkpoint(model, pretrained, weights_only=weights_only)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def _load_checkpoint(model: nn.Module, path: str, *, weights_only: bool = True) -> None:
+    """Load a local open_clip state-dict file into ``model`` strictly; ValueError naming the file
+    when it is missing, damaged or belongs to another model."""
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained: {path!r} is not a file")
+    try:
+        open_clip.load_checkpoint(model, path, strict=True, weights_only=weights_only)
+    except Exception as e:
+        message = str(e)
+        if _raised_while_reading(e):  # safetensors, pickle, zip or torch.load errors
+            hint = ""
+            if weights_only and "weights_only" in message:
+                hint = (" (a TorchScript archive such as OpenAI's own .pt needs weights_only=False, "
+                        "for a file you trust)")
+            raise ValueError(f"pretrained: cannot read {path!r} as a state dict{hint} "
+                             f"({type(e).__name__}: {message[:300]})") from e
+        # load_state_dict's strict report, or open_clip's assertions while adapting the weights.
+        detail = message.split("\n", 1)[-1].strip() if "\n" in message else message
+        if len(detail) > 600:
+            detail = detail[:600] + " ..."
+        raise ValueError(f"pretrained: {path!r} is not a checkpoint of this model "
+                         f"({type(e).__name__}: {detail})") from e
+
+
+def _raised_while_reading(error: BaseException) -> bool:
+    """Whether ``error`` came from open_clip's file reader rather than from fitting the weights."""
+    return any(frame.name == "load_state_dict" and frame.filename.endswith("factory.py")
+               and "open_clip" in frame.filename
+               for frame in traceback.extract_tb(error.__traceback__))
