@@ -1,0 +1,152 @@
+"""Class-folder and CoOp split-file readers: layouts, class names, splits, bad input."""
+import json
+import os
+
+import pytest
+
+from fastprompt.data import DatasetSplits, load_coop_split, load_dataset, load_image_folder
+
+
+def _flat_tree(root, write_image, counts):
+    """root/<folder>/img_k.png with counts[folder] images each; returns {folder: [paths]}."""
+    return {folder: [write_image(os.path.join(root, folder, f"img_{k}.png")) for k in range(n)]
+            for folder, n in counts.items()}
+
+
+def test_flat_layout_split_is_deterministic_and_complete(tmp_path, write_image):
+    counts = {"b_class": 7, "a_class": 10, "c": 2}
+    files = _flat_tree(tmp_path, write_image, counts)
+    os.makedirs(tmp_path / ".hidden")  # ignored
+    s = load_image_folder(tmp_path, test_fraction=0.3, seed=5)
+    assert s.classnames == ["a class", "b class", "c"]  # sorted by folder, '_' -> ' '
+    folder_of = {0: "a_class", 1: "b_class", 2: "c"}
+    for label, folder in folder_of.items():
+        train = sorted(p for p, y in s.train if y == label)
+        test = sorted(p for p, y in s.test if y == label)
+        assert sorted(train + test) == sorted(files[folder])
+        n = counts[folder]
+        assert len(test) == min(max(round(n * 0.3), 1), n - 1)
+    assert s.val == [] and s.skipped == []
+    again = load_image_folder(tmp_path, test_fraction=0.3, seed=5)
+    assert again == s
+    other = load_image_folder(tmp_path, test_fraction=0.3, seed=6)
+    assert {p for p, _ in other.test} != {p for p, _ in s.test}  # 10-choose-3 x 7-choose-2 ways
+
+
+def test_zero_test_fraction_keeps_everything_for_training(tmp_path, write_image):
+    _flat_tree(tmp_path, write_image, {"x": 3, "y": 4})
+    s = load_image_folder(tmp_path, test_fraction=0.0)
+    assert len(s.train) == 7 and s.test == []
+
+
+def test_train_test_layout(tmp_path, write_image):
+    for split, n in (("train", 3), ("test", 2), ("val", 1)):
+        for folder in ("dog", "hot_dog"):
+            for k in range(n):
+                write_image(os.path.join(tmp_path, split, folder, "sub", f"{k}.jpg"))
+    s = load_image_folder(tmp_path)
+    assert s.classnames == ["dog", "hot dog"]
+    assert (len(s.train), len(s.test), len(s.val)) == (6, 4, 2)
+    for split in (s.train, s.test, s.val):
+        for path, label in split:
+            assert os.path.basename(os.path.dirname(os.path.dirname(path))) == \
+                ["dog", "hot_dog"][label]
+
+
+def test_test_split_with_unknown_class_is_refused(tmp_path, write_image):
+    write_image(os.path.join(tmp_path, "train", "a", "0.png"))
+    write_image(os.path.join(tmp_path, "train", "b", "0.png"))
+    write_image(os.path.join(tmp_path, "test", "zebra", "0.png"))
+    with pytest.raises(ValueError, match=r"^root: .*zebra"):
+        load_image_folder(tmp_path)
+
+
+def test_no_images_one_class_and_empty_class(tmp_path, write_image):
+    os.makedirs(tmp_path / "empty" / "a")
+    with pytest.raises(ValueError, match="^root: no class sub-folders with images"):
+        load_image_folder(tmp_path / "empty")
+    write_image(os.path.join(tmp_path, "one", "only", "0.png"))
+    with pytest.raises(ValueError, match="^root: found only one class .'only'"):
+        load_image_folder(tmp_path / "one")
+    write_image(os.path.join(tmp_path, "gap", "a", "0.png"))
+    write_image(os.path.join(tmp_path, "gap", "b", "0.png"))
+    os.makedirs(tmp_path / "gap" / "c")
+    with pytest.raises(ValueError, match=r"^root: class folder.*gap/c"):
+        load_image_folder(tmp_path / "gap")
+    with pytest.raises(ValueError, match="^root: .* is not a directory"):
+        load_image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="^test_fraction"):
+        load_image_folder(tmp_path / "gap", test_fraction=1.0)
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path, write_image):
+    _flat_tree(tmp_path, write_image, {"a": 3, "b": 3})
+    bad = tmp_path / "a" / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\).*broken.png"):
+        s = load_image_folder(tmp_path, test_fraction=0.0)
+    assert s.skipped == [str(bad)]
+    assert len(s.train) == 6 and str(bad) not in {p for p, _ in s.train}
+    unchecked = load_image_folder(tmp_path, test_fraction=0.0, check_images=False)
+    assert str(bad) in {p for p, _ in unchecked.train}
+
+
+def test_a_class_of_only_unreadable_images_is_an_error(tmp_path, write_image):
+    write_image(os.path.join(tmp_path, "a", "0.png"))
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / "0.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"^root: .*b.* no readable"):
+        load_image_folder(tmp_path)
+
+
+def _coop_tree(tmp_path, write_image):
+    """CoOp-style: dataset/split_zhou_Toy.json, images in dataset/images/<class>/..."""
+    root = tmp_path / "toy"
+    entries = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(["tabby_cat", "bulldog"]):
+        for split, n in (("train", 3), ("val", 1), ("test", 2)):
+            for k in range(n):
+                rel = f"{name}/{split}_{k}.jpg"
+                write_image(os.path.join(root, "images", rel))
+                entries[split].append([rel, label, name])
+    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
+    return root, entries
+
+
+def test_coop_split_file(tmp_path, write_image):
+    root, entries = _coop_tree(tmp_path, write_image)
+    s = load_coop_split(root / "split_zhou_Toy.json")
+    assert isinstance(s, DatasetSplits)
+    assert s.classnames == ["tabby cat", "bulldog"]
+    assert s.root == str(root / "images")
+    for split in ("train", "val", "test"):
+        got = getattr(s, split)
+        assert got == [(str(root / "images" / rel), label) for rel, label, _ in entries[split]]
+    assert load_dataset(root) == s  # found automatically
+
+
+def test_coop_split_missing_file_is_named(tmp_path, write_image):
+    root, entries = _coop_tree(tmp_path, write_image)
+    os.remove(root / "images" / "bulldog" / "test_1.jpg")
+    with pytest.raises(ValueError, match=r"^split_file: .*'bulldog/test_1.jpg'.*does not exist"):
+        load_coop_split(root / "split_zhou_Toy.json")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda e: e["train"][0].__setitem__(2, "other"), "label 0 is named both"),
+    (lambda e: [row.__setitem__(1, row[1] + 1) for s in e.values() for row in s],
+     "labels must be 0..C-1"),
+    (lambda e: e["train"].append(["x.jpg", 0]), r"train\[6\] must be"),
+    (lambda e: e.pop("test"), "must be a JSON object with 'train' and 'test'"),
+])
+def test_coop_split_malformed(tmp_path, write_image, mutate, message):
+    root, entries = _coop_tree(tmp_path, write_image)
+    mutate(entries)
+    (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="^split_file: .*" + message):
+        load_coop_split(root / "split_zhou_Toy.json")
+
+
+def test_load_dataset_falls_back_to_folders(tmp_path, write_image):
+    _flat_tree(tmp_path, write_image, {"a": 2, "b": 2})
+    assert load_dataset(tmp_path, seed=2) == load_image_folder(tmp_path, seed=2)
