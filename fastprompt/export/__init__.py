@@ -1,0 +1,14 @@
+"""ONNX export with the text side baked in, and onnxruntime serving."""
+from fastprompt.export.metadata import ModelInfo, read_metadata_props
+from fastprompt.export.onnx_export import (
+    BakedClassifier,
+    ExportReport,
+    ExportVerificationError,
+    bake_classifier,
+    export_onnx,
+    export_run,
+)
+from fastprompt.export.serve import OnnxClassifier
+
+__all__ = ["BakedClassifier", "ExportReport", "ExportVerificationError", "ModelInfo", "OnnxClassifier",
+           "bake_classifier", "export_onnx", "export_run", "read_metadata_props"]

@@ -1,0 +1,34 @@
+"""Fixtures for the export tests: the tiny random CLIP, its class embeddings, and one float32
+export of it shared by the tests that only read it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exportlib import CLASS_NAMES, METHOD, SCALE
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, preprocess_val) of fastprompt-tiny (64x64 images, embed_dim 64), random weights."""
+    from fastprompt.models.factory import create_model
+    model, _, preprocess_val, _ = create_model("fastprompt-tiny")
+    return model, preprocess_val
+
+
+@pytest.fixture(scope="session")
+def class_embeddings():
+    """Unnormalised C x 64 text features (rows of different norms, as a text tower gives)."""
+    g = torch.Generator().manual_seed(1234)
+    t = torch.randn(len(CLASS_NAMES), 64, generator=g)
+    return t * torch.linspace(0.3, 5.0, len(CLASS_NAMES))[:, None]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny, class_embeddings, tmp_path_factory):
+    """An fp32 export of the tiny model; ``(out_dir, report)``. Tests must not modify it."""
+    from fastprompt.export import export_onnx
+    out = tmp_path_factory.mktemp("tiny_export")
+    report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, out, scale=SCALE,
+                         model_name="fastprompt-tiny", method=METHOD, triton_name="tiny_clf")
+    return out, report
