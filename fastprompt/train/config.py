@@ -1,0 +1,125 @@
+"""Training configuration: every method and plug-in as one validated record, saved with each run.
+
+Defaults follow CoOp (SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, cosine schedule
+with one constant warm-up epoch at 1e-5, 16 context tokens, class token at the end) and ProGrad
+(λ = 1, T = 1). DSPT has no hyper-parameter. ATLaS publishes neither its period K nor its
+smoothing weight; see ``--alternate-period`` and ``--smoothing`` for the defaults chosen here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
+
+METHODS = ("coop", "dspt")
+TARGETS = ("hard", "ls", "csl", "isl")
+
+
+def coop_epochs(shots: int | None) -> int:
+    """CoOp's epoch count for a shot count: 50 for 1 shot, 100 for 2-4, 200 for 8 and more."""
+    if shots is None or shots >= 8:
+        return 200
+    return 50 if shots <= 1 else 100
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "fastprompt-tiny"
+    pretrained: str | None = None
+    # prompt (CoOp)
+    n_ctx: int = 16
+    ctx_init: str | None = None
+    class_specific: bool = False
+    class_token_position: str = "end"
+    # method and plug-ins
+    method: str = "coop"
+    targets: str = "hard"
+    smoothing: float = 0.1
+    alternate: bool = False
+    alternate_period: int = 2
+    csl_temperature: float = 0.1
+    prograd: bool = False
+    lam: float = 1.0
+    temperature: float = 1.0
+    # optimisation (CoOp)
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    seed: int = 1
+    amp: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        def bad(name, message):
+            return ValueError(f"{name}: {message}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.targets not in TARGETS:
+            raise bad("targets", f"must be one of {TARGETS}, got {self.targets!r}")
+        if self.class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise bad("class_token_position", f"must be one of {CLASS_TOKEN_POSITIONS}, got {self.class_token_position!r}")
+        if self.n_ctx < 1:
+            raise bad("n_ctx", f"must be at least 1, got {self.n_ctx}")
+        if not 0.0 < self.smoothing <= 1.0:
+            raise bad("smoothing", f"must lie in (0, 1], got {self.smoothing}")
+        if self.alternate and self.targets == "hard":
+            raise bad("alternate", "alternates hard and soft targets: pick --targets ls, csl or isl")
+        if self.alternate_period < 2:
+            raise bad("alternate_period", f"must be at least 2 (K-1 hard epochs, then 1 soft), got {self.alternate_period}")
+        if self.csl_temperature <= 0:
+            raise bad("csl_temperature", f"must be positive, got {self.csl_temperature}")
+        if self.lam < 0:
+            raise bad("lam", f"must be non-negative, got {self.lam}")
+        if self.temperature <= 0:
+            raise bad("temperature", f"must be positive, got {self.temperature}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be positive, got {self.lr}")
+        if self.warmup_epochs < 0:
+            raise bad("warmup_epochs", f"must be non-negative, got {self.warmup_epochs}")
+
+    @property
+    def double_softmax(self) -> bool:
+        return self.method == "dspt"
+
+    def soft_epoch(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) trains on soft targets.
+
+        ATLaS alternates in blocks of K epochs: K-1 epochs on one-hot labels, then one on soft
+        labels (Chen et al. 2025, Sec. 3); without ``alternate`` a soft target kind is used in
+        every epoch.
+        """
+        if self.targets == "hard":
+            return False
+        if not self.alternate:
+            return True
+        return (epoch + 1) % self.alternate_period == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """A short name for tables: 'dspt+isl(alt)+prograd'."""
+        name = self.method
+        if self.targets != "hard":
+            name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
+        if self.prograd:
+            name += "+prograd"
+        return name

@@ -1,0 +1,161 @@
+"""The training loop over cached image features: every method (CoOp, DSPT) with every plug-in
+(ATLaS targets and alternation, ProGrad), on the fused ops.
+
+Per step the prompt learner and the truncated text encoder run over all C class prompts, then the
+fused loss over a batch of cached image features; image features are never recomputed. Every
+random choice (context init, the epoch's shuffle, the epoch's augmented view of each image) is a
+pure function of the seed and the epoch, and the learning rate a pure function of the epoch, so
+``resume=True`` from the last epoch's checkpoint gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastprompt
+from fastprompt.data.cache import FeatureCache
+from fastprompt.train.config import TrainConfig
+
+# Offsets that keep the per-purpose random streams of one seed apart.
+_SHUFFLE_STREAM = 1_000_003
+_VIEW_STREAM = 2_000_003
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """CoOp's schedule (Dassl ``ConstantWarmupScheduler`` over cosine annealing with
+    ``T_max = epochs``): ``warmup_lr`` for the first ``warmup_epochs`` epochs, then
+    ``lr/2 · (1 + cos(π · epoch / epochs))``."""
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * epoch / config.epochs))
+
+
+def epoch_order(config: TrainConfig, cache: FeatureCache, epoch: int) -> tuple[Tensor, Tensor]:
+    """``(sample, row)``: the epoch's shuffled training images and, for each, the cached row of
+    the augmented view it trains on (each image contributes one random view per epoch, as a
+    data loader with random augmentation would)."""
+    m = cache.num_train_images
+    g = torch.Generator().manual_seed(config.seed * _SHUFFLE_STREAM + epoch)
+    sample = torch.randperm(m, generator=g)
+    g = torch.Generator().manual_seed(config.seed * _VIEW_STREAM + epoch)
+    view = torch.randint(cache.views, (m,), generator=g)
+    # Row v·M + m holds view v of image m (see fastprompt.data.cache).
+    return sample, view[sample] * m + sample
+
+
+@dataclass
+class Targets:
+    """The soft-label tables a run may need: ATLaS CSL (C x C) and ISL (M x C)."""
+    class_wise: Tensor | None = None
+    instance_wise: Tensor | None = None
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the prompt: enough to continue exactly."""
+    epoch: int = 0                      # epochs completed
+    history: list = field(default_factory=list)
+
+
+def make_targets(config: TrainConfig, cache: FeatureCache, zeroshot: Tensor) -> Targets:
+    """Compute the ATLaS soft-label table the config asks for, offline, from the zero-shot text
+    features (unit rows, C x E) and the cached training features."""
+    from fastprompt.data.soft_labels import class_soft_labels, instance_soft_labels
+    if config.targets == "csl":
+        return Targets(class_wise=class_soft_labels(zeroshot, temperature=config.csl_temperature))
+    if config.targets == "isl":
+        return Targets(instance_wise=instance_soft_labels(
+            cache.train_features, cache.train_sample_index, zeroshot,
+            num_samples=cache.num_train_images))
+    return Targets()
+
+
+def loss_options(config: TrainConfig, targets: Targets, epoch: int, sample: Tensor) -> dict:
+    """Keyword arguments of the loss op for this epoch's targets (hard in ATLaS's hard epochs)."""
+    options = {"double_softmax": config.double_softmax}
+    if not config.soft_epoch(epoch):
+        return options
+    options["smoothing"] = config.smoothing
+    if config.targets == "csl":
+        options["soft_labels"] = targets.class_wise
+    elif config.targets == "isl":
+        options["soft_labels"] = targets.instance_wise
+        options["sample_index"] = sample
+    return options
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def logit_scale(model) -> Tensor:
+    """CLIP's multiplier ``exp(logit_scale)``, clamped at 100 as open_clip does; frozen."""
+    return model.logit_scale.detach().float().exp().clamp(max=100.0)
+
+
+@torch.no_grad()
+def accuracy(features: Tensor, labels: Tensor, text_features: Tensor, batch_size: int = 4096) -> float:
+    """Top-1 accuracy (in [0, 1]) of the classifier ``text_features`` on ``features``."""
+    if features.shape[0] == 0:
+        return float("nan")
+    text = F.normalize(text_features.float(), dim=-1)
+    correct = 0
+    for i in range(0, features.shape[0], batch_size):
+        x = features[i:i + batch_size].to(text.device, torch.float32)
+        pred = (x @ text.t()).argmax(1).cpu()
+        correct += int((pred == labels[i:i + batch_size]).sum())
+    return correct / features.shape[0]
+
+
+def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targets: Targets,
+                optimizer: torch.optim.Optimizer, epoch: int, zeroshot: Tensor | None,
+                device: torch.device, bar=None) -> dict:
+    """One epoch over the cached training set; returns the epoch's mean loss(es)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, epoch)
+    sample, rows = epoch_order(config, cache, epoch)
+    scale = logit_scale(model).to(device)
+    params = [p for p in prompted.parameters() if p.requires_grad]
+    options = loss_options(config, targets, epoch, sample)
+    sample_index_all = options.pop("sample_index", None)
+    # Sums stay on the device: no host synchronisation per step.
+    total = torch.zeros((), device=device)
+    total_kl = torch.zeros((), device=device)
+    seen = 0
+    for start in range(0, len(rows), config.batch_size):
+        batch_rows = rows[start:start + config.batch_size]
+        labels = cache.train_labels[sample[start:start + config.batch_size]].to(device)
+        images = cache.train_features[batch_rows].to(device)
+        with _autocast(device, config.amp):
+            text = prompted()
+        images = images.to(text.dtype)
+        if sample_index_all is not None:
+            options["sample_index"] = sample_index_all[start:start + config.batch_size].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        if config.prograd:
+            task, kl = fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
+                                                 temperature=config.temperature, **options)
+            fastprompt.prograd_backward(task, kl, params, lam=config.lam)
+            loss = task
+            total_kl += kl.detach().float() * len(labels)
+        else:
+            loss = fastprompt.clip_cross_entropy(images, text, labels, scale, **options)
+            loss.backward()
+        optimizer.step()
+        total += loss.detach().float() * len(labels)
+        seen += len(labels)
+        if bar is not None:
+            bar.update(len(labels))
+    result = {"loss": float(total) / seen, "lr": learning_rate(config, epoch),
+              "soft_targets": config.soft_epoch(epoch)}
+    if config.prograd:
+        result["kl_loss"] = float(total_kl) / seen
+    return result

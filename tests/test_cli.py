@@ -1,0 +1,154 @@
+"""The command line end to end (cache, train, resume, eval, export, predict, demo) and its
+handling of bad input: a clear message, exit code 2, nothing half-written."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from fastprompt.cli import main
+from fastprompt.data import make_shapes_dataset
+from fastprompt.models import create_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A shapes data set and a random tiny model saved as a local checkpoint file."""
+    root = tmp_path_factory.mktemp("cli")
+    make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
+                        test_images_per_class=2, seed=9)
+    torch.manual_seed(0)
+    model = create_model("fastprompt-tiny")[0]
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny.safetensors"))
+    return root
+
+
+def common(world):
+    return ["--pretrained", str(world / "tiny.safetensors"), "--data", str(world / "shapes"),
+            "--views", "2"]
+
+
+def test_cache_train_eval_export_predict(world, tmp_path, capsys):
+    cache = tmp_path / "c.safetensors"
+    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    assert "3 classes, 12 training images x 2 views" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    argv = ["train", *common(world), "--cache", str(cache), "--out", str(run), "--epochs", "2",
+            "--method", "dspt", "--targets", "csl", "--alternate", "--prograd", "--n-ctx", "4",
+            "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dspt+csl(alt)+prograd: test accuracy" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["config"]["prograd"] is True
+    assert os.path.isfile(run / "prompt.safetensors") and os.path.isfile(run / "checkpoint.pt")
+
+    # A finished run resumes to the same result; without --resume the folder is refused.
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
+    capsys.readouterr()
+
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert result["num_test_images"] == 6
+
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    assert "passed" in capsys.readouterr().out
+    image = sorted((world / "shapes" / "test").rglob("*.png"))[0]
+    assert main(["predict", str(export), str(image), "--top-k", "2", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert len(top) == 2 and top[0]["class"] in metrics_classes(run)
+
+
+def metrics_classes(run):
+    from fastprompt.train import read_prompt
+    return read_prompt(run)[2]
+
+
+def test_cache_only_train(world, tmp_path, capsys):
+    """`train --cache FILE` without --data trains on a cache built earlier."""
+    cache = tmp_path / "c.safetensors"
+    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    assert main(["train", "--pretrained", str(world / "tiny.safetensors"), "--cache", str(cache),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"]) == 0
+
+
+def _expect_error(argv, capsys, pattern, out_dir=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert pattern in err, err
+    if out_dir is not None:
+        assert not os.path.exists(os.path.join(out_dir, "prompt.safetensors"))
+        assert not os.path.exists(os.path.join(out_dir, "metrics.json"))
+    return err
+
+
+def test_bad_data(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    run = tmp_path / "run"
+    base = ["train", "--pretrained", str(world / "tiny.safetensors"), "--out", str(run),
+            "--epochs", "1", "--no-progress"]
+    _expect_error(base + ["--data", str(empty)], capsys, "fastprompt train: error:", run)
+
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(one / "cat" / f"{i}.png")
+    err = _expect_error(base + ["--data", str(one)], capsys, "fastprompt train: error:", run)
+    assert "class" in err
+
+    _expect_error(base + ["--data", str(world / "shapes"), "--shots", "50"], capsys, "shots", run)
+    _expect_error(base + ["--data", str(tmp_path / "missing")], capsys, "missing", run)
+
+
+def test_corrupt_images_are_skipped_with_a_count(world, tmp_path, capsys):
+    data = tmp_path / "data"
+    for cls in ("red", "blue"):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (200 if cls == "red" else 0, 0, 40 * i)).save(data / cls / f"{i}.png")
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["cache", "--pretrained", str(world / "tiny.safetensors"), "--data", str(data),
+                 "--views", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image" in err and "broken.png" in err
+
+
+def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
+    cache = tmp_path / "c.safetensors"
+    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    cache.write_bytes(cache.read_bytes()[:500])
+    _expect_error(["train", "--pretrained", str(world / "tiny.safetensors"), "--cache", str(cache),
+                   "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"], capsys,
+                  "c.safetensors", tmp_path / "run")
+    # A cache from another model is refused.
+    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    _expect_error(["train", "--model", "ViT-B-32", "--cache", str(cache), "--out",
+                   str(tmp_path / "run2"), "--epochs", "1", "--no-progress"], capsys,
+                  "was built with model 'fastprompt-tiny'", tmp_path / "run2")
+    _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "no metrics.json")
+    _expect_error(["train", *common(world), "--out", str(tmp_path / "r"), "--lam", "-1"], capsys,
+                  "lam: must be non-negative")
+    _expect_error(["train", "--pretrained", str(tmp_path / "nope.pt"), "--data", str(world / "shapes"),
+                   "--out", str(tmp_path / "r")], capsys, "nope.pt")
+
+
+def test_demo(tmp_path, capsys):
+    from fastprompt.demo import DEMO_METHODS
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("method")) + 1:]
+    assert table[0].startswith("zero-shot")
+    assert [row.split()[0] for row in table[1:len(DEMO_METHODS) + 1]] == [m for m, _ in DEMO_METHODS]
+    assert "passed" in out and "max |probs(torch) - probs(onnxruntime)|" in out
