@@ -117,10 +117,10 @@ def test_corrupt_images_are_skipped_with_a_count(world, tmp_path, capsys):
         for i in range(3):
             Image.new("RGB", (16, 16), (200 if cls == "red" else 0, 0, 40 * i)).save(data / cls / f"{i}.png")
     (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert main(["cache", "--pretrained", str(world / "tiny.safetensors"), "--data", str(data),
-                 "--views", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
-    err = capsys.readouterr().err
-    assert "skipped 1 unreadable image" in err and "broken.png" in err
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
+        assert main(["cache", "--pretrained", str(world / "tiny.safetensors"), "--data", str(data),
+                     "--views", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert "2 classes, 4 training images" in capsys.readouterr().out  # 5 readable, 20% test
 
 
 def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
