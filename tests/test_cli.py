@@ -136,6 +136,10 @@ def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
                    str(tmp_path / "run2"), "--epochs", "1", "--no-progress"], capsys,
                   "was built with model 'fastprompt-tiny'", tmp_path / "run2")
     _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "no metrics.json")
+    (tmp_path / "unfinished").mkdir()
+    _expect_error(["export", str(tmp_path / "unfinished"), str(tmp_path / "exp")], capsys,
+                  "has no trained prompt")
+    assert not (tmp_path / "exp" / "model.onnx").exists()
     _expect_error(["train", *common(world), "--out", str(tmp_path / "r"), "--lam", "-1"], capsys,
                   "lam: must be non-negative")
     _expect_error(["train", "--pretrained", str(tmp_path / "nope.pt"), "--data", str(world / "shapes"),
