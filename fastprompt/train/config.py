@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
 METHODS = ("coop", "dspt")
@@ -39,7 +40,7 @@ class TrainConfig:
     smoothing: float = 0.1
     alternate: bool = False
     alternate_period: int = 2
-    csl_temperature: float = 0.1
+    csl_temperature: float = DEFAULT_CSL_TEMPERATURE
     prograd: bool = False
     lam: float = 1.0
     temperature: float = 1.0
