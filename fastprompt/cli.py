@@ -30,11 +30,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
+class _DataFolders(argparse.Action):
+    """--data DIR: the last one in ``data`` as before, every one in ``data_all`` (SoftCPT takes
+    one folder per task)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.data = values
+        namespace.data_all = [*(getattr(namespace, "data_all", None) or []), values]
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DIR", help="image folder (one sub-folder per class, or "
-                   "train/ and test/), or the image root of a CoOp split file")
+    g.add_argument("--data", metavar="DIR", action=_DataFolders,
+                   help="image folder (one sub-folder per class, or train/ and test/), or the "
+                   "image root of a CoOp split file (SoftCPT: once per task)")
     g.add_argument("--split-file", metavar="FILE", help="CoOp split_zhou_<Name>.json (relative to --data)")
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class when the folder has no train/test split (default: %(default)s)")
@@ -140,6 +150,14 @@ def cmd_cache(args) -> int:
 def cmd_train(args) -> int:
     from fastprompt.data import load_cache
     from fastprompt.train import train_run
+    # --- SoftCPT hook: several tasks, one feature cache each (fastprompt/train/softcpt.py) ---
+    if args.method == "softcpt" or args.tasks:
+        from fastprompt.train.softcpt import cmd_train_softcpt
+        return cmd_train_softcpt(args)
+    if len(getattr(args, "data_all", None) or []) > 1:
+        raise ValueError("--data: given several times; several folders train together only "
+                         "with --method softcpt")
+    # ---
     config = _config_from(args)
     model, pt, pv, tokenizer, device = _load_model(args)
     if args.cache and not args.data:
@@ -198,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from fastprompt.train.softcpt import add_softcpt_args  # SoftCPT hook: --tasks, --task-ctx, ...
+    add_softcpt_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test accuracy of a trained run")

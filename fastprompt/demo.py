@@ -131,6 +131,11 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
         print(f"  {os.path.relpath(path, out)} -> {name} ({prob:.3f})")
     print(f"max |probs(torch) - probs(onnxruntime)| over these images: "
           f"{float((torch_probs - ort_probs).abs().max()):.2e}")
+    # --- SoftCPT hook: multi-task section (fastprompt/train/softcpt.py) ---
+    from fastprompt.train.softcpt import demo_multitask
+    demo_multitask(out, model, preprocess_train, preprocess_val, tokenizer, weights,
+                   epochs=epochs, progress=progress)
+    # ---
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; everything is in {out}/")
     sys.stdout.flush()
     return 0

@@ -32,6 +32,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of the verification inputs")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime-vs-torch check (not recommended)")
+    parser.add_argument("--task", metavar="NAME", default=None,
+                        help="SoftCPT runs: the task whose classifier to export")
     parser.set_defaults(func=run_export)
     return parser
 
@@ -59,7 +61,7 @@ def run_export(args: argparse.Namespace) -> int:
         report = export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                             triton_name=args.triton_name,
                             triton_max_batch_size=args.triton_max_batch_size, opset=args.opset,
-                            seed=args.seed, verify=not args.no_verify)
+                            seed=args.seed, verify=not args.no_verify, task=args.task)
     except ExportVerificationError as e:
         print(f"fastprompt export: error: {e}", file=sys.stderr)
         return 1

@@ -1,11 +1,15 @@
 """open_clip integration: model loading, CoOp prompt learner, truncated prompt text encoder."""
 from fastprompt.models.factory import TINY_MODEL, create_model, register_configs
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS, PromptedTextModel, PromptLearner
+from fastprompt.models.softcpt import MetaNet, SoftCPTModel, softcpt_parameter_count  # SoftCPT
 from fastprompt.models.text_encoder import PromptTextEncoder, zeroshot_text_features
 from fastprompt.models.utils import count_parameters
 
 __all__ = [
     "CLASS_TOKEN_POSITIONS",
+    "MetaNet",
+    "SoftCPTModel",
+    "softcpt_parameter_count",
     "PromptLearner",
     "PromptTextEncoder",
     "PromptedTextModel",

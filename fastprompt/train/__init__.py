@@ -10,6 +10,8 @@ Typical use::
 from fastprompt.train.config import METHODS, TARGETS, TrainConfig, coop_epochs
 from fastprompt.train.loop import accuracy, epoch_order, learning_rate, logit_scale
 from fastprompt.train.run import Run, evaluate_run, load_run, read_prompt, train_run
+from fastprompt.train.softcpt import Task, load_softcpt_run, train_softcpt_run  # SoftCPT
 
 __all__ = ["METHODS", "TARGETS", "Run", "TrainConfig", "accuracy", "coop_epochs", "epoch_order",
-           "evaluate_run", "learning_rate", "load_run", "logit_scale", "read_prompt", "train_run"]
+           "evaluate_run", "learning_rate", "load_run", "logit_scale", "read_prompt", "train_run",
+           "Task", "load_softcpt_run", "train_softcpt_run"]

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
-METHODS = ("coop", "dspt")
+METHODS = ("coop", "dspt", "softcpt")
+# SoftCPT (fastprompt/train/softcpt.py): task context sharing and its per-task loss.
+TASK_CONTEXTS = ("shared", "per_task")
+SOFTCPT_LOSSES = ("coop", "dspt")
 TARGETS = ("hard", "ls", "csl", "isl")
 
 
@@ -44,6 +47,10 @@ class TrainConfig:
     prograd: bool = False
     lam: float = 1.0
     temperature: float = 1.0
+    # SoftCPT (method "softcpt"): task context tokens, shared or per task, and the per-task loss
+    n_task_ctx: int = 4
+    task_ctx: str = "shared"
+    softcpt_loss: str = "coop"
     # optimisation (CoOp)
     epochs: int = 50
     batch_size: int = 32
@@ -87,10 +94,25 @@ class TrainConfig:
             raise bad("lr", f"must be positive, got {self.lr}")
         if self.warmup_epochs < 0:
             raise bad("warmup_epochs", f"must be non-negative, got {self.warmup_epochs}")
+        # --- SoftCPT ---
+        if self.task_ctx not in TASK_CONTEXTS:
+            raise bad("task_ctx", f"must be one of {TASK_CONTEXTS}, got {self.task_ctx!r}")
+        if self.n_task_ctx < 1:
+            raise bad("n_task_ctx", f"must be at least 1, got {self.n_task_ctx}")
+        if self.softcpt_loss not in SOFTCPT_LOSSES:
+            raise bad("softcpt_loss", f"must be one of {SOFTCPT_LOSSES}, got {self.softcpt_loss!r}")
+        if self.method != "softcpt" and self.softcpt_loss != "coop":
+            raise bad("softcpt_loss", "applies to --method softcpt only (use --method dspt)")
+        if self.method == "softcpt" and self.class_specific:
+            raise bad("class_specific", "SoftCPT generates one context per task (its meta network's "
+                      "output); class-specific contexts are not supported")
+        if self.method == "softcpt" and self.ctx_init is not None:
+            raise bad("ctx_init", "SoftCPT's class-prompt context comes from its meta network; "
+                      "there is no phrase to initialise")
 
     @property
     def double_softmax(self) -> bool:
-        return self.method == "dspt"
+        return self.method == "dspt" or (self.method == "softcpt" and self.softcpt_loss == "dspt")
 
     def soft_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) trains on soft targets.
@@ -119,6 +141,8 @@ class TrainConfig:
     def describe(self) -> str:
         """A short name for tables: 'dspt+isl(alt)+prograd'."""
         name = self.method
+        if self.method == "softcpt" and self.softcpt_loss == "dspt":
+            name = "softcpt(dspt)"
         if self.targets != "hard":
             name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
         if self.prograd:

@@ -109,6 +109,9 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
 
     from fastprompt.models import count_parameters, zeroshot_text_features
 
+    if config.method == "softcpt":  # SoftCPT hook: several tasks, its own run
+        raise ValueError("config: method 'softcpt' trains several tasks: use "
+                         "fastprompt.train.train_softcpt_run")
     out_dir = os.fspath(out_dir)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -232,10 +235,16 @@ def read_prompt(run_dir) -> tuple[Tensor, TrainConfig, list, dict]:
     return ctx, config, classnames, metadata
 
 
-def load_run(run_dir, device: str | torch.device = "cpu") -> Run:
+def load_run(run_dir, device: str | torch.device = "cpu", task: str | None = None) -> Run:
     """Rebuild a trained run: the open_clip model (from the config's model name and pretrained
-    file), the learned prompt, and its C x E class text features."""
+    file), the learned prompt, and its C x E class text features. A SoftCPT run needs ``task``,
+    the name of the task whose classifier to rebuild."""
     from fastprompt.models import create_model
+    # --- SoftCPT hook (fastprompt/train/softcpt.py) ---
+    from fastprompt.train.softcpt import is_softcpt_run, load_softcpt_run
+    if task is not None or is_softcpt_run(run_dir):
+        return load_softcpt_run(run_dir, task=task, device=device)
+    # ---
     ctx, config, classnames, metadata = read_prompt(run_dir)
     model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device)
     if metadata.get("model_weights") != model_weights_hash(model):

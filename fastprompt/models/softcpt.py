@@ -1,0 +1,269 @@
+"""SoftCPT (Ding et al., "Prompt Tuning with Soft Context Sharing for Vision-Language Models"):
+one prompt generator shared by several few-shot classification tasks.
+
+The text side, per training step::
+
+    task prompt   "T T T T <task name>."    (learnable task context T, shared by all tasks or
+                                             one per task; the task name's embeddings are fixed)
+        -> frozen text encoder -> task feature f_t (E, unnormalised, as encode_text returns it)
+    meta network  ctx_t = reshape(f_t @ W)   (W: E x (n_ctx * width), linear, no bias)
+    class prompts "ctx_t <class name>."      for the C_t classes of task t, exactly CoOp's
+        -> frozen text encoder -> that task's class text features (C_t x E)
+
+The task context and ``W`` are the only trained parameters. This follows the official code's
+"lin" prompt generator over task features (SoftCPT-NATA with a shared task context,
+SoftCPT-NATS with one per task; kding1225/softcpt, ``trainers/mtcoop.py``), initialised as it
+is: ``W`` and a random task context from N(0, 0.02²). Departures from the official code:
+
+* the class-aware variants (CATA/CSTA/..., which concatenate a class-name feature to the task
+  feature and generate one context per class) and the class subsampling of their training
+  are not implemented: the generator sees the task feature only;
+* every task's class prompts run through the text encoder in ONE batched call (prompts padded
+  after their end-of-text token, which the causal mask makes exact) instead of one call per
+  task, and each call runs only as many positions as its prompts need (``PromptTextEncoder``);
+* task names have their underscores replaced by spaces (as the official code does) but are
+  otherwise kept as given; the task context has no phrase initialisation (``TASK_CTX_INIT``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastprompt._validation import check_tensor
+from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS, PromptLearner
+from fastprompt.models.text_encoder import PromptTextEncoder
+
+TASK_CONTEXTS = ("shared", "per_task")
+META_INIT_STD = 0.02  # the official "lin" generator's N(0, 0.02²) initialisation
+
+
+def _embed_dim(encoder: PromptTextEncoder) -> int:
+    """E: the text feature size (the projection's output, or the width without one)."""
+    proj = encoder.text_projection
+    if proj is None:
+        return encoder.width
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
+    return int(proj.shape[1])
+
+
+def normalize_task_name(name: str) -> str:
+    """The task name as it goes into the task prompt: underscores as spaces, single spaces."""
+    return " ".join(name.replace("_", " ").split())
+
+
+class MetaNet(nn.Module):
+    """SoftCPT's linear meta network: a task feature (E) to a prompt context (n_ctx x width).
+
+    ``weight`` (E x n_ctx*width) starts from N(0, 0.02²) drawn with the global torch generator,
+    as the official "lin" prompt generator's ``proj``; there is no bias. The product runs in at
+    least float32.
+    """
+
+    def __init__(self, in_dim: int, n_ctx: int, width: int, *, device=None):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("n_ctx", n_ctx), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self.in_dim, self.n_ctx, self.width = in_dim, n_ctx, width
+        weight = torch.empty(in_dim, n_ctx * width, device=device)
+        nn.init.normal_(weight, std=META_INIT_STD)
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, task_features: Tensor) -> Tensor:
+        """``task_features`` (T x E) -> contexts (T x n_ctx x width)."""
+        check_tensor("task_features", task_features, ndim=2, floating=True)
+        if task_features.shape[1] != self.in_dim:
+            raise ValueError(f"task_features: expected {self.in_dim} columns (the text feature "
+                             f"size), got {task_features.shape[1]}")
+        x = task_features.to(torch.promote_types(task_features.dtype, self.weight.dtype))
+        return (x @ self.weight.to(x.dtype)).reshape(x.shape[0], self.n_ctx, self.width)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, n_ctx={self.n_ctx}, width={self.width}"
+
+
+class SoftCPTModel(nn.Module):
+    """The SoftCPT text side for T tasks: ``forward(tasks)`` -> each task's class text features.
+
+    Args:
+        model: the frozen open_clip model (as for ``PromptLearner``).
+        tokenizer: its open_clip tokenizer.
+        task_names: T task names, distinct after normalisation ("fine-grained aircraft").
+        task_classnames: T lists of class names, ``task_classnames[t]`` for task ``t`` (at least
+            two each).
+        n_ctx: context vectors of every class prompt, generated by the meta network (16).
+        n_task_ctx: learnable context vectors in front of each task name (4, the official
+            scripts' value).
+        task_ctx: ``"shared"`` (one task context for all tasks, SoftCPT-NATA) or ``"per_task"``
+            (SoftCPT-NATS).
+        class_token_position: where the class name sits in the class prompts (CoOp's options).
+        truncate: run only as many positions as the prompts need (exact; see PromptTextEncoder).
+
+    Trained parameters: ``task_prompt.ctx`` and ``meta_net.weight`` (``trainable_state()``); the
+    class prompts' own ``ctx`` slots are frozen placeholders, replaced by the generated context
+    on every call. Construction draws the task context, then the meta network, from the global
+    torch generator, and nothing else (so the initialisation does not depend on the classes).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, task_names: Sequence[str],
+                 task_classnames: Sequence[Sequence[str]], *, n_ctx: int = 16, n_task_ctx: int = 4,
+                 task_ctx: str = "shared", class_token_position: str = "end",
+                 truncate: bool = True):
+        super().__init__()
+        if isinstance(task_names, str) or not isinstance(task_names, Sequence) or not task_names:
+            raise ValueError("task_names: expected a non-empty sequence of task names")
+        names = []
+        for name in task_names:
+            if not isinstance(name, str) or not normalize_task_name(name):
+                raise ValueError(f"task_names: every task name must be a non-empty string, got {name!r}")
+            names.append(normalize_task_name(name))
+        seen: dict[str, str] = {}
+        for raw, name in zip(task_names, names):
+            if name.lower() in seen:
+                raise ValueError(f"task_names: {seen[name.lower()]!r} and {raw!r} are the same task "
+                                 "name (the tokenizer lower-cases)")
+            seen[name.lower()] = raw
+        if (isinstance(task_classnames, str) or not isinstance(task_classnames, Sequence)
+                or len(task_classnames) != len(names)):
+            raise ValueError(f"task_classnames: expected one list of class names per task "
+                             f"({len(names)}), got {task_classnames!r:.200}")
+        for name, classes in zip(names, task_classnames):
+            if isinstance(classes, str) or not isinstance(classes, Sequence) or len(classes) < 2:
+                raise ValueError(f"task_classnames: task {name!r} needs at least two classes, got "
+                                 f"{classes!r:.200}")
+        if task_ctx not in TASK_CONTEXTS:
+            raise ValueError(f"task_ctx: must be one of {TASK_CONTEXTS}, got {task_ctx!r}")
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"class_token_position: must be one of {CLASS_TOKEN_POSITIONS}, got "
+                             f"{class_token_position!r}")
+        for arg, value in (("n_ctx", n_ctx), ("n_task_ctx", n_task_ctx)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg}: expected an int >= 1, got {value!r}")
+
+        self.text_encoder = PromptTextEncoder(model)
+        device = self.text_encoder.token_embedding.weight.device
+        # Random draws, in this order: the task context, then the meta network.
+        self.task_prompt = PromptLearner(model, tokenizer, names, n_ctx=n_task_ctx,
+                                         class_specific=(task_ctx == "per_task"),
+                                         truncate=truncate)
+        width = self.text_encoder.width
+        self.meta_net = MetaNet(_embed_dim(self.text_encoder), n_ctx, width, device=device)
+        # The class prompts: CoOp's prompt learners whose context is always supplied. Their own
+        # (unused) context draws must not move the global generator.
+        with torch.random.fork_rng(devices=[]):
+            learners = [PromptLearner(model, tokenizer, list(classes), n_ctx=n_ctx,
+                                      class_token_position=class_token_position, truncate=truncate)
+                        for classes in task_classnames]
+        for learner in learners:
+            learner.ctx.requires_grad_(False)
+            with torch.no_grad():
+                learner.ctx.zero_()
+        self.class_prompts = nn.ModuleList(learners)
+
+        self.task_names = tuple(names)
+        self.task_classnames = tuple(tuple(c) for c in task_classnames)
+        self.num_tasks = len(names)
+        self.n_ctx, self.n_task_ctx, self.task_ctx = n_ctx, n_task_ctx, task_ctx
+        self.class_token_position = class_token_position
+        self.embed_dim = self.meta_net.in_dim
+        self.width = width
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The task context and the meta network's weight, in that order."""
+        return [self.task_prompt.ctx, self.meta_net.weight]
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """``{"task_ctx": ..., "meta_weight": ...}``: all that a trained SoftCPT model adds to
+        the frozen open_clip model."""
+        return {"task_ctx": self.task_prompt.ctx, "meta_weight": self.meta_net.weight}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Copy ``trainable_state()``-shaped tensors in; ValueError on a missing key or shape."""
+        own = self.trainable_state()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"state: missing {missing}")
+        for key, param in own.items():
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"state: {key} has shape {tuple(state[key].shape)}, expected "
+                                 f"{tuple(param.shape)} (a different task count, n_ctx, "
+                                 "n_task_ctx, task_ctx or model)")
+        with torch.no_grad():
+            for key, param in own.items():
+                param.copy_(state[key].to(param.device, param.dtype))
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _task_indices(self, tasks) -> list[int]:
+        if tasks is None:
+            return list(range(self.num_tasks))
+        if isinstance(tasks, (int, str)):
+            tasks = [tasks]
+        out = []
+        for t in tasks:
+            if isinstance(t, str):
+                key = normalize_task_name(t).lower()
+                matches = [i for i, n in enumerate(self.task_names) if n.lower() == key]
+                if not matches:
+                    raise ValueError(f"tasks: no task named {t!r}; tasks: {list(self.task_names)}")
+                t = matches[0]
+            elif isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_tasks:
+                raise ValueError(f"tasks: expected task indices in [0, {self.num_tasks}) or names, "
+                                 f"got {t!r}")
+            out.append(int(t))
+        if not out:
+            raise ValueError("tasks: no task requested")
+        return out
+
+    def task_features(self, tasks=None) -> Tensor:
+        """Task features (T' x E, unnormalised) of ``tasks`` (indices or names; None: all)."""
+        idx = self._task_indices(tasks)
+        embeds = self.task_prompt()
+        tokens = self.task_prompt.tokenized_prompts
+        if idx != list(range(self.num_tasks)):
+            rows = torch.tensor(idx, dtype=torch.int64, device=tokens.device)
+            embeds, tokens = embeds.index_select(0, rows), tokens.index_select(0, rows)
+        return self.text_encoder(embeds, tokens)
+
+    def contexts(self, tasks=None) -> Tensor:
+        """The generated class-prompt contexts, T' x n_ctx x width."""
+        return self.meta_net(self.task_features(tasks))
+
+    def forward(self, tasks=None) -> list[Tensor]:
+        """Class text features of each requested task: a list of C_t x E tensors (unnormalised,
+        as ``encode_text``), in the order of ``tasks`` (indices or names; None: all tasks).
+
+        A task's features depend only on its own generated context and class names; all
+        requested tasks' class prompts share one text-encoder call.
+        """
+        idx = self._task_indices(tasks)
+        ctx = self.contexts(idx)
+        embeds = [self.class_prompts[t](ctx[i]) for i, t in enumerate(idx)]
+        tokens = [self.class_prompts[t].tokenized_prompts for t in idx]
+        length = max(e.shape[1] for e in embeds)
+        if len(idx) > 1:
+            # Positions after a prompt's end-of-text token do not reach its pooled feature under
+            # the causal mask; where the encoder cannot truncate, every prompt is full length.
+            embeds = [nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
+            tokens = [nn.functional.pad(k, (0, length - k.shape[1])) for k in tokens]
+            features = self.text_encoder(torch.cat(embeds), torch.cat(tokens))
+            return list(features.split([e.shape[0] for e in embeds]))
+        return [self.text_encoder(embeds[0], tokens[0])]
+
+    def extra_repr(self) -> str:
+        return (f"tasks={list(self.task_names)}, classes={[len(c) for c in self.task_classnames]}, "
+                f"n_ctx={self.n_ctx}, n_task_ctx={self.n_task_ctx}, task_ctx={self.task_ctx!r}")
+
+
+def softcpt_parameter_count(model: SoftCPTModel) -> dict:
+    """Trainable scalars of ``model`` by part, and what one CoOp prompt per task would train."""
+    task = model.task_prompt.ctx.numel()
+    meta = model.meta_net.weight.numel()
+    coop = model.num_tasks * model.n_ctx * model.width
+    return {"task_ctx": task, "meta_net": meta, "total": task + meta,
+            "coop_one_prompt_per_task": coop}
