@@ -475,9 +475,10 @@ def load_softcpt_run(run_dir, task: str | None = None, device: str | torch.devic
         raise ValueError(f"run: the weights of model {config.model!r} "
                          f"(pretrained={config.pretrained!r}) differ from those the prompt in "
                          f"{run_dir!r} was trained with")
-    torch.manual_seed(config.seed)
-    net = softcpt_model(model, tokenizer, names, [t["classnames"] for t in task_list],
-                        config).to(device)
+    # The initial draws are overwritten by the trained tensors: leave the caller's generator be.
+    with torch.random.fork_rng(devices=[]):
+        net = softcpt_model(model, tokenizer, names, [t["classnames"] for t in task_list],
+                            config).to(device)
     net.load_trainable_state(tensors)
     with torch.no_grad():
         text = net([index])[0].float()
