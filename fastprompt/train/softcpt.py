@@ -234,7 +234,7 @@ def _save_checkpoint(path: str, net, optimizer, epoch: int, history: list, ident
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _load_checkpoint(path: str, identity: dict) -> dict:
+def _read_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
@@ -242,6 +242,11 @@ def _load_checkpoint(path: str, identity: dict) -> dict:
                          f"checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != SOFTCPT_FORMAT:
         raise ValueError(f"resume: {path!r} is not a SoftCPT checkpoint")
+    return state
+
+
+def _load_checkpoint(path: str, identity: dict) -> dict:
+    state = _read_checkpoint(path)
     if state.get("identity") != identity:
         theirs = state.get("identity") or {}
         diff = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
@@ -552,9 +557,12 @@ def cmd_train_softcpt(args) -> int:
         config, epochs=args.epochs if args.epochs is not None else SOFTCPT_EPOCHS,
         n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"),
         softcpt_loss=args.softcpt_loss)
-    if os.path.exists(os.path.join(args.out, CHECKPOINT)) and not args.resume:
-        raise ValueError(f"out: {args.out!r} already holds a training run; pass --resume to "
-                         "continue it or choose another folder")
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    if os.path.exists(ckpt_path):  # checked before any cache is written
+        if not args.resume:
+            raise ValueError(f"out: {args.out!r} already holds a training run; pass --resume to "
+                             "continue it or choose another folder")
+        _read_checkpoint(ckpt_path)  # a damaged or CoOp checkpoint is refused here already
     model, pt, pv, tokenizer, device = cli._load_model(args)
     tasks = []
     for i, (spec, split) in enumerate(zip(specs, splits)):

@@ -332,3 +332,13 @@ def test_cli_bad_tasks_file_writes_nothing(setup, tmp_path, capsys, case):
     assert err.startswith("fastprompt train: error:")
     assert re.search(match, err), err
     assert not out.exists()
+
+
+def test_cli_resume_into_a_coop_run_is_refused_before_caching(setup, tmp_path, capsys):
+    model, tok, tasks, weights, tasks_file = setup
+    out = tmp_path / "coop"
+    train_run(TrainConfig(model="fastprompt-tiny", pretrained=weights, epochs=1, n_ctx=4),
+              tasks[0].cache, model, tok, out, progress=False)
+    assert main(cli_args(setup, out, "--tasks", tasks_file, "--resume")) == 2
+    assert "is not a SoftCPT checkpoint" in capsys.readouterr().err
+    assert not (out / "features").exists()
