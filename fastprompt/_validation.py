@@ -64,10 +64,23 @@ def run_value_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
             raise ValueError(message)
 
 
-def check_clip_cross_entropy_args(image_features, text_features, labels, scale, *,
-                                  smoothing, soft_labels, sample_index, normalize,
-                                  reduction) -> torch.Tensor:
-    """Validate the arguments of ``clip_cross_entropy``; return ``scale`` as a 0-d tensor."""
+def feature_checks(name: str, x: torch.Tensor, normalize: bool) -> list[tuple[str, torch.Tensor]]:
+    """``run_value_checks`` entries for a feature matrix: finite, and (with ``normalize``) no
+    all-zero row. One reduction pass over ``x``: the per-row max of ``|x|`` is NaN or inf exactly
+    when the row holds a NaN or an inf, and 0 exactly when the row is all zeros."""
+    if normalize:
+        peak = x.detach().abs().amax(dim=1)
+        return [(f"{name}: contains NaN or infinite values", torch.isfinite(peak).all()),
+                (f"{name}: a row has zero norm and cannot be normalised", (peak > 0).all())]
+    return [(f"{name}: contains NaN or infinite values", torch.isfinite(x.detach().abs().amax()))]
+
+
+def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, smoothing,
+                              soft_labels, sample_index, normalize,
+                              reduction) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """The free checks of ``clip_cross_entropy``'s arguments (raising at once), then the value
+    checks as ``run_value_checks`` entries, not yet synchronised; returns ``(scale as a 0-d
+    tensor, entries)``, so that a caller with checks of its own syncs once for all."""
     check_tensor("image_features", image_features, ndim=2, floating=True)
     check_tensor("text_features", text_features, ndim=2, floating=True)
     check_tensor("labels", labels, ndim=1, integer=True)
@@ -98,20 +111,6 @@ def check_clip_cross_entropy_args(image_features, text_features, labels, scale, 
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     s = as_scale_tensor(scale, image_features.device)
-
-    checks = [
-        ("image_features: contains NaN or infinite values", torch.isfinite(image_features).all()),
-        ("text_features: contains NaN or infinite values", torch.isfinite(text_features).all()),
-        ("scale: must be finite", torch.isfinite(s.detach())),
-        (f"labels: values must lie in [0, {c})", ((labels >= 0) & (labels < c)).all()),
-    ]
-    if normalize:
-        checks += [
-            ("image_features: a row has zero norm and cannot be normalised",
-             (image_features != 0).any(dim=1).all()),
-            ("text_features: a row has zero norm and cannot be normalised",
-             (text_features != 0).any(dim=1).all()),
-        ]
     if soft_labels is not None:
         check_tensor("soft_labels", soft_labels, ndim=2, floating=True)
         if soft_labels.shape[1] != c:
@@ -122,12 +121,6 @@ def check_clip_cross_entropy_args(image_features, text_features, labels, scale, 
                              f"{tuple(soft_labels.shape)}; pass sample_index for an instance-wise table")
         if soft_labels.shape[0] == 0:
             raise ValueError("soft_labels: the table has no rows")
-        row_sums = soft_labels.detach().double().sum(dim=1)
-        checks += [
-            ("soft_labels: contains NaN, infinite or negative values",
-             (torch.isfinite(soft_labels) & (soft_labels >= 0)).all()),
-            ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
-        ]
     if sample_index is not None:
         if soft_labels is None:
             raise ValueError("sample_index: given without soft_labels (an instance-wise table)")
@@ -135,9 +128,39 @@ def check_clip_cross_entropy_args(image_features, text_features, labels, scale, 
         if sample_index.shape[0] != n:
             raise ValueError(f"sample_index: expected {n} indices (one per image_features row), got "
                              f"{sample_index.shape[0]}")
+    if _is_compiling():
+        return s, []
+
+    # Value checks: one small reduction per tensor, all read back by a single synchronisation.
+    lo_hi = torch.aminmax(labels)
+    checks = (feature_checks("image_features", image_features, normalize)
+              + feature_checks("text_features", text_features, normalize)
+              + [("scale: must be finite", torch.isfinite(s.detach())),
+                 (f"labels: values must lie in [0, {c})", (lo_hi.min >= 0) & (lo_hi.max < c))])
+    if soft_labels is not None:
+        table = soft_labels.detach()
+        row_sums = table.double().sum(dim=1)
+        checks += [
+            # min >= 0 is false for NaN; an inf entry makes its row's sum inf.
+            ("soft_labels: contains NaN, infinite or negative values",
+             (table.amin() >= 0) & torch.isfinite(row_sums).all()),
+            ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
+        ]
+    if sample_index is not None:
         m = soft_labels.shape[0]
+        lo_hi = torch.aminmax(sample_index)
         checks.append((f"sample_index: values must lie in [0, {m}) (rows of soft_labels)",
-                       ((sample_index >= 0) & (sample_index < m)).all()))
+                       (lo_hi.min >= 0) & (lo_hi.max < m)))
+    return s, checks
+
+
+def check_clip_cross_entropy_args(image_features, text_features, labels, scale, *,
+                                  smoothing, soft_labels, sample_index, normalize,
+                                  reduction) -> torch.Tensor:
+    """Validate the arguments of ``clip_cross_entropy``; return ``scale`` as a 0-d tensor."""
+    s, checks = clip_cross_entropy_checks(
+        image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
+        sample_index=sample_index, normalize=normalize, reduction=reduction)
     run_value_checks(checks)
     return s
 
@@ -156,9 +179,10 @@ def check_finite_positive(name: str, value, *, allow_zero: bool = False) -> floa
 def check_prograd_losses_args(image_features, text_features, zeroshot_text_features, labels, scale,
                               *, temperature, smoothing, soft_labels,
                               sample_index) -> tuple[torch.Tensor, float]:
-    """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature)``."""
+    """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature)``.
+    Every value check of both feature sets and the targets costs one host synchronisation."""
     temperature = check_finite_positive("temperature", temperature)
-    s = check_clip_cross_entropy_args(
+    s, checks = clip_cross_entropy_checks(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=True, reduction="mean")
     check_tensor("zeroshot_text_features", zeroshot_text_features, ndim=2, floating=True)
@@ -169,12 +193,9 @@ def check_prograd_losses_args(image_features, text_features, zeroshot_text_featu
         raise TypeError(f"zeroshot_text_features: dtype {zeroshot_text_features.dtype} differs from "
                         f"image_features' {image_features.dtype}; cast one of them")
     check_same_device("image_features", image_features, zeroshot_text_features=zeroshot_text_features)
-    run_value_checks([
-        ("zeroshot_text_features: contains NaN or infinite values",
-         torch.isfinite(zeroshot_text_features).all()),
-        ("zeroshot_text_features: a row has zero norm and cannot be normalised",
-         (zeroshot_text_features != 0).any(dim=1).all()),
-    ])
+    if not _is_compiling():
+        checks += feature_checks("zeroshot_text_features", zeroshot_text_features, True)
+    run_value_checks(checks)
     return s, temperature
 
 

@@ -80,9 +80,14 @@ def _setup_context(ctx, inputs, output):
     ctx.normalize = normalize
     ctx.backend = backend
     ctx.mark_non_differentiable(grad_logits)
+    # grad_logits is never used downstream: without this, autograd would fill an N x C zero
+    # gradient for it on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_rows, _unused):
+    if grad_rows is None:
+        return (None,) * 11
     image_features, text_features, scale, grad_logits = ctx.saved_tensors
     if grad_logits.dim() != 2:
         raise RuntimeError("clip_cross_entropy: backward called, but the forward ran without "

@@ -68,21 +68,32 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(image_features, text_features, scale, grad_task_logits, grad_kl_logits)
     ctx.backend = backend
     ctx.mark_non_differentiable(grad_task_logits, grad_kl_logits)
+    # Unused outputs get None, not an N x C zero fill: the two logit-gradient outputs always,
+    # and one of the losses in each of ProGrad's two backward passes.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_task_rows, grad_kl_rows, _unused_task, _unused_kl):
+    if grad_task_rows is None and grad_kl_rows is None:
+        return (None,) * 12
     image_features, text_features, scale, grad_task_logits, grad_kl_logits = ctx.saved_tensors
     if grad_task_logits.dim() != 2:
         raise RuntimeError("prograd_losses: backward called, but the forward ran without gradients "
                            "(inputs did not require grad when it ran)")
     need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
-    # One N x C buffer for both losses, so the products run once. Not in place: the saved
-    # gradients serve again when the graph is retained (the official two-backward procedure).
-    combined = (grad_task_logits * grad_task_rows.float()[:, None]
-                + grad_kl_logits * grad_kl_rows.float()[:, None]).to(grad_task_logits.dtype)
-    ones = torch.ones_like(grad_task_rows, dtype=torch.float32)
+    if grad_kl_rows is None:  # only the task loss is differentiated: its buffer as it is
+        upstream, grad_logits = grad_task_rows.float().contiguous(), grad_task_logits
+    elif grad_task_rows is None:
+        upstream, grad_logits = grad_kl_rows.float().contiguous(), grad_kl_logits
+    else:
+        # One N x C buffer for both losses, so the products run once. Not in place: the saved
+        # gradients serve again when the graph is retained (the official two-backward procedure).
+        grad_logits = torch.addcmul(grad_task_logits * grad_task_rows.float()[:, None],
+                                    grad_kl_logits, grad_kl_rows.float()[:, None])
+        grad_logits = grad_logits.to(grad_task_logits.dtype)
+        upstream = torch.ones_like(grad_task_rows, dtype=torch.float32)
     gx, gt, gs = clip_cross_entropy_backward(
-        ones, combined, image_features, text_features, scale, True, need_x, need_t, need_s,
+        upstream, grad_logits, image_features, text_features, scale, True, need_x, need_t, need_s,
         ctx.backend)
     return (gx if need_x else None, gt if need_t else None, None, None, gs if need_s else None,
             None, None, None, None, None, None, None)

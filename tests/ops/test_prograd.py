@@ -212,6 +212,24 @@ def test_backend_matches_float64(prograd_backend, target, double_softmax):
         assert_close_to_truth(a, b, 1e-5, 1e-5, what)
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_backend_one_loss_differentiated(prograd_backend, which):
+    # Only one of the two losses reaches the backward (as in each of ProGrad's two passes): the
+    # other's per-row gradient arrives as None, not as materialised zeros.
+    name, device = prograd_backend
+    n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
+    x, t, t0, labels, s, kw = make_inputs(n, c, d, target="uniform", device=device)
+    weights = (1.0, 0.0) if which == 0 else (0.0, 1.0)
+    want = truth(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
+    x_req = x.clone().requires_grad_()
+    t_req = t.clone().requires_grad_()
+    s_req = s.clone().requires_grad_()
+    losses = fastprompt.prograd_losses(x_req, t_req, t0, labels, s_req, double_softmax=True, **kw)
+    losses[which].backward()
+    for what, a, b in zip(NAMES[2:], (x_req.grad, t_req.grad, s_req.grad), want[2:]):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
 def test_backend_odd_sizes(prograd_backend, shape):
     name, device = prograd_backend
