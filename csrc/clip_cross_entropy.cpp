@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
 
   at::Tensor grad_image = at::empty({0}, image_features.options());
   at::Tensor grad_text = at::empty({0}, text_features.options());
-  at::Tensor grad_scale = at::empty({0}, x.options());
+  // In the scale's own dtype (float32, or float64 for a float64 logit scale).
+  at::Tensor grad_scale = at::empty({0}, scale.options());
   double scale_sum = 0.0;
   bool scale_done = false;
 
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
   }
 
   if (need_scale_grad) {
-    grad_scale = at::full({}, scale_sum, x.options());
+    grad_scale = at::full({}, scale_sum, scale.options());
   }
   return {grad_image, grad_text, grad_scale};
 }

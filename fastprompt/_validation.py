@@ -38,7 +38,9 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
 
 
 def as_scale_tensor(scale, device: torch.device) -> torch.Tensor:
-    """The logit multiplier as a 0-d float32 tensor (keeps its autograd graph)."""
+    """The logit multiplier as a 0-d tensor (keeps its autograd graph): float32, or float64 when
+    given float64 (kept, so the float64 reference stays float64; fused kernels read it as a
+    number and return its gradient in this dtype)."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.dim() > 1:
             raise ValueError(f"scale: expected a float or a 0-d tensor, got shape {tuple(scale.shape)}")

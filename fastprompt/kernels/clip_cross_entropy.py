@@ -190,7 +190,7 @@ def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tens
     x_inv = row_inv_norms(x) if normalize else None
     t_inv = row_inv_norms(t) if normalize else None
     grad_image, grad_text = x.new_empty((0,)), t.new_empty((0,))
-    grad_scale = scale.new_empty((0,), dtype=torch.float32)
+    grad_scale = scale.new_empty((0,))
     row_dot = None
     if need_text_grad or need_scale_grad:
         # A = Gᵀ X̂: grad_rows_i / ‖x_i‖ folded into the X rows as they are loaded.
@@ -201,5 +201,5 @@ def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tens
         b = _product(grad_logits, t, False, None, t_inv)
         grad_image, _ = _epilogue(b, x, x_inv, grad_rows, scale, True, False)
     if need_scale_grad:
-        grad_scale = row_dot.sum()
+        grad_scale = row_dot.to(scale.dtype).sum()  # in the scale's dtype, as autograd expects
     return grad_image, grad_text, grad_scale

@@ -69,7 +69,7 @@ def _(grad_rows, grad_logits, image_features, text_features, scale, normalize, n
       need_text_grad, need_scale_grad, backend):
     gx = torch.empty_like(image_features) if need_image_grad else image_features.new_empty(_EMPTY)
     gt = torch.empty_like(text_features) if need_text_grad else text_features.new_empty(_EMPTY)
-    gs = scale.new_empty(() if need_scale_grad else _EMPTY, dtype=torch.float32)
+    gs = scale.new_empty(() if need_scale_grad else _EMPTY)  # in the scale's dtype
     return gx, gt, gs
 
 

@@ -185,6 +185,32 @@ def test_backend_python_float_scale(backend):
     assert_close_to_truth(a, b, 1e-5, 1e-5, "loss")
 
 
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_float64_scale(backend, double_softmax):
+    # A float64 logit scale with float32 features: the scale's gradient comes back in float64
+    # (the fused backward ops return it in the scale's dtype), forward and opcheck agree.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(10, 7, 12, device=device)
+    s64 = s.double().requires_grad_()
+    t_req = t.clone().requires_grad_()
+    loss = fastprompt.clip_cross_entropy(x, t_req, labels, s64, double_softmax=double_softmax)
+    loss.backward()
+    assert s64.grad.dtype == torch.float64
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    assert_close_to_truth(s64.grad, want[3], 1e-4, 1e-5, "grad scale")
+    if name != "reference":
+        _, grad_logits = torch.ops.fastprompt.clip_cross_entropy_forward(
+            x, t, labels, s64.detach(), None, None, 0.0, double_softmax, True, True, name)
+        grad_rows = torch.full((10,), 0.1, device=device)
+        out = torch.ops.fastprompt.clip_cross_entropy_backward(
+            grad_rows, grad_logits, x, t, s64.detach(), True, False, True, True, name)
+        assert out[2].dtype == torch.float64
+        if name == "cpp":
+            torch.library.opcheck(torch.ops.fastprompt.clip_cross_entropy_backward.default,
+                                  (grad_rows, grad_logits, x, t, s64.detach(), True, True, True,
+                                   True, name))
+
+
 # --- bad input: every backend, a clear error naming the argument ----------------------------------
 
 def _bad_cases(device):
