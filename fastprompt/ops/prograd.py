@@ -12,9 +12,10 @@
   where ``<g,h> < 0``, in place; one multi-tensor launch, the sign test on the device.
 
 ``prograd_backward`` gets both parameter gradients from one batched backward
-(``is_grads_batched``), so the text encoder's graph is walked once, not twice with
-``retain_graph``. Autograd vectorises that backward with vmap; the fused backward op gets a vmap
-rule here that loops over the (tiny) batch of two.
+(``is_grads_batched``) on CUDA, so the text encoder's graph is walked once, and from two backward
+passes (``retain_graph``) on CPU, where the batched one measured slower (see its docstring).
+Autograd vectorises the batched backward with vmap; the fused backward op gets a vmap rule here
+that loops over the (tiny) batch of two.
 """
 from __future__ import annotations
 
@@ -225,38 +226,76 @@ def project_conflicting_(grads: list[Tensor], ref_grads: list[Tensor], lam: floa
     _project_unchecked_(list(grads), list(ref_grads), lam)
 
 
+def _two_pass_grads(task_loss: Tensor, kl_loss: Tensor, params: list[Tensor]):
+    """``h = ∇kl_loss`` (graph retained), then ``g = ∇task_loss`` (graph freed), as the official
+    code's two ``backward`` calls."""
+    ref_grads = torch.autograd.grad(kl_loss, params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(task_loss, params, allow_unused=True)
+    # Projected in place and kept as .grad: dense memory (a gradient may be an expanded view).
+    return [None if g is None else g.contiguous() for g in grads], list(ref_grads)
+
+
+def _batched_grads(task_loss: Tensor, kl_loss: Tensor, params: list[Tensor]):
+    """``g`` and ``h`` from one backward with a batch of two grad outputs (``is_grads_batched``)."""
+    dtype = torch.promote_types(task_loss.dtype, kl_loss.dtype)
+    losses = torch.stack([task_loss.reshape(()).to(dtype), kl_loss.reshape(()).to(dtype)])
+    batched = torch.autograd.grad(losses, params, torch.eye(2, dtype=dtype, device=losses.device),
+                                  is_grads_batched=True, allow_unused=True)
+    # Slices of the batched results, cloned so that ``g`` does not keep ``h`` alive.
+    return ([None if b is None else b[0].clone(memory_format=torch.contiguous_format)
+             for b in batched],
+            [None if b is None else b[1] for b in batched])
+
+
 def prograd_backward(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor],
-                     lam: float = 1.0) -> None:
+                     lam: float = 1.0, *, batched: Optional[bool] = None) -> None:
     """ProGrad's backward: accumulate the projected task gradient into each ``param.grad``.
 
     Equal, up to float rounding, to the official procedure (``kl_loss.backward(retain_graph=True)``,
     copy the gradients ``h``, ``task_loss.backward()`` for ``g``, project each ``g`` against its
-    ``h``; ``fastprompt.reference.prograd_backward``), but both gradients come from ONE backward
-    pass through the graph with a batch of two grad outputs (``is_grads_batched``). The graph is
-    freed afterwards, as ``task_loss.backward()`` would.
+    ``h``; ``fastprompt.reference.prograd_backward``); the projection is one fused multi-tensor
+    kernel with the sign test on the device. The graph is freed afterwards, as
+    ``task_loss.backward()`` would.
+
+    How ``g`` and ``h`` are obtained depends on the device, by measurement:
+
+    * CPU: two ``autograd.grad`` passes (the first with ``retain_graph``). The alternative, one
+      batched backward (``is_grads_batched``: autograd vmaps the backward over a batch of two grad
+      outputs), measured slower on an open_clip text transformer (width 512, 100 prompts of 77
+      tokens, 2 CPU threads, ``bench/bench_prograd.py``): 0.78x the speed of the official two
+      passes at 12 layers (68.6 s vs 53.7 s per step, 2.2 vs 2.0 GB peak), and at 4 layers
+      6.2 s batched vs 5.1-6.0 s two-pass vs 5.5 s official, 631 vs 346 MiB. On CPU the
+      batched matmuls gain nothing over two and the vmap adds copies and memory.
+    * CUDA: the batched backward, one walk of the graph with twice-as-wide kernels, which is what
+      the design calls for where kernel launches and small matmuls dominate. Not yet measured on
+      a GPU here; ``bench/bench_prograd.py`` times both sides (``batched`` vs ``two_backward``).
 
     Args:
         task_loss, kl_loss: scalar losses sharing a graph (from ``prograd_losses``, or any two).
         params: the tensors to update (leaves requiring grad, e.g. the prompt context); each
             ``param.grad`` is added to as ``backward()`` would (set when it is None).
         lam: λ >= 0 of the projection.
+        batched: force the batched backward (True) or the two passes (False); None picks per
+            device as above.
     """
     params, lam = check_prograd_backward_args(task_loss, kl_loss, params, lam)
-    dtype = torch.promote_types(task_loss.dtype, kl_loss.dtype)
-    losses = torch.stack([task_loss.reshape(()).to(dtype), kl_loss.reshape(()).to(dtype)])
-    batched = torch.autograd.grad(losses, params, torch.eye(2, dtype=dtype, device=losses.device),
-                                  is_grads_batched=True, allow_unused=True)
-    run_value_checks(
-        finiteness_checks("task_loss: gradient of params", [b if b is None else b[0] for b in batched])
-        + finiteness_checks("kl_loss: gradient of params", [b if b is None else b[1] for b in batched]))
-    # A parameter that neither loss reaches keeps its .grad, as backward() leaves it.
-    reached = [(p, pair) for p, pair in zip(params, batched) if pair is not None]
-    grads = [pair[0] for _, pair in reached]
-    ref_grads = [pair[1] for _, pair in reached]
-    _project_unchecked_(grads, ref_grads, lam)
-    for (p, _), g in zip(reached, grads):
-        # A slice of the batched result; clone so it does not keep ``h`` alive.
+    if batched is None:
+        batched = task_loss.device.type == "cuda"
+    grads, ref_grads = (_batched_grads if batched else _two_pass_grads)(task_loss, kl_loss, params)
+    run_value_checks(finiteness_checks("task_loss: gradient of params", grads)
+                     + finiteness_checks("kl_loss: gradient of params", ref_grads))
+    # A parameter that neither loss reaches keeps its .grad, as backward() leaves it; one that
+    # only one loss reaches gets zeros for the other (as the official code's cleared .grad).
+    reached = []
+    for p, g, h in zip(params, grads, ref_grads):
+        if g is None and h is None:
+            continue
+        reached.append((p, torch.zeros_like(p) if g is None else g,
+                        torch.zeros_like(p) if h is None else h))
+    work = [g for _, g, _ in reached]
+    _project_unchecked_(work, [h for _, _, h in reached], lam)
+    for (p, _, _), g in zip(reached, work):
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
             p.grad.add_(g)

@@ -3,6 +3,7 @@ evaluations of the formulas, prograd_backward against the official two-backward 
 small text transformer, bad input, gradcheck and torch.compile."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -408,8 +409,9 @@ def _prograd_step(losses_fn, backward_fn, encoder, x, t0, labels, s, kw, lam, ta
     return [p.grad.clone() for p in params]
 
 
+@pytest.mark.parametrize("batched", [None, True, False], ids=["per-device", "batched", "two-pass"])
 @pytest.mark.parametrize("lam", [1.0, 0.6])
-def test_prograd_backward_equals_two_backward_passes(prograd_backend, lam):
+def test_prograd_backward_equals_two_backward_passes(prograd_backend, lam, batched):
     name, device = prograd_backend
     seed = fresh_seed()
     encoder = TinyTextEncoder(seed=seed).to(device)
@@ -417,8 +419,9 @@ def test_prograd_backward_equals_two_backward_passes(prograd_backend, lam):
     t0 = torch.randn(5, 16, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     # With the distillation loss and with its negative, every parameter's pair conflicts in
     # exactly one of the two runs: both branches of the projection are exercised.
+    ours_backward = functools.partial(fastprompt.prograd_backward, batched=batched)
     for kl_sign in (1.0, -1.0):
-        ours = _prograd_step(fastprompt.prograd_losses, fastprompt.prograd_backward, encoder, x, t0,
+        ours = _prograd_step(fastprompt.prograd_losses, ours_backward, encoder, x, t0,
                              labels, s, kw, lam, kl_sign=kl_sign)
         official = _prograd_step(reference.prograd_losses, reference.prograd_backward, encoder, x,
                                  t0, labels, s, kw, lam, kl_sign=kl_sign)
@@ -446,11 +449,29 @@ def test_reference_prograd_backward_projects_hand_computed_case():
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     a = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
     b = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    for backward_fn in (reference.prograd_backward, fastprompt.prograd_backward):
+    ours = [functools.partial(fastprompt.prograd_backward, batched=b) for b in (True, False)]
+    for backward_fn in (reference.prograd_backward, *ours):
         w.grad = None
         backward_fn((w * a).sum(), (w * b).sum(), [w])
         # a - <a,b>/|b|² b = a + b/2
         torch.testing.assert_close(w.grad, torch.tensor([0.5, 2.0, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "two-pass"])
+def test_prograd_backward_partly_reached_params(batched):
+    # u is reached by the task loss only, through an expanded (stride-0) gradient; v by the
+    # distillation loss only; r by neither (its .grad stays as it was). As the official code:
+    # the missing gradient counts as zeros, so u gets g and v gets nothing added.
+    u = torch.zeros(4, requires_grad=True)
+    v = torch.zeros(3, requires_grad=True)
+    r = torch.zeros(2, requires_grad=True)
+    r.grad = torch.full((2,), 7.0)
+    v.grad = torch.ones(3)
+    task, kl = 2 * u.sum(), (v * torch.arange(3.0)).sum()
+    fastprompt.prograd_backward(task, kl, [u, v, r], batched=batched)
+    torch.testing.assert_close(u.grad, torch.full((4,), 2.0))
+    torch.testing.assert_close(v.grad, torch.ones(3))
+    torch.testing.assert_close(r.grad, torch.full((2,), 7.0))
 
 
 # --- bad input ----------------------------------------------------------------------------------------
