@@ -1,9 +1,13 @@
 // CPU kernels of fastprompt_cpp::clip_cross_entropy_{forward,backward}.
 //
-// Forward: one BLAS product for the raw logits X T̂ᵀ (float32, N x C; the only N x C buffer),
-// then one pass per row while it is in cache: scale by s/||x_i||, max, log-sum-exp, the double
-// softmax statistics, the target terms, the loss, and the logit gradient written over the logits.
-// Backward: products on the saved logit gradient G only, never forming diag(grad_rows) G.
+// Forward: one BLAS product for the raw logits X Tᵀ, then one pass per row while it is in cache:
+// scale by s/(||x_i|| ||t_c||) (no normalised copy of either matrix), max, log-sum-exp, the
+// double softmax statistics, the target terms, the loss, and the logit gradient written over the
+// logits. With a float32 gradient wanted the product goes straight into that output (the only
+// N x C buffer); otherwise (inference, half precision) a block of rows at a time into per-thread
+// scratch (for_each_logit_block).
+// Backward: products on the saved logit gradient G only, never forming diag(grad_rows) G; half
+// precision G is converted to float32 a block of rows at a time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,26 +36,36 @@ std::tuple<at::Tensor, at::Tensor> clip_cross_entropy_forward(
   const double s = read_scale(scale);
 
   const at::Tensor x = as_float(image_features);
-  const at::Tensor row_factor = logit_row_factors(x, s, normalize);
-  at::Tensor logits = at::mm(x, product_rows(text_features, normalize).t());
+  const at::Tensor t = as_float(text_features);
+  const std::vector<float> inv_x = inv_row_norms(x, normalize);
+  const std::vector<float> inv_t = inv_row_norms(t, normalize);
   at::Tensor loss_rows = at::empty({N}, x.options());
   const Targets targets(labels, soft_labels, sample_index, smoothing, C);
-
-  float* z_all = logits.data_ptr<float>();
-  const float* factor = row_factor.data_ptr<float>();
+  // float32 input with a gradient wanted: the product is written into the output and turned into
+  // the gradient in place. Otherwise it goes to per-thread scratch (half inputs: the gradient is
+  // converted a block at a time into the half-precision output).
+  const at::ScalarType dtype = image_features.scalar_type();
+  at::Tensor grad32 = compute_grad && dtype == at::kFloat ? at::empty({N, C}, x.options())
+                                                          : at::Tensor();
+  at::Tensor grad_logits = !compute_grad          ? at::empty({0}, image_features.options())
+                           : grad32.defined()     ? grad32
+                                                  : at::empty({N, C}, image_features.options());
+  const float sf = static_cast<float>(s);
   float* loss = loss_rows.data_ptr<float>();
-  at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+  for_each_logit_block(x, {t}, {grad32}, [&](int64_t begin, int64_t end,
+                                              const std::vector<float*>& z_block) {
     std::vector<float> scratch(double_softmax && compute_grad ? C : 0);
     for (int64_t i = begin; i < end; ++i) {
-      float* z = z_all + i * C;
-      const float m = scale_and_max(z, C, factor[i]);
+      float* z = z_block[0] + (i - begin) * C;
+      const float m = scale_and_max(z, C, sf * inv_x[i], inv_t.data());
       loss[i] = task_loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
                               compute_grad, scratch.data());
     }
+    if (compute_grad && !grad32.defined()) {
+      grad_logits.narrow(0, begin, end - begin)
+          .copy_(at::from_blob(z_block[0], {end - begin, C}, x.options()));
+    }
   });
-
-  at::Tensor grad_logits = compute_grad ? in_dtype(logits, image_features.scalar_type())
-                                        : at::empty({0}, image_features.options());
   return {loss_rows, grad_logits};
 }
 
@@ -69,21 +83,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
   TORCH_CHECK(grad_rows.numel() == N, "grad_rows: expected N values");
   const double s = read_scale(scale);
   const at::ScalarType dtype = image_features.scalar_type();
-  const at::Tensor g = as_float(grad_logits);
+  // Detached: the out= products below refuse inputs that still carry requires_grad.
+  const at::Tensor g_in = grad_logits.detach().contiguous();
   const at::Tensor upstream = as_float(grad_rows);
-  const at::Tensor x = as_float(image_features);
-  const at::Tensor t = as_float(text_features);
-  // 1/||row|| (ones without normalize), so x̂_i = x_i * inv_x_norm_i.
-  const at::Tensor inv_x_norm = normalize
-      ? at::linalg_vector_norm(x, 2, at::IntArrayRef{1}).reciprocal_() : at::ones({N}, x.options());
-  const at::Tensor inv_t_norm = normalize
-      ? at::linalg_vector_norm(t, 2, at::IntArrayRef{1}).reciprocal_() : at::ones({C}, t.options());
+  const at::Tensor x = as_float(image_features).detach();
+  const at::Tensor t = as_float(text_features).detach();
+  // 1/||row|| (ones without normalize), so x̂_i = x_i * inv_x_i.
+  const std::vector<float> inv_x = inv_row_norms(x, normalize);
+  const std::vector<float> inv_t = inv_row_norms(t, normalize);
   const float* gr = upstream.data_ptr<float>();
-  const float* ixn = inv_x_norm.data_ptr<float>();
-  const float* itn = inv_t_norm.data_ptr<float>();
+  const float* ixn = inv_x.data();
+  const float* itn = inv_t.data();
   const float* xp = x.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
   const float sf = static_cast<float>(s);
+  const int64_t block = std::min(kBackwardRowBlock, N);
+  // A block of G in float32: the saved buffer itself for float32, a converted copy of just that
+  // block for half precision (no N x C float32 buffer).
+  auto g_block = [&](int64_t r0, int64_t rows) {
+    const at::Tensor b = g_in.narrow(0, r0, rows);
+    return b.scalar_type() == at::kFloat ? b : b.to(at::kFloat);
+  };
 
   at::Tensor grad_image = at::empty({0}, image_features.options());
   at::Tensor grad_text = at::empty({0}, text_features.options());
@@ -93,14 +113,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
   bool scale_done = false;
 
   if (need_text_grad || (need_scale_grad && !need_image_grad)) {
-    // A = Gᵀ X̂ without forming G: rows of X̂ scaled by the upstream gradient, a block of rows at
-    // a time, so that the scaled copy never takes N x D memory.
-    const at::Tensor row_weight = upstream * inv_x_norm;
+    // A = Gᵀ X̂ without forming diag(grad_rows) G: rows of X scaled by grad_rows_i / ||x_i||
+    // into one reused block buffer (never N x D), one product (accumulated) per block.
     at::Tensor a = at::empty({C, D}, x.options());
-    for (int64_t r0 = 0; r0 < N; r0 += kBackwardRowBlock) {
-      const int64_t rows = std::min(kBackwardRowBlock, N - r0);
-      const at::Tensor xw = x.narrow(0, r0, rows) * row_weight.narrow(0, r0, rows).unsqueeze(1);
-      const at::Tensor g_t = g.narrow(0, r0, rows).t();
+    at::Tensor xw_buffer = at::empty({block, D}, x.options());
+    float* xw_p = xw_buffer.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t rows = std::min(block, N - r0);
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float w = gr[r0 + r] * ixn[r0 + r];
+          const float* xi = xp + (r0 + r) * D;
+          float* out = xw_p + r * D;
+#pragma omp simd
+          for (int64_t k = 0; k < D; ++k) out[k] = xi[k] * w;
+        }
+      });
+      const at::Tensor g_t = g_block(r0, rows).t();
+      const at::Tensor xw = xw_buffer.narrow(0, 0, rows);
       if (r0 == 0) {
         at::mm_out(a, g_t, xw);
       } else {
@@ -131,8 +161,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
   }
 
   if (need_image_grad) {
-    // N x D; the rows still lack their grad_rows factor.
-    at::Tensor b = at::mm(g, normalize ? t * inv_t_norm.unsqueeze(1) : t);
+    // B = G T̂ (N x D), a block of rows at a time; the rows still lack their grad_rows factor.
+    at::Tensor t_hat = t;
+    if (normalize) {
+      t_hat = at::empty({C, D}, t.options());
+      float* th = t_hat.data_ptr<float>();
+      at::parallel_for(0, C, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+#pragma omp simd
+          for (int64_t k = 0; k < D; ++k) th[c * D + k] = tp[c * D + k] * itn[c];
+        }
+      });
+    }
+    at::Tensor b = at::empty({N, D}, x.options());
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t rows = std::min(block, N - r0);
+      at::Tensor out = b.narrow(0, r0, rows);
+      at::mm_out(out, g_block(r0, rows), t_hat);
+    }
     float* bp = b.data_ptr<float>();
     std::vector<double> dots(N);
     at::parallel_for(0, N, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {

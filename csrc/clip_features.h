@@ -1,22 +1,18 @@
 // Tensor-side helpers shared by the CPU loss kernels: float32 operands for the BLAS products,
-// per-row logit multipliers, the targets of each row.
+// inverse row norms, the forward's product schedule, the targets of each row.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
+#include <vector>
 
 #include "softmax_rows.h"
 
 namespace fastprompt_cpp {
-
-// Rows of at most this many floats stay in L1/L2 across the passes of one row; the grain makes
-// at::parallel_for hand each thread a few hundred kB of logits at least.
-inline int64_t row_grain(int64_t C) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-}
 
 inline at::Tensor as_float(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
@@ -25,22 +21,6 @@ inline at::Tensor as_float(const at::Tensor& x) {
 inline double read_scale(const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "scale: expected a 0-d tensor");
   return scale.item<double>();
-}
-
-// The class side of the logits product: float32, row-normalised when asked (C x D, small).
-inline at::Tensor product_rows(const at::Tensor& rows, bool normalize) {
-  at::Tensor f = as_float(rows);
-  return normalize ? f / at::linalg_vector_norm(f, 2, at::IntArrayRef{1}, /*keepdim=*/true)
-                   : f;
-}
-
-// Multiplier of each raw logits row x_i . t_c: s / ||x_i|| (or s), so the N x D image features
-// are never copied just to be normalised or scaled.
-inline at::Tensor logit_row_factors(const at::Tensor& x_float, double s, bool normalize) {
-  if (!normalize) {
-    return at::full({x_float.size(0)}, s, x_float.options());
-  }
-  return at::linalg_vector_norm(x_float, 2, at::IntArrayRef{1}).reciprocal_().mul_(s);
 }
 
 inline void check_features(const at::Tensor& x, const at::Tensor& t, const at::Tensor& labels) {
@@ -102,6 +82,94 @@ struct Targets {
     return t;
   }
 };
+
+// 1/||row|| of each row of a float32 matrix (1 without normalize), in one parallel pass and
+// without ATen temporaries; an all-zero row gives inf, as the ATen expression would.
+inline std::vector<float> inv_row_norms(const at::Tensor& rows32, bool normalize) {
+  const int64_t R = rows32.size(0);
+  const int64_t D = rows32.size(1);
+  std::vector<float> inv(R, 1.0f);
+  if (!normalize) {
+    return inv;
+  }
+  const float* p = rows32.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = p + r * D;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t k = 0; k < D; ++k) sq += v[k] * v[k];
+      inv[r] = 1.0f / std::sqrt(sq);
+    }
+  });
+  return inv;
+}
+
+// Rows per block of the blocked logits product: about 512 kB of float32 logits, so that a block
+// is still in the core's L2 cache when the row passes read it back; at least one block per
+// thread, so small batches still use every core.
+inline int64_t logit_block_rows(int64_t N, int64_t C) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cache_rows = std::max<int64_t>(16, (int64_t{1} << 17) / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, std::min(cache_rows, (N + threads - 1) / threads));
+}
+
+// The forward's schedule: raw logits X Fᵀ against one or two class matrices F (float32, C x D),
+// then `rows_fn(begin, end, z)` on rows [begin, end) (z: float32 pointers to row `begin` of each
+// product, row stride C), in parallel.
+// * Every product is an output (float32 logit gradients, `outputs[k]` N x C defined): one
+//   multithreaded BLAS product per class matrix into it, then the row passes. (Measured: doing
+//   the product a cache-sized block at a time, single-threaded BLAS per block so that the row
+//   passes find the block in L2, was slower here at N=4096, C=1000, D=512, by 3-5%: per-block
+//   products lose more to repacking than the row passes gain from the cache.)
+// * Otherwise (inference, half-precision inputs): the product of a block of rows goes to
+//   per-thread scratch (single-threaded BLAS inside the parallel loop) and the row passes run on
+//   it there, so no N x C float32 buffer exists at all.
+template <typename RowsFn>
+void for_each_logit_block(const at::Tensor& x32, const std::vector<at::Tensor>& classes,
+                          const std::vector<at::Tensor>& outputs, RowsFn rows_fn) {
+  const int64_t N = x32.size(0);
+  const int64_t C = classes[0].size(0);
+  // Detached: inside the op the inputs may still carry requires_grad, which out= products refuse.
+  const at::Tensor x_rows = x32.detach();
+  std::vector<at::Tensor> class_t;
+  for (const auto& f : classes) class_t.push_back(f.detach().t());
+  bool all_outputs = outputs.size() >= classes.size();
+  for (size_t k = 0; all_outputs && k < classes.size(); ++k) all_outputs = outputs[k].defined();
+  if (all_outputs) {
+    std::vector<float*> base(classes.size());
+    for (size_t k = 0; k < classes.size(); ++k) {
+      at::mm_out(const_cast<at::Tensor&>(outputs[k]), x_rows, class_t[k]);
+      base[k] = outputs[k].data_ptr<float>();
+    }
+    const int64_t grain = std::max<int64_t>(1, 16384 / (C * static_cast<int64_t>(classes.size())));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float*> z(classes.size());
+      for (size_t k = 0; k < classes.size(); ++k) z[k] = base[k] + begin * C;
+      rows_fn(begin, end, z);
+    });
+    return;
+  }
+  const int64_t block = logit_block_rows(N, C);
+  const int64_t blocks = (N + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<at::Tensor> scratch(classes.size());
+    std::vector<float*> z(classes.size());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block;
+      const int64_t rows = std::min(block, N - r0);
+      const at::Tensor xb = x_rows.narrow(0, r0, rows);
+      for (size_t k = 0; k < classes.size(); ++k) {
+        if (!scratch[k].defined()) scratch[k] = at::empty({block, C}, x32.options());
+        at::Tensor out = scratch[k].narrow(0, 0, rows);
+        at::mm_out(out, xb, class_t[k]);
+        z[k] = out.data_ptr<float>();
+      }
+      rows_fn(r0, r0 + rows, z);
+    }
+  });
+}
 
 // The logit gradient in the input dtype: the float32 buffer itself, or a half-precision copy.
 inline at::Tensor in_dtype(const at::Tensor& buffer, at::ScalarType dtype) {

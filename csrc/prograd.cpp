@@ -1,7 +1,8 @@
 // CPU kernels of ProGrad:
 // * fastprompt_cpp::prograd_losses_forward: the task loss (cross-entropy or DSPT) and the
 //   distillation loss against the zero-shot logits, with both logit gradients, in one pass per
-//   row after two BLAS products (the two N x C buffers are the two outputs).
+//   row after two BLAS products (with float32 gradients wanted the two N x C buffers are the two
+//   outputs; otherwise per-thread blocks, see for_each_logit_block).
 // * fastprompt_cpp::project_conflicting_: g <- g - lam <g,h>/||h||^2 h where <g,h> < 0, per
 //   tensor pair, in place.
 #include <ATen/ATen.h>
@@ -34,39 +35,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prograd_losses_forwar
   const double s = read_scale(scale);
 
   const at::Tensor x = as_float(image_features);
-  const at::Tensor row_factor = logit_row_factors(x, s, /*normalize=*/true);
-  at::Tensor task = at::mm(x, product_rows(text_features, true).t());
-  at::Tensor zeroshot = at::mm(x, product_rows(zeroshot_text_features, true).t());
+  const at::Tensor t = as_float(text_features);
+  const at::Tensor t0 = as_float(zeroshot_text_features);
+  const std::vector<float> inv_x = inv_row_norms(x, true);
+  const std::vector<float> inv_t = inv_row_norms(t, true);
+  const std::vector<float> inv_t0 = inv_row_norms(t0, true);
   at::Tensor task_rows = at::empty({N}, x.options());
   at::Tensor kl_rows = at::empty({N}, x.options());
   const Targets targets(labels, soft_labels, sample_index, smoothing, C);
   const float tau = static_cast<float>(temperature);
-
-  float* z_all = task.data_ptr<float>();
-  float* z0_all = zeroshot.data_ptr<float>();
-  const float* factor = row_factor.data_ptr<float>();
+  // As in clip_cross_entropy_forward: float32 products go straight into the gradient outputs,
+  // anything else through per-thread scratch (no N x C buffer at all without compute_grad).
+  const at::ScalarType dtype = image_features.scalar_type();
+  const bool direct = compute_grad && dtype == at::kFloat;
+  std::vector<at::Tensor> grads32 = {direct ? at::empty({N, C}, x.options()) : at::Tensor(),
+                                     direct ? at::empty({N, C}, x.options()) : at::Tensor()};
+  at::Tensor grad_task = !compute_grad ? at::empty({0}, image_features.options())
+                         : direct      ? grads32[0]
+                                       : at::empty({N, C}, image_features.options());
+  at::Tensor grad_kl = !compute_grad ? at::empty({0}, image_features.options())
+                       : direct      ? grads32[1]
+                                     : at::empty({N, C}, image_features.options());
+  const float sf = static_cast<float>(s);
   float* task_loss = task_rows.data_ptr<float>();
   float* kl_loss = kl_rows.data_ptr<float>();
-  at::parallel_for(0, N, row_grain(2 * C), [&](int64_t begin, int64_t end) {
+  for_each_logit_block(x, {t, t0}, grads32, [&](int64_t begin, int64_t end,
+                                                 const std::vector<float*>& z_block) {
     std::vector<float> scratch(compute_grad ? C : 0);
     for (int64_t i = begin; i < end; ++i) {
-      float* z = z_all + i * C;
-      float* z0 = z0_all + i * C;
-      const float m = scale_and_max(z, C, factor[i]);
-      const float m0 = scale_and_max(z0, C, factor[i]);
+      float* z = z_block[0] + (i - begin) * C;
+      float* z0 = z_block[1] + (i - begin) * C;
+      const float f = sf * inv_x[i];
+      const float m = scale_and_max(z, C, f, inv_t.data());
+      const float m0 = scale_and_max(z0, C, f, inv_t0.data());
       // The distillation term reads z before the task loss overwrites it with its gradient.
       kl_loss[i] = distillation_row(z, z0, C, m, m0, tau, compute_grad, scratch.data());
       task_loss[i] = task_loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
                                    compute_grad, scratch.data());
     }
+    if (compute_grad && !direct) {
+      const int64_t rows = end - begin;
+      grad_task.narrow(0, begin, rows).copy_(at::from_blob(z_block[0], {rows, C}, x.options()));
+      grad_kl.narrow(0, begin, rows).copy_(at::from_blob(z_block[1], {rows, C}, x.options()));
+    }
   });
-
-  const at::ScalarType dtype = image_features.scalar_type();
-  if (!compute_grad) {
-    at::Tensor empty = at::empty({0}, image_features.options());
-    return {task_rows, kl_rows, empty, empty.clone()};
-  }
-  return {task_rows, kl_rows, in_dtype(task, dtype), in_dtype(zeroshot, dtype)};
+  return {task_rows, kl_rows, grad_task, grad_kl};
 }
 
 // Elements per chunk of the projection: each chunk's partial sums are formed in order and then
