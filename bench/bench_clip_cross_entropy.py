@@ -6,6 +6,14 @@ and under torch.compile: forward and forward+backward, median time and peak memo
 
 Image features are frozen (cached features, as in training); text features and nothing else
 require grad. Writes bench/results/clip_cross_entropy-<device>.{json,md}.
+
+Timing: the providers of a point are interleaved in rounds (median of the rounds' medians), so
+that load drifting on a shared machine hits them alike. Every point is timed before any peak
+memory is measured: ``common.peak_memory_bytes`` fixes glibc's mmap threshold for the rest of the
+process (so the resident high-water mark sees every temporary), and under that setting every large
+allocation is a fresh mmap whose pages fault in on first touch (about 7 ms for one 16 MB buffer
+here), which would tax timings taken after it by how many buffers a provider allocates rather than
+by what it computes. ``--fresh-pages`` times in that regime on purpose.
 """
 from __future__ import annotations
 
@@ -56,9 +64,44 @@ def run_point(fn, x, t, y, s, mode):
     return step
 
 
+def interleaved_times(steps, device, min_run_time, rounds):
+    """``{name: {median_ms, iqr_ms, runs}}``: each step timed in ``rounds`` interleaved rounds."""
+    per_round = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up (and compilation)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            per_round[name].append(common.time_ms(step, device, min_run_time / rounds))
+    out = {}
+    for name, results in per_round.items():
+        medians = sorted(r["median_ms"] for r in results)
+        out[name] = {"median_ms": medians[len(medians) // 2],
+                     "iqr_ms": medians[(3 * len(medians)) // 4] - medians[len(medians) // 4],
+                     "runs": sum(r["runs"] or 0 for r in results), "round_medians_ms": medians}
+    return out
+
+
 def flops(n, c, d, mode, double_softmax):
     """Matmul FLOPs of the fused schedule (2·N·C·D per product): logits, plus Gᵀ X̂ for the text grad."""
     return 2 * n * c * d * (1 if mode == "forward" else 2)
+
+
+def _line(point, peaks):
+    res = point["providers"]
+    fused, eager = res["fused"], res["reference"]
+    compiled = res.get("reference_compiled")
+
+    def mib(r):
+        return f"{r['peak_bytes'] / 2**20:.1f}" if peaks and r else "-"
+    return [point["n"], point["c"], point["d"], point["dtype"],
+            "dspt" if point["double_softmax"] else "ce", point["mode"],
+            f"{fused['median_ms']:.3f}", f"{eager['median_ms']:.3f}",
+            f"{compiled['median_ms']:.3f}" if compiled else "-",
+            f"{point['speedup_vs_eager']:.2f}x",
+            f"{point.get('speedup_vs_compiled', float('nan')):.2f}x",
+            mib(fused), mib(eager), mib(compiled),
+            f"{point['memory_ratio_vs_eager']:.2f}" if peaks else "-",
+            f"{point['fused_tflops']:.3f}"]
 
 
 def main(argv=None):
@@ -72,7 +115,14 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-cpu-n", type=int, default=4096, help="skip larger N on CPU (eager is minutes)")
-    p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--min-run-time", type=float, default=0.5,
+                   help="seconds of timing per provider and point, split over the rounds")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="time with glibc's mmap threshold fixed at 64 kB (every large buffer "
+                        "page-faulted afresh), the regime the peak-memory measurement needs")
+    p.add_argument("--name", default="clip_cross_entropy",
+                   help="results file stem: bench/results/<name>-<device>.{json,md}")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,7 +134,11 @@ def main(argv=None):
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | backend {env['backend']} "
           f"| threads {env['threads']}", flush=True)
 
-    rows, table = [], []
+    if args.fresh_pages and device.type == "cpu":
+        common._fix_malloc()
+    env["fresh_pages"] = bool(args.fresh_pages)
+    env["rounds"] = args.rounds
+    pending = []  # (point, {provider: step}), timed; peak memory measured after every timing
     losses = [True] if args.double_softmax else [False, True]
     for dts, ds, n, c, d in itertools.product(dtypes, losses, args.n, args.c, args.d):
         if device.type == "cpu" and n > args.max_cpu_n:
@@ -96,35 +150,33 @@ def main(argv=None):
             fns.pop("reference_compiled")
         for mode in args.modes:
             point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
-            res = {}
-            for name, fn in fns.items():
-                step = run_point(fn, x, t, y, s, mode)
-                step()  # warm-up (and compilation)
-                res[name] = {**common.time_ms(step, device, args.min_run_time),
-                             "peak_bytes": common.peak_memory_bytes(step, device)}
+            steps = {name: run_point(fn, x, t, y, s, mode) for name, fn in fns.items()}
+            res = interleaved_times(steps, device, args.min_run_time, args.rounds)
             fused, eager = res["fused"], res["reference"]
-            point.update(providers=res,
-                         speedup_vs_eager=eager["median_ms"] / fused["median_ms"],
-                         memory_ratio_vs_eager=fused["peak_bytes"] / max(eager["peak_bytes"], 1),
+            point.update(providers=res, speedup_vs_eager=eager["median_ms"] / fused["median_ms"],
                          fused_tflops=flops(n, c, d, mode, ds) / fused["median_ms"] / 1e9)
             if "reference_compiled" in res:
                 point["speedup_vs_compiled"] = res["reference_compiled"]["median_ms"] / fused["median_ms"]
-            rows.append(point)
-            line = [n, c, d, dts, "dspt" if ds else "ce", mode, f"{fused['median_ms']:.3f}",
-                    f"{eager['median_ms']:.3f}",
-                    f"{res['reference_compiled']['median_ms']:.3f}" if "reference_compiled" in res else "-",
-                    f"{point['speedup_vs_eager']:.2f}x",
-                    f"{point.get('speedup_vs_compiled', float('nan')):.2f}x",
-                    f"{fused['peak_bytes'] / 2**20:.1f}", f"{eager['peak_bytes'] / 2**20:.1f}",
-                    f"{point['fused_tflops']:.3f}"]
-            table.append(line)
-            print(" | ".join(str(v) for v in line), flush=True)
+            print(" | ".join(str(v) for v in _line(point, peaks=False)), flush=True)
+            pending.append((point, steps))
+    rows, table = [], []
+    for point, steps in pending:
+        for name, step in steps.items():
+            point["providers"][name]["peak_bytes"] = common.peak_memory_bytes(step, device)
+        prov = point["providers"]
+        point["memory_ratio_vs_eager"] = (prov["fused"]["peak_bytes"]
+                                          / max(prov["reference"]["peak_bytes"], 1))
+        rows.append(point)
+        table.append(_line(point, peaks=True))
     header = ["N", "C", "D", "dtype", "loss", "mode", "fused ms", "eager ms", "compiled ms",
-              "vs eager", "vs compiled", "fused MiB", "eager MiB", "fused TFLOP/s"]
-    md = (f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; backend "
-          f"{env['backend']}; threads {env['threads']}; {env['timestamp']}\n\n"
+              "vs eager", "vs compiled", "fused MiB", "eager MiB", "compiled MiB",
+              "fused/eager memory", "fused TFLOP/s"]
+    md = (f"Device: {env['device']} ({env['cpu_model']}); torch {env['torch']}; triton "
+          f"{env['triton']}; backend {env['backend']}; threads {env['threads']}; "
+          f"{env['timestamp']}; median of {args.rounds} interleaved rounds"
+          f"{'; fresh pages (mmap threshold fixed)' if args.fresh_pages else ''}\n\n"
           + common.markdown_table(header, table))
-    path = common.write_results("clip_cross_entropy", env, rows, md)
+    path = common.write_results(args.name, env, rows, md)
     print(f"wrote {path}")
 
 
