@@ -212,15 +212,24 @@ def _check_tensor_list(name: str, tensors) -> list[torch.Tensor]:
 def finiteness_checks(name: str, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """``run_value_checks`` entries saying which tensor of a list holds NaN or infinite values.
 
-    One multi-tensor max-abs reduction covers the whole list (NaN and inf survive it). None and
-    empty entries are skipped; messages keep the list's indices.
+    One multi-tensor 2-norm covers the whole list (NaN and inf survive it), accumulated in float32
+    (float64 for float64 tensors): about 10x faster on CPU than the max-abs (inf) norm. A finite
+    tensor whose float32 norm overflows (elements beyond ~1e19) is refused too, and said so; the
+    projection's float32 sums would overflow on it as well. None and empty entries are skipped;
+    messages keep the list's indices.
     """
     indexed = [(i, x) for i, x in enumerate(tensors) if x is not None and x.numel() > 0]
     if not indexed:
         return []
-    peaks = torch._foreach_norm([x for _, x in indexed], float("inf"))
-    return [(f"{name}[{i}]: contains NaN or infinite values", torch.isfinite(p))
-            for (i, _), p in zip(indexed, peaks)]
+    peaks = {}
+    for wide in (False, True):
+        group = [(i, x) for i, x in indexed if (x.dtype == torch.float64) == wide]
+        if group:
+            norms = torch._foreach_norm([x.detach() for _, x in group], 2,
+                                        dtype=torch.float64 if wide else torch.float32)
+            peaks.update({i: p for (i, _), p in zip(group, norms)})
+    return [(f"{name}[{i}]: contains NaN or infinite values (or values so large that its norm "
+             "overflows)", torch.isfinite(peaks[i])) for i, _ in indexed]
 
 
 def check_project_conflicting_args(grads, ref_grads, lam) -> float:
