@@ -8,19 +8,26 @@ Image features are frozen (cached features, as in training); text features and n
 require grad. Writes bench/results/clip_cross_entropy-<device>.{json,md}.
 
 Timing: the providers of a point are interleaved in rounds (median of the rounds' medians), so
-that load drifting on a shared machine hits them alike. Every point is timed before any peak
-memory is measured: ``common.peak_memory_bytes`` fixes glibc's mmap threshold for the rest of the
-process (so the resident high-water mark sees every temporary), and under that setting every large
-allocation is a fresh mmap whose pages fault in on first touch (about 7 ms for one 16 MB buffer
-here), which would tax timings taken after it by how many buffers a provider allocates rather than
-by what it computes. ``--fresh-pages`` times in that regime on purpose.
+that load drifting on a shared machine hits them alike, with the run's thread count (on CPU,
+``torch.utils.benchmark.Timer`` would otherwise use one thread). Peak memory is measured in a
+separate process (``--peaks-only``, started by this one): ``common.peak_memory_bytes`` fixes
+glibc's mmap threshold for the rest of its process (so the resident high-water mark sees every
+temporary), and under that setting every large allocation is a fresh mmap whose pages fault in on
+first touch (about 7 ms for one 16 MB buffer here), which would tax timings taken after it by how
+many buffers a provider allocates rather than by what it computes; measured after other points'
+timings in one process, the high-water mark also picks up heap growth that is not the op's.
+``--fresh-pages`` times in the fixed-threshold regime on purpose. The torch.compile baseline's
+peak is not measured (it would compile every point a second time).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -64,6 +71,18 @@ def run_point(fn, x, t, y, s, mode):
     return step
 
 
+def time_ms(fn, device, min_run_time):
+    """``common.time_ms``, except on CPU: there ``torch.utils.benchmark.Timer`` runs with ONE
+    thread unless told otherwise (its ``num_threads`` defaults to 1), so the thread count set for
+    the run is passed explicitly."""
+    if device.type == "cuda":
+        return common.time_ms(fn, device, min_run_time)
+    from torch.utils import benchmark
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=min_run_time)
+    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+
+
 def interleaved_times(steps, device, min_run_time, rounds):
     """``{name: {median_ms, iqr_ms, runs}}``: each step timed in ``rounds`` interleaved rounds."""
     per_round = {name: [] for name in steps}
@@ -71,7 +90,7 @@ def interleaved_times(steps, device, min_run_time, rounds):
         step()  # warm-up (and compilation)
     for _ in range(rounds):
         for name, step in steps.items():
-            per_round[name].append(common.time_ms(step, device, min_run_time / rounds))
+            per_round[name].append(time_ms(step, device, min_run_time / rounds))
     out = {}
     for name, results in per_round.items():
         medians = sorted(r["median_ms"] for r in results)
@@ -86,13 +105,59 @@ def flops(n, c, d, mode, double_softmax):
     return 2 * n * c * d * (1 if mode == "forward" else 2)
 
 
+def _grid(args, dtypes, device):
+    losses = [True] if args.double_softmax else [False, True]
+    return [(dts, ds, n, c, d)
+            for dts, ds, n, c, d in itertools.product(dtypes, losses, args.n, args.c, args.d)
+            if not (device.type == "cpu" and n > args.max_cpu_n)]
+
+
+def _key(point, provider):
+    return "|".join(str(point[k]) for k in ("dtype", "double_softmax", "n", "c", "d", "mode")) \
+        + "|" + provider
+
+
+def _peaks_only(args):
+    """The child process: peak memory of the fused and eager providers at every point, each
+    after one warm-up call, with the fixed mmap threshold from the start."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = args.dtype or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    out = {}
+    for dts, ds, n, c, d in _grid(args, dtypes, device):
+        x, t, y, s = make_case(n, c, d, DTYPES[dts], device)
+        fns = providers(ds)
+        fns.pop("reference_compiled")
+        for mode in args.modes:
+            point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
+            for name, fn in fns.items():
+                out[_key(point, name)] = common.peak_memory_bytes(run_point(fn, x, t, y, s, mode),
+                                                                  device)
+    with open(args.peaks_only, "w") as f:
+        json.dump(out, f)
+
+
+def _peaks_in_child(argv, device, pending):
+    if device.type == "cuda":  # the CUDA allocator's peak is exact in this process
+        return {_key(point, name): common.peak_memory_bytes(step, device)
+                for point, steps in pending for name, step in steps.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "peaks.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peaks-only", path],
+                       check=True)
+        with open(path) as f:
+            return json.load(f)
+
+
 def _line(point, peaks):
     res = point["providers"]
     fused, eager = res["fused"], res["reference"]
     compiled = res.get("reference_compiled")
 
     def mib(r):
-        return f"{r['peak_bytes'] / 2**20:.1f}" if peaks and r else "-"
+        return f"{r['peak_bytes'] / 2**20:.1f}" if peaks and r and r.get("peak_bytes") is not None \
+            else "-"
     return [point["n"], point["c"], point["d"], point["dtype"],
             "dspt" if point["double_softmax"] else "ce", point["mode"],
             f"{fused['median_ms']:.3f}", f"{eager['median_ms']:.3f}",
@@ -123,7 +188,11 @@ def main(argv=None):
                         "page-faulted afresh), the regime the peak-memory measurement needs")
     p.add_argument("--name", default="clip_cross_entropy",
                    help="results file stem: bench/results/<name>-<device>.{json,md}")
+    p.add_argument("--peaks-only", metavar="JSON", default=None,
+                   help="internal: only measure peak memory (fused, eager) and write it here")
     args = p.parse_args(argv)
+    if args.peaks_only:
+        return _peaks_only(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -136,13 +205,11 @@ def main(argv=None):
 
     if args.fresh_pages and device.type == "cpu":
         common._fix_malloc()
+    grid = _grid(args, dtypes, device)
     env["fresh_pages"] = bool(args.fresh_pages)
     env["rounds"] = args.rounds
     pending = []  # (point, {provider: step}), timed; peak memory measured after every timing
-    losses = [True] if args.double_softmax else [False, True]
-    for dts, ds, n, c, d in itertools.product(dtypes, losses, args.n, args.c, args.d):
-        if device.type == "cpu" and n > args.max_cpu_n:
-            continue
+    for dts, ds, n, c, d in grid:
         dtype = DTYPES[dts]
         x, t, y, s = make_case(n, c, d, dtype, device)
         fns = providers(ds)
@@ -159,10 +226,11 @@ def main(argv=None):
                 point["speedup_vs_compiled"] = res["reference_compiled"]["median_ms"] / fused["median_ms"]
             print(" | ".join(str(v) for v in _line(point, peaks=False)), flush=True)
             pending.append((point, steps))
+    peaks = _peaks_in_child(argv if argv is not None else sys.argv[1:], device, pending)
     rows, table = [], []
     for point, steps in pending:
-        for name, step in steps.items():
-            point["providers"][name]["peak_bytes"] = common.peak_memory_bytes(step, device)
+        for name in steps:
+            point["providers"][name]["peak_bytes"] = peaks.get(_key(point, name))
         prov = point["providers"]
         point["memory_ratio_vs_eager"] = (prov["fused"]["peak_bytes"]
                                           / max(prov["reference"]["peak_bytes"], 1))

@@ -21,9 +21,12 @@ Writes bench/results/prograd-<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,59 @@ import common  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt import _backend, reference  # noqa: E402
+
+
+def time_ms(fn, device, min_run_time):
+    """``common.time_ms`` with the run's thread count on CPU (``torch.utils.benchmark.Timer``
+    defaults to one thread)."""
+    if device.type == "cuda":
+        return common.time_ms(fn, device, min_run_time)
+    from torch.utils import benchmark
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=min_run_time)
+    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+
+
+PEAKS_ONLY = False  # set in the --peaks-only child: build the steps, time nothing
+
+
+def interleaved_times(steps, device, min_run_time, rounds=5):
+    """Each step timed in ``rounds`` interleaved rounds; the median of the rounds' medians."""
+    if PEAKS_ONLY:
+        return {name: {"median_ms": float("nan")} for name in steps}
+    per_round = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(rounds):
+        for name, step in steps.items():
+            per_round[name].append(time_ms(step, device, min_run_time / rounds)["median_ms"])
+    return {name: {"median_ms": sorted(v)[len(v) // 2], "round_medians_ms": sorted(v)}
+            for name, v in per_round.items()}
+
+
+# Peak memory is measured in a separate process (``--peaks-only``, started by this one), each
+# step after one warm-up call: common.peak_memory_bytes fixes glibc's mmap threshold for the rest
+# of its process, and timings taken after that page-fault every large buffer afresh (measured after
+# other timings in one process, the high-water mark also picks up heap growth that is not the
+# step's). Each part returns its rows, its (providers, steps) pairs and a function that renders
+# its markdown once the peaks are in.
+
+
+def measure_peaks(pending, device, argv):
+    if device.type == "cuda":  # the CUDA allocator's peak is exact in this process
+        for providers, steps in pending:
+            for name, step in steps.items():
+                providers[name]["peak_bytes"] = common.peak_memory_bytes(step, device)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "peaks.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peaks-only", path],
+                       check=True)
+        with open(path) as f:
+            peaks = json.load(f)
+    for k, (providers, steps) in enumerate(pending):
+        for name in steps:
+            providers[name]["peak_bytes"] = peaks[f"{k}|{name}"]
 
 
 # --- the official code's way --------------------------------------------------------------------
@@ -61,7 +117,7 @@ def official_projection(grads, refs, lam):
 # --- part 1: losses ----------------------------------------------------------------------------------
 
 def bench_losses(device, shapes, dtype, min_run_time):
-    rows, table = [], []
+    rows, pending = [], []
     for n, c, d in shapes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, d, generator=g).to(device, dtype)
@@ -70,36 +126,45 @@ def bench_losses(device, shapes, dtype, min_run_time):
         labels = torch.randint(0, c, (n,), generator=g).to(device)
         s = torch.tensor(100.0, device=device)
         for ds in (False, True):
-            fns = {"fused": lambda: fastprompt.prograd_losses(x, t, t0, labels, s, double_softmax=ds),
-                   "official": lambda: official_losses(x, t, t0, labels, s, double_softmax=ds)}
+            # Every value bound now (default arguments): the steps run again after the loop,
+            # when the peak memory is measured.
+            args = (x, t, t0, labels, s)
+            fns = {"fused": lambda a=args, ds=ds: fastprompt.prograd_losses(*a, double_softmax=ds),
+                   "official": lambda a=args, ds=ds: official_losses(*a, double_softmax=ds)}
             for mode in ("forward", "forward_backward"):
-                res = {}
+                steps = {}
                 for name, fn in fns.items():
                     if mode == "forward":
                         def step(fn=fn):
                             with torch.no_grad():
                                 fn()
                     else:
-                        def step(fn=fn):
+                        def step(fn=fn, t=t):
                             t.grad = None
                             task, kl = fn()
                             (task + kl).backward()
-                    step()
-                    res[name] = {**common.time_ms(step, device, min_run_time),
-                                 "peak_bytes": common.peak_memory_bytes(step, device)}
+                    steps[name] = step
+                res = interleaved_times(steps, device, min_run_time)
                 f, o = res["fused"], res["official"]
                 point = {"part": "losses", "n": n, "c": c, "d": d, "dtype": str(dtype).split(".")[-1],
                          "loss": "dspt" if ds else "ce", "mode": mode, "providers": res,
                          "speedup": o["median_ms"] / f["median_ms"]}
                 rows.append(point)
-                line = [f"{n}x{c}x{d}", point["loss"], mode, f"{f['median_ms']:.3f}",
-                        f"{o['median_ms']:.3f}", f"{point['speedup']:.2f}x",
-                        f"{f['peak_bytes'] / 2**20:.1f}", f"{o['peak_bytes'] / 2**20:.1f}"]
-                table.append(line)
-                print(" | ".join(line), flush=True)
-    header = ["N x C x D", "loss", "mode", "fused ms", "official ms", "speedup", "fused MiB",
-              "official MiB"]
-    return rows, common.markdown_table(header, table)
+                pending.append((res, steps))
+                print(f"{n}x{c}x{d} | {point['loss']} | {mode} | {f['median_ms']:.3f} | "
+                      f"{o['median_ms']:.3f} | {point['speedup']:.2f}x", flush=True)
+
+    def render():
+        table = []
+        for point in rows:
+            f, o = point["providers"]["fused"], point["providers"]["official"]
+            table.append([f"{point['n']}x{point['c']}x{point['d']}", point["loss"], point["mode"],
+                          f"{f['median_ms']:.3f}", f"{o['median_ms']:.3f}", f"{point['speedup']:.2f}x",
+                          f"{f['peak_bytes'] / 2**20:.1f}", f"{o['peak_bytes'] / 2**20:.1f}"])
+        header = ["N x C x D", "loss", "mode", "fused ms", "official ms", "speedup", "fused MiB",
+                  "official MiB"]
+        return common.markdown_table(header, table)
+    return rows, pending, render
 
 
 # --- part 2: batched backward through a text transformer ------------------------------------------
@@ -161,36 +226,42 @@ def bench_backward(device, layers, classes, batch, repeats):
 
     times = {name: [] for name in sides}
     times["forward_no_grad"] = []
-    # Peak memory first: its first call is each side's warm-up.
-    peaks = {name: common.peak_memory_bytes(fn, device) for name, fn in sides.items()}
-    forward_only()
-    for _ in range(repeats):  # interleaved, so drifting machine load hits both sides alike
+    for fn in (*sides.values(), forward_only):
+        if PEAKS_ONLY:
+            break
+        fn()  # warm-up
+    for _ in range(0 if PEAKS_ONLY else repeats):  # interleaved, so drifting machine load hits both sides alike
         for name, fn in (*sides.items(), ("forward_no_grad", forward_only)):
             times[name].append(_time_once_ms(fn, device))
-    res = {name: {"median_ms": statistics.median(v), "times_ms": v} for name, v in times.items()}
-    for name, peak in peaks.items():
-        res[name]["peak_bytes"] = peak
+    res = {name: {"median_ms": statistics.median(v) if v else float("nan"), "times_ms": v}
+           for name, v in times.items()}
     o = res["two_backward"]
     fwd = res["forward_no_grad"]["median_ms"]
     point = {"part": "backward", "width": 512, "layers": layers, "tokens": 77, "prompts": classes,
              "n_ctx": 16, "batch": batch, "repeats": repeats, "providers": res,
              "default_is_batched": device.type == "cuda"}
-    lines = []
     default = "batched" if point["default_is_batched"] else "two_pass"
     for name in ("batched", "two_pass"):
         b = res[name]
         point[f"speedup_{name}"] = o["median_ms"] / b["median_ms"]
         point[f"backward_speedup_{name}"] = (o["median_ms"] - fwd) / (b["median_ms"] - fwd)
-        label = f"{name} (default here)" if name == default else name
-        lines.append([f"{layers}x512, C={classes}, L=77", label, f"{b['median_ms']:.0f}",
-                      f"{o['median_ms']:.0f}", f"{fwd:.0f}", f"{point[f'speedup_{name}']:.2f}x",
-                      f"{point[f'backward_speedup_{name}']:.2f}x", f"{b['peak_bytes'] / 2**20:.0f}",
-                      f"{o['peak_bytes'] / 2**20:.0f}"])
-        print(" | ".join(lines[-1]), flush=True)
-    header = ["text transformer", "fastprompt.prograd_backward", "step ms",
-              "official two-backward step ms", "no-grad forward ms", "step speedup",
-              "speedup beyond the forward", "MiB", "official MiB"]
-    return [point], common.markdown_table(header, lines)
+        print(f"{layers}x512, C={classes} | {name} | {b['median_ms']:.0f} | {o['median_ms']:.0f} | "
+              f"{fwd:.0f} | {point[f'speedup_{name}']:.2f}x", flush=True)
+
+    def render():
+        lines = []
+        for name in ("batched", "two_pass"):
+            b = res[name]
+            label = f"{name} (default here)" if name == default else name
+            lines.append([f"{layers}x512, C={classes}, L=77", label, f"{b['median_ms']:.0f}",
+                          f"{o['median_ms']:.0f}", f"{fwd:.0f}", f"{point[f'speedup_{name}']:.2f}x",
+                          f"{point[f'backward_speedup_{name}']:.2f}x",
+                          f"{b['peak_bytes'] / 2**20:.0f}", f"{o['peak_bytes'] / 2**20:.0f}"])
+        header = ["text transformer", "fastprompt.prograd_backward", "step ms",
+                  "official two-backward step ms", "no-grad forward ms", "step speedup",
+                  "speedup beyond the forward", "MiB", "official MiB"]
+        return common.markdown_table(header, lines)
+    return [point], [(res, sides)], render
 
 
 def _time_once_ms(fn, device):
@@ -216,11 +287,7 @@ def bench_projection(device, layers, min_run_time):
     fns = {"fused": lambda: fastprompt.project_conflicting_(grads, refs, lam),
            "reference_loop": lambda: reference.project_conflicting_unchecked_(grads, refs, lam),
            "official_loop": lambda: official_projection(list(grads), refs, lam)}
-    res = {}
-    for name, fn in fns.items():
-        fn()
-        res[name] = {**common.time_ms(fn, device, min_run_time),
-                     "peak_bytes": common.peak_memory_bytes(fn, device)}
+    res = interleaved_times(fns, device, min_run_time)
     numel = sum(x.numel() for x in grads)
     point = {"part": "projection", "tensors": len(grads), "elements": numel, "providers": res,
              "speedup_vs_official": res["official_loop"]["median_ms"] / res["fused"]["median_ms"],
@@ -229,9 +296,12 @@ def bench_projection(device, layers, min_run_time):
             f"{res['official_loop']['median_ms']:.2f}", f"{res['reference_loop']['median_ms']:.2f}",
             f"{point['speedup_vs_official']:.2f}x", f"{point['fused_gbps']:.1f}"]
     print(" | ".join(line), flush=True)
-    header = ["parameters", "fused ms", "official loop ms", "reference loop ms", "speedup vs official",
-              "fused GB/s (2 reads + 1 read/write pass)"]
-    return [point], common.markdown_table(header, [line])
+
+    def render():
+        header = ["parameters", "fused ms", "official loop ms", "reference loop ms",
+                  "speedup vs official", "fused GB/s (2 reads + 1 read/write pass)"]
+        return common.markdown_table(header, [line])
+    return [point], [(res, fns)], render
 
 
 def main(argv=None):
@@ -245,36 +315,55 @@ def main(argv=None):
                    help="interleaved repetitions of the transformer step (default 3 CPU, 20 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--name", default="prograd",
+                   help="results file stem: bench/results/<name>-<device>.{json,md}")
+    p.add_argument("--peaks-only", metavar="JSON", default=None,
+                   help="internal: only measure the peak memory of every step, write it here")
     args = p.parse_args(argv)
+    global PEAKS_ONLY
+    PEAKS_ONLY = args.peaks_only is not None
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = common.environment(device)
     env["backend"] = _backend.resolve(device)
-    header = (f"Device: {env['device']}; torch {env['torch']}; triton {env['triton']}; backend "
-              f"{env['backend']}; threads {env['threads']}; {env['timestamp']}")
+    header = (f"Device: {env['device']} ({env['cpu_model']}); torch {env['torch']}; triton "
+              f"{env['triton']}; backend {env['backend']}; threads {env['threads']} (timed with "
+              f"that many); {env['timestamp']}; every timing taken before any peak-memory "
+              "measurement")
     print(header, flush=True)
-    rows, sections = [], [header]
+    rows, sections, pending = [], [header], []
     if "losses" in args.parts:
         shapes = ([(256, 100, 512), (4096, 1000, 512), (65536, 1000, 512)] if device.type == "cuda"
                   else [(256, 100, 512), (2048, 1000, 512)])
-        r, md = bench_losses(device, shapes, torch.float32, args.min_run_time)
+        r, todo, render = bench_losses(device, shapes, torch.float32, args.min_run_time)
         rows += r
-        sections += ["## Fused losses vs the official separate CE + KL (float32)", md]
+        pending += todo
+        sections += ["## Fused losses vs the official separate CE + KL (float32)", render]
     if "backward" in args.parts:
         repeats = args.repeats or (20 if device.type == "cuda" else 3)
-        r, md = bench_backward(device, args.layers, args.prompts, args.batch, repeats)
+        r, todo, render = bench_backward(device, args.layers, args.prompts, args.batch, repeats)
         rows += r
+        pending += todo
         sections += ["## prograd_backward (per-device default, batched, two-pass) vs the official "
-                     "two backward passes", md]
+                     "two backward passes", render]
     if "projection" in args.parts:
-        r, md = bench_projection(device, args.layers, args.min_run_time)
+        r, todo, render = bench_projection(device, args.layers, args.min_run_time)
         rows += r
-        sections += ["## Multi-tensor projection vs the per-parameter loop", md]
-    md = "\n\n".join(sections)
+        pending += todo
+        sections += ["## Multi-tensor projection vs the per-parameter loop", render]
+    if PEAKS_ONLY:
+        common._fix_malloc()
+        peaks = {f"{k}|{name}": common.peak_memory_bytes(step, device)
+                 for k, (_, steps) in enumerate(pending) for name, step in steps.items()}
+        with open(args.peaks_only, "w") as f:
+            json.dump(peaks, f)
+        return
+    measure_peaks(pending, device, argv if argv is not None else sys.argv[1:])
+    md = "\n\n".join(part if isinstance(part, str) else part() for part in sections)
     print("\n" + md)
-    print(f"wrote {common.write_results('prograd', env, rows, md)}")
+    print(f"wrote {common.write_results(args.name, env, rows, md)}")
 
 
 if __name__ == "__main__":
