@@ -37,8 +37,9 @@ std::tuple<at::Tensor, at::Tensor> clip_cross_entropy_forward(
 
   const at::Tensor x = as_float(image_features);
   const at::Tensor t = as_float(text_features);
-  const std::vector<float> inv_x = inv_row_norms(x, normalize);
-  const std::vector<float> inv_t = inv_row_norms(t, normalize);
+  // The features' value checks (finite, no zero row) happen in this pass; see inv_row_norms.
+  const std::vector<float> inv_x = inv_row_norms(x, normalize, "image_features");
+  const std::vector<float> inv_t = inv_row_norms(t, normalize, "text_features");
   at::Tensor loss_rows = at::empty({N}, x.options());
   const Targets targets(labels, soft_labels, sample_index, smoothing, C);
   // float32 input with a gradient wanted: the product is written into the output and turned into

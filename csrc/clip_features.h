@@ -84,14 +84,19 @@ struct Targets {
 };
 
 // 1/||row|| of each row of a float32 matrix (1 without normalize), in one parallel pass and
-// without ATen temporaries; an all-zero row gives inf, as the ATen expression would.
-inline std::vector<float> inv_row_norms(const at::Tensor& rows32, bool normalize) {
+// without ATen temporaries. With `name`, that same pass is the input's value check (so the
+// Python layer does not read the matrix once more for it): a row whose sum of squares is NaN or
+// inf (a NaN or inf element, or finite values so large that it overflows) or, when normalising,
+// zero raises ValueError naming the argument, with the messages of fastprompt._validation.
+inline std::vector<float> inv_row_norms(const at::Tensor& rows32, bool normalize,
+                                        const char* name = nullptr) {
   const int64_t R = rows32.size(0);
   const int64_t D = rows32.size(1);
   std::vector<float> inv(R, 1.0f);
-  if (!normalize) {
+  if (!normalize && name == nullptr) {
     return inv;
   }
+  std::vector<float> squares(R);
   const float* p = rows32.data_ptr<float>();
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
                    [&](int64_t begin, int64_t end) {
@@ -100,9 +105,23 @@ inline std::vector<float> inv_row_norms(const at::Tensor& rows32, bool normalize
       float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
       for (int64_t k = 0; k < D; ++k) sq += v[k] * v[k];
-      inv[r] = 1.0f / std::sqrt(sq);
+      squares[r] = sq;
     }
   });
+  if (name != nullptr) {
+    bool finite = true, nonzero = true;
+    for (const float sq : squares) {
+      finite = finite && std::isfinite(sq);
+      nonzero = nonzero && sq > 0.0f;
+    }
+    TORCH_CHECK_VALUE(finite, name, ": contains NaN or infinite values (or values so large that "
+                      "a row's norm overflows)");
+    TORCH_CHECK_VALUE(!normalize || nonzero, name,
+                      ": a row has zero norm and cannot be normalised");
+  }
+  if (normalize) {
+    for (int64_t r = 0; r < R; ++r) inv[r] = 1.0f / std::sqrt(squares[r]);
+  }
   return inv;
 }
 

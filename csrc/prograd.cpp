@@ -37,9 +37,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prograd_losses_forwar
   const at::Tensor x = as_float(image_features);
   const at::Tensor t = as_float(text_features);
   const at::Tensor t0 = as_float(zeroshot_text_features);
-  const std::vector<float> inv_x = inv_row_norms(x, true);
-  const std::vector<float> inv_t = inv_row_norms(t, true);
-  const std::vector<float> inv_t0 = inv_row_norms(t0, true);
+  // The features' value checks (finite, no zero row) happen in this pass; see inv_row_norms.
+  const std::vector<float> inv_x = inv_row_norms(x, true, "image_features");
+  const std::vector<float> inv_t = inv_row_norms(t, true, "text_features");
+  const std::vector<float> inv_t0 = inv_row_norms(t0, true, "zeroshot_text_features");
   at::Tensor task_rows = at::empty({N}, x.options());
   at::Tensor kl_rows = at::empty({N}, x.options());
   const Targets targets(labels, soft_labels, sample_index, smoothing, C);

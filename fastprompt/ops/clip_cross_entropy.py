@@ -104,6 +104,19 @@ torch.library.register_autograd("fastprompt::clip_cross_entropy_forward", _backw
                                 setup_context=_setup_context)
 
 
+def _resolve(image_features) -> Optional[str]:
+    """The backend for these inputs; None where ``image_features`` is not a tensor (validation
+    then raises the TypeError that names it)."""
+    if not isinstance(image_features, torch.Tensor):
+        return None
+    return _backend.resolve(image_features.device)
+
+
+def kernel_checks_features(backend: Optional[str], image_features) -> bool:
+    """The C++ kernels check the feature matrices in the pass that computes their norms."""
+    return backend == "cpp" and image_features.dtype != torch.float64
+
+
 def clip_cross_entropy(image_features, text_features, labels, scale, *, double_softmax=False,
                        smoothing=0.0, soft_labels=None, sample_index=None, normalize=True,
                        reduction="mean"):
@@ -125,11 +138,12 @@ def clip_cross_entropy(image_features, text_features, labels, scale, *, double_s
     Returns the float32 loss. Runs the Triton kernels on CUDA and the C++ kernels on CPU
     (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
     """
+    backend = _resolve(image_features)
     s = check_clip_cross_entropy_args(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
-        sample_index=sample_index, normalize=normalize, reduction=reduction)
+        sample_index=sample_index, normalize=normalize, reduction=reduction,
+        kernel_checks_features=kernel_checks_features(backend, image_features))
     smoothing = float(smoothing)
-    backend = _backend.resolve(image_features.device)
     if backend == "reference":
         return reference.clip_cross_entropy_unchecked(
             image_features, text_features, labels, s, double_softmax, smoothing, soft_labels,

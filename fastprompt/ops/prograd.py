@@ -27,7 +27,8 @@ from torch import Tensor
 from fastprompt import _backend, reference
 from fastprompt._validation import (check_project_conflicting_args, check_prograd_backward_args,
                                     check_prograd_losses_args, finiteness_checks, run_value_checks)
-from fastprompt.ops.clip_cross_entropy import clip_cross_entropy_backward
+from fastprompt.ops.clip_cross_entropy import (_resolve, clip_cross_entropy_backward,
+                                               kernel_checks_features)
 
 _EMPTY = (0,)
 
@@ -161,12 +162,13 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
     ``prograd_backward``. Runs the Triton kernel on CUDA and the C++ kernel on CPU
     (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
     """
+    backend = _resolve(image_features)
     s, temperature = check_prograd_losses_args(
         image_features, text_features, zeroshot_text_features, labels, scale,
         temperature=temperature, smoothing=smoothing, soft_labels=soft_labels,
-        sample_index=sample_index)
+        sample_index=sample_index,
+        kernel_checks_features=kernel_checks_features(backend, image_features))
     smoothing = float(smoothing)
-    backend = _backend.resolve(image_features.device)
     if backend == "reference":
         return reference.prograd_losses_unchecked(
             image_features, text_features, zeroshot_text_features, labels, s, temperature,

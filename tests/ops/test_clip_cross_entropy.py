@@ -325,6 +325,25 @@ def test_bad_input_names_the_argument(backend, case):
         fastprompt.clip_cross_entropy(*args, **kw)
 
 
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cpp_kernel_checks_features_itself(normalize):
+    # The Python layer leaves the features' value checks to the C++ kernels (they come free with
+    # the row norms), so the op itself must refuse them, e.g. where torch.compile skips Python.
+    x, t, labels, s, _ = make_inputs(4, 3, 5)
+    nan_x, zero_t = x.clone(), t.clone()
+    nan_x[2, 1] = float("inf")
+    zero_t[1] = 0
+    op = torch.ops.fastprompt.clip_cross_entropy_forward
+    with pytest.raises(ValueError, match="^image_features: contains NaN or infinite"):
+        op(nan_x, t, labels, s, None, None, 0.0, True, normalize, True, "cpp")
+    if normalize:
+        with pytest.raises(ValueError, match="^text_features: a row has zero norm"):
+            op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
+    else:  # a zero row is fine without normalisation
+        op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
+
+
 # --- integration: torch.compile, opcheck, fallback ---------------------------------------------------
 
 def test_torch_compile_fullgraph(backend):
