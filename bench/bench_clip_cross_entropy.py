@@ -2,6 +2,8 @@
 and under torch.compile: forward and forward+backward, median time and peak memory.
 
     python bench/bench_clip_cross_entropy.py                 # the grid (CPU skips N=65536)
+    python bench/bench_clip_cross_entropy.py --max-cpu-n 65536 --max-cpu-logits 7000000
+                                                             # CPU: N=65536 too, except C=1000
     python bench/bench_clip_cross_entropy.py --n 256 --c 1000 --d 512 --double-softmax
 
 Image features are frozen (cached features, as in training); text features and nothing else
@@ -109,7 +111,8 @@ def _grid(args, dtypes, device):
     losses = [True] if args.double_softmax else [False, True]
     return [(dts, ds, n, c, d)
             for dts, ds, n, c, d in itertools.product(dtypes, losses, args.n, args.c, args.d)
-            if not (device.type == "cpu" and n > args.max_cpu_n)]
+            if not (device.type == "cpu" and (n > args.max_cpu_n or (
+                args.max_cpu_logits is not None and n * c > args.max_cpu_logits)))]
 
 
 def _key(point, provider):
@@ -180,6 +183,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-cpu-n", type=int, default=4096, help="skip larger N on CPU (eager is minutes)")
+    p.add_argument("--max-cpu-logits", type=int, default=None,
+                   help="also skip CPU points with more than this many logits (N x C)")
     p.add_argument("--min-run-time", type=float, default=0.5,
                    help="seconds of timing per provider and point, split over the rounds")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
