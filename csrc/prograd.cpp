@@ -4,13 +4,16 @@
 //   row after two BLAS products (with float32 gradients wanted the two N x C buffers are the two
 //   outputs; otherwise per-thread blocks, see for_each_logit_block).
 // * fastprompt_cpp::project_conflicting_: g <- g - lam <g,h>/||h||^2 h where <g,h> < 0, per
-//   tensor pair, in place.
+//   tensor pair, in place; project_conflicting_checked_ also does the Python layer's finiteness
+//   checks from the sums of its own reduction pass (no separate read of the gradients).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -87,36 +90,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prograd_losses_forwar
 // added in chunk order, so the result does not depend on the thread count.
 constexpr int64_t kProjectionChunk = 1 << 15;
 
+// <g,h>, <h,h> and <g,g> of one pair, in the accumulation type, over contiguous memory.
+struct PairSums {
+  double gh = 0, hh = 0, gg = 0;
+};
+
 template <typename scalar_t>
-void project_pair(scalar_t* g, const scalar_t* h, int64_t n, double lam) {
+PairSums pair_sums(const scalar_t* g, const scalar_t* h, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>; // float for float/half/bfloat16, double for double
   const int64_t chunks = (n + kProjectionChunk - 1) / kProjectionChunk;
-  std::vector<acc_t> gh(chunks), hh(chunks);
+  std::vector<acc_t> gh(chunks), hh(chunks), gg(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t lo = k * kProjectionChunk;
       const int64_t hi = std::min(n, lo + kProjectionChunk);
-      acc_t dot = 0, sq = 0;
-#pragma omp simd reduction(+ : dot, sq)
+      acc_t dot = 0, sq = 0, gsq = 0;
+#pragma omp simd reduction(+ : dot, sq, gsq)
       for (int64_t j = lo; j < hi; ++j) {
+        const acc_t gj = static_cast<acc_t>(g[j]);
         const acc_t hj = static_cast<acc_t>(h[j]);
-        dot += static_cast<acc_t>(g[j]) * hj;
+        dot += gj * hj;
         sq += hj * hj;
+        gsq += gj * gj;
       }
       gh[k] = dot;
       hh[k] = sq;
+      gg[k] = gsq;
     }
   });
-  acc_t dot = 0, sq = 0;
+  acc_t dot = 0, sq = 0, gsq = 0;
   for (int64_t k = 0; k < chunks; ++k) {
     dot += gh[k];
     sq += hh[k];
+    gsq += gg[k];
   }
-  // h == 0 gives dot == 0: no projection, no 0/0.
+  return {static_cast<double>(dot), static_cast<double>(sq), static_cast<double>(gsq)};
+}
+
+// g <- g - lam <g,h>/||h||^2 h where <g,h> < 0 (h == 0 gives <g,h> == 0: no projection).
+template <typename scalar_t>
+void apply_projection(scalar_t* g, const scalar_t* h, int64_t n, const PairSums& sums,
+                      double lam) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t dot = static_cast<acc_t>(sums.gh);
+  const acc_t sq = static_cast<acc_t>(sums.hh);
   if (!(dot < 0 && sq > 0)) {
     return;
   }
   const acc_t coef = static_cast<acc_t>(lam) * dot / sq;
+  const int64_t chunks = (n + kProjectionChunk - 1) / kProjectionChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t lo = begin * kProjectionChunk;
     const int64_t hi = std::min(n, end * kProjectionChunk);
@@ -127,11 +149,20 @@ void project_pair(scalar_t* g, const scalar_t* h, int64_t n, double lam) {
   });
 }
 
-void project_conflicting_(at::TensorList grads, at::TensorList ref_grads, double lam) {
+// Both projection ops: one reduction pass over every pair, then (with `names`) the finiteness
+// check of every tensor from those same sums -- <g,g> and <h,h> are NaN or inf exactly when the
+// tensor holds a NaN or inf (or values whose squares overflow) -- raising ValueError before
+// anything is written, then the update pass over the conflicting pairs.
+void project_pairs(at::TensorList grads, at::TensorList ref_grads, double lam,
+                   const std::vector<int64_t>* indices, const std::string* grads_name,
+                   const std::string* ref_grads_name) {
   TORCH_CHECK(grads.size() == ref_grads.size(),
               "ref_grads: expected one tensor per tensor of grads, got ", ref_grads.size(),
               " for ", grads.size());
-  for (size_t k = 0; k < grads.size(); ++k) {
+  const size_t K = grads.size();
+  std::vector<at::Tensor> work(K), refs(K);
+  std::vector<PairSums> sums(K);
+  for (size_t k = 0; k < K; ++k) {
     const at::Tensor& g = grads[k];
     TORCH_CHECK(ref_grads[k].numel() == g.numel() &&
                     ref_grads[k].scalar_type() == g.scalar_type(),
@@ -139,16 +170,54 @@ void project_conflicting_(at::TensorList grads, at::TensorList ref_grads, double
     if (g.numel() == 0) {
       continue;
     }
-    const at::Tensor h = ref_grads[k].contiguous();
-    at::Tensor work = g.is_contiguous() ? g : g.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
-                                    "project_conflicting_", [&] {
-      project_pair<scalar_t>(work.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g.numel(), lam);
+    refs[k] = ref_grads[k].contiguous();
+    work[k] = g.is_contiguous() ? g : g.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pair_sums", [&] {
+      sums[k] = pair_sums<scalar_t>(work[k].data_ptr<scalar_t>(), refs[k].data_ptr<scalar_t>(),
+                                    g.numel());
     });
-    if (!work.is_same(g)) {
-      g.copy_(work);
+  }
+  if (grads_name != nullptr) {
+    const char* what = ": contains NaN or infinite values (or values so large that its norm "
+                       "overflows)";
+    for (size_t k = 0; k < K; ++k) {
+      TORCH_CHECK_VALUE(!work[k].defined() || std::isfinite(sums[k].gg), *grads_name, "[",
+                        (*indices)[k], "]", what);
+    }
+    for (size_t k = 0; k < K; ++k) {
+      TORCH_CHECK_VALUE(!work[k].defined() || std::isfinite(sums[k].hh), *ref_grads_name, "[",
+                        (*indices)[k], "]", what);
     }
   }
+  for (size_t k = 0; k < K; ++k) {
+    if (!work[k].defined()) {
+      continue;
+    }
+    const at::Tensor& g = grads[k];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
+                                    "project_conflicting_", [&] {
+      apply_projection<scalar_t>(work[k].data_ptr<scalar_t>(), refs[k].data_ptr<scalar_t>(),
+                                 g.numel(), sums[k], lam);
+    });
+    if (!work[k].is_same(g)) {
+      g.copy_(work[k]);
+    }
+  }
+}
+
+void project_conflicting_(at::TensorList grads, at::TensorList ref_grads, double lam) {
+  project_pairs(grads, ref_grads, lam, nullptr, nullptr, nullptr);
+}
+
+// project_conflicting_ with the finiteness checks of the Python layer folded into its reduction
+// pass; messages name `grads_name[indices[k]]` / `ref_grads_name[indices[k]]`.
+void project_conflicting_checked_(at::TensorList grads, at::TensorList ref_grads, double lam,
+                                  at::IntArrayRef indices, c10::string_view grads_name,
+                                  c10::string_view ref_grads_name) {
+  TORCH_CHECK(indices.size() == grads.size(), "indices: expected one per tensor of grads");
+  const std::vector<int64_t> idx(indices.begin(), indices.end());
+  const std::string gname(grads_name), rname(ref_grads_name);
+  project_pairs(grads, ref_grads, lam, &idx, &gname, &rname);
 }
 
 } // namespace
@@ -160,11 +229,15 @@ TORCH_LIBRARY_FRAGMENT(fastprompt_cpp, m) {
       "Tensor? sample_index, float smoothing, bool double_softmax, float temperature, "
       "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("project_conflicting_(Tensor(a!)[] grads, Tensor[] ref_grads, float lam) -> ()");
+  m.def(
+      "project_conflicting_checked_(Tensor(a!)[] grads, Tensor[] ref_grads, float lam, "
+      "int[] indices, str grads_name, str ref_grads_name) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastprompt_cpp, CPU, m) {
   m.impl("prograd_losses_forward", &prograd_losses_forward);
   m.impl("project_conflicting_", &project_conflicting_);
+  m.impl("project_conflicting_checked_", &project_conflicting_checked_);
 }
 
 } // namespace fastprompt_cpp

@@ -191,18 +191,37 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
     return task_rows.mean(), kl_rows.mean()
 
 
-def _project_unchecked_(grads: list[Tensor], ref_grads: list[Tensor], lam: float) -> None:
-    pairs = [(g, h) for g, h in zip(grads, ref_grads) if g.numel() > 0]
-    if not pairs:
+def _fused_value_checks(tensors: list) -> bool:
+    """Whether the projection kernel checks finiteness itself: the C++ kernel does, from the sums
+    of its own reduction pass (outside torch.compile, where the host-side raise is allowed)."""
+    first = next((x for x in tensors if x is not None), None)
+    return (first is not None and not torch.compiler.is_compiling()
+            and _backend.resolve(first.device) == "cpp")
+
+
+def _project_unchecked_(grads: list[Tensor], ref_grads: list[Tensor], lam: float,
+                        check_names: Optional[tuple[str, str]] = None,
+                        indices: Optional[list[int]] = None) -> None:
+    """The projection. ``check_names``: the C++ kernel checks finiteness as it reduces, raising
+    ValueError for ``check_names[0][indices[k]]`` / ``check_names[1][indices[k]]`` before
+    anything is written (the caller left those checks to it: ``_fused_value_checks``)."""
+    indices = list(range(len(grads))) if indices is None else list(indices)
+    kept = [(i, g, h) for i, g, h in zip(indices, grads, ref_grads) if g.numel() > 0]
+    if not kept:
         return
-    backend = _backend.resolve(pairs[0][0].device)
+    backend = _backend.resolve(kept[0][1].device)
     if backend == "reference":
-        reference.project_conflicting_unchecked_([g for g, _ in pairs], [h for _, h in pairs], lam)
+        reference.project_conflicting_unchecked_([g for _, g, _ in kept], [h for _, _, h in kept], lam)
         return
     # The kernels read flat contiguous memory; a strided gradient is projected in a copy.
-    work = [g if g.is_contiguous() else g.contiguous() for g, _ in pairs]
-    project_conflicting_op(work, [h.contiguous() for _, h in pairs], lam, backend)
-    for (g, _), w in zip(pairs, work):
+    work = [g if g.is_contiguous() else g.contiguous() for _, g, _ in kept]
+    refs = [h.contiguous() for _, _, h in kept]
+    if check_names is not None and backend == "cpp":
+        torch.ops.fastprompt_cpp.project_conflicting_checked_(
+            work, refs, lam, [i for i, _, _ in kept], check_names[0], check_names[1])
+    else:
+        project_conflicting_op(work, refs, lam, backend)
+    for (_, g, _), w in zip(kept, work):
         if w is not g:
             g.copy_(w)
 
@@ -222,10 +241,14 @@ def project_conflicting_(grads: list[Tensor], ref_grads: list[Tensor], lam: floa
 
     On CUDA one Triton launch covers every tensor and the sign test never leaves the device; on
     CPU the C++ kernel runs. Validation (finite values) costs one host synchronisation, skipped
-    under ``torch.compile``.
+    under ``torch.compile``; the C++ kernel does it from the sums of its own reduction pass
+    instead of a separate read of every gradient.
     """
-    lam = check_project_conflicting_args(grads, ref_grads, lam)
-    _project_unchecked_(list(grads), list(ref_grads), lam)
+    fused = isinstance(grads, (list, tuple)) and _fused_value_checks(
+        [x for x in grads if isinstance(x, torch.Tensor)])
+    lam = check_project_conflicting_args(grads, ref_grads, lam, values=not fused)
+    _project_unchecked_(list(grads), list(ref_grads), lam,
+                        check_names=("grads", "ref_grads") if fused else None)
 
 
 def _two_pass_grads(task_loss: Tensor, kl_loss: Tensor, params: list[Tensor]):
@@ -263,11 +286,12 @@ def prograd_backward(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor
 
     * CPU: two ``autograd.grad`` passes (the first with ``retain_graph``). The alternative, one
       batched backward (``is_grads_batched``: autograd vmaps the backward over a batch of two grad
-      outputs), measured slower on an open_clip text transformer (width 512, 100 prompts of 77
-      tokens, 2 CPU threads, ``bench/bench_prograd.py``): 0.78x the speed of the official two
-      passes at 12 layers (68.6 s vs 53.7 s per step, 2.2 vs 2.0 GB peak), and at 4 layers
-      6.2 s batched vs 5.1-6.0 s two-pass vs 5.5 s official, 631 vs 346 MiB. On CPU the
-      batched matmuls gain nothing over two and the vmap adds copies and memory.
+      outputs), measured slower on an open_clip text transformer (12 layers, width 512, 100
+      prompts of 77 tokens, 2 CPU threads, ``bench/bench_prograd.py``,
+      ``bench/results/prograd-cpu.md``): 20.7 s per step batched vs 19.4 s two-pass (21.7 s the
+      official loop), 2199 vs 1958 MiB peak; an earlier run had it at 0.78x of the official
+      two passes (68.6 vs 53.7 s). On CPU the batched matmuls gain nothing over two and the vmap
+      adds copies and memory.
     * CUDA: the batched backward, one walk of the graph with twice-as-wide kernels, which is what
       the design calls for where kernel launches and small matmuls dominate. Not yet measured on
       a GPU here; ``bench/bench_prograd.py`` times both sides (``batched`` vs ``two_backward``).
@@ -284,19 +308,22 @@ def prograd_backward(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor
     if batched is None:
         batched = task_loss.device.type == "cuda"
     grads, ref_grads = (_batched_grads if batched else _two_pass_grads)(task_loss, kl_loss, params)
-    run_value_checks(finiteness_checks("task_loss: gradient of params", grads)
-                     + finiteness_checks("kl_loss: gradient of params", ref_grads))
+    names = ("task_loss: gradient of params", "kl_loss: gradient of params")
+    fused = _fused_value_checks(params)
+    if not fused:
+        run_value_checks(finiteness_checks(names[0], grads) + finiteness_checks(names[1], ref_grads))
     # A parameter that neither loss reaches keeps its .grad, as backward() leaves it; one that
     # only one loss reaches gets zeros for the other (as the official code's cleared .grad).
     reached = []
-    for p, g, h in zip(params, grads, ref_grads):
+    for i, (p, g, h) in enumerate(zip(params, grads, ref_grads)):
         if g is None and h is None:
             continue
-        reached.append((p, torch.zeros_like(p) if g is None else g,
+        reached.append((i, p, torch.zeros_like(p) if g is None else g,
                         torch.zeros_like(p) if h is None else h))
-    work = [g for _, g, _ in reached]
-    _project_unchecked_(work, [h for _, _, h in reached], lam)
-    for (p, _, _), g in zip(reached, work):
+    work = [g for _, _, g, _ in reached]
+    _project_unchecked_(work, [h for _, _, _, h in reached], lam,
+                        check_names=names if fused else None, indices=[i for i, *_ in reached])
+    for (_, p, _, _), g in zip(reached, work):
         if p.grad is None:
             p.grad = g
         else:

@@ -539,6 +539,24 @@ def test_bad_projection_input_names_the_argument(backend, case):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def test_bad_projection_input_keeps_list_indices(backend):
+    # Empty tensors are skipped by the kernels; a message still names the caller's index, and
+    # nothing is written (the C++ kernel checks from its reduction sums, before its update pass).
+    g = [torch.empty(0), torch.randn(5), torch.randn(3, 2), torch.randn(4)]
+    h = [torch.empty(0), -g[1], torch.randn(3, 2), torch.randn(4)]
+    before = [x.clone() for x in g]
+    bad_h = list(h)
+    bad_h[3] = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"^ref_grads\[3\]: contains NaN"):
+        fastprompt.project_conflicting_(g, bad_h)
+    bad_g = list(g)
+    bad_g[2] = torch.full((3, 2), float("inf"))
+    with pytest.raises(ValueError, match=r"^grads\[2\]: contains NaN"):
+        fastprompt.project_conflicting_(bad_g, h)
+    for a, b in zip(g, before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_prograd_backward_input_names_the_argument(backend):
     w = torch.randn(4, requires_grad=True)
     frozen = torch.randn(4)
