@@ -154,17 +154,19 @@ def bench_losses(device, shapes, dtype, min_run_time):
                 print(f"{n}x{c}x{d} | {point['loss']} | {mode} | {f['median_ms']:.3f} | "
                       f"{o['median_ms']:.3f} | {point['speedup']:.2f}x", flush=True)
 
-    def render():
-        table = []
-        for point in rows:
-            f, o = point["providers"]["fused"], point["providers"]["official"]
-            table.append([f"{point['n']}x{point['c']}x{point['d']}", point["loss"], point["mode"],
-                          f"{f['median_ms']:.3f}", f"{o['median_ms']:.3f}", f"{point['speedup']:.2f}x",
-                          f"{f['peak_bytes'] / 2**20:.1f}", f"{o['peak_bytes'] / 2**20:.1f}"])
-        header = ["N x C x D", "loss", "mode", "fused ms", "official ms", "speedup", "fused MiB",
-                  "official MiB"]
-        return common.markdown_table(header, table)
-    return rows, pending, render
+    return rows, pending
+
+
+def render_losses(points):
+    table = []
+    for point in points:
+        f, o = point["providers"]["fused"], point["providers"]["official"]
+        table.append([f"{point['n']}x{point['c']}x{point['d']}", point["loss"], point["mode"],
+                      f"{f['median_ms']:.3f}", f"{o['median_ms']:.3f}", f"{point['speedup']:.2f}x",
+                      f"{f['peak_bytes'] / 2**20:.1f}", f"{o['peak_bytes'] / 2**20:.1f}"])
+    header = ["N x C x D", "loss", "mode", "fused ms", "official ms", "speedup", "fused MiB",
+              "official MiB"]
+    return common.markdown_table(header, table)
 
 
 # --- part 2: batched backward through a text transformer ------------------------------------------
@@ -248,20 +250,27 @@ def bench_backward(device, layers, classes, batch, repeats):
         print(f"{layers}x512, C={classes} | {name} | {b['median_ms']:.0f} | {o['median_ms']:.0f} | "
               f"{fwd:.0f} | {point[f'speedup_{name}']:.2f}x", flush=True)
 
-    def render():
-        lines = []
+    return [point], [(res, sides)]
+
+
+def render_backward(points):
+    lines = []
+    for point in points:
+        res = point["providers"]
+        o, fwd = res["two_backward"], res["forward_no_grad"]["median_ms"]
+        default = "batched" if point["default_is_batched"] else "two_pass"
         for name in ("batched", "two_pass"):
             b = res[name]
             label = f"{name} (default here)" if name == default else name
-            lines.append([f"{layers}x512, C={classes}, L=77", label, f"{b['median_ms']:.0f}",
-                          f"{o['median_ms']:.0f}", f"{fwd:.0f}", f"{point[f'speedup_{name}']:.2f}x",
+            lines.append([f"{point['layers']}x512, C={point['prompts']}, L=77", label,
+                          f"{b['median_ms']:.0f}", f"{o['median_ms']:.0f}", f"{fwd:.0f}",
+                          f"{point[f'speedup_{name}']:.2f}x",
                           f"{point[f'backward_speedup_{name}']:.2f}x",
                           f"{b['peak_bytes'] / 2**20:.0f}", f"{o['peak_bytes'] / 2**20:.0f}"])
-        header = ["text transformer", "fastprompt.prograd_backward", "step ms",
-                  "official two-backward step ms", "no-grad forward ms", "step speedup",
-                  "speedup beyond the forward", "MiB", "official MiB"]
-        return common.markdown_table(header, lines)
-    return [point], [(res, sides)], render
+    header = ["text transformer", "fastprompt.prograd_backward", "step ms",
+              "official two-backward step ms", "no-grad forward ms", "step speedup",
+              "speedup beyond the forward", "MiB", "official MiB"]
+    return common.markdown_table(header, lines)
 
 
 def _time_once_ms(fn, device):
@@ -292,16 +301,30 @@ def bench_projection(device, layers, min_run_time):
     point = {"part": "projection", "tensors": len(grads), "elements": numel, "providers": res,
              "speedup_vs_official": res["official_loop"]["median_ms"] / res["fused"]["median_ms"],
              "fused_gbps": 2 * 2 * numel * 4 / res["fused"]["median_ms"] / 1e6}
-    line = [f"{len(grads)} tensors, {numel / 1e6:.1f} M elements", f"{res['fused']['median_ms']:.2f}",
-            f"{res['official_loop']['median_ms']:.2f}", f"{res['reference_loop']['median_ms']:.2f}",
-            f"{point['speedup_vs_official']:.2f}x", f"{point['fused_gbps']:.1f}"]
-    print(" | ".join(line), flush=True)
+    print(f"projection: {res['fused']['median_ms']:.2f} ms fused, "
+          f"{res['official_loop']['median_ms']:.2f} ms official", flush=True)
+    return [point], [(res, fns)]
 
-    def render():
-        header = ["parameters", "fused ms", "official loop ms", "reference loop ms",
-                  "speedup vs official", "fused GB/s (2 reads + 1 read/write pass)"]
-        return common.markdown_table(header, [line])
-    return [point], [(res, fns)], render
+
+def render_projection(points):
+    lines = []
+    for point in points:
+        res = point["providers"]
+        lines.append([f"{point['tensors']} tensors, {point['elements'] / 1e6:.1f} M elements",
+                      f"{res['fused']['median_ms']:.2f}", f"{res['official_loop']['median_ms']:.2f}",
+                      f"{res['reference_loop']['median_ms']:.2f}",
+                      f"{point['speedup_vs_official']:.2f}x", f"{point['fused_gbps']:.1f}"])
+    header = ["parameters", "fused ms", "official loop ms", "reference loop ms",
+              "speedup vs official", "fused GB/s (2 reads + 1 read/write pass)"]
+    return common.markdown_table(header, lines)
+
+
+SECTIONS = (
+    ("losses", "## Fused losses vs the official separate CE + KL (float32)", render_losses),
+    ("backward", "## prograd_backward (per-device default, batched, two-pass) vs the official two "
+                 "backward passes", render_backward),
+    ("projection", "## Multi-tensor projection vs the per-parameter loop", render_projection),
+)
 
 
 def main(argv=None):
@@ -317,6 +340,8 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--name", default="prograd",
                    help="results file stem: bench/results/<name>-<device>.{json,md}")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the parts not run from the existing results file")
     p.add_argument("--peaks-only", metavar="JSON", default=None,
                    help="internal: only measure the peak memory of every step, write it here")
     args = p.parse_args(argv)
@@ -333,26 +358,22 @@ def main(argv=None):
               f"that many); {env['timestamp']}; every timing taken before any peak-memory "
               "measurement")
     print(header, flush=True)
-    rows, sections, pending = [], [header], []
+    rows, pending = [], []
     if "losses" in args.parts:
         shapes = ([(256, 100, 512), (4096, 1000, 512), (65536, 1000, 512)] if device.type == "cuda"
                   else [(256, 100, 512), (2048, 1000, 512)])
-        r, todo, render = bench_losses(device, shapes, torch.float32, args.min_run_time)
+        r, todo = bench_losses(device, shapes, torch.float32, args.min_run_time)
         rows += r
         pending += todo
-        sections += ["## Fused losses vs the official separate CE + KL (float32)", render]
     if "backward" in args.parts:
         repeats = args.repeats or (20 if device.type == "cuda" else 3)
-        r, todo, render = bench_backward(device, args.layers, args.prompts, args.batch, repeats)
+        r, todo = bench_backward(device, args.layers, args.prompts, args.batch, repeats)
         rows += r
         pending += todo
-        sections += ["## prograd_backward (per-device default, batched, two-pass) vs the official "
-                     "two backward passes", render]
     if "projection" in args.parts:
-        r, todo, render = bench_projection(device, args.layers, args.min_run_time)
+        r, todo = bench_projection(device, args.layers, args.min_run_time)
         rows += r
         pending += todo
-        sections += ["## Multi-tensor projection vs the per-parameter loop", render]
     if PEAKS_ONLY:
         common._fix_malloc()
         peaks = {f"{k}|{name}": common.peak_memory_bytes(step, device)
@@ -361,7 +382,26 @@ def main(argv=None):
             json.dump(peaks, f)
         return
     measure_peaks(pending, device, argv if argv is not None else sys.argv[1:])
-    md = "\n\n".join(part if isinstance(part, str) else part() for part in sections)
+    for row in rows:
+        row["timestamp"] = env["timestamp"]
+    if args.merge:  # keep the other parts' rows of the existing results file
+        path = os.path.join(common.RESULTS_DIR, f"{args.name}-"
+                            + ("cpu" if device.type == "cpu" else "cuda-" + env["device"].replace(" ", "_"))
+                            + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            old = previous["results"]
+            for row in old:
+                row.setdefault("timestamp", previous["environment"].get("timestamp", "earlier run"))
+            rows = [row for row in old if row["part"] not in args.parts] + rows
+    sections = [header]
+    for part, title, render in SECTIONS:
+        points = [row for row in rows if row["part"] == part]
+        if points:
+            stamps = sorted({row["timestamp"] for row in points})
+            sections += [f"{title} (run {', '.join(stamps)})", render(points)]
+    md = "\n\n".join(sections)
     print("\n" + md)
     print(f"wrote {common.write_results(args.name, env, rows, md)}")
 
