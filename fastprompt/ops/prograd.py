@@ -6,8 +6,8 @@
   ``-τ² Σ_c softmax(z⁰/τ)_c log softmax(z/τ)_c`` and both logit gradients. The zero-shot logits
   ``z⁰`` are recomputed from the zero-shot text features inside the pass, never stored; they are a
   fixed teacher, as in the official code (no gradient flows through them).
-  Its backward forms ``G = a_i Gtask + b_i Gkl`` from the upstream per-row gradients ``a``, ``b``
-  and reuses ``fastprompt::clip_cross_entropy_backward``.
+  Its autograd (``ProGradLossesFunction``) forms ``G = a_i Gtask + b_i Gkl`` from the upstream
+  per-row gradients ``a``, ``b`` and reuses ``fastprompt::clip_cross_entropy_backward``.
 * ``fastprompt::project_conflicting_``: for every pair ``(g, h)``, ``g <- g - λ <g,h>/‖h‖² h``
   where ``<g,h> < 0``, in place; one multi-tensor launch, the sign test on the device.
 
@@ -64,45 +64,54 @@ def _(image_features, text_features, zeroshot_text_features, labels, scale, soft
     return task_rows, kl_rows, image_features.new_empty(grad_shape), image_features.new_empty(grad_shape)
 
 
-def _setup_context(ctx, inputs, output):
-    image_features, text_features, _, _, scale, *_, backend = inputs
-    _, _, grad_task_logits, grad_kl_logits = output
-    ctx.save_for_backward(image_features, text_features, scale, grad_task_logits, grad_kl_logits)
-    ctx.backend = backend
-    ctx.mark_non_differentiable(grad_task_logits, grad_kl_logits)
-    # Unused outputs get None, not an N x C zero fill: the two logit-gradient outputs always,
-    # and one of the losses in each of ProGrad's two backward passes.
-    ctx.set_materialize_grads(False)
+class ProGradLossesFunction(torch.autograd.Function):
+    """Autograd of ``fastprompt::prograd_losses_forward`` (an ``autograd.Function`` for the same
+    reason as ``ClipCrossEntropyFunction``: ``register_autograd``'s wrapper costs more Python than
+    the kernels take at training sizes). Its backward forms ``G = a_i Gtask + b_i Gkl`` and
+    reuses ``fastprompt::clip_cross_entropy_backward``."""
 
+    @staticmethod
+    def forward(ctx, image_features, text_features, zeroshot_text_features, labels, scale,
+                soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad,
+                backend):
+        outputs = prograd_losses_forward(
+            image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
+            sample_index, smoothing, double_softmax, temperature, compute_grad, backend)
+        _, _, grad_task_logits, grad_kl_logits = outputs
+        ctx.save_for_backward(image_features, text_features, scale, grad_task_logits, grad_kl_logits)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(grad_task_logits, grad_kl_logits)
+        # Unused outputs get None, not an N x C zero fill: the two logit-gradient outputs always,
+        # and one of the losses in each of ProGrad's two backward passes.
+        ctx.set_materialize_grads(False)
+        return outputs
 
-def _backward(ctx, grad_task_rows, grad_kl_rows, _unused_task, _unused_kl):
-    if grad_task_rows is None and grad_kl_rows is None:
-        return (None,) * 12
-    image_features, text_features, scale, grad_task_logits, grad_kl_logits = ctx.saved_tensors
-    if grad_task_logits.dim() != 2:
-        raise RuntimeError("prograd_losses: backward called, but the forward ran without gradients "
-                           "(inputs did not require grad when it ran)")
-    need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
-    if grad_kl_rows is None:  # only the task loss is differentiated: its buffer as it is
-        upstream, grad_logits = grad_task_rows.float().contiguous(), grad_task_logits
-    elif grad_task_rows is None:
-        upstream, grad_logits = grad_kl_rows.float().contiguous(), grad_kl_logits
-    else:
-        # One N x C buffer for both losses, so the products run once. Not in place: the saved
-        # gradients serve again when the graph is retained (the official two-backward procedure).
-        grad_logits = torch.addcmul(grad_task_logits * grad_task_rows.float()[:, None],
-                                    grad_kl_logits, grad_kl_rows.float()[:, None])
-        grad_logits = grad_logits.to(grad_task_logits.dtype)
-        upstream = torch.ones_like(grad_task_rows, dtype=torch.float32)
-    gx, gt, gs = clip_cross_entropy_backward(
-        upstream, grad_logits, image_features, text_features, scale, True, need_x, need_t, need_s,
-        ctx.backend)
-    return (gx if need_x else None, gt if need_t else None, None, None, gs if need_s else None,
-            None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("fastprompt::prograd_losses_forward", _backward,
-                                setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_task_rows, grad_kl_rows, _unused_task, _unused_kl):
+        if grad_task_rows is None and grad_kl_rows is None:
+            return (None,) * 12
+        image_features, text_features, scale, grad_task_logits, grad_kl_logits = ctx.saved_tensors
+        if grad_task_logits.dim() != 2:
+            raise RuntimeError("prograd_losses: backward called, but the forward ran without "
+                               "gradients (inputs did not require grad when it ran)")
+        need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        if grad_kl_rows is None:  # only the task loss is differentiated: its buffer as it is
+            upstream, grad_logits = grad_task_rows.float().contiguous(), grad_task_logits
+        elif grad_task_rows is None:
+            upstream, grad_logits = grad_kl_rows.float().contiguous(), grad_kl_logits
+        else:
+            # One N x C buffer for both losses, so the products run once. Not in place: the saved
+            # gradients serve again when the graph is retained (the official two-backward
+            # procedure).
+            grad_logits = torch.addcmul(grad_task_logits * grad_task_rows.float()[:, None],
+                                        grad_kl_logits, grad_kl_rows.float()[:, None])
+            grad_logits = grad_logits.to(grad_task_logits.dtype)
+            upstream = torch.ones_like(grad_task_rows, dtype=torch.float32)
+        gx, gt, gs = clip_cross_entropy_backward(
+            upstream, grad_logits, image_features, text_features, scale, True, need_x, need_t,
+            need_s, ctx.backend)
+        return (gx if need_x else None, gt if need_t else None, None, None, gs if need_s else None,
+                None, None, None, None, None, None, None)
 
 
 def _vmap_by_loop(op):
@@ -184,7 +193,7 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
         sample_index = sample_index.contiguous()
     compute_grad = torch.is_grad_enabled() and (
         image_features.requires_grad or text_features.requires_grad or s.requires_grad)
-    task_rows, kl_rows, _, _ = prograd_losses_forward(
+    task_rows, kl_rows, _, _ = ProGradLossesFunction.apply(
         image_features.contiguous(), text_features.contiguous(),
         zeroshot_text_features.detach().contiguous(), labels.contiguous(), s, soft_labels,
         sample_index, smoothing, bool(double_softmax), temperature, compute_grad, backend)

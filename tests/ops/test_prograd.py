@@ -605,8 +605,8 @@ def test_opcheck_cpp_ops():
     if not _has_kernels("cpp"):
         pytest.skip("no ProGrad kernels in the cpp backend")
     x, t, t0, labels, s, kw = make_inputs(6, 5, 8, target="instancewise")
-    args = (x, t.requires_grad_(), t0, labels, s, kw["soft_labels"], kw["sample_index"], 0.2, True,
-            0.7, True, "cpp")
+    # Inputs without requires_grad: the op's autograd is ProGradLossesFunction.
+    args = (x, t, t0, labels, s, kw["soft_labels"], kw["sample_index"], 0.2, True, 0.7, True, "cpp")
     torch.library.opcheck(torch.ops.fastprompt.prograd_losses_forward.default, args)
     grads, refs = projection_pairs("cpu", 0)
     torch.library.opcheck(torch.ops.fastprompt.project_conflicting_.default,
