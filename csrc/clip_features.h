@@ -18,9 +18,21 @@ inline at::Tensor as_float(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
 }
 
+// The scale as a number; non-finite raises ValueError with fastprompt._validation's message
+// (the Python layer leaves this value check to the C++ kernels).
 inline double read_scale(const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "scale: expected a 0-d tensor");
-  return scale.item<double>();
+  const double s = scale.item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(s), "scale: must be finite");
+  return s;
+}
+
+// ValueError naming `name` unless every value of the int64 vector lies in [0, bound).
+inline void check_index_range(const int64_t* v, int64_t n, int64_t bound, const char* name,
+                              const char* what) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok = ok && v[i] >= 0 && v[i] < bound;
+  TORCH_CHECK_VALUE(ok, name, ": values must lie in [0, ", bound, ")", what);
 }
 
 inline void check_features(const at::Tensor& x, const at::Tensor& t, const at::Tensor& labels) {
@@ -31,8 +43,9 @@ inline void check_features(const at::Tensor& x, const at::Tensor& t, const at::T
               "labels: expected N int64 values");
 }
 
-// Where each row's target comes from; indices are clamped so that unchecked input cannot read
-// out of bounds.
+// Where each row's target comes from. The labels (and sample indices) are range-checked here,
+// raising ValueError with fastprompt._validation's messages: the Python layer leaves these value
+// checks to the C++ kernels.
 struct Targets {
   TargetKind kind = TargetKind::Hard;
   float eps = 0.0f;
@@ -49,6 +62,7 @@ struct Targets {
       : eps(static_cast<float>(smoothing)), num_classes(C) {
     labels_ = labels_in.contiguous();
     labels = labels_.data_ptr<int64_t>();
+    check_index_range(labels, labels_.numel(), C, "labels", "");
     if (smoothing == 0.0) {
       return;
     }
@@ -66,18 +80,19 @@ struct Targets {
                         sample_index_.numel() == labels_.numel(),
                     "sample_index: expected N int64 values");
         sample_index = sample_index_.data_ptr<int64_t>();
+        check_index_range(sample_index, sample_index_.numel(), table_rows, "sample_index",
+                          " (rows of soft_labels)");
       }
     }
   }
 
   RowTarget row(int64_t i) const {
     RowTarget t;
-    t.label = std::clamp<int64_t>(labels[i], 0, num_classes - 1);
+    t.label = labels[i];
     t.eps = eps;
     t.table_row = nullptr;
     if (kind == TargetKind::Table) {
-      const int64_t r = sample_index != nullptr ? sample_index[i] : t.label;
-      t.table_row = table + std::clamp<int64_t>(r, 0, table_rows - 1) * num_classes;
+      t.table_row = table + (sample_index != nullptr ? sample_index[i] : t.label) * num_classes;
     }
     return t;
   }

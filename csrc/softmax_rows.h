@@ -76,7 +76,7 @@ inline float scale_and_max(float* z, int64_t n, float f, const float* g) {
 enum class TargetKind { Hard, Uniform, Table };
 
 struct RowTarget {
-  int64_t label;          // already clamped into [0, C)
+  int64_t label;          // already checked to lie in [0, C)
   float eps;              // smoothing
   const float* table_row; // r for TargetKind::Table, else unused
 };

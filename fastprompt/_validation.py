@@ -79,15 +79,18 @@ def feature_checks(name: str, x: torch.Tensor, normalize: bool) -> list[tuple[st
 
 def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, smoothing,
                               soft_labels, sample_index, normalize, reduction,
-                              kernel_checks_features: bool = False
+                              kernel_checks_values: bool = False
                               ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The free checks of ``clip_cross_entropy``'s arguments (raising at once), then the value
     checks as ``run_value_checks`` entries, not yet synchronised; returns ``(scale as a 0-d
     tensor, entries)``, so that a caller with checks of its own syncs once for all.
 
-    ``kernel_checks_features``: the kernel that will run checks the feature matrices itself (the
-    C++ CPU kernels do, in the pass that computes their row norms, raising the same ValueError),
-    so their finiteness and zero-row checks are left out here: no extra read of N x D values."""
+    ``kernel_checks_values``: the kernel that will run checks the values itself, raising the same
+    ValueError (the C++ CPU kernels do: the feature matrices in the pass that computes their row
+    norms, the scale as they read it, the labels and sample indices as they gather the targets),
+    so those checks are left out here: no extra read of N x D values, and no small reductions
+    that cost more than the kernel at training batch sizes. The soft-label table is still
+    checked here."""
     check_tensor("image_features", image_features, ndim=2, floating=True)
     check_tensor("text_features", text_features, ndim=2, floating=True)
     check_tensor("labels", labels, ndim=1, integer=True)
@@ -139,12 +142,13 @@ def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, s
         return s, []
 
     # Value checks: one small reduction per tensor, all read back by a single synchronisation.
-    lo_hi = torch.aminmax(labels)
-    checks = [] if kernel_checks_features else (
-        feature_checks("image_features", image_features, normalize)
-        + feature_checks("text_features", text_features, normalize))
-    checks += [("scale: must be finite", torch.isfinite(s.detach())),
-               (f"labels: values must lie in [0, {c})", (lo_hi.min >= 0) & (lo_hi.max < c))]
+    checks = []
+    if not kernel_checks_values:
+        lo_hi = torch.aminmax(labels)
+        checks += (feature_checks("image_features", image_features, normalize)
+                   + feature_checks("text_features", text_features, normalize))
+        checks += [("scale: must be finite", torch.isfinite(s.detach())),
+                   (f"labels: values must lie in [0, {c})", (lo_hi.min >= 0) & (lo_hi.max < c))]
     if soft_labels is not None:
         table = soft_labels.detach()
         row_sums = table.double().sum(dim=1)
@@ -154,7 +158,7 @@ def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, s
              (table.amin() >= 0) & torch.isfinite(row_sums).all()),
             ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
         ]
-    if sample_index is not None:
+    if sample_index is not None and not kernel_checks_values:
         m = soft_labels.shape[0]
         lo_hi = torch.aminmax(sample_index)
         checks.append((f"sample_index: values must lie in [0, {m}) (rows of soft_labels)",
@@ -164,12 +168,12 @@ def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, s
 
 def check_clip_cross_entropy_args(image_features, text_features, labels, scale, *,
                                   smoothing, soft_labels, sample_index, normalize,
-                                  reduction, kernel_checks_features: bool = False) -> torch.Tensor:
+                                  reduction, kernel_checks_values: bool = False) -> torch.Tensor:
     """Validate the arguments of ``clip_cross_entropy``; return ``scale`` as a 0-d tensor."""
     s, checks = clip_cross_entropy_checks(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=normalize, reduction=reduction,
-        kernel_checks_features=kernel_checks_features)
+        kernel_checks_values=kernel_checks_values)
     run_value_checks(checks)
     return s
 
@@ -187,15 +191,15 @@ def check_finite_positive(name: str, value, *, allow_zero: bool = False) -> floa
 
 def check_prograd_losses_args(image_features, text_features, zeroshot_text_features, labels, scale,
                               *, temperature, smoothing, soft_labels, sample_index,
-                              kernel_checks_features: bool = False) -> tuple[torch.Tensor, float]:
+                              kernel_checks_values: bool = False) -> tuple[torch.Tensor, float]:
     """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature)``.
     Every value check of both feature sets and the targets costs one host synchronisation
-    (``kernel_checks_features``: as in ``clip_cross_entropy_checks``, for all three matrices)."""
+    (``kernel_checks_values``: as in ``clip_cross_entropy_checks``, all three matrices included)."""
     temperature = check_finite_positive("temperature", temperature)
     s, checks = clip_cross_entropy_checks(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=True, reduction="mean",
-        kernel_checks_features=kernel_checks_features)
+        kernel_checks_values=kernel_checks_values)
     check_tensor("zeroshot_text_features", zeroshot_text_features, ndim=2, floating=True)
     if zeroshot_text_features.shape != text_features.shape:
         raise ValueError(f"zeroshot_text_features: shape {tuple(zeroshot_text_features.shape)} differs "
@@ -204,7 +208,7 @@ def check_prograd_losses_args(image_features, text_features, zeroshot_text_featu
         raise TypeError(f"zeroshot_text_features: dtype {zeroshot_text_features.dtype} differs from "
                         f"image_features' {image_features.dtype}; cast one of them")
     check_same_device("image_features", image_features, zeroshot_text_features=zeroshot_text_features)
-    if not _is_compiling() and not kernel_checks_features:
+    if not _is_compiling() and not kernel_checks_values:
         checks += feature_checks("zeroshot_text_features", zeroshot_text_features, True)
     run_value_checks(checks)
     return s, temperature

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from fastprompt import _backend, reference
 from fastprompt._validation import check_clip_cross_entropy_args
+from fastprompt.ops._library import define_op
 
 _EMPTY = (0,)
 
@@ -36,43 +36,48 @@ def _kernels(backend: str):
     raise ValueError(f"backend: no fused kernel for {backend!r}")
 
 
-@torch.library.custom_op("fastprompt::clip_cross_entropy_forward", mutates_args=())
-def clip_cross_entropy_forward(image_features: Tensor, text_features: Tensor, labels: Tensor,
-                               scale: Tensor, soft_labels: Optional[Tensor],
-                               sample_index: Optional[Tensor], smoothing: float,
-                               double_softmax: bool, normalize: bool, compute_grad: bool,
-                               backend: str) -> tuple[Tensor, Tensor]:
+def _forward_impl(image_features, text_features, labels, scale, soft_labels, sample_index,
+                  smoothing, double_softmax, normalize, compute_grad, backend):
     forward, _ = _kernels(backend)
     return forward(image_features, text_features, labels, scale, soft_labels, sample_index,
                    smoothing, double_softmax, normalize, compute_grad)
 
 
-@clip_cross_entropy_forward.register_fake
-def _(image_features, text_features, labels, scale, soft_labels, sample_index, smoothing,
-      double_softmax, normalize, compute_grad, backend):
+def _forward_fake(image_features, text_features, labels, scale, soft_labels, sample_index,
+                  smoothing, double_softmax, normalize, compute_grad, backend):
     n, c = image_features.shape[0], text_features.shape[0]
     loss_rows = image_features.new_empty((n,), dtype=torch.float32)
     grad_logits = image_features.new_empty((n, c) if compute_grad else _EMPTY)
     return loss_rows, grad_logits
 
 
-@torch.library.custom_op("fastprompt::clip_cross_entropy_backward", mutates_args=())
-def clip_cross_entropy_backward(grad_rows: Tensor, grad_logits: Tensor, image_features: Tensor,
-                                text_features: Tensor, scale: Tensor, normalize: bool,
-                                need_image_grad: bool, need_text_grad: bool,
-                                need_scale_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+clip_cross_entropy_forward = define_op(
+    "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
+    "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, bool double_softmax, "
+    "bool normalize, bool compute_grad, str backend) -> (Tensor, Tensor)",
+    _forward_impl, _forward_fake)
+
+
+def _backward_impl(grad_rows, grad_logits, image_features, text_features, scale, normalize,
+                   need_image_grad, need_text_grad, need_scale_grad, backend):
     _, backward = _kernels(backend)
     return backward(grad_rows, grad_logits, image_features, text_features, scale, normalize,
                     need_image_grad, need_text_grad, need_scale_grad)
 
 
-@clip_cross_entropy_backward.register_fake
-def _(grad_rows, grad_logits, image_features, text_features, scale, normalize, need_image_grad,
-      need_text_grad, need_scale_grad, backend):
+def _backward_fake(grad_rows, grad_logits, image_features, text_features, scale, normalize,
+                   need_image_grad, need_text_grad, need_scale_grad, backend):
     gx = torch.empty_like(image_features) if need_image_grad else image_features.new_empty(_EMPTY)
     gt = torch.empty_like(text_features) if need_text_grad else text_features.new_empty(_EMPTY)
     gs = scale.new_empty(() if need_scale_grad else _EMPTY)  # in the scale's dtype
     return gx, gt, gs
+
+
+clip_cross_entropy_backward = define_op(
+    "clip_cross_entropy_backward(Tensor grad_rows, Tensor grad_logits, Tensor image_features, "
+    "Tensor text_features, Tensor scale, bool normalize, bool need_image_grad, "
+    "bool need_text_grad, bool need_scale_grad, str backend) -> (Tensor, Tensor, Tensor)",
+    _backward_impl, _backward_fake)
 
 
 class ClipCrossEntropyFunction(torch.autograd.Function):
@@ -126,8 +131,9 @@ def _resolve(image_features) -> Optional[str]:
     return _backend.resolve(image_features.device)
 
 
-def kernel_checks_features(backend: Optional[str], image_features) -> bool:
-    """The C++ kernels check the feature matrices in the pass that computes their norms."""
+def kernel_checks_values(backend: Optional[str], image_features) -> bool:
+    """The C++ kernels check the values of their inputs themselves (``clip_cross_entropy_checks``
+    says which)."""
     return backend == "cpp" and image_features.dtype != torch.float64
 
 
@@ -156,7 +162,7 @@ def clip_cross_entropy(image_features, text_features, labels, scale, *, double_s
     s = check_clip_cross_entropy_args(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=normalize, reduction=reduction,
-        kernel_checks_features=kernel_checks_features(backend, image_features))
+        kernel_checks_values=kernel_checks_values(backend, image_features))
     smoothing = float(smoothing)
     if backend == "reference":
         return reference.clip_cross_entropy_unchecked(

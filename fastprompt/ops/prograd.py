@@ -27,8 +27,9 @@ from torch import Tensor
 from fastprompt import _backend, reference
 from fastprompt._validation import (check_project_conflicting_args, check_prograd_backward_args,
                                     check_prograd_losses_args, finiteness_checks, run_value_checks)
+from fastprompt.ops._library import define_op
 from fastprompt.ops.clip_cross_entropy import (_resolve, clip_cross_entropy_backward,
-                                               kernel_checks_features)
+                                               kernel_checks_values)
 
 _EMPTY = (0,)
 
@@ -43,25 +44,30 @@ def _kernels(backend: str):
     raise ValueError(f"backend: no fused kernel for {backend!r}")
 
 
-@torch.library.custom_op("fastprompt::prograd_losses_forward", mutates_args=())
-def prograd_losses_forward(image_features: Tensor, text_features: Tensor,
-                           zeroshot_text_features: Tensor, labels: Tensor, scale: Tensor,
-                           soft_labels: Optional[Tensor], sample_index: Optional[Tensor],
-                           smoothing: float, double_softmax: bool, temperature: float,
-                           compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _losses_impl(image_features, text_features, zeroshot_text_features, labels, scale,
+                 soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad,
+                 backend):
     forward, _ = _kernels(backend)
     return forward(image_features, text_features, zeroshot_text_features, labels, scale,
                    soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad)
 
 
-@prograd_losses_forward.register_fake
-def _(image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-      sample_index, smoothing, double_softmax, temperature, compute_grad, backend):
+def _losses_fake(image_features, text_features, zeroshot_text_features, labels, scale,
+                 soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad,
+                 backend):
     n, c = image_features.shape[0], text_features.shape[0]
     task_rows = image_features.new_empty((n,), dtype=torch.float32)
     kl_rows = image_features.new_empty((n,), dtype=torch.float32)
     grad_shape = (n, c) if compute_grad else _EMPTY
     return task_rows, kl_rows, image_features.new_empty(grad_shape), image_features.new_empty(grad_shape)
+
+
+prograd_losses_forward = define_op(
+    "prograd_losses_forward(Tensor image_features, Tensor text_features, "
+    "Tensor zeroshot_text_features, Tensor labels, Tensor scale, Tensor? soft_labels, "
+    "Tensor? sample_index, float smoothing, bool double_softmax, float temperature, "
+    "bool compute_grad, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    _losses_impl, _losses_fake)
 
 
 class ProGradLossesFunction(torch.autograd.Function):
@@ -135,16 +141,18 @@ torch.library.register_vmap("fastprompt::clip_cross_entropy_backward",
                             _vmap_by_loop(clip_cross_entropy_backward))
 
 
-@torch.library.custom_op("fastprompt::project_conflicting_", mutates_args=("grads",))
-def project_conflicting_op(grads: list[Tensor], ref_grads: list[Tensor], lam: float,
-                           backend: str) -> None:
+def _project_impl(grads, ref_grads, lam, backend):
     _, project = _kernels(backend)
     project(grads, ref_grads, lam)
 
 
-@project_conflicting_op.register_fake
-def _(grads, ref_grads, lam, backend):
+def _project_fake(grads, ref_grads, lam, backend):
     return None
+
+
+project_conflicting_op = define_op(
+    "project_conflicting_(Tensor(a!)[] grads, Tensor[] ref_grads, float lam, str backend) -> ()",
+    _project_impl, _project_fake)
 
 
 def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_features: Tensor,
@@ -176,7 +184,7 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
         image_features, text_features, zeroshot_text_features, labels, scale,
         temperature=temperature, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index,
-        kernel_checks_features=kernel_checks_features(backend, image_features))
+        kernel_checks_values=kernel_checks_values(backend, image_features))
     smoothing = float(smoothing)
     if backend == "reference":
         return reference.prograd_losses_unchecked(

@@ -327,9 +327,10 @@ def test_bad_input_names_the_argument(backend, case):
 
 @pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
 @pytest.mark.parametrize("normalize", [True, False])
-def test_cpp_kernel_checks_features_itself(normalize):
-    # The Python layer leaves the features' value checks to the C++ kernels (they come free with
-    # the row norms), so the op itself must refuse them, e.g. where torch.compile skips Python.
+def test_cpp_kernel_checks_values_itself(normalize):
+    # The Python layer leaves the value checks of features, scale, labels and sample indices to
+    # the C++ kernels (the features' come free with the row norms), so the op itself must refuse
+    # them, e.g. where torch.compile skips Python.
     x, t, labels, s, _ = make_inputs(4, 3, 5)
     nan_x, zero_t = x.clone(), t.clone()
     nan_x[2, 1] = float("inf")
@@ -342,6 +343,13 @@ def test_cpp_kernel_checks_features_itself(normalize):
             op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
     else:  # a zero row is fine without normalisation
         op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
+    with pytest.raises(ValueError, match=r"^labels: values must lie in \[0, 3\)"):
+        op(x, t, torch.tensor([0, 3, 1, 2]), s, None, None, 0.0, True, normalize, True, "cpp")
+    with pytest.raises(ValueError, match="^scale: must be finite"):
+        op(x, t, labels, torch.tensor(float("nan")), None, None, 0.0, True, normalize, True, "cpp")
+    table = torch.full((5, 3), 1 / 3)
+    with pytest.raises(ValueError, match=r"^sample_index: values must lie in \[0, 5\)"):
+        op(x, t, labels, s, table, torch.tensor([0, 4, 5, 1]), 0.1, True, normalize, True, "cpp")
 
 
 # --- integration: torch.compile, opcheck, fallback ---------------------------------------------------
