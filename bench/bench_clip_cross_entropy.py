@@ -58,10 +58,27 @@ def providers(double_softmax):
         return reference.clip_cross_entropy_unchecked(x, t, y, s, double_softmax, 0.0, None, None, True, "mean")
 
     compiled = torch.compile(eager, dynamic=False)
-    return {"fused": fused, "reference": eager, "reference_compiled": compiled}
+    return {"fused": fused, "reference": eager, "reference_compiled": compiled,
+            PRODUCTS: None}
+
+
+# The matrix products the fused schedule cannot avoid, as plain torch matmuls of the same shapes
+# and dtype: the logits X Tᵀ, plus Gᵀ X (an N x C operand) for the text gradient. Their time is
+# the floor the fused op is measured against, and their TFLOP/s the device's matmul rate at
+# this shape.
+PRODUCTS = "products"
 
 
 def run_point(fn, x, t, y, s, mode):
+    if fn is None:  # PRODUCTS
+        t_rows = t.detach()
+
+        def step():
+            with torch.no_grad():
+                z = x @ t_rows.T
+                if mode != "forward":
+                    z.T @ x
+        return step
     if mode == "forward":
         def step():
             with torch.no_grad():
@@ -132,6 +149,7 @@ def _peaks_only(args):
         x, t, y, s = make_case(n, c, d, DTYPES[dts], device)
         fns = providers(ds)
         fns.pop("reference_compiled")
+        fns.pop(PRODUCTS)
         for mode in args.modes:
             point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
             for name, fn in fns.items():
@@ -144,7 +162,7 @@ def _peaks_only(args):
 def _peaks_in_child(argv, device, pending):
     if device.type == "cuda":  # the CUDA allocator's peak is exact in this process
         return {_key(point, name): common.peak_memory_bytes(step, device)
-                for point, steps in pending for name, step in steps.items()}
+                for point, steps in pending for name, step in steps.items() if name != PRODUCTS}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "peaks.json")
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peaks-only", path],
@@ -157,6 +175,7 @@ def _line(point, peaks):
     res = point["providers"]
     fused, eager = res["fused"], res["reference"]
     compiled = res.get("reference_compiled")
+    products = res[PRODUCTS]
 
     def mib(r):
         return f"{r['peak_bytes'] / 2**20:.1f}" if peaks and r and r.get("peak_bytes") is not None \
@@ -169,7 +188,8 @@ def _line(point, peaks):
             f"{point.get('speedup_vs_compiled', float('nan')):.2f}x",
             mib(fused), mib(eager), mib(compiled),
             f"{point['memory_ratio_vs_eager']:.2f}" if peaks else "-",
-            f"{point['fused_tflops']:.3f}"]
+            f"{point['fused_tflops']:.3f}", f"{products['median_ms']:.3f}",
+            f"{point['products_tflops']:.3f}", f"{point['products_fraction']:.2f}"]
 
 
 def main(argv=None):
@@ -225,8 +245,11 @@ def main(argv=None):
             steps = {name: run_point(fn, x, t, y, s, mode) for name, fn in fns.items()}
             res = interleaved_times(steps, device, args.min_run_time, args.rounds)
             fused, eager = res["fused"], res["reference"]
+            work = flops(n, c, d, mode, ds)
             point.update(providers=res, speedup_vs_eager=eager["median_ms"] / fused["median_ms"],
-                         fused_tflops=flops(n, c, d, mode, ds) / fused["median_ms"] / 1e9)
+                         fused_tflops=work / fused["median_ms"] / 1e9,
+                         products_tflops=work / res[PRODUCTS]["median_ms"] / 1e9,
+                         products_fraction=res[PRODUCTS]["median_ms"] / fused["median_ms"])
             if "reference_compiled" in res:
                 point["speedup_vs_compiled"] = res["reference_compiled"]["median_ms"] / fused["median_ms"]
             print(" | ".join(str(v) for v in _line(point, peaks=False)), flush=True)
@@ -235,7 +258,8 @@ def main(argv=None):
     rows, table = [], []
     for point, steps in pending:
         for name in steps:
-            point["providers"][name]["peak_bytes"] = peaks.get(_key(point, name))
+            if name != PRODUCTS:
+                point["providers"][name]["peak_bytes"] = peaks.get(_key(point, name))
         prov = point["providers"]
         point["memory_ratio_vs_eager"] = (prov["fused"]["peak_bytes"]
                                           / max(prov["reference"]["peak_bytes"], 1))
@@ -243,11 +267,16 @@ def main(argv=None):
         table.append(_line(point, peaks=True))
     header = ["N", "C", "D", "dtype", "loss", "mode", "fused ms", "eager ms", "compiled ms",
               "vs eager", "vs compiled", "fused MiB", "eager MiB", "compiled MiB",
-              "fused/eager memory", "fused TFLOP/s"]
+              "fused/eager memory", "fused TFLOP/s", "products ms", "products TFLOP/s",
+              "products / fused"]
     md = (f"Device: {env['device']} ({env['cpu_model']}); torch {env['torch']}; triton "
           f"{env['triton']}; backend {env['backend']}; threads {env['threads']}; "
           f"{env['timestamp']}; median of {args.rounds} interleaved rounds"
-          f"{'; fresh pages (mmap threshold fixed)' if args.fresh_pages else ''}\n\n"
+          f"{'; fresh pages (mmap threshold fixed)' if args.fresh_pages else ''}. "
+          "TFLOP/s count the schedule's unavoidable products (2·N·C·D each: the logits, plus Gᵀ X "
+          "for the text gradient); 'products' times exactly those as plain torch matmuls of the "
+          "same shapes and dtype (the floor; its TFLOP/s are the device's matmul rate there), "
+          "'products / fused' is the fraction of the fused op's time they would take.\n\n"
           + common.markdown_table(header, table))
     path = common.write_results(args.name, env, rows, md)
     print(f"wrote {path}")
