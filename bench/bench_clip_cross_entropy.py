@@ -237,6 +237,9 @@ def main(argv=None):
     for dts, ds, n, c, d in grid:
         dtype = DTYPES[dts]
         x, t, y, s = make_case(n, c, d, dtype, device)
+        # Every point compiles the same function anew: without a reset, dynamo's recompile limit
+        # (8) is reached after a few points and the "compiled" baseline silently runs eagerly.
+        torch._dynamo.reset()
         fns = providers(ds)
         if args.no_compile:
             fns.pop("reference_compiled")
