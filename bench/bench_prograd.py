@@ -384,6 +384,7 @@ def main(argv=None):
     measure_peaks(pending, device, argv if argv is not None else sys.argv[1:])
     for row in rows:
         row["timestamp"] = env["timestamp"]
+        row["machine"] = env["cpu_model"] if device.type == "cpu" else env["device"]
     if args.merge:  # keep the other parts' rows of the existing results file
         path = os.path.join(common.RESULTS_DIR, f"{args.name}-"
                             + ("cpu" if device.type == "cpu" else "cuda-" + env["device"].replace(" ", "_"))
@@ -392,15 +393,17 @@ def main(argv=None):
             with open(path) as f:
                 previous = json.load(f)
             old = previous["results"]
-            for row in old:
+            for row in old:  # rows of an earlier run carry their own time and machine
                 row.setdefault("timestamp", previous["environment"].get("timestamp", "earlier run"))
+                row.setdefault("machine", previous["environment"].get(
+                    "cpu_model" if device.type == "cpu" else "device", "unknown"))
             rows = [row for row in old if row["part"] not in args.parts] + rows
     sections = [header]
     for part, title, render in SECTIONS:
         points = [row for row in rows if row["part"] == part]
         if points:
-            stamps = sorted({row["timestamp"] for row in points})
-            sections += [f"{title} (run {', '.join(stamps)})", render(points)]
+            runs = sorted({f"{row['timestamp']} on {row['machine']}" for row in points})
+            sections += [f"{title} (run {', '.join(runs)})", render(points)]
     md = "\n\n".join(sections)
     print("\n" + md)
     print(f"wrote {common.write_results(args.name, env, rows, md)}")
