@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ORT := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.fastprompt-installed
 
-.PHONY: install demo test bench build clean
+.PHONY: install demo test bench build clean device-wheels
 
 install: $(STAMP)
 
@@ -33,3 +33,8 @@ build: $(STAMP)
 
 clean:
 	rm -rf build fastprompt/*.so *.egg-info
+
+# Wheels the GPU machine's image lacks (pure Python), carried to it for bench/device_check.sh.
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4

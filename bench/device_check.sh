@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one prepared run, for a session that is lent a CUDA machine
+# (a fixed, short device budget: correctness first, then the issues' target points, then the
+# rest). Run from the repository root on that machine:
+#
+#     bash bench/device_check.sh [OUTDIR] [SECONDS]      # default: $OUT (or bench/results/device), 480 s
+#
+# The machine's image has torch, triton, onnx and onnxruntime but no open_clip: `make
+# device-wheels` here puts open_clip_torch, ftfy and wcwidth wheels (pure Python) in .whl/, which
+# the run carries and installs into /tmp/site. The C++ extension is not built there (the CUDA path
+# is Triton; fastprompt warns once that the CPU kernels are missing). Each step has its own time
+# limit and is skipped once the budget is spent. OUTDIR gets two files (the device tool returns
+# at most eight): device_check.log, the tail of every step, and results.tar.gz, packed after
+# each step with every step's whole output and the result files so far, so that a run cut short
+# still returns what it measured. Results land in bench/results/*-cuda-<device>.{json,md}:
+# unpack them into the checkout and commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench/results/device}}
+budget=${2:-480}
+mkdir -p "$out"
+log="$out/device_check.log"
+steps=$(mktemp -d /tmp/device_check.XXXXXX)
+start=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+# step NAME LIMIT CMD...: run CMD under min(LIMIT, what is left of the budget), logging both.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - (SECONDS - start)))
+  if ((left < 20)); then
+    echo "=== $name: skipped (budget spent)" | tee -a "$log"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (limit ${limit}s, $((SECONDS - start))s elapsed): $*" | tee -a "$log"
+  timeout "$limit" "$@" >"$steps/$name.txt" 2>&1
+  local rc=$?
+  tail -n 25 "$steps/$name.txt" | tee -a "$log"
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$log"
+  pack
+}
+
+pack() {
+  local results=(bench/results/*cuda*)
+  [[ -e ${results[0]} ]] && results=(-C "$PWD" "${results[@]}") || results=()
+  tar czf "$out/results.tar.gz.part" -C "$steps" . "${results[@]}" \
+    && mv "$out/results.tar.gz.part" "$out/results.tar.gz"
+}
+
+step environment 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import open_clip; print(\"open_clip\", open_clip.__version__)"'
+# The Triton kernels on the GPU against float64 truth, bad input, torch.compile with inductor.
+step ops_tests 240 python3 -m pytest -q -p no:cacheprovider tests/ops -k cuda --maxfail 50
+# The issue's target points: N=256 (fp32, bf16, against eager and torch.compile), N=65536 bf16.
+step bench_loss_targets 150 python3 bench/bench_clip_cross_entropy.py --n 256 --c 1000 --d 512 \
+  --name clip_cross_entropy-targets
+step bench_loss_large 90 python3 bench/bench_clip_cross_entropy.py --n 65536 --c 1000 --d 512 \
+  --dtype bfloat16 --no-compile --name clip_cross_entropy-n65536
+step bench_prograd 150 python3 bench/bench_prograd.py
+step bench_training 150 python3 bench/bench_training.py --models fastprompt-tiny ViT-B-32
+step demo 120 python3 -m fastprompt demo
+step bench_loss_grid 150 python3 bench/bench_clip_cross_entropy.py --no-compile --rounds 3 \
+  --min-run-time 0.2
+step bench_softcpt 120 python3 bench/bench_softcpt.py --tasks 2 4
+step bench_export 90 python3 bench/bench_export.py --models fastprompt-tiny ViT-B-32
+
+pack
+echo "=== done after $((SECONDS - start))s: $out/results.tar.gz" | tee -a "$log"
