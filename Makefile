@@ -34,7 +34,7 @@ build: $(STAMP)
 clean:
 	rm -rf build fastprompt/*.so *.egg-info
 
-# Wheels the GPU machine's image lacks (pure Python), carried to it for bench/device_check.sh.
+# Wheels the GPU machine's image lacks (for CPython 3.12 on x86-64), carried to it for bench/device_check.sh.
 device-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	    --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4

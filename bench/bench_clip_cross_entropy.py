@@ -58,27 +58,28 @@ def providers(double_softmax):
         return reference.clip_cross_entropy_unchecked(x, t, y, s, double_softmax, 0.0, None, None, True, "mean")
 
     compiled = torch.compile(eager, dynamic=False)
-    return {"fused": fused, "reference": eager, "reference_compiled": compiled,
-            PRODUCTS: None}
+    return {"fused": fused, "reference": eager, "reference_compiled": compiled}
 
 
-# The matrix products the fused schedule cannot avoid, as plain torch matmuls of the same shapes
-# and dtype: the logits X Tᵀ, plus Gᵀ X (an N x C operand) for the text gradient. Their time is
-# the floor the fused op is measured against, and their TFLOP/s the device's matmul rate at
-# this shape.
 PRODUCTS = "products"
 
 
-def run_point(fn, x, t, y, s, mode):
-    if fn is None:  # PRODUCTS
-        t_rows = t.detach()
+def products_step(x, t, mode):
+    """The matrix products the fused schedule cannot avoid, as plain torch matmuls of the same
+    shapes and dtype: the logits X Tᵀ, plus Gᵀ X (an N x C operand) for the text gradient. Their
+    time is the floor the fused op is measured against, their TFLOP/s the device's matmul rate
+    at this shape. Timed beside the providers; no peak memory (it is not a way to the loss)."""
+    t_rows = t.detach()
 
-        def step():
-            with torch.no_grad():
-                z = x @ t_rows.T
-                if mode != "forward":
-                    z.T @ x
-        return step
+    def step():
+        with torch.no_grad():
+            z = x @ t_rows.T
+            if mode != "forward":
+                z.T @ x
+    return step
+
+
+def run_point(fn, x, t, y, s, mode):
     if mode == "forward":
         def step():
             with torch.no_grad():
@@ -149,7 +150,6 @@ def _peaks_only(args):
         x, t, y, s = make_case(n, c, d, DTYPES[dts], device)
         fns = providers(ds)
         fns.pop("reference_compiled")
-        fns.pop(PRODUCTS)
         for mode in args.modes:
             point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
             for name, fn in fns.items():
@@ -162,7 +162,7 @@ def _peaks_only(args):
 def _peaks_in_child(argv, device, pending):
     if device.type == "cuda":  # the CUDA allocator's peak is exact in this process
         return {_key(point, name): common.peak_memory_bytes(step, device)
-                for point, steps in pending for name, step in steps.items() if name != PRODUCTS}
+                for point, steps in pending for name, step in steps.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "peaks.json")
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peaks-only", path],
@@ -246,7 +246,8 @@ def main(argv=None):
         for mode in args.modes:
             point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
             steps = {name: run_point(fn, x, t, y, s, mode) for name, fn in fns.items()}
-            res = interleaved_times(steps, device, args.min_run_time, args.rounds)
+            res = interleaved_times({**steps, PRODUCTS: products_step(x, t, mode)}, device,
+                                    args.min_run_time, args.rounds)
             fused, eager = res["fused"], res["reference"]
             work = flops(n, c, d, mode, ds)
             point.update(providers=res, speedup_vs_eager=eager["median_ms"] / fused["median_ms"],
@@ -261,8 +262,7 @@ def main(argv=None):
     rows, table = [], []
     for point, steps in pending:
         for name in steps:
-            if name != PRODUCTS:
-                point["providers"][name]["peak_bytes"] = peaks.get(_key(point, name))
+            point["providers"][name]["peak_bytes"] = peaks.get(_key(point, name))
         prov = point["providers"]
         point["memory_ratio_vs_eager"] = (prov["fused"]["peak_bytes"]
                                           / max(prov["reference"]["peak_bytes"], 1))

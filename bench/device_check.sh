@@ -6,14 +6,14 @@
 #     bash bench/device_check.sh [OUTDIR] [SECONDS]      # default: $OUT (or bench/results/device), 480 s
 #
 # The machine's image has torch, triton, onnx and onnxruntime but no open_clip: `make
-# device-wheels` here puts open_clip_torch, ftfy and wcwidth wheels (pure Python) in .whl/, which
-# the run carries and installs into /tmp/site. The C++ extension is not built there (the CUDA path
-# is Triton; fastprompt warns once that the CPU kernels are missing). Each step has its own time
-# limit and is skipped once the budget is spent. OUTDIR gets two files (the device tool returns
-# at most eight): device_check.log, the tail of every step, and results.tar.gz, packed after
-# each step with every step's whole output and the result files so far, so that a run cut short
-# still returns what it measured. Results land in bench/results/*-cuda-<device>.{json,md}:
-# unpack them into the checkout and commit them.
+# device-wheels` here puts open_clip_torch, ftfy and wcwidth wheels (CPython 3.12, x86-64) in
+# .whl/, which the run carries and installs into /tmp/site. The C++ extension is not built there
+# (the CUDA path is Triton; fastprompt warns once that the CPU kernels are missing). Each step
+# has its own time limit and is skipped once the budget is spent. OUTDIR gets two files (the
+# device tool returns at most eight): device_check.log, the tail of every step, and
+# results.tar.gz, packed after each step with every step's whole output and the result files so
+# far, so that a run cut short still returns what it measured. Results land in
+# bench/results/*-cuda-<device>.{json,md}: unpack them into the checkout and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results/device}}
