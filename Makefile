@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
 demo: $(STAMP)
 	$(PY) -m fastprompt demo
 
+# FASTPROMPT_REQUIRE_EXTENSION: a C++ extension that fails to build or load fails the run.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	FASTPROMPT_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/bench_clip_cross_entropy.py

@@ -23,6 +23,11 @@ def cpp_available() -> bool:
     return _cpp_error is None
 
 
+def cpp_error() -> str | None:
+    """Why the C++ extension did not load (None when it did)."""
+    return _cpp_error
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

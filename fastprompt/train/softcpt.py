@@ -528,7 +528,7 @@ def _slug(name: str) -> str:
 def cmd_train_softcpt(args) -> int:
     """``fastprompt train --method softcpt``: read and check every task, then cache each task's
     features under ``OUT/features/`` and train. Bad input writes nothing."""
-    from fastprompt import cli
+    from fastprompt.cli import training as cli
     from fastprompt.data import build_or_load_cache
     from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
     if args.method != "softcpt":

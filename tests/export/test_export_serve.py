@@ -18,7 +18,7 @@ from PIL import Image
 import fastprompt.serve
 from exportlib import CLASS_NAMES, METHOD, SCALE, truth
 from fastprompt.export import OnnxClassifier
-from fastprompt.export.commands import add_export_parser, add_predict_parser
+from fastprompt.cli.deploy import add_export_parser, add_predict_parser
 from testlib import fresh_seed
 
 

@@ -1,20 +1,10 @@
-"""``fastprompt`` command line: cache, train, eval, export, predict, demo.
-
-Every command returns 0 on success and 2 on bad input, with a message naming the argument or
-file on stderr (``fastprompt <command>: error: ...``); nothing half-written is left behind.
-"""
+"""``fastprompt cache``, ``train``, ``eval`` and ``demo``: their arguments and commands."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-
-from fastprompt.export.commands import add_export_parser, add_predict_parser
-
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +187,8 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
+    """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
     _add_model_args(p)
     _add_data_args(p)
@@ -227,32 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    add_export_parser(sub)
-    add_predict_parser(sub)
-
     p = sub.add_parser("demo", help="the whole pipeline on generated data and a tiny random model")
     p.add_argument("--out", default="demo_runs", help="work folder (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=40, help="epochs per method (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # open_clip logs "No pretrained weights loaded" for random models; fastprompt says it itself.
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        print(f"fastprompt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fastprompt {args.command}: interrupted (finished epochs are kept; --resume "
-              "continues)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``fastprompt export`` and ``fastprompt predict``: argparse pieces for fastprompt/cli.py.
+"""``fastprompt export`` and ``fastprompt predict``: their arguments and commands.
 
 Each ``add_*_parser`` registers a sub-command whose ``func`` default takes the parsed arguments
 and returns the exit code: 0 on success, 2 for bad input (a message naming the file or argument
@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+
+def add_commands(subparsers) -> None:
+    """Register export and predict on the ``fastprompt`` sub-parsers."""
+    add_export_parser(subparsers)
+    add_predict_parser(subparsers)
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
