@@ -1,7 +1,7 @@
 """Every fastprompt op in plain torch: the specification the fused kernels are tested
 against (run it in float64), and the fallback when no compiled backend is available.
 
-The formulas are those of ``DESIGN.md``: logits ``z = s * x̂ t̂ᵀ``; targets ``e_y`` or
+The formulas (docs/math.md): logits ``z = s * x̂ t̂ᵀ``; targets ``e_y`` or
 ``(1-ε) e_y + ε r`` with ``r`` uniform, a class-wise row ``CSL[y]`` or an instance-wise row
 ``ISL[k]``; cross-entropy over ``softmax(z)``, or over ``softmax(softmax(z))`` for DSPT.
 """
@@ -121,9 +121,11 @@ def project_conflicting_(grads, ref_grads, lam=1.0):
 
     The per-parameter loop of the official code; the sign test stays on the device.
     """
-    from fastprompt._validation import check_project_conflicting_args
+    from fastprompt._validation import (check_project_conflicting_args, finiteness_checks,
+                                        run_value_checks)
 
     lam = check_project_conflicting_args(grads, ref_grads, lam)
+    run_value_checks(finiteness_checks("grads", grads) + finiteness_checks("ref_grads", ref_grads))
     project_conflicting_unchecked_(grads, ref_grads, lam)
 
 

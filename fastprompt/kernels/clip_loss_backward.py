@@ -1,34 +1,11 @@
-"""Triton kernels of ``fastprompt::clip_cross_entropy_forward`` / ``_backward`` (the CUDA path;
-under ``TRITON_INTERPRET=1`` they also run on CPU tensors, which is how CI tests them).
+"""Triton kernels of ``fastprompt::clip_cross_entropy_backward`` (the CUDA path; CPU tensors
+under ``TRITON_INTERPRET=1``).
 
-Why this schedule (Liger-Kernel style: the forward writes ``∂loss_i/∂z`` into one N x C buffer in
-the input dtype, the backward is products on it). Counting ``2·N·C·D`` products:
-
-============================  =========  ======================  =====================
-schedule                      forward    backward (X frozen/not)  N x C memory
-============================  =========  ======================  =====================
-this one, cross-entropy       2          1 / 2                    one buffer, input dtype
-this one, double softmax      3          1 / 2                    one buffer, input dtype
-recompute-only, CE            1          2 / 3 (recompute + 1-2)  none
-recompute-only, double sm.    2          2 / 3                    none
-============================  =========  ======================  =====================
-
-The forward sweeps are: log-sum-exp (+ target terms), for double softmax the ``Σ e^p`` sweep, then
-one recompute that writes the gradient (skipped entirely when no gradient is wanted, so
-inference costs 1 or 2 products). With the usual frozen image features, training costs 3 products
-for cross-entropy and 4 for double softmax here, against 3 and 4 for recompute-only: the same
-count, but the backward here is a plain matmul over a stored operand (no exponentials, no second
-reduction), the forward returns ``grad_logits`` the op layer's autograd already expects, and the
-buffer is halved in bf16. The fused logit sweeps live in ``_clip_logits`` (shared with ProGrad).
-
-Backward: ``G = diag(grad_rows) · grad_logits`` is never formed. One matmul kernel computes
-``A = Gᵀ X̂`` (C x D) with ``grad_rows_i / ‖x_i‖`` folded into the X rows it loads, and/or
-``B = G T̂`` (N x D) with ``1 / ‖t_c‖`` folded into the T rows and ``grad_rows_i`` applied to the
-accumulator. Each writes a float32 M x D result; a row epilogue kernel then forms the projection
-``s (A_c − (A_c·t̂_c) t̂_c) / ‖t_c‖`` in the output dtype and the per-row ``A_c·t̂_c`` whose sum is
-``∂L/∂s`` (summed on the device: deterministic, no host synchronisation). ``∂L/∂s`` comes from
-whichever product is computed anyway (A first, since C x D is the small one); a product whose
-gradient nobody needs is skipped.
+``G = diag(grad_rows) · grad_logits`` is never formed. One matmul kernel computes ``A = Gᵀ X̂``
+(C x D) and/or ``B = G T̂`` (N x D) with the per-row factors folded into the operand rows it loads;
+a row epilogue kernel then forms the normalisation's projection in the output dtype and the
+per-row dots whose sum is ``∂L/∂s`` (summed on the device: deterministic, no host
+synchronisation). A product whose gradient nobody needs is skipped. Formulas: docs/math.md.
 """
 from __future__ import annotations
 
@@ -38,24 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels._clip_logits import (INTERPRET, clip_loss_forward, dot_precision, mma,
-                                             next_pow2_between, row_inv_norms)
+from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
+from fastprompt.kernels.row_norms import row_inv_norms
 
-__all__ = ["clip_cross_entropy_forward", "clip_cross_entropy_backward"]
-
-
-def clip_cross_entropy_forward(image_features: torch.Tensor, text_features: torch.Tensor,
-                               labels: torch.Tensor, scale: torch.Tensor,
-                               soft_labels: Optional[torch.Tensor],
-                               sample_index: Optional[torch.Tensor], smoothing: float,
-                               double_softmax: bool, normalize: bool,
-                               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss (float32, N) and ``∂loss_i/∂z`` (N x C, input dtype; empty (0,) without
-    ``compute_grad``). Kernel contract 1."""
-    loss_rows, grad_logits, _, _ = clip_loss_forward(
-        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad)
-    return loss_rows, grad_logits
+__all__ = ["clip_cross_entropy_backward"]
 
 
 @triton.jit
@@ -185,7 +148,7 @@ def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tens
                                 need_text_grad: bool, need_scale_grad: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_image, grad_text, grad_scale)`` from ``G = diag(grad_rows) grad_logits``; each is
-    an empty (0,) tensor when not needed. Kernel contract 2."""
+    an empty (0,) tensor when not needed (docs/kernels.md)."""
     x, t = image_features, text_features
     x_inv = row_inv_norms(x) if normalize else None
     t_inv = row_inv_norms(t) if normalize else None
