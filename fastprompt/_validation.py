@@ -263,7 +263,7 @@ def finiteness_checks(name: str, tensors: list[torch.Tensor],
     """``run_value_checks`` entries saying which tensor of a list holds NaN or infinite values.
 
     One multi-tensor 2-norm covers the whole list (NaN and inf survive it), accumulated in float32
-    (float64 for float64 tensors): about 10x faster on CPU than the max-abs (inf) norm. A finite
+    (float64 for float64 tensors): much cheaper on CPU than the max-abs (inf) norm. A finite
     tensor whose float32 norm overflows (elements beyond ~1e19) is refused too, and said so; the
     projection's float32 sums would overflow on it as well. None and empty entries are skipped;
     messages name ``indices[k]`` (the list's positions by default).
