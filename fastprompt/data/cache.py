@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fastprompt._io import atomic_path
+from fastprompt._io import atomic_path, tensor_checksum, update_tensor_hash
 from fastprompt.data.folders import DatasetSplits, Sample, _check_seed
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
 
@@ -115,13 +115,6 @@ def _digest() -> "hashlib.blake2b":
     return hashlib.blake2b(digest_size=16)
 
 
-def _update_tensor(h, name: str, t: Tensor) -> None:
-    t = t.detach()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
 def model_weights_hash(model: torch.nn.Module) -> str:
     """BLAKE2b of the image tower's state (every tensor's name, dtype, shape and bytes).
 
@@ -131,7 +124,7 @@ def model_weights_hash(model: torch.nn.Module) -> str:
     tower = getattr(model, "visual", model)
     h = _digest()
     for name, t in sorted(tower.state_dict().items()):
-        _update_tensor(h, name, t)
+        update_tensor_hash(h, name, t)
     return h.hexdigest()
 
 
@@ -346,13 +339,6 @@ def _paths_from(t: Tensor, count: int) -> list[str]:
     return [os.fsdecode(p) for p in t.numpy().tobytes().split(b"\0")]
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
-    h = _digest()
-    for name in sorted(tensors):
-        _update_tensor(h, name, tensors[name])
-    return h.hexdigest()
-
-
 def _atomic_save(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -450,7 +436,7 @@ def _build(path, model, preprocess_train, preprocess_val, splits: DatasetSplits,
         "fastprompt.format": CACHE_FORMAT,
         "fastprompt.fingerprint": json.dumps(plan.fingerprint, sort_keys=True),
         "fastprompt.classnames": json.dumps(list(splits.classnames)),
-        "fastprompt.checksum": _checksum(tensors),
+        "fastprompt.checksum": tensor_checksum(tensors),
     }
     _atomic_save(path, tensors, metadata)
     return load_cache(path, plan.fingerprint, verify=False)
@@ -519,7 +505,7 @@ def load_cache(path, expected_fingerprint: dict | None = None, *,
         raise _corrupt(path, f"bad metadata: {type(e).__name__}: {e}") from None
 
     _check_layout(path, tensors, fingerprint, classnames)
-    if verify and _checksum(tensors) != checksum:
+    if verify and tensor_checksum(tensors) != checksum:
         raise _corrupt(path, "content checksum mismatch")
     return FeatureCache(
         path=path, fingerprint=fingerprint, classnames=classnames,
