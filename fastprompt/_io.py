@@ -12,6 +12,8 @@ ONNX models, Triton configs).
   processes from writing one run folder or one cache at the same time.
 * Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
 * Checksums: ``tensor_checksum`` (BLAKE2b of names, dtypes, shapes and bytes).
+* Progress: ``progress_bar`` is a tqdm bar on a terminal and plain log lines elsewhere (CI
+  logs, scripts), so a long step never looks hung.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -214,3 +218,51 @@ def remove_if_present(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+# Off a terminal: one line at the start, then at most one every this many seconds, and the end.
+PROGRESS_LINE_SECONDS = 10.0
+
+
+class _ProgressLines:
+    """tqdm's ``update``/``set_postfix`` interface, printing plain lines to stderr."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.start = self.last = time.monotonic()
+        self.postfix = ""
+        self._line()
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self.start
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed:.1f} s"
+              f"{self.postfix}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= PROGRESS_LINE_SECONDS:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self._line()
+
+
+def progress_bar(total: int, desc: str, progress: bool | None, *, unit: str = "img",
+                 initial: int = 0):
+    """A progress display for ``total`` items: a tqdm bar when stderr is a terminal, else plain
+    lines (start, every ``PROGRESS_LINE_SECONDS``, end); ``progress=False`` shows nothing,
+    ``True`` forces the bar."""
+    from tqdm.auto import tqdm
+    if progress is None and not sys.stderr.isatty():
+        return _ProgressLines(total, desc, unit, initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=progress is False,
+                dynamic_ncols=True)

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 import fastprompt
-from fastprompt._io import (atomic_write, exclusive_lock, read_json, tensor_checksum,
-                            update_tensor_hash, write_json_atomic)
+from fastprompt._io import (atomic_write, exclusive_lock, progress_bar, read_json,
+                            tensor_checksum, update_tensor_hash, write_json_atomic)
 from fastprompt.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -263,8 +263,6 @@ def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: 
     epoch, stop with ``NonFiniteTrainingError`` (keeping the last good checkpoint) when the loss
     or the tensors turn non-finite, then write the prompt file (the learner's tensors and
     ``prompt_fields``) and ``finish(history)``'s metrics. Returns the metrics."""
-    from tqdm.auto import tqdm
-
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     os.makedirs(run_dir, exist_ok=True)
     with run_lock(run_dir):
@@ -278,8 +276,7 @@ def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: 
         images = learner.images_per_epoch
         first = len(history)
         # One bar per run, counting images over all epochs (progress=False hides it).
-        with tqdm(total=config.epochs * images, initial=first * images, desc=desc, unit="img",
-                  disable=(progress is False), dynamic_ncols=True) as bar:
+        with progress_bar(config.epochs * images, desc, progress, initial=first * images) as bar:
             for epoch in range(first, config.epochs):
                 start = time.perf_counter()
                 result = learner.train_epoch(epoch=epoch, bar=bar)
