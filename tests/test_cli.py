@@ -4,24 +4,19 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from fastprompt.cli import main
 from fastprompt.data import make_shapes_dataset
-from fastprompt.models import create_model
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A shapes data set and a random tiny model saved as a local checkpoint file."""
+def world(tmp_path_factory, tiny_weights):
+    """A shapes data set and the tiny model's weights as a local checkpoint file."""
     root = tmp_path_factory.mktemp("cli")
     make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
                         test_images_per_class=2, seed=9)
-    torch.manual_seed(0)
-    model = create_model("fastprompt-tiny")[0]
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny.safetensors"))
+    os.link(tiny_weights, root / "tiny.safetensors")
     return root
 
 
@@ -135,7 +130,7 @@ def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
     _expect_error(["train", "--model", "ViT-B-32", "--cache", str(cache), "--out",
                    str(tmp_path / "run2"), "--epochs", "1", "--no-progress"], capsys,
                   "was built with model 'fastprompt-tiny'", tmp_path / "run2")
-    _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "no metrics.json")
+    _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "has no trained prompt")
     (tmp_path / "unfinished").mkdir()
     _expect_error(["export", str(tmp_path / "unfinished"), str(tmp_path / "exp")], capsys,
                   "has no trained prompt")

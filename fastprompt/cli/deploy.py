@@ -62,7 +62,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from fastprompt.export.onnx_export import ExportVerificationError, export_run
+    from fastprompt.export.onnx_export import ExportVerificationError
+    from fastprompt.pipeline import export_run
     try:
         report = export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                             triton_name=args.triton_name,

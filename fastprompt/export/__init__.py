@@ -6,9 +6,8 @@ from fastprompt.export.onnx_export import (
     ExportVerificationError,
     bake_classifier,
     export_onnx,
-    export_run,
 )
 from fastprompt.export.serve import OnnxClassifier
 
 __all__ = ["BakedClassifier", "ExportReport", "ExportVerificationError", "ModelInfo", "OnnxClassifier",
-           "bake_classifier", "export_onnx", "export_run", "read_metadata_props"]
+           "bake_classifier", "export_onnx", "read_metadata_props"]

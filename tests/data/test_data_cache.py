@@ -35,8 +35,8 @@ def _close(actual, truth, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def test_layout_labels_and_features(tmp_path, shapes_root, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_layout_labels_and_features(tmp_path, shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     seed, views = _seed(), 3
     path = tmp_path / "cache.safetensors"
@@ -77,8 +77,8 @@ def test_layout_labels_and_features(tmp_path, shapes_root, tiny_model):
             assert str(path) in f.read()
 
 
-def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, tiny_model):
-    model, _, pre_val, _ = tiny_model
+def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, tiny_clip):
+    model, _, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     images = [Image.open(p).convert("RGB") for p, _ in splits.train[:6]]
     small = DatasetSplits(splits.classnames, splits.train[:6], splits.test[:1])
@@ -99,8 +99,8 @@ def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, ti
     _close(no_flip.train_features, plain[no_flip.train_sample_index], "add_flip=False")
 
 
-def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_model, capsys):
-    model, pre_train, pre_val, _ = tiny_model
+def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_clip, capsys):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     seed = _seed()
     kwargs = dict(views=2, shots=2, seed=seed, batch_size=6)
@@ -118,8 +118,8 @@ def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_model, ca
     assert not torch.equal(a.train_features, other.train_features)
 
 
-def test_fingerprint_mismatch_refused_and_rebuilt(tmp_path, tiny_model, caplog):
-    model, pre_train, pre_val, _ = tiny_model
+def test_fingerprint_mismatch_refused_and_rebuilt(tmp_path, tiny_clip, caplog):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     path = tmp_path / "c.st"
@@ -162,8 +162,8 @@ def _data_offset(path):
         return 8 + int.from_bytes(f.read(8), "little")
 
 
-def test_damaged_files_are_named(tmp_path, tiny_model, caplog):
-    model, pre_train, pre_val, _ = tiny_model
+def test_damaged_files_are_named(tmp_path, tiny_clip, caplog):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     path = tmp_path / "c.st"
@@ -200,8 +200,8 @@ def test_damaged_files_are_named(tmp_path, tiny_model, caplog):
     assert any("truncated or corrupt" in r.getMessage() for r in caplog.records)
 
 
-def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     bad = splits.test[1][0]
@@ -213,8 +213,8 @@ def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_model):
     assert not os.path.exists(tmp_path / "c.st")
 
 
-def test_bad_arguments(tmp_path, shapes_root, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_bad_arguments(tmp_path, shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     path = tmp_path / "c.st"
     with pytest.raises(ValueError, match="^views: must be >= 1"):
