@@ -82,7 +82,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fastprompt.export.serve import CPU, CUDA, OnnxClassifier
+    from fastprompt.serve import CPU, CUDA, OnnxClassifier
     providers = {"auto": None, "cpu": [CPU], "cuda": [CUDA, CPU]}[args.provider]
     try:
         if args.top_k < 1:

@@ -32,7 +32,7 @@ from fastprompt._validation import check_tensor
 from fastprompt.export import triton
 from fastprompt._io import remove_if_present
 from fastprompt.export.metadata import ModelInfo
-from fastprompt.export.serve import CPU, create_session, default_providers
+from fastprompt.serve import CPU, create_session, default_providers
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"

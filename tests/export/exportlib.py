@@ -1,10 +1,12 @@
-"""Helpers for the export tests: the float64 truth and row cosines."""
+"""Helpers for the export tests: the float64 truth, row cosines and generated images."""
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # Odd characters on purpose: quotes, commas, unicode and a JSON-looking name survive the metadata.
 CLASS_NAMES = ["golden retriever", 'say "cheese"', "crème brûlée", "a, b", "[1]", "猫", "x"]
@@ -28,3 +30,11 @@ def truth(visual, class_embeddings, scale, inputs):
 
 def cosine_rows(a, b):
     return F.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=1)
+
+
+def random_image(rng: np.random.Generator, width: int, height: int, mode: str) -> Image.Image:
+    """Uniform noise as a PIL image of ``mode`` (RGB, RGBA, L, or P: a palette image)."""
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
+    data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    image = Image.fromarray(data.squeeze(-1) if channels == 1 else data)
+    return image.convert("P") if mode == "P" else image
