@@ -67,6 +67,30 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+# Instruction-set extensions onnxruntime's CPU kernels pick from (MLAS dispatches on them at run
+# time): VNNI/AMX speed up int8 products, AVX-512 both.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """The CPU model, the ISA flags among ``ISA_FLAGS`` it has, logical CPUs on the machine and
+    ``available_cpus()``: what a CPU timing depends on."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags],
+            "logical_cpus": os.cpu_count(), "available_cpus": available_cpus()}
+
+
 def session_options(info: ModelInfo, *, intra_op_num_threads: int | None = None
                     ) -> ort.SessionOptions:
     """The session options fastprompt serves with: every graph optimisation, one operator-level
@@ -473,6 +497,6 @@ def _check_top_k(top_k) -> None:
         raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
 
 
-__all__ = ["CPU", "CUDA", "ImagePreprocessor", "OnnxClassifier", "available_cpus",
+__all__ = ["CPU", "CUDA", "ImagePreprocessor", "OnnxClassifier", "available_cpus", "cpu_description",
            "create_session", "default_providers", "list_images", "read_image_list",
            "resolve_model_path", "session_options"]
