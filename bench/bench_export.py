@@ -33,7 +33,7 @@ import common  # noqa: E402
 import fastprompt  # noqa: E402
 from fastprompt.export import BakedClassifier, bake_classifier, export_onnx  # noqa: E402
 from fastprompt.export.metadata import ModelInfo, read_metadata_props  # noqa: E402
-from fastprompt.export.serve import CPU, CUDA, create_session  # noqa: E402
+from fastprompt.serve import CPU, CUDA, create_session  # noqa: E402
 from fastprompt.models.factory import create_model  # noqa: E402
 
 NUM_CLASSES = 10

@@ -22,25 +22,6 @@ from fastprompt.cli.deploy import add_export_parser, add_predict_parser
 from testlib import fresh_seed
 
 
-@pytest.fixture(scope="module")
-def image_files(tmp_path_factory):
-    """Five images of odd sizes and modes (RGB, grayscale, RGBA, palette), as PNG and JPEG."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(fresh_seed())
-    paths = []
-    for i, (size, mode, ext) in enumerate([((50, 80), "RGB", "png"), ((97, 31), "L", "png"),
-                                           ((64, 64), "RGBA", "png"), ((120, 90), "RGB", "jpg"),
-                                           ((33, 65), "P", "png")]):
-        channels = {"RGB": 3, "L": 1, "RGBA": 4, "P": 1}[mode]
-        data = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-        image = Image.fromarray(data.squeeze(-1) if channels == 1 else data,
-                                mode="L" if mode == "P" else mode)
-        image = image.convert("P") if mode == "P" else image
-        paths.append(folder / f"img{i}.{ext}")
-        image.save(paths[-1])
-    return paths
-
-
 def test_serve_module_reexports():
     assert fastprompt.serve.OnnxClassifier is OnnxClassifier
 
