@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
 from fastprompt.kernels.row_norms import power_of_two_below, row_inv_norms
 
 __all__ = ["clip_cross_entropy_backward"]
@@ -154,6 +155,7 @@ def _epilogue(product: torch.Tensor, features: torch.Tensor, inv_norm: Optional[
     return out, row_dot
 
 
+@on_input_device
 def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tensor,
                                 image_features: torch.Tensor, text_features: torch.Tensor,
                                 scale: torch.Tensor, normalize: bool, need_image_grad: bool,

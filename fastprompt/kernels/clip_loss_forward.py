@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
@@ -270,6 +271,7 @@ def _class_rows(t: torch.Tensor):
     return scaled_rows(t)
 
 
+@on_input_device
 def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],

@@ -431,3 +431,30 @@ def test_soft_labels_requiring_grad_are_refused(backend, seed):
     with torch.no_grad():  # nothing to differentiate: accepted
         fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table)
     fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_half_precision_large_batch(backend, dtype, seed):
+    # At N = 4096 the mean's 1/N times x̂ falls below float16's smallest normal (6e-5): folded
+    # into the rounded operand of Gᵀ X̂ as it is, it would lose up to a few percent of each small
+    # component, coherently when the rows agree. Every row here is the same image with
+    # components spread over three decades, all of one class.
+    name, device = backend
+    n, c, d = 4096, 3, 16
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.logspace(0, -3, d) * torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0)
+    x = v.expand(n, d).to(device, dtype)
+    t = torch.randn(c, d, generator=gen).to(device, dtype)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    s = torch.tensor(20.0, device=device)
+    t_req = t.clone().requires_grad_()
+    fastprompt.clip_cross_entropy(x, t_req, labels, s).backward()
+    _, _, want, _ = truth(x, t, labels, s, {}, grad_image=False)
+    # Allowance: G stored in the dtype and the operand x̂ rounded to a normal number of the dtype
+    # (half an ulp each, a few ulps of |G|ᵀ|X̂| carried through), and the gradient itself rounded
+    # once to the dtype (half an ulp, or a subnormal step).
+    info = torch.finfo(dtype)
+    _, grad, _ = logit_terms64(x, t, labels, s, {}, False, row_weights(n))
+    _, text_allowance, _ = propagate_logit_error(3 * info.eps * grad.abs(), x, t, s)
+    assert_close_to_truth(t_req.grad, want, info.eps / 2, 0.0, "grad text",
+                          extra_atol=text_allowance + info.smallest_normal * info.eps)
