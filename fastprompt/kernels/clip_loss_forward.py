@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
-from fastprompt.kernels.row_norms import row_inv_norms
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
+from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
 
@@ -109,11 +110,14 @@ def clip_loss_forward_kernel(
         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    # Index loads are clamped so that unchecked bad labels can never address outside the tables.
+    # Index loads are clamped so that unchecked bad labels can never address outside the tables;
+    # the rows they belong to get NaN task losses and gradients (validation off: docs/kernels.md).
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    index_ok = (labels >= 0) & (labels < C)
     labels = tl.minimum(tl.maximum(labels, 0), C - 1)
     if TARGET == 2:
         table_rows = tl.load(table_row_ptr + rows, mask=row_mask, other=0)
+        index_ok = index_ok & (table_rows >= 0) & (table_rows < R)
         table_rows = tl.minimum(tl.maximum(table_rows, 0), R - 1)
         table_base = table_ptr + table_rows.to(tl.int64) * C
     else:
@@ -215,7 +219,8 @@ def clip_loss_forward_kernel(
         inv_sum_exp_p = 1.0 / sum_exp_p
     else:
         loss = tl.log(l) + target_gap
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    bad_index = tl.where(index_ok, 0.0, float("nan"))
+    tl.store(loss_ptr + rows, loss + bad_index, mask=row_mask)
     if HAS_KL:
         kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
         tl.store(kl_ptr + rows, kl, mask=row_mask)
@@ -244,6 +249,7 @@ def clip_loss_forward_kernel(
                 grad = p * (dq - dt)
             else:
                 grad = p - target
+            grad = grad + bad_index[:, None]
             out_mask = row_mask[:, None] & col_mask[None, :]
             tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=out_mask)
@@ -256,6 +262,16 @@ def clip_loss_forward_kernel(
                          grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _class_rows(t: torch.Tensor):
+    """A class matrix as the products read it, with its inverse row norms: rows scaled by powers
+    of two to a largest magnitude near 1 (a C x D copy), so that the float32 product with any
+    image row stays in range. float16 rows need no copy: their range cannot overflow it."""
+    if t.dtype == torch.float16:
+        return t, row_inv_norms(t)
+    return scaled_rows(t)
+
+
+@on_input_device
 def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
@@ -283,8 +299,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         target, table = TARGET_TABLE, soft_labels
         table_rows = labels if sample_index is None else sample_index
     x_inv = row_inv_norms(x) if normalize else None
-    t_inv = row_inv_norms(t) if normalize else None
-    t0_inv = row_inv_norms(t0) if normalize and has_kl else None
+    t, t_inv = _class_rows(t) if normalize else (t, None)
+    t0, t0_inv = _class_rows(t0) if normalize and has_kl else (t0, None)
 
     # Pointers a specialisation never touches get a stand-in (labels) rather than None or an
     # empty tensor's null pointer.

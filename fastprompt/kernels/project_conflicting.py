@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, next_pow2_between
+from fastprompt.kernels.launch import INTERPRET, next_pow2_between, on_input_device
 
 __all__ = ["project_conflicting_"]
 
@@ -85,6 +85,7 @@ def _chunk_tables(numels: tuple[int, ...], block: int, device: torch.device):
             as_tensor(tensor_first_chunk), max_chunks)
 
 
+@on_input_device
 def project_conflicting_(grads: list[torch.Tensor], ref_grads: list[torch.Tensor],
                          lam: float) -> None:
     """For each pair ``(g, h)``: if ``<g,h> < 0``, ``g <- g - lam <g,h>/‖h‖² h`` in place
