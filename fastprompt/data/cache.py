@@ -381,7 +381,7 @@ def cache_lock(path):
     """The exclusive lock of building the cache file ``path``."""
     path = os.path.abspath(os.fspath(path))
     lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
-    return exclusive_lock(lock, f"feature cache {path!r}")
+    return exclusive_lock(lock, f"feature cache {path!r}", remove=True)
 
 
 def _check_run_args(path, batch_size, num_workers, progress) -> None:
