@@ -340,7 +340,10 @@ def _paths_from(t: Tensor, count: int) -> list[str]:
 
 def _atomic_save(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # a full disk or a file size limit, in safetensors' words
+            raise OSError(f"cannot write the feature cache {path!r}: {e}") from e
 
 
 def build_feature_cache(path, model: torch.nn.Module, model_name: str,
