@@ -268,3 +268,13 @@ def test_default_model_run_exports_from_another_process(world, tmp_path):
                "--out", run, "--no-progress", check_rc=0)
     out = fastprompt("export", run, tmp_path / "onnx", "--head-only", check_rc=0)
     assert "passed" in out.stdout
+
+
+def test_predict_on_a_decompression_bomb_is_one_line(world, tmp_path):
+    from PIL import Image
+    root, *_ = world
+    fastprompt("export", root / "run", tmp_path / "onnx", check_rc=0)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)   # 4e8 pixels in a 50 kB file
+    one_line_error(fastprompt("predict", tmp_path / "onnx", bomb), "predict",
+                   "decompression bomb")
