@@ -15,10 +15,6 @@ from fastprompt.train.config import TrainConfig
 from fastprompt.train.loop import Targets, accuracy, logit_scale, make_targets, train_epoch
 
 FORMAT = "fastprompt-run-1"
-# The settings an export records (``Run.method``).
-METHOD_KEYS = ("targets", "smoothing", "alternate", "alternate_period", "csl_temperature",
-               "prograd", "lam", "temperature", "n_ctx", "ctx_init", "class_specific",
-               "class_token_position", "learner", "loss")
 
 
 def _prompted_model(model, tokenizer, classnames, config: TrainConfig):
@@ -133,7 +129,7 @@ def _load(prompt: rundir.PromptFile, run_dir: str, model, preprocess_val, tokeni
         prompted.prompt_learner.ctx.copy_(ctx)
         text = prompted().float()
     return [rundir.Run(run_dir, config, model, tokenizer, config.model, classnames, text,
-                       float(logit_scale(model)), rundir.method_summary(config, METHOD_KEYS),
+                       float(logit_scale(model)), rundir.method_summary(config),
                        preprocess_val)]
 
 
