@@ -230,6 +230,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
+    triton.check_not_linked(out_dir, triton_settings.name)  # before any work, nothing written
 
     proto = _to_onnx(module, per_item, info.input_name, opset)
     _set_metadata(proto, info)
