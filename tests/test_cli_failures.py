@@ -278,3 +278,17 @@ def test_predict_on_a_decompression_bomb_is_one_line(world, tmp_path):
     Image.new("1", (20000, 20000)).save(bomb)   # 4e8 pixels in a 50 kB file
     one_line_error(fastprompt("predict", tmp_path / "onnx", bomb), "predict",
                    "decompression bomb")
+
+
+def test_every_json_file_written_is_strict(world, softcpt_run):
+    """Every JSON file the package wrote in these tests (run configs and metrics of both
+    learners, generated data and task sets with their markers) parses with a strict parser."""
+    files = []
+    for base in (world[0], softcpt_run[0]):
+        for folder, _, names in os.walk(base):
+            files += [os.path.join(folder, n) for n in names if n.endswith(".json")]
+    names = {os.path.basename(f) for f in files}
+    assert {"config.json", "metrics.json", "tasks.json"} <= names and len(files) >= 6
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            strict_json(fh.read())
