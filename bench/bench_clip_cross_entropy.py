@@ -91,35 +91,6 @@ def run_point(fn, x, t, y, s, mode):
     return step
 
 
-def time_ms(fn, device, min_run_time):
-    """``common.time_ms``, except on CPU: there ``torch.utils.benchmark.Timer`` runs with ONE
-    thread unless told otherwise (its ``num_threads`` defaults to 1), so the thread count set for
-    the run is passed explicitly."""
-    if device.type == "cuda":
-        return common.time_ms(fn, device, min_run_time)
-    from torch.utils import benchmark
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                        ).blocked_autorange(min_run_time=min_run_time)
-    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
-
-
-def interleaved_times(steps, device, min_run_time, rounds):
-    """``{name: {median_ms, iqr_ms, runs}}``: each step timed in ``rounds`` interleaved rounds."""
-    per_round = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm-up (and compilation)
-    for _ in range(rounds):
-        for name, step in steps.items():
-            per_round[name].append(time_ms(step, device, min_run_time / rounds))
-    out = {}
-    for name, results in per_round.items():
-        medians = sorted(r["median_ms"] for r in results)
-        out[name] = {"median_ms": medians[len(medians) // 2],
-                     "iqr_ms": medians[(3 * len(medians)) // 4] - medians[len(medians) // 4],
-                     "runs": sum(r["runs"] or 0 for r in results), "round_medians_ms": medians}
-    return out
-
-
 def flops(n, c, d, mode, double_softmax):
     """Matmul FLOPs of the fused schedule (2·N·C·D per product): logits, plus Gᵀ X̂ for the text grad."""
     return 2 * n * c * d * (1 if mode == "forward" else 2)
@@ -246,7 +217,7 @@ def main(argv=None):
         for mode in args.modes:
             point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
             steps = {name: run_point(fn, x, t, y, s, mode) for name, fn in fns.items()}
-            res = interleaved_times({**steps, PRODUCTS: products_step(x, t, mode)}, device,
+            res = common.interleaved_times({**steps, PRODUCTS: products_step(x, t, mode)}, device,
                                     args.min_run_time, args.rounds)
             fused, eager = res["fused"], res["reference"]
             work = flops(n, c, d, mode, ds)

@@ -38,32 +38,14 @@ import fastprompt  # noqa: E402
 from fastprompt import _backend, reference  # noqa: E402
 
 
-def time_ms(fn, device, min_run_time):
-    """``common.time_ms`` with the run's thread count on CPU (``torch.utils.benchmark.Timer``
-    defaults to one thread)."""
-    if device.type == "cuda":
-        return common.time_ms(fn, device, min_run_time)
-    from torch.utils import benchmark
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                        ).blocked_autorange(min_run_time=min_run_time)
-    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
-
-
 PEAKS_ONLY = False  # set in the --peaks-only child: build the steps, time nothing
 
 
-def interleaved_times(steps, device, min_run_time, rounds=5):
-    """Each step timed in ``rounds`` interleaved rounds; the median of the rounds' medians."""
+def interleaved_times(steps, device, min_run_time):
+    """``common.interleaved_times``; nothing is timed in the ``--peaks-only`` child."""
     if PEAKS_ONLY:
         return {name: {"median_ms": float("nan")} for name in steps}
-    per_round = {name: [] for name in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(rounds):
-        for name, step in steps.items():
-            per_round[name].append(time_ms(step, device, min_run_time / rounds)["median_ms"])
-    return {name: {"median_ms": sorted(v)[len(v) // 2], "round_medians_ms": sorted(v)}
-            for name, v in per_round.items()}
+    return common.interleaved_times(steps, device, min_run_time)
 
 
 # Peak memory is measured in a separate process (``--peaks-only``, started by this one), each

@@ -1,8 +1,9 @@
 """Shared benchmark plumbing: environment record, timing, peak memory, result files.
 
-Timing follows ../shared/DESIGN.md: warm up, then the median of many runs; device events
-(``triton.testing.do_bench``) on CUDA, ``torch.utils.benchmark`` on CPU. Ratios are only ever
-taken between providers timed in the same process.
+Timing: warm up, then the median of many runs; device events (``triton.testing.do_bench``) on
+CUDA, ``torch.utils.benchmark`` on CPU with the run's thread count. Ratios are only ever taken
+between providers timed in the same process, interleaved in rounds so that load drifting on a
+shared machine hits them alike.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def environment(device: torch.device) -> dict:
 
 
 def time_ms(fn, device: torch.device, min_run_time: float = 1.0) -> dict:
-    """Median (and inter-quartile range) of ``fn()`` in milliseconds, after a warm-up call."""
+    """Median (and inter-quartile range) of ``fn()`` in milliseconds, after a warm-up call. On
+    CPU with the run's thread count: ``torch.utils.benchmark.Timer`` would use ONE thread."""
     if device.type == "cuda":
         from triton.testing import do_bench
         fn()
@@ -62,8 +64,28 @@ def time_ms(fn, device: torch.device, min_run_time: float = 1.0) -> dict:
         return {"median_ms": median, "iqr_ms": q75 - q25, "runs": None}
     from torch.utils import benchmark
     fn()
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=min_run_time)
     return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+
+
+def interleaved_times(steps: dict, device: torch.device, min_run_time: float,
+                      rounds: int = 5) -> dict:
+    """``{name: {median_ms, iqr_ms, runs, round_medians_ms}}``: each step warmed up, then timed
+    in ``rounds`` interleaved rounds; the median of the rounds' medians."""
+    per_round = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up (and compilation)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            per_round[name].append(time_ms(step, device, min_run_time / rounds))
+    out = {}
+    for name, results in per_round.items():
+        medians = sorted(r["median_ms"] for r in results)
+        out[name] = {"median_ms": medians[len(medians) // 2],
+                     "iqr_ms": medians[(3 * len(medians)) // 4] - medians[len(medians) // 4],
+                     "runs": sum(r["runs"] or 0 for r in results), "round_medians_ms": medians}
+    return out
 
 
 _malloc_fixed = False

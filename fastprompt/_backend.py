@@ -11,7 +11,7 @@ import torch
 BACKENDS = ("reference", "cpp", "triton")
 
 _cpp_error: str | None = None
-try:  # Registers the fastprompt_cpp::* CPU kernels.
+try:  # Registers the C++ CPU kernels of the fastprompt::* ops.
     from fastprompt import _C  # noqa: F401
 except Exception as exc:  # noqa: BLE001 - any failure to load means "no C++ backend"
     _cpp_error = f"{type(exc).__name__}: {exc}"

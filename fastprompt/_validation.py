@@ -1,22 +1,55 @@
 """Input checks shared by every backend and by the reference.
 
-Each public op validates here once, so every backend raises the same
-``ValueError``/``TypeError`` naming the offending argument. Shape, dtype and
-device checks are free; value checks (finiteness, index ranges) need one host
-synchronisation, done in a single batched ``.tolist()``. They are skipped while
-``torch.compile`` traces, where a data-dependent branch would break the graph;
-kernels clamp their index loads so even unchecked bad indices cannot fault.
+Each public op validates here once, so every backend raises the same ``ValueError``/``TypeError``
+naming the offending argument. Shape, dtype and device checks are free and always run. Value
+checks (finiteness, index ranges) need the data: at most one host synchronisation per call (one
+batched ``.tolist()``), and none at all where they cannot or need not run: while
+``torch.compile`` traces, while a CUDA graph is being captured, on meta or fake tensors, or when
+switched off (``set_validation(False)`` or ``FASTPROMPT_VALIDATION=0``). Unchecked bad values
+never fault: the kernels clamp every index they load (docs/kernels.md says what they give).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
+_enabled: bool | None = None  # None: from FASTPROMPT_VALIDATION
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the ops' value checks (finite features, label and index ranges, soft-label rows) on
+    or off for this process; overrides ``FASTPROMPT_VALIDATION``. Shape, dtype and device
+    checks always run."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _enabled = enabled
+
+
+def validation_enabled() -> bool:
+    """Whether value checks run: ``set_validation``'s setting, else ``FASTPROMPT_VALIDATION``
+    (``0``, ``false``, ``off`` or ``no`` turn them off; on by default)."""
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("FASTPROMPT_VALIDATION", "1").strip().lower() not in ("0", "false", "off", "no")
+
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def value_checks_wanted(x: torch.Tensor) -> bool:
+    """Whether to run value checks on inputs like ``x``: enabled, eager, not capturing a CUDA
+    graph, and real data (not meta or fake tensors)."""
+    if not validation_enabled() or _is_compiling():
+        return False
+    if x.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(x):
+        return False
+    return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, x, *, ndim: int | None = None, floating: bool = False,
@@ -58,7 +91,7 @@ def as_scale_tensor(scale, device: torch.device) -> torch.Tensor:
 
 def run_value_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
     """Evaluate boolean 0-d tensors with one synchronisation; raise on the first false one."""
-    if not checks or _is_compiling():
+    if not checks or not value_checks_wanted(checks[0][1]):
         return
     flags = torch.stack([c.reshape(()) for _, c in checks]).tolist()
     for (message, _), ok in zip(checks, flags):
@@ -138,7 +171,10 @@ def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, s
         if sample_index.shape[0] != n:
             raise ValueError(f"sample_index: expected {n} indices (one per image_features row), got "
                              f"{sample_index.shape[0]}")
-    if _is_compiling():
+    if soft_labels is not None and soft_labels.requires_grad and torch.is_grad_enabled():
+        raise ValueError("soft_labels: requires grad, but the soft-label table is a fixed target "
+                         "and gets no gradient in any backend; pass soft_labels.detach()")
+    if not value_checks_wanted(image_features):
         return s, []
 
     # Value checks: one small reduction per tensor, all read back by a single synchronisation.
@@ -208,7 +244,7 @@ def check_prograd_losses_args(image_features, text_features, zeroshot_text_featu
         raise TypeError(f"zeroshot_text_features: dtype {zeroshot_text_features.dtype} differs from "
                         f"image_features' {image_features.dtype}; cast one of them")
     check_same_device("image_features", image_features, zeroshot_text_features=zeroshot_text_features)
-    if not _is_compiling() and not kernel_checks_values:
+    if value_checks_wanted(image_features) and not kernel_checks_values:
         checks += feature_checks("zeroshot_text_features", zeroshot_text_features, True)
     run_value_checks(checks)
     return s, temperature
@@ -222,16 +258,19 @@ def _check_tensor_list(name: str, tensors) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def finiteness_checks(name: str, tensors: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+def finiteness_checks(name: str, tensors: list[torch.Tensor],
+                      indices: list[int] | None = None) -> list[tuple[str, torch.Tensor]]:
     """``run_value_checks`` entries saying which tensor of a list holds NaN or infinite values.
 
     One multi-tensor 2-norm covers the whole list (NaN and inf survive it), accumulated in float32
-    (float64 for float64 tensors): about 10x faster on CPU than the max-abs (inf) norm. A finite
+    (float64 for float64 tensors): much cheaper on CPU than the max-abs (inf) norm. A finite
     tensor whose float32 norm overflows (elements beyond ~1e19) is refused too, and said so; the
     projection's float32 sums would overflow on it as well. None and empty entries are skipped;
-    messages keep the list's indices.
+    messages name ``indices[k]`` (the list's positions by default).
     """
-    indexed = [(i, x) for i, x in enumerate(tensors) if x is not None and x.numel() > 0]
+    if indices is None:
+        indices = list(range(len(tensors)))
+    indexed = [(i, x) for i, x in zip(indices, tensors) if x is not None and x.numel() > 0]
     if not indexed:
         return []
     peaks = {}
@@ -245,9 +284,38 @@ def finiteness_checks(name: str, tensors: list[torch.Tensor]) -> list[tuple[str,
              "overflows)", torch.isfinite(peaks[i])) for i, _ in indexed]
 
 
-def check_project_conflicting_args(grads, ref_grads, lam, *, values: bool = True) -> float:
-    """Validate the arguments of ``project_conflicting_``; return ``lam`` as a float.
-    ``values=False`` leaves out the finiteness checks (for a kernel that does them itself)."""
+def _memory_span(x: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` a tensor's elements occupy in its storage's address space."""
+    start = x.data_ptr()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride()))
+    return start, start + (extent + 1) * x.element_size()
+
+
+def check_no_overlap(written: list[tuple[str, torch.Tensor]],
+                     read: list[tuple[str, torch.Tensor]]) -> None:
+    """ValueError naming two tensors whose memory overlaps where one of them is ``written`` (the
+    same tensor twice, or views sharing elements). Meta and fake tensors are skipped."""
+    spans = []
+    for order, (name, x, is_written) in enumerate([(n, x, True) for n, x in written]
+                                                  + [(n, x, False) for n, x in read]):
+        if x.numel() == 0 or x.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(x):
+            continue
+        spans.append((str(x.device), *_memory_span(x), order, name, is_written))
+    spans.sort()
+    holder = None  # among the spans so far on this device, the one that ends last
+    for span in spans:
+        device, start, end, order, name, is_written = span
+        if holder is not None and holder[0] == device and start < holder[2] and (is_written or holder[5]):
+            first, second = sorted((holder, span), key=lambda item: item[3])
+            raise ValueError(f"{second[4]}: shares memory with {first[4]}; the projection writes "
+                             "its grads in place and needs them apart from every other tensor")
+        if holder is None or holder[0] != device or end > holder[2]:
+            holder = span
+
+
+def check_project_conflicting_args(grads, ref_grads, lam) -> float:
+    """Validate the arguments of ``project_conflicting_`` (free checks; the finiteness checks are
+    left to the projection); return ``lam`` as a float."""
     grads = _check_tensor_list("grads", grads)
     ref_grads = _check_tensor_list("ref_grads", ref_grads)
     if len(ref_grads) != len(grads):
@@ -262,8 +330,11 @@ def check_project_conflicting_args(grads, ref_grads, lam, *, values: bool = True
             raise ValueError(f"ref_grads[{i}]: dtype {h.dtype} differs from grads[{i}]'s {g.dtype}")
         # One device for all: the fused projection covers every tensor in one launch.
         check_same_device("grads[0]", grads[0], **{f"grads[{i}]": g, f"ref_grads[{i}]": h})
-    if values:
-        run_value_checks(finiteness_checks("grads", grads) + finiteness_checks("ref_grads", ref_grads))
+        if g.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"grads[{i}]: requires grad; the projection is not differentiable and "
+                             "writes in place (pass .grad tensors, or call it under torch.no_grad())")
+    check_no_overlap([(f"grads[{i}]", g) for i, g in enumerate(grads)],
+                     [(f"ref_grads[{i}]", h) for i, h in enumerate(ref_grads)])
     return lam
 
 

@@ -1,7 +1,7 @@
 """Every fastprompt op in plain torch: the specification the fused kernels are tested
 against (run it in float64), and the fallback when no compiled backend is available.
 
-The formulas are those of ``DESIGN.md``: logits ``z = s * x̂ t̂ᵀ``; targets ``e_y`` or
+The formulas (docs/math.md): logits ``z = s * x̂ t̂ᵀ``; targets ``e_y`` or
 ``(1-ε) e_y + ε r`` with ``r`` uniform, a class-wise row ``CSL[y]`` or an instance-wise row
 ``ISL[k]``; cross-entropy over ``softmax(z)``, or over ``softmax(softmax(z))`` for DSPT.
 """
@@ -24,9 +24,16 @@ def clip_logits(image_features, text_features, scale, normalize=True):
     x = image_features.to(dt)
     t = text_features.to(dt)
     if normalize:
-        x = x / x.norm(dim=1, keepdim=True)
-        t = t / t.norm(dim=1, keepdim=True)
+        x, t = unit_rows(x), unit_rows(t)
     return scale.to(dt) * (x @ t.T)
+
+
+def unit_rows(x):
+    """``x_i / ‖x_i‖``, each row divided by its largest magnitude first so that the norm of any
+    finite nonzero row neither overflows nor underflows (the divisor is held constant for
+    autograd: the result does not depend on it)."""
+    x = x / x.detach().abs().amax(dim=1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True)
 
 
 def soft_targets(labels, num_classes, smoothing, soft_labels=None, sample_index=None, dtype=torch.float32):
@@ -121,9 +128,11 @@ def project_conflicting_(grads, ref_grads, lam=1.0):
 
     The per-parameter loop of the official code; the sign test stays on the device.
     """
-    from fastprompt._validation import check_project_conflicting_args
+    from fastprompt._validation import (check_project_conflicting_args, finiteness_checks,
+                                        run_value_checks)
 
     lam = check_project_conflicting_args(grads, ref_grads, lam)
+    run_value_checks(finiteness_checks("grads", grads) + finiteness_checks("ref_grads", ref_grads))
     project_conflicting_unchecked_(grads, ref_grads, lam)
 
 

@@ -1,4 +1,5 @@
-"""Shared test utilities: backend/device parametrisation and float64 comparison."""
+"""Shared test utilities: backend/device parametrisation, the ops' random inputs, and float64
+comparison."""
 from __future__ import annotations
 
 import os
@@ -28,15 +29,55 @@ def backend_params():
 
 @pytest.fixture(params=backend_params())
 def backend(request, monkeypatch):
-    """Force a backend for the test; yields (backend name, device)."""
+    """Force a backend for the test; yields (backend name, device). Afterwards the ops' CPU key
+    gets its C++ kernels back (forced Triton puts the interpreter there while it is set)."""
+    from fastprompt.ops._library import backend_for
+
     name, device = request.param
     monkeypatch.setenv("FASTPROMPT_BACKEND", name)
-    return name, torch.device(device)
+    yield name, torch.device(device)
+    monkeypatch.delenv("FASTPROMPT_BACKEND")
+    backend_for(torch.device("cpu"))
 
 
 def fresh_seed() -> int:
     """A new seed each run (printed by pytest on failure through the test's locals)."""
     return int.from_bytes(os.urandom(4), "little")
+
+
+TARGETS = ("hard", "uniform", "classwise", "instancewise")
+
+
+def make_inputs(n, c, d, *, seed, target="hard", device="cpu", dtype=torch.float32, scale=None,
+                smoothing=0.2):
+    """Random loss inputs ``(x, t, labels, s, kw)``: N x D image and C x D text features, labels,
+    a 0-d scale (random in [5, 25] unless given), and the target options of ``target`` as
+    keyword arguments."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    t = torch.randn(c, d, generator=g)
+    labels = torch.randint(0, c, (n,), generator=g)
+    s = torch.tensor(float(scale) if scale is not None else 5.0 + 20.0 * torch.rand((), generator=g).item())
+    kw = {}
+    if target != "hard":
+        kw["smoothing"] = smoothing
+    if target == "classwise":
+        kw["soft_labels"] = torch.softmax(3 * torch.randn(c, c, generator=g), dim=1)
+    if target == "instancewise":
+        m = n + 3
+        kw["soft_labels"] = torch.softmax(3 * torch.randn(m, c, generator=g), dim=1)
+        kw["sample_index"] = torch.randint(0, m, (n,), generator=g)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    return x.to(device, dtype), t.to(device, dtype), labels.to(device), s.to(device), kw
+
+
+def make_prograd_inputs(n, c, d, *, seed, **options):
+    """``make_inputs`` plus zero-shot text features near the prompts' (as a tuned prompt stays
+    near its template): ``(x, t, t0, labels, s, kw)``."""
+    x, t, labels, s, kw = make_inputs(n, c, d, seed=seed, **options)
+    g = torch.Generator().manual_seed(seed + 1)
+    t0 = (t.float().cpu() + 0.7 * torch.randn(t.shape, generator=g)).to(t.device, t.dtype)
+    return x, t, t0, labels, s, kw
 
 
 def assert_close_to_truth(actual, truth, rtol, atol, name, *, baseline=None, extra_atol=0.0):
@@ -73,7 +114,7 @@ def assert_close_to_truth(actual, truth, rtol, atol, name, *, baseline=None, ext
             f"got {actual.flatten()[i].item():.9g}, truth {truth.flatten()[i].item():.9g}, error "
             f"{error.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g} "
             f"(rtol {rtol}, atol {atol} x {max(scale, 1e-3):.3g}, baseline error "
-            f"{baseline_error:.3g}, extra {extra_atol:.3g})")
+            f"{baseline_error:.3g}, extra up to {float(torch.as_tensor(extra_atol).max()):.3g})")
 
 
 def float32_logit_error(magnitudes, k: float = 8.0) -> torch.Tensor:
@@ -101,7 +142,7 @@ def half_storage_error(grad_terms, dtype) -> torch.Tensor:
 
 def propagate_logit_error(error, image_features, text_features, scale, normalize=True):
     """Carry an elementwise bound ``E`` (N x C) on the error of ``G = ∂L/∂z`` through the
-    closed-form gradients of KERNELS.md: ``|δ(G T̂)| <= E |T̂|``, ``|δ(Gᵀ X̂)| <= Eᵀ |X̂|``, then
+    closed-form gradients (docs/math.md): ``|δ(G T̂)| <= E |T̂|``, ``|δ(Gᵀ X̂)| <= Eᵀ |X̂|``, then
     the normalisation's projection ``v - (v·f̂) f̂`` (bounded elementwise by ``|δv| + (|δv|·|f̂|)
     |f̂|``), and ``|δ ∂L/∂s| <= Σ E |z| / s``. Returns allowances for the image, text and scale
     gradients (float64, CPU)."""

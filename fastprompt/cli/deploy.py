@@ -129,7 +129,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _export_one(args: argparse.Namespace):
-    from fastprompt.export.onnx_export import export_run
+    from fastprompt.pipeline import export_run
     evaluation = None
     if args.int8 or args.fp16:
         if args.agreement_limit < 0:
@@ -170,7 +170,7 @@ def _export_ensemble(args: argparse.Namespace):
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from fastprompt.train.run import METRICS
+    from fastprompt.train.rundir import METRICS
     path = os.path.join(run_dir, METRICS)
     try:
         with open(path, encoding="utf-8") as f:

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastprompt._io import read_json
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, load_dataset
 
 TASK_KEYS = ("name", "data", "split_file")
@@ -75,11 +76,7 @@ def read_tasks_file(path) -> list[TaskSpec]:
     where = f"tasks file {path!r}"
     if not os.path.isfile(path):
         raise ValueError(f"tasks: {path!r} is not a file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    content = read_json(path, "tasks")
     if not isinstance(content, list) or not content:
         raise ValueError(f"{where}: expected a non-empty JSON list of "
                          '{"name": ..., "data": ..., "split_file": ...} objects')

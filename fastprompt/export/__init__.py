@@ -13,7 +13,6 @@ _LAZY = {
     "ExportVerificationError": "fastprompt.export.onnx_export",
     "bake_classifier": "fastprompt.export.onnx_export",
     "export_onnx": "fastprompt.export.onnx_export",
-    "export_run": "fastprompt.export.onnx_export",
     "AgreementError": "fastprompt.export.agreement",
     "AgreementReport": "fastprompt.export.agreement",
     "EvaluationSet": "fastprompt.export.agreement",

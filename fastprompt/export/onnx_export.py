@@ -363,17 +363,6 @@ def _reduce(proto: onnx.ModelProto, fp32_path: str, out: str, info: ModelInfo, e
     return report
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> ExportReport:
-    """Export a finished training run (``fastprompt.train.load_run``) with ``export_onnx``;
-    ``kwargs`` are ``export_onnx``'s keyword options (head_only, fp16, triton_name, ...)."""
-    from fastprompt.train import load_run
-    task = kwargs.pop("task", None)  # SoftCPT: the task whose classifier to export
-    run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
-    return export_onnx(run.model, run.text_features, list(run.class_names), out_dir,
-                       scale=float(run.scale), model_name=run.model_name, method=dict(run.method),
-                       **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 

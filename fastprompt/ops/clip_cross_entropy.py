@@ -1,50 +1,27 @@
-"""``fastprompt.clip_cross_entropy``: the fused prompt-tuning loss as torch custom ops.
-
-Two ops, one schema each, every backend behind them:
+"""``fastprompt.clip_cross_entropy``: the fused prompt-tuning loss as two torch ops.
 
 * ``fastprompt::clip_cross_entropy_forward`` -> ``(loss_rows, grad_logits)``: the per-row loss
   (float32) and, when a gradient will be needed, ``∂loss_i/∂z`` (N x C, input dtype) written
-  during the forward as Liger-Kernel does, so the backward is products only.
+  during the forward, so the backward is products only.
 * ``fastprompt::clip_cross_entropy_backward``: from ``grad_logits`` and the upstream per-row
-  gradient to the gradients of the image features, text features and scale (closed forms in
-  ``KERNELS.md``: the normalisation's backward is a projection, no N x C temporary).
+  gradient to the gradients of the image features, text features and scale (docs/math.md).
 
-Their autograd is ``ClipCrossEntropyFunction`` (the forward op, then the backward op on the
-saved logit gradient); the reduction stays in Python (a mean over N values), so autograd and
-``torch.compile`` see it.
+Their autograd is ``ClipCrossEntropyFunction``; the reduction stays in Python (a mean over N
+values), so autograd and ``torch.compile`` see it. Contracts: docs/kernels.md.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from fastprompt import _backend, reference
+from fastprompt import reference
 from fastprompt._validation import check_clip_cross_entropy_args
-from fastprompt.ops._library import define_op
+from fastprompt.ops._library import backend_for, define_op, refuse_float64, triton_kernel
 
 _EMPTY = (0,)
 
 
-def _kernels(backend: str):
-    if backend == "cpp":
-        return (torch.ops.fastprompt_cpp.clip_cross_entropy_forward,
-                torch.ops.fastprompt_cpp.clip_cross_entropy_backward)
-    if backend == "triton":
-        from fastprompt.kernels import clip_cross_entropy as k
-        return k.clip_cross_entropy_forward, k.clip_cross_entropy_backward
-    raise ValueError(f"backend: no fused kernel for {backend!r}")
-
-
-def _forward_impl(image_features, text_features, labels, scale, soft_labels, sample_index,
-                  smoothing, double_softmax, normalize, compute_grad, backend):
-    forward, _ = _kernels(backend)
-    return forward(image_features, text_features, labels, scale, soft_labels, sample_index,
-                   smoothing, double_softmax, normalize, compute_grad)
-
-
 def _forward_fake(image_features, text_features, labels, scale, soft_labels, sample_index,
-                  smoothing, double_softmax, normalize, compute_grad, backend):
+                  smoothing, double_softmax, normalize, compute_grad):
     n, c = image_features.shape[0], text_features.shape[0]
     loss_rows = image_features.new_empty((n,), dtype=torch.float32)
     grad_logits = image_features.new_empty((n, c) if compute_grad else _EMPTY)
@@ -54,19 +31,12 @@ def _forward_fake(image_features, text_features, labels, scale, soft_labels, sam
 clip_cross_entropy_forward = define_op(
     "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
     "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, bool double_softmax, "
-    "bool normalize, bool compute_grad, str backend) -> (Tensor, Tensor)",
-    _forward_impl, _forward_fake)
-
-
-def _backward_impl(grad_rows, grad_logits, image_features, text_features, scale, normalize,
-                   need_image_grad, need_text_grad, need_scale_grad, backend):
-    _, backward = _kernels(backend)
-    return backward(grad_rows, grad_logits, image_features, text_features, scale, normalize,
-                    need_image_grad, need_text_grad, need_scale_grad)
+    "bool normalize, bool compute_grad) -> (Tensor, Tensor)",
+    _forward_fake, triton_kernel("clip_loss_forward", "clip_cross_entropy_forward"))
 
 
 def _backward_fake(grad_rows, grad_logits, image_features, text_features, scale, normalize,
-                   need_image_grad, need_text_grad, need_scale_grad, backend):
+                   need_image_grad, need_text_grad, need_scale_grad):
     gx = torch.empty_like(image_features) if need_image_grad else image_features.new_empty(_EMPTY)
     gt = torch.empty_like(text_features) if need_text_grad else text_features.new_empty(_EMPTY)
     gs = scale.new_empty(() if need_scale_grad else _EMPTY)  # in the scale's dtype
@@ -76,31 +46,40 @@ def _backward_fake(grad_rows, grad_logits, image_features, text_features, scale,
 clip_cross_entropy_backward = define_op(
     "clip_cross_entropy_backward(Tensor grad_rows, Tensor grad_logits, Tensor image_features, "
     "Tensor text_features, Tensor scale, bool normalize, bool need_image_grad, "
-    "bool need_text_grad, bool need_scale_grad, str backend) -> (Tensor, Tensor, Tensor)",
-    _backward_impl, _backward_fake)
+    "bool need_text_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)",
+    _backward_fake, triton_kernel("clip_loss_backward", "clip_cross_entropy_backward"))
+
+
+def _backward_vmap(info, in_dims, *args):
+    """The backward op once per batch entry, outputs stacked: for the small batches that
+    ``is_grads_batched`` and ``torch.func.vmap`` over ``autograd.grad`` bring (ProGrad's two);
+    the text encoder's backward, where the time goes, is what gets batched."""
+    outputs = []
+    for b in range(info.batch_size):
+        sliced = [a.select(d, b).contiguous() if d is not None else a
+                  for a, d in zip(args, in_dims)]
+        outputs.append(clip_cross_entropy_backward(*sliced))
+    stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+    return stacked, (0,) * len(stacked)
+
+
+torch.library.register_vmap("fastprompt::clip_cross_entropy_backward", _backward_vmap)
 
 
 class ClipCrossEntropyFunction(torch.autograd.Function):
     """Autograd of ``fastprompt::clip_cross_entropy_forward``: its backward is the backward op on
-    the saved logit gradient.
-
-    An ``autograd.Function`` rather than ``torch.library.register_autograd``: the generated
-    wrapper of the latter cost about 115 µs of Python per forward and as much per backward
-    (measured on 2 CPU cores, N=2, C=2: 446 µs per forward+backward step against 129 µs for the
-    kernels called under a plain Function), which is a tenth of the whole step at N=256, C=1000,
-    D=512 on CPU and more than the kernels themselves on a GPU at that size. torch.compile
-    traces it the same way (the test compiles a step with ``fullgraph=True``).
-    """
+    the saved logit gradient. (An ``autograd.Function`` rather than ``register_autograd``, whose
+    generated wrapper costs more Python per call than the kernels take at training sizes;
+    torch.compile traces it the same way.)"""
 
     @staticmethod
     def forward(ctx, image_features, text_features, labels, scale, soft_labels, sample_index,
-                smoothing, double_softmax, normalize, compute_grad, backend):
+                smoothing, double_softmax, normalize, compute_grad):
         loss_rows, grad_logits = clip_cross_entropy_forward(
             image_features, text_features, labels, scale, soft_labels, sample_index, smoothing,
-            double_softmax, normalize, compute_grad, backend)
+            double_softmax, normalize, compute_grad)
         ctx.save_for_backward(image_features, text_features, scale, grad_logits)
         ctx.normalize = normalize
-        ctx.backend = backend
         ctx.mark_non_differentiable(grad_logits)
         # grad_logits is never used downstream: without this, autograd would fill an N x C zero
         # gradient for it on every backward.
@@ -110,7 +89,7 @@ class ClipCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, _unused):
         if grad_rows is None:
-            return (None,) * 11
+            return (None,) * 10
         image_features, text_features, scale, grad_logits = ctx.saved_tensors
         if grad_logits.dim() != 2:
             raise RuntimeError("clip_cross_entropy: backward called, but the forward ran without "
@@ -118,23 +97,21 @@ class ClipCrossEntropyFunction(torch.autograd.Function):
         need_x, need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         gx, gt, gs = clip_cross_entropy_backward(
             grad_rows.float().contiguous(), grad_logits, image_features, text_features, scale,
-            ctx.normalize, need_x, need_t, need_s, ctx.backend)
+            ctx.normalize, need_x, need_t, need_s)
         return (gx if need_x else None, gt if need_t else None, None, gs if need_s else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
-def _resolve(image_features) -> Optional[str]:
-    """The backend for these inputs; None where ``image_features`` is not a tensor (validation
-    then raises the TypeError that names it)."""
-    if not isinstance(image_features, torch.Tensor):
-        return None
-    return _backend.resolve(image_features.device)
-
-
-def kernel_checks_values(backend: Optional[str], image_features) -> bool:
-    """The C++ kernels check the values of their inputs themselves (``clip_cross_entropy_checks``
-    says which)."""
-    return backend == "cpp" and image_features.dtype != torch.float64
+def fused_targets(smoothing: float, soft_labels, sample_index):
+    """The target arguments as the kernels take them: no table for hard targets, a contiguous
+    float32 table otherwise."""
+    if smoothing == 0.0:  # hard targets: the table plays no part
+        return None, None
+    if soft_labels is not None:
+        soft_labels = soft_labels.float().contiguous()
+    if sample_index is not None:
+        sample_index = sample_index.contiguous()
+    return soft_labels, sample_index
 
 
 def clip_cross_entropy(image_features, text_features, labels, scale, *, double_softmax=False,
@@ -150,38 +127,34 @@ def clip_cross_entropy(image_features, text_features, labels, scale, *, double_s
         double_softmax: DSPT's loss, cross-entropy over ``softmax(softmax(z))``.
         smoothing: ε; targets are ``(1-ε) e_y + ε r`` when ε > 0.
         soft_labels: ``r``: None for uniform, a C x C class-wise table indexed by label, or an
-            M x C instance-wise table indexed by ``sample_index``. Rows sum to 1.
+            M x C instance-wise table indexed by ``sample_index``. Rows sum to 1. A fixed target:
+            a table that requires grad is refused (ValueError), in every backend.
         sample_index: N int64 rows of an instance-wise ``soft_labels`` table.
-        normalize: L2-normalise the rows of both feature matrices first (CLIP does).
+        normalize: L2-normalise the rows of both feature matrices first (CLIP does); any finite
+            nonzero row is accepted, however large or small.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (N per-row losses).
 
     Returns the float32 loss. Runs the Triton kernels on CUDA and the C++ kernels on CPU
     (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
+    Validation: docs/kernels.md.
     """
-    backend = _resolve(image_features)
+    backend = backend_for(image_features.device) if isinstance(image_features, torch.Tensor) else None
     s = check_clip_cross_entropy_args(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=normalize, reduction=reduction,
-        kernel_checks_values=kernel_checks_values(backend, image_features))
+        kernel_checks_values=backend == "cpp")
     smoothing = float(smoothing)
     if backend == "reference":
         return reference.clip_cross_entropy_unchecked(
             image_features, text_features, labels, s, double_softmax, smoothing, soft_labels,
             sample_index, normalize, reduction)
-    if image_features.dtype == torch.float64:
-        raise TypeError(f"image_features: float64 has no fused {backend} kernel; use float32, "
-                        "bfloat16 or float16, or fastprompt.reference for float64 checks")
-    if smoothing == 0.0:  # hard targets: the table plays no part
-        soft_labels = sample_index = None
-    if soft_labels is not None:
-        soft_labels = soft_labels.float().contiguous()
-    if sample_index is not None:
-        sample_index = sample_index.contiguous()
+    refuse_float64(backend, image_features.dtype)
+    soft_labels, sample_index = fused_targets(smoothing, soft_labels, sample_index)
     compute_grad = torch.is_grad_enabled() and (
         image_features.requires_grad or text_features.requires_grad or s.requires_grad)
     loss_rows, _ = ClipCrossEntropyFunction.apply(
         image_features.contiguous(), text_features.contiguous(), labels.contiguous(), s,
-        soft_labels, sample_index, smoothing, bool(double_softmax), normalize, compute_grad, backend)
+        soft_labels, sample_index, smoothing, bool(double_softmax), normalize, compute_grad)
     if reduction == "mean":
         return loss_rows.mean()
     if reduction == "sum":

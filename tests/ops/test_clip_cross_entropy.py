@@ -8,31 +8,8 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import _backend, reference
-from testlib import (assert_close_to_truth, backend, float32_logit_error, fresh_seed,  # noqa: F401
-                     half_storage_error, propagate_logit_error)
-
-TARGETS = ("hard", "uniform", "classwise", "instancewise")
-
-
-def make_inputs(n, c, d, *, target="hard", seed=None, device="cpu", dtype=torch.float32, scale=None,
-                smoothing=0.2):
-    g = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
-    x = torch.randn(n, d, generator=g)
-    t = torch.randn(c, d, generator=g)
-    labels = torch.randint(0, c, (n,), generator=g)
-    s = torch.tensor(float(scale) if scale is not None else 5.0 + 20.0 * torch.rand((), generator=g).item())
-    kw = {}
-    if target != "hard":
-        kw["smoothing"] = smoothing
-    if target == "classwise":
-        kw["soft_labels"] = torch.softmax(3 * torch.randn(c, c, generator=g), dim=1)
-    if target == "instancewise":
-        m = n + 3
-        kw["soft_labels"] = torch.softmax(3 * torch.randn(m, c, generator=g), dim=1)
-        kw["sample_index"] = torch.randint(0, m, (n,), generator=g)
-    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
-    return x.to(device, dtype), t.to(device, dtype), labels.to(device), s.to(device), kw
-
+from testlib import (TARGETS, assert_close_to_truth, backend, float32_logit_error,  # noqa: F401
+                     half_storage_error, make_inputs, propagate_logit_error)
 
 def loss_and_grads(fn, x, t, labels, s, kw, *, reduction="mean", grad_image=True, grad_scale=True,
                    upstream=None, **opts):
@@ -66,7 +43,7 @@ def row_weights(n, reduction="mean", upstream=None):
 
 
 def logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize=True):
-    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of KERNELS.md, rows weighted by
+    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of docs/math.md, rows weighted by
     ``weights``) and ``M``, the magnitudes of the terms that cancel in ``G``."""
     kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
     z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), normalize)
@@ -105,8 +82,8 @@ def tolerance(dtype, backend_name):
 # --- the reference against independent formulas ------------------------------------------------
 
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_reference_equals_torch_cross_entropy(double_softmax):
-    x, t, labels, s, _ = make_inputs(23, 9, 12, dtype=torch.float64)
+def test_reference_equals_torch_cross_entropy(double_softmax, seed):
+    x, t, labels, s, _ = make_inputs(23, 9, 12, dtype=torch.float64, seed=seed)
     z = s * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T
     if double_softmax:
         z = torch.softmax(z, dim=1)
@@ -117,10 +94,10 @@ def test_reference_equals_torch_cross_entropy(double_softmax):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_reference_soft_tables_select_rows():
+def test_reference_soft_tables_select_rows(seed):
     # A class-wise table whose rows are one-hot on the label equals hard targets; an instance-wise
     # table indexed by sample_index picks each sample's own row.
-    x, t, labels, s, _ = make_inputs(10, 6, 8, dtype=torch.float64)
+    x, t, labels, s, _ = make_inputs(10, 6, 8, dtype=torch.float64, seed=seed)
     eye = torch.eye(6, dtype=torch.float64)
     hard = reference.clip_cross_entropy(x, t, labels, s)
     assert torch.allclose(reference.clip_cross_entropy(x, t, labels, s, smoothing=0.7, soft_labels=eye), hard)
@@ -135,8 +112,8 @@ def test_reference_soft_tables_select_rows():
 
 @pytest.mark.parametrize("double_softmax", [False, True])
 @pytest.mark.parametrize("target", TARGETS)
-def test_reference_gradcheck(target, double_softmax):
-    x, t, labels, s, kw = make_inputs(5, 4, 3, target=target)
+def test_reference_gradcheck(target, double_softmax, seed):
+    x, t, labels, s, kw = make_inputs(5, 4, 3, target=target, seed=seed)
     kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
     x, t, s = (v.double().requires_grad_() for v in (x, t, s))
     fn = lambda x, t, s: reference.clip_cross_entropy(x, t, labels, s, double_softmax=double_softmax, **kw)  # noqa: E731
@@ -148,10 +125,10 @@ def test_reference_gradcheck(target, double_softmax):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("double_softmax", [False, True])
 @pytest.mark.parametrize("target", TARGETS)
-def test_backend_matches_float64(backend, target, double_softmax, reduction):
+def test_backend_matches_float64(backend, target, double_softmax, reduction, seed):
     name, device = backend
     n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
-    x, t, labels, s, kw = make_inputs(n, c, d, target=target, device=device)
+    x, t, labels, s, kw = make_inputs(n, c, d, target=target, device=device, seed=seed)
     upstream = torch.rand(n, dtype=torch.float64)
     opts = dict(double_softmax=double_softmax, reduction=reduction, upstream=upstream)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
@@ -167,9 +144,9 @@ def test_backend_matches_float64(backend, target, double_softmax, reduction):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_backend_odd_sizes(backend, shape, double_softmax):
+def test_backend_odd_sizes(backend, shape, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=device)
+    x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=device, seed=seed)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
     want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
     base = eager(x, t, labels, s, kw, double_softmax=double_softmax)
@@ -181,9 +158,9 @@ def test_backend_odd_sizes(backend, shape, double_softmax):
 
 
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_backend_unnormalized_features(backend, double_softmax):
+def test_backend_unnormalized_features(backend, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3)
+    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3, seed=seed)
     opts = dict(double_softmax=double_softmax, normalize=False)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
     want = truth(x, t, labels, s, kw, **opts)
@@ -196,10 +173,10 @@ def test_backend_unnormalized_features(backend, double_softmax):
 
 
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_backend_extreme_logits(backend, double_softmax):
+def test_backend_extreme_logits(backend, double_softmax, seed):
     # scale 100 with image rows equal to class rows: logits of 100 next to -100, no NaN allowed.
     name, device = backend
-    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0)
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0, seed=seed)
     x = t[labels].clone()
     x[::2] = -x[::2]  # half the samples point away from their class: huge loss, tiny softmax
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
@@ -214,9 +191,9 @@ def test_backend_extreme_logits(backend, double_softmax):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_backend_half_precision(backend, dtype, double_softmax):
+def test_backend_half_precision(backend, dtype, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype)
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype, seed=seed)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == dtype and got[2].dtype == dtype
@@ -231,9 +208,9 @@ def test_backend_half_precision(backend, dtype, double_softmax):
         assert_close_to_truth(a, b, 2e-2, 2e-2, what, baseline=e, extra_atol=x_atol)
 
 
-def test_backend_frozen_image_features_and_no_grad(backend):
+def test_backend_frozen_image_features_and_no_grad(backend, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(11, 7, 9, target="classwise", device=device)
+    x, t, labels, s, kw = make_inputs(11, 7, 9, target="classwise", device=device, seed=seed)
     t_req = t.clone().requires_grad_()
     loss = fastprompt.clip_cross_entropy(x, t_req, labels, s, double_softmax=True, **kw)
     loss.backward()
@@ -245,20 +222,20 @@ def test_backend_frozen_image_features_and_no_grad(backend):
     assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, "grad text")
 
 
-def test_backend_python_float_scale(backend):
+def test_backend_python_float_scale(backend, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(6, 5, 7, device=device)
+    x, t, labels, s, kw = make_inputs(6, 5, 7, device=device, seed=seed)
     a = fastprompt.clip_cross_entropy(x, t, labels, 12.5)
     b = reference.clip_cross_entropy(x.double(), t.double(), labels, 12.5)
     assert_close_to_truth(a, b, 1e-5, 1e-5, "loss")
 
 
 @pytest.mark.parametrize("double_softmax", [False, True])
-def test_backend_float64_scale(backend, double_softmax):
+def test_backend_float64_scale(backend, double_softmax, seed):
     # A float64 logit scale with float32 features: the scale's gradient comes back in float64
     # (the fused backward ops return it in the scale's dtype), forward and opcheck agree.
     name, device = backend
-    x, t, labels, s, kw = make_inputs(10, 7, 12, device=device)
+    x, t, labels, s, kw = make_inputs(10, 7, 12, device=device, seed=seed)
     s64 = s.double().requires_grad_()
     t_req = t.clone().requires_grad_()
     loss = fastprompt.clip_cross_entropy(x, t_req, labels, s64, double_softmax=double_softmax)
@@ -268,21 +245,21 @@ def test_backend_float64_scale(backend, double_softmax):
     assert_close_to_truth(s64.grad, want[3], 1e-4, 1e-5, "grad scale")
     if name != "reference":
         _, grad_logits = torch.ops.fastprompt.clip_cross_entropy_forward(
-            x, t, labels, s64.detach(), None, None, 0.0, double_softmax, True, True, name)
+            x, t, labels, s64.detach(), None, None, 0.0, double_softmax, True, True)
         grad_rows = torch.full((10,), 0.1, device=device)
         out = torch.ops.fastprompt.clip_cross_entropy_backward(
-            grad_rows, grad_logits, x, t, s64.detach(), True, False, True, True, name)
+            grad_rows, grad_logits, x, t, s64.detach(), True, False, True, True)
         assert out[2].dtype == torch.float64
         if name == "cpp":
             torch.library.opcheck(torch.ops.fastprompt.clip_cross_entropy_backward.default,
                                   (grad_rows, grad_logits, x, t, s64.detach(), True, True, True,
-                                   True, name))
+                                   True))
 
 
 # --- bad input: every backend, a clear error naming the argument ----------------------------------
 
 def _bad_cases(device):
-    x, t, labels, s, _ = make_inputs(4, 3, 5, device=device)
+    x, t, labels, s, _ = make_inputs(4, 3, 5, seed=0, device=device)
     table = torch.full((3, 3), 1 / 3, device=device)
     nan_x = x.clone()
     nan_x[1, 2] = float("nan")
@@ -327,38 +304,38 @@ def test_bad_input_names_the_argument(backend, case):
 
 @pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
 @pytest.mark.parametrize("normalize", [True, False])
-def test_cpp_kernel_checks_values_itself(normalize):
+def test_cpp_kernel_checks_values_itself(normalize, seed):
     # The Python layer leaves the value checks of features, scale, labels and sample indices to
     # the C++ kernels (the features' come free with the row norms), so the op itself must refuse
     # them, e.g. where torch.compile skips Python.
-    x, t, labels, s, _ = make_inputs(4, 3, 5)
+    x, t, labels, s, _ = make_inputs(4, 3, 5, seed=seed)
     nan_x, zero_t = x.clone(), t.clone()
     nan_x[2, 1] = float("inf")
     zero_t[1] = 0
     op = torch.ops.fastprompt.clip_cross_entropy_forward
     with pytest.raises(ValueError, match="^image_features: contains NaN or infinite"):
-        op(nan_x, t, labels, s, None, None, 0.0, True, normalize, True, "cpp")
+        op(nan_x, t, labels, s, None, None, 0.0, True, normalize, True)
     if normalize:
         with pytest.raises(ValueError, match="^text_features: a row has zero norm"):
-            op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
+            op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False)
     else:  # a zero row is fine without normalisation
-        op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False, "cpp")
+        op(x, zero_t, labels, s, None, None, 0.0, False, normalize, False)
     with pytest.raises(ValueError, match=r"^labels: values must lie in \[0, 3\)"):
-        op(x, t, torch.tensor([0, 3, 1, 2]), s, None, None, 0.0, True, normalize, True, "cpp")
+        op(x, t, torch.tensor([0, 3, 1, 2]), s, None, None, 0.0, True, normalize, True)
     with pytest.raises(ValueError, match="^scale: must be finite"):
-        op(x, t, labels, torch.tensor(float("nan")), None, None, 0.0, True, normalize, True, "cpp")
+        op(x, t, labels, torch.tensor(float("nan")), None, None, 0.0, True, normalize, True)
     table = torch.full((5, 3), 1 / 3)
     with pytest.raises(ValueError, match=r"^sample_index: values must lie in \[0, 5\)"):
-        op(x, t, labels, s, table, torch.tensor([0, 4, 5, 1]), 0.1, True, normalize, True, "cpp")
+        op(x, t, labels, s, table, torch.tensor([0, 4, 5, 1]), 0.1, True, normalize, True)
 
 
 # --- integration: torch.compile, opcheck, fallback ---------------------------------------------------
 
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, seed):
     name, device = backend
     if name == "triton" and device.type == "cpu":
         pytest.skip("inductor does not run the Triton interpreter on CPU tensors")
-    x, t, labels, s, kw = make_inputs(8, 6, 16, target="classwise", device=device)
+    x, t, labels, s, kw = make_inputs(8, 6, 16, target="classwise", device=device, seed=seed)
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
@@ -375,26 +352,109 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
-def test_opcheck_cpp_forward():
-    x, t, labels, s, kw = make_inputs(6, 5, 8, target="instancewise")
+def test_opcheck_cpp_forward(seed):
+    x, t, labels, s, kw = make_inputs(6, 5, 8, target="instancewise", seed=seed)
     # Inputs without requires_grad: the op's autograd is ClipCrossEntropyFunction, not an
     # autograd kernel of the op (its gradients are checked against float64 above).
-    args = (x, t, labels, s, kw["soft_labels"], kw["sample_index"], 0.2, True, True, True, "cpp")
+    args = (x, t, labels, s, kw["soft_labels"], kw["sample_index"], 0.2, True, True, True)
     torch.library.opcheck(torch.ops.fastprompt.clip_cross_entropy_forward.default, args)
 
 
-def test_missing_extension_falls_back_to_reference(monkeypatch):
+def test_missing_extension_falls_back_to_reference(monkeypatch, seed):
     monkeypatch.delenv("FASTPROMPT_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "_cpp_error", "ImportError: simulated")
     monkeypatch.setattr(_backend, "_warned", False)
-    x, t, labels, s, kw = make_inputs(5, 4, 6, target="uniform")
+    x, t, labels, s, kw = make_inputs(5, 4, 6, target="uniform", seed=seed)
     with pytest.warns(RuntimeWarning, match="falling back to the plain-torch reference"):
         got = fastprompt.clip_cross_entropy(x, t, labels, s, **kw)
     assert_close_to_truth(got, truth(x, t, labels, s, kw)[0], 1e-5, 1e-5, "fallback loss")
 
 
-def test_unknown_backend_is_refused(monkeypatch):
+def test_unknown_backend_is_refused(monkeypatch, seed):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "cuda-magic")
-    x, t, labels, s, _ = make_inputs(3, 2, 4)
+    x, t, labels, s, _ = make_inputs(3, 2, 4, seed=seed)
     with pytest.raises(ValueError, match="^FASTPROMPT_BACKEND"):
         fastprompt.clip_cross_entropy(x, t, labels, s)
+
+
+# --- hostile input: extreme magnitudes, meta tensors, soft labels requiring grad ---------------
+
+@pytest.mark.parametrize("x_scale,t_scale", [(1e20, 1.0), (1.0, 1e-25), (1e30, 1e30), (1e-30, 1e-30),
+                                             (1e20, 1e-25)])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_extreme_feature_magnitudes(backend, x_scale, t_scale, double_softmax, seed):
+    # Normalised rows do not depend on their length: huge or tiny finite rows give the same loss
+    # as ordinary ones, in every backend (the norms are taken over rows scaled by their peak).
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(9, 7, 12, target="uniform", device=device, seed=seed)
+    x, t = x * x_scale, t * t_scale
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                         double_softmax=double_softmax)
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    # The allowances of the same problem at ordinary magnitudes: there the loss and the scale's
+    # gradient are the same, and the feature gradients larger by the magnitude.
+    eager_base = eager(x / x_scale, t / t_scale, labels, s, kw, double_softmax=double_softmax)
+    extra = allowances(x / x_scale, t / t_scale, labels, s, kw, double_softmax, row_weights(9))
+    for what, a, b, e, x_atol, k in zip(("loss", "grad image", "grad text", "grad scale"), got,
+                                        want, eager_base, extra, (1.0, x_scale, t_scale, 1.0)):
+        # Compared at ordinary magnitudes (float64 rescaling is exact up to rounding).
+        assert_close_to_truth(a.double() * k, b * k, 1e-5, 1e-5, what, baseline=e,
+                              extra_atol=x_atol)
+
+
+def test_meta_tensors_give_shapes(seed):
+    # Shape inference on meta tensors: no data-dependent check runs, the ops' fake kernels answer.
+    x = torch.empty(6, 8, device="meta", requires_grad=True)
+    t = torch.empty(5, 8, device="meta", requires_grad=True)
+    labels = torch.empty(6, dtype=torch.int64, device="meta")
+    table = torch.empty(5, 5, device="meta")
+    for reduction, shape in (("mean", ()), ("none", (6,))):
+        loss = fastprompt.clip_cross_entropy(x, t, labels, torch.tensor(10.0, device="meta"),
+                                             smoothing=0.1, soft_labels=table, double_softmax=True,
+                                             reduction=reduction)
+        assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert t.grad.shape == (5, 8) and t.grad.device.type == "meta"
+    task, kl = fastprompt.prograd_losses(x, t, t.detach(), labels, 10.0)
+    assert task.shape == kl.shape == () and task.device.type == "meta"
+
+
+def test_soft_labels_requiring_grad_are_refused(backend, seed):
+    # The tables are fixed targets: every backend refuses one that requires grad rather than
+    # backpropagating into it in one backend and silently not in the others.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(5, 4, 6, target="classwise", device=device, seed=seed)
+    table = kw["soft_labels"].clone().requires_grad_()
+    for fn in (fastprompt.clip_cross_entropy, reference.clip_cross_entropy):
+        with pytest.raises(ValueError, match="^soft_labels: requires grad"):
+            fn(x, t, labels, s, smoothing=0.2, soft_labels=table)
+    with torch.no_grad():  # nothing to differentiate: accepted
+        fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table)
+    fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_half_precision_large_batch(backend, dtype, seed):
+    # At N = 4096 the mean's 1/N times x̂ falls below float16's smallest normal (6e-5): folded
+    # into the rounded operand of Gᵀ X̂ as it is, it would lose up to a few percent of each small
+    # component, coherently when the rows agree. Every row here is the same image with
+    # components spread over three decades, all of one class.
+    name, device = backend
+    n, c, d = 4096, 3, 16
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.logspace(0, -3, d) * torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0)
+    x = v.expand(n, d).to(device, dtype)
+    t = torch.randn(c, d, generator=gen).to(device, dtype)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    s = torch.tensor(20.0, device=device)
+    t_req = t.clone().requires_grad_()
+    fastprompt.clip_cross_entropy(x, t_req, labels, s).backward()
+    _, _, want, _ = truth(x, t, labels, s, {}, grad_image=False)
+    # Allowance: G stored in the dtype and the operand x̂ rounded to a normal number of the dtype
+    # (half an ulp each, a few ulps of |G|ᵀ|X̂| carried through), and the gradient itself rounded
+    # once to the dtype (half an ulp, or a subnormal step).
+    info = torch.finfo(dtype)
+    _, grad, _ = logit_terms64(x, t, labels, s, {}, False, row_weights(n))
+    _, text_allowance, _ = propagate_logit_error(3 * info.eps * grad.abs(), x, t, s)
+    assert_close_to_truth(t_req.grad, want, info.eps / 2, 0.0, "grad text",
+                          extra_atol=text_allowance + info.smallest_normal * info.eps)

@@ -1,46 +1,24 @@
-"""Triton kernels of ProGrad's ops (the CUDA path; CPU tensors under ``TRITON_INTERPRET=1``).
+"""Triton kernels of ``fastprompt::project_conflicting_`` (the CUDA path; CPU tensors under
+``TRITON_INTERPRET=1``): every (g, h) pair in one pass of two launches, no host synchronisation.
 
-``prograd_losses_forward``: the forward kernel of ``clip_cross_entropy`` with its KL term switched
-on (``_clip_logits``): each tile computes ``z`` and the zero-shot ``z⁰`` from one load of the image
-rows, so ``z⁰`` is recomputed, never stored, and the task loss, the distillation loss and both
-logit gradients come out of the same sweeps (2 tile products per sweep instead of 1).
-
-``project_conflicting_``: every (g, h) pair in one pass of two launches, no host synchronisation.
 The pairs are laid end to end in one flat buffer (the tensors themselves when there is a single
 contiguous pair) and cut into fixed-size chunks, each inside one tensor; a cached table maps
 chunk -> tensor. Launch 1 writes each chunk's partial ``<g,h>`` and ``‖h‖²``; launch 2 has every
 chunk sum its tensor's partials (the same order in every chunk, so deterministic and without
-atomics), apply the sign test, and update its chunk of g. Pointer tables (one pointer per tensor,
-as torch's ``_foreach`` kernels use) would skip the copies, but the interpreter cannot dereference
-a pointer loaded from memory, and prompt parameters are small.
+atomics), apply the sign test, and update its chunk of g. (Pointer tables, as torch's
+``_foreach`` kernels use, would skip the copies, but the interpreter cannot dereference a
+pointer loaded from memory.)
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels._clip_logits import INTERPRET, clip_loss_forward, next_pow2_between
+from fastprompt.kernels.launch import INTERPRET, next_pow2_between, on_input_device
 
-__all__ = ["prograd_losses_forward", "project_conflicting_"]
-
-
-def prograd_losses_forward(image_features: torch.Tensor, text_features: torch.Tensor,
-                           zeroshot_text_features: torch.Tensor, labels: torch.Tensor,
-                           scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
-                           sample_index: Optional[torch.Tensor], smoothing: float,
-                           double_softmax: bool, temperature: float, compute_grad: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(task_rows, kl_rows, grad_task_logits, grad_kl_logits)``, kernel contract 3: the task loss
-    of ``clip_cross_entropy`` and ``-τ² Σ_c softmax(z⁰/τ)_c log softmax(z/τ)_c`` per row (float32),
-    their logit gradients N x C in the input dtype (empty (0,) without ``compute_grad``)."""
-    task_rows, grad_task, kl_rows, grad_kl = clip_loss_forward(
-        image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-        sample_index, smoothing, double_softmax, True, temperature, compute_grad)
-    return task_rows, kl_rows, grad_task, grad_kl
+__all__ = ["project_conflicting_"]
 
 
 @triton.jit
@@ -107,10 +85,11 @@ def _chunk_tables(numels: tuple[int, ...], block: int, device: torch.device):
             as_tensor(tensor_first_chunk), max_chunks)
 
 
+@on_input_device
 def project_conflicting_(grads: list[torch.Tensor], ref_grads: list[torch.Tensor],
                          lam: float) -> None:
     """For each pair ``(g, h)``: if ``<g,h> < 0``, ``g <- g - lam <g,h>/‖h‖² h`` in place
-    (kernel contract 4). Reductions in float32 (float64 for float64 tensors)."""
+    (docs/kernels.md). Reductions in float32 (float64 for float64 tensors)."""
     pairs = [(g, h) for g, h in zip(grads, ref_grads) if g.numel() > 0]
     if not pairs:
         return

@@ -1,62 +1,18 @@
-// Row math shared by the CPU loss kernels: one logits row at a time, float32, while the row sits
-// in cache. Every loop is written so that GCC vectorises it (-O3; `omp simd` for the reductions,
-// which plain -O3 would keep scalar to preserve the order of float additions).
+// The loss of one row of logits (cross-entropy, DSPT's double softmax, ProGrad's distillation
+// term) and its logit gradient written over the row: float32, while the row sits in cache. Every
+// loop is written so that GCC vectorises it (-O3; `omp simd` for the reductions, which plain -O3
+// would keep scalar to preserve the order of float additions).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
-// The row loops only vectorise if the exp helpers are inlined into them; GCC does not always
-// choose to (it left fast_exp as an out-of-line call in the extension build).
-#if defined(__GNUC__)
-#define FASTPROMPT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTPROMPT_ALWAYS_INLINE inline
-#endif
+#include "fast_math.h"
+#include "targets.h"
 
-namespace fastprompt_cpp {
-
-// exp(x) to about 1 ulp for x in [-87, 88]; below -87 it returns ~1.6e-38 instead of 0, which
-// no sum or gradient here can notice. std::exp would be a scalar libm call per element (it
-// blocks vectorisation); this one is branch-free: x = k ln2 + r with |r| <= ln2/2, then a
-// degree-7 Taylor polynomial for e^r (truncation error < 5e-9) times 2^k built in the exponent.
-FASTPROMPT_ALWAYS_INLINE float fast_exp(float x) {
-  // Ternaries, not std::min/max: those return references, which GCC does not if-convert.
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Round to nearest by adding and removing 1.5 * 2^23 (vectorises on plain SSE2, unlike rint).
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  // ln 2 split in two so that k * ln2_hi is exact for |k| <= 128 (Cody-Waite).
-  float r = x - k * 0.693145751953125f;
-  r = r - k * 1.428606765330187e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(float));
-  return p * two_k;
-}
-
-// z <- f * z; returns max(z). Folds the logit scale (and 1/||x_i||) into the row.
-inline float scale_and_max(float* z, int64_t n, float f) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) {
-    const float v = z[c] * f;
-    z[c] = v;
-    m = v > m ? v : m;
-  }
-  return m;
-}
+namespace fastprompt {
 
 // z_c <- f * g_c * z_c; returns max(z). Also folds 1/||t_c|| (g), so that the class matrix is
 // never copied just to be normalised.
@@ -69,28 +25,6 @@ inline float scale_and_max(float* z, int64_t n, float f, const float* g) {
     m = v > m ? v : m;
   }
   return m;
-}
-
-// Targets t = (1 - eps) e_y + eps r. Hard: eps == 0. Uniform: r = 1/C. Table: r = a row of a
-// class-wise (indexed by y) or instance-wise (indexed by sample_index) soft-label table.
-enum class TargetKind { Hard, Uniform, Table };
-
-struct RowTarget {
-  int64_t label;          // already checked to lie in [0, C)
-  float eps;              // smoothing
-  const float* table_row; // r for TargetKind::Table, else unused
-};
-
-// eps * r_c, the smooth part of the target.
-template <TargetKind K>
-FASTPROMPT_ALWAYS_INLINE float smooth_weight(const RowTarget& t, int64_t c, float eps_over_c) {
-  if constexpr (K == TargetKind::Table) {
-    return t.eps * t.table_row[c];
-  } else if constexpr (K == TargetKind::Uniform) {
-    return eps_over_c;
-  } else {
-    return 0.0f;
-  }
 }
 
 // Cross-entropy of one row of logits z (C values, max m) against t.
@@ -129,26 +63,6 @@ inline float cross_entropy_row(float* z, int64_t C, float m, const RowTarget& t,
     z[t.label] -= 1.0f - t.eps;
   }
   return loss;
-}
-
-// e^x - 1 for x in [-1, 0] (the only range the double softmax needs: x = p_c - p_max with
-// p in [0, 1]), to about 1 ulp relative everywhere in it, including near 0 where e^x - 1 would
-// lose the low bits of x. One branch-free Horner polynomial: the Taylor series to degree 10,
-// whose truncation error |x|^11 / 11! is below 4e-8 of |e^x - 1| >= 0.63 |x| on [-1, 0]
-// (half a float32 ulp is 6e-8); with |x| <= 1 and alternating terms Horner stays stable.
-// Out of range (rounding can put x a hair below -1) it degrades gracefully, never faults.
-FASTPROMPT_ALWAYS_INLINE float expm1_unit(float x) {
-  float p = 1.0f / 3628800.0f; // 1/10!
-  p = p * x + 1.0f / 362880.0f;
-  p = p * x + 1.0f / 40320.0f;
-  p = p * x + 1.0f / 5040.0f;
-  p = p * x + 1.0f / 720.0f;
-  p = p * x + 1.0f / 120.0f;
-  p = p * x + 1.0f / 24.0f;
-  p = p * x + 1.0f / 6.0f;
-  p = p * x + 0.5f;
-  p = p * x + 1.0f;
-  return p * x;
 }
 
 // DSPT: p = softmax(z), q = softmax(p); loss = lse(p) - sum_c t_c p_c.
@@ -272,4 +186,4 @@ inline float distillation_row(const float* z, float* z0, int64_t C, float m, flo
   return kl;
 }
 
-} // namespace fastprompt_cpp
+} // namespace fastprompt

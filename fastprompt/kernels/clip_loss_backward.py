@@ -1,34 +1,11 @@
-"""Triton kernels of ``fastprompt::clip_cross_entropy_forward`` / ``_backward`` (the CUDA path;
-under ``TRITON_INTERPRET=1`` they also run on CPU tensors, which is how CI tests them).
+"""Triton kernels of ``fastprompt::clip_cross_entropy_backward`` (the CUDA path; CPU tensors
+under ``TRITON_INTERPRET=1``).
 
-Why this schedule (Liger-Kernel style: the forward writes ``∂loss_i/∂z`` into one N x C buffer in
-the input dtype, the backward is products on it). Counting ``2·N·C·D`` products:
-
-============================  =========  ======================  =====================
-schedule                      forward    backward (X frozen/not)  N x C memory
-============================  =========  ======================  =====================
-this one, cross-entropy       2          1 / 2                    one buffer, input dtype
-this one, double softmax      3          1 / 2                    one buffer, input dtype
-recompute-only, CE            1          2 / 3 (recompute + 1-2)  none
-recompute-only, double sm.    2          2 / 3                    none
-============================  =========  ======================  =====================
-
-The forward sweeps are: log-sum-exp (+ target terms), for double softmax the ``Σ e^p`` sweep, then
-one recompute that writes the gradient (skipped entirely when no gradient is wanted, so
-inference costs 1 or 2 products). With the usual frozen image features, training costs 3 products
-for cross-entropy and 4 for double softmax here, against 3 and 4 for recompute-only: the same
-count, but the backward here is a plain matmul over a stored operand (no exponentials, no second
-reduction), the forward returns ``grad_logits`` the op layer's autograd already expects, and the
-buffer is halved in bf16. The fused logit sweeps live in ``_clip_logits`` (shared with ProGrad).
-
-Backward: ``G = diag(grad_rows) · grad_logits`` is never formed. One matmul kernel computes
-``A = Gᵀ X̂`` (C x D) with ``grad_rows_i / ‖x_i‖`` folded into the X rows it loads, and/or
-``B = G T̂`` (N x D) with ``1 / ‖t_c‖`` folded into the T rows and ``grad_rows_i`` applied to the
-accumulator. Each writes a float32 M x D result; a row epilogue kernel then forms the projection
-``s (A_c − (A_c·t̂_c) t̂_c) / ‖t_c‖`` in the output dtype and the per-row ``A_c·t̂_c`` whose sum is
-``∂L/∂s`` (summed on the device: deterministic, no host synchronisation). ``∂L/∂s`` comes from
-whichever product is computed anyway (A first, since C x D is the small one); a product whose
-gradient nobody needs is skipped.
+``G = diag(grad_rows) · grad_logits`` is never formed. One matmul kernel computes ``A = Gᵀ X̂``
+(C x D) and/or ``B = G T̂`` (N x D) with the per-row factors folded into the operand rows it loads;
+a row epilogue kernel then forms the normalisation's projection in the output dtype and the
+per-row dots whose sum is ``∂L/∂s`` (summed on the device: deterministic, no host
+synchronisation). A product whose gradient nobody needs is skipped. Formulas: docs/math.md.
 """
 from __future__ import annotations
 
@@ -38,39 +15,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels._clip_logits import (INTERPRET, clip_loss_forward, dot_precision, mma,
-                                             next_pow2_between, row_inv_norms)
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
+from fastprompt.kernels.row_norms import power_of_two_below, row_inv_norms
 
-__all__ = ["clip_cross_entropy_forward", "clip_cross_entropy_backward"]
-
-
-def clip_cross_entropy_forward(image_features: torch.Tensor, text_features: torch.Tensor,
-                               labels: torch.Tensor, scale: torch.Tensor,
-                               soft_labels: Optional[torch.Tensor],
-                               sample_index: Optional[torch.Tensor], smoothing: float,
-                               double_softmax: bool, normalize: bool,
-                               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss (float32, N) and ``∂loss_i/∂z`` (N x C, input dtype; empty (0,) without
-    ``compute_grad``). Kernel contract 1."""
-    loss_rows, grad_logits, _, _ = clip_loss_forward(
-        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad)
-    return loss_rows, grad_logits
+__all__ = ["clip_cross_entropy_backward"]
 
 
 @triton.jit
-def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_inv_norm_ptr, out_ptr, M, K, D,
-                        stride_gm, stride_gk,
+def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_scale_peak_ptr, k_inv_norm_ptr, out_ptr,
+                        M, K, D, stride_gm, stride_gk,
                         HAS_K_SCALE: tl.constexpr, HAS_K_INV_NORM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``out[m, :] = Σ_k g[m, k] · w_k · f[k, :]`` in float32, ``w_k`` = k_scale · k_inv_norm."""
+    """``out[m, :] = Σ_k g[m, k] · w_k · f[k, :]`` in float32, ``w_k`` = k_scale · k_inv_norm.
+
+    The weighted rows of ``f`` are rounded to ``f``'s dtype before the dot, so ``k_scale`` (the
+    upstream gradient, ~1/N for a mean) is divided by a power of two near its largest magnitude
+    first and the accumulator multiplied back: in float16 a factor of 1/N would make the operand
+    subnormal from N of about a thousand."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < M
     d_mask = dd < D
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gm
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if HAS_K_SCALE:
+        shrink = power_of_two_below(tl.load(k_scale_peak_ptr).to(tl.float32))
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
@@ -81,11 +52,13 @@ def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_inv_norm_ptr, out_ptr, M, K
         if HAS_K_SCALE or HAS_K_INV_NORM:
             w = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
             if HAS_K_SCALE:
-                w = w * tl.load(k_scale_ptr + ks, mask=k_mask, other=0.0)
+                w = w * (tl.load(k_scale_ptr + ks, mask=k_mask, other=0.0) * shrink)
             if HAS_K_INV_NORM:
                 w = w * tl.load(k_inv_norm_ptr + ks, mask=k_mask, other=0.0)
             f = (f.to(tl.float32) * w[:, None]).to(f_ptr.dtype.element_ty)
         acc = mma(g, f, acc, CAST_FP32, PRECISION)
+    if HAS_K_SCALE:
+        acc = acc * (1.0 / shrink)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], acc,
              mask=row_mask[:, None] & d_mask[None, :])
 
@@ -109,6 +82,8 @@ def _grad_epilogue_kernel(acc_ptr, f_ptr, inv_norm_ptr, m_scale_ptr, scale_ptr, 
         inv_norm = tl.load(inv_norm_ptr + rows, mask=row_mask, other=0.0)
     else:
         inv_norm = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    # f̂ = f / ‖f‖ is formed before any product with it, so that huge or tiny feature rows
+    # (any finite nonzero row) keep every intermediate in float32's range.
     dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if WRITE_DOT or NORMALIZE:
         for d0 in range(0, D, BLOCK_D):
@@ -116,22 +91,22 @@ def _grad_epilogue_kernel(acc_ptr, f_ptr, inv_norm_ptr, m_scale_ptr, scale_ptr, 
             mask = row_mask[:, None] & (dd < D)[None, :]
             acc = tl.load(acc_ptr + base + dd[None, :], mask=mask, other=0.0)
             f = tl.load(f_ptr + base + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-            dot += tl.sum(acc * f, axis=1)
-        dot = dot * coef * inv_norm
+            dot += tl.sum(acc * (f * inv_norm[:, None]), axis=1)
+        dot = dot * coef
     if WRITE_DOT:
         tl.store(row_dot_ptr + rows, dot, mask=row_mask)
     if WRITE_OUT:
         s = tl.load(scale_ptr).to(tl.float32)
-        acc_coef = s * coef * inv_norm
-        f_coef = s * dot * inv_norm * inv_norm
+        out_coef = s * inv_norm
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
             acc = tl.load(acc_ptr + base + dd[None, :], mask=mask, other=0.0)
-            out = acc_coef[:, None] * acc
+            out = coef[:, None] * acc
             if NORMALIZE:
                 f = tl.load(f_ptr + base + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-                out -= f_coef[:, None] * f
+                out -= dot[:, None] * (f * inv_norm[:, None])
+            out = out_coef[:, None] * out
             tl.store(out_ptr + base + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -156,6 +131,7 @@ def _product(grad_logits: torch.Tensor, features: torch.Tensor, transpose: bool,
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _grad_matmul_kernel[grid](
         grad_logits, features, grad_logits if k_scale is None else k_scale,
+        grad_logits if k_scale is None else k_scale.abs().amax(),
         grad_logits if k_inv_norm is None else k_inv_norm, out, m, k, d, stride_gm, stride_gk,
         HAS_K_SCALE=k_scale is not None, HAS_K_INV_NORM=k_inv_norm is not None,
         CAST_FP32=INTERPRET, PRECISION=dot_precision(features.dtype), **cfg)
@@ -179,13 +155,14 @@ def _epilogue(product: torch.Tensor, features: torch.Tensor, inv_norm: Optional[
     return out, row_dot
 
 
+@on_input_device
 def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tensor,
                                 image_features: torch.Tensor, text_features: torch.Tensor,
                                 scale: torch.Tensor, normalize: bool, need_image_grad: bool,
                                 need_text_grad: bool, need_scale_grad: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_image, grad_text, grad_scale)`` from ``G = diag(grad_rows) grad_logits``; each is
-    an empty (0,) tensor when not needed. Kernel contract 2."""
+    an empty (0,) tensor when not needed (docs/kernels.md)."""
     x, t = image_features, text_features
     x_inv = row_inv_norms(x) if normalize else None
     t_inv = row_inv_norms(t) if normalize else None

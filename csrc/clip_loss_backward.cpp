@@ -1,13 +1,6 @@
-// CPU kernels of fastprompt_cpp::clip_cross_entropy_{forward,backward}.
-//
-// Forward: one BLAS product for the raw logits X Tᵀ, then one pass per row while it is in cache:
-// scale by s/(||x_i|| ||t_c||) (no normalised copy of either matrix), max, log-sum-exp, the
-// double softmax statistics, the target terms, the loss, and the logit gradient written over the
-// logits. With a float32 gradient wanted the product goes straight into that output (the only
-// N x C buffer); otherwise (inference, half precision) a block of rows at a time into per-thread
-// scratch (for_each_logit_block).
-// Backward: products on the saved logit gradient G only, never forming diag(grad_rows) G; half
-// precision G is converted to float32 a block of rows at a time.
+// CPU kernel of fastprompt::clip_cross_entropy_backward (also ProGrad's losses' backward): products
+// on the saved logit gradient G only, never forming diag(grad_rows) G; half-precision G is
+// converted to float32 a block of rows at a time (docs/kernels.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,59 +9,13 @@
 #include <tuple>
 #include <vector>
 
-#include "clip_features.h"
-#include "softmax_rows.h"
+#include "operands.h"
 
-namespace fastprompt_cpp {
+namespace fastprompt {
 namespace {
 
 // Rows per block of the backward's Gᵀ X̂ product: large enough for BLAS to run at full speed.
 constexpr int64_t kBackwardRowBlock = 1024;
-
-std::tuple<at::Tensor, at::Tensor> clip_cross_entropy_forward(
-    const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& labels,
-    const at::Tensor& scale, const std::optional<at::Tensor>& soft_labels,
-    const std::optional<at::Tensor>& sample_index, double smoothing, bool double_softmax,
-    bool normalize, bool compute_grad) {
-  check_features(image_features, text_features, labels);
-  const int64_t N = image_features.size(0);
-  const int64_t C = text_features.size(0);
-  const double s = read_scale(scale);
-
-  const at::Tensor x = as_float(image_features);
-  const at::Tensor t = as_float(text_features);
-  // The features' value checks (finite, no zero row) happen in this pass; see inv_row_norms.
-  const std::vector<float> inv_x = inv_row_norms(x, normalize, "image_features");
-  const std::vector<float> inv_t = inv_row_norms(t, normalize, "text_features");
-  at::Tensor loss_rows = at::empty({N}, x.options());
-  const Targets targets(labels, soft_labels, sample_index, smoothing, C);
-  // float32 input with a gradient wanted: the product is written into the output and turned into
-  // the gradient in place. Otherwise it goes to per-thread scratch (half inputs: the gradient is
-  // converted a block at a time into the half-precision output).
-  const at::ScalarType dtype = image_features.scalar_type();
-  at::Tensor grad32 = compute_grad && dtype == at::kFloat ? at::empty({N, C}, x.options())
-                                                          : at::Tensor();
-  at::Tensor grad_logits = !compute_grad          ? at::empty({0}, image_features.options())
-                           : grad32.defined()     ? grad32
-                                                  : at::empty({N, C}, image_features.options());
-  const float sf = static_cast<float>(s);
-  float* loss = loss_rows.data_ptr<float>();
-  for_each_logit_block(x, {t}, {grad32}, [&](int64_t begin, int64_t end,
-                                              const std::vector<float*>& z_block) {
-    std::vector<float> scratch(double_softmax && compute_grad ? C : 0);
-    for (int64_t i = begin; i < end; ++i) {
-      float* z = z_block[0] + (i - begin) * C;
-      const float m = scale_and_max(z, C, sf * inv_x[i], inv_t.data());
-      loss[i] = task_loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
-                              compute_grad, scratch.data());
-    }
-    if (compute_grad && !grad32.defined()) {
-      grad_logits.narrow(0, begin, end - begin)
-          .copy_(at::from_blob(z_block[0], {end - begin, C}, x.options()));
-    }
-  });
-  return {loss_rows, grad_logits};
-}
 
 // With normalize: grad_text_c = s (A_c - (A_c . t̂_c) t̂_c) / ||t_c||, A = Gᵀ X̂, and likewise for
 // the images with B = G T̂; grad_scale = sum_c A_c . t̂_c. Without: s A, s B and sum_c A_c . t_c.
@@ -87,11 +34,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
   // Detached: the out= products below refuse inputs that still carry requires_grad.
   const at::Tensor g_in = grad_logits.detach().contiguous();
   const at::Tensor upstream = as_float(grad_rows);
-  const at::Tensor x = as_float(image_features).detach();
-  const at::Tensor t = as_float(text_features).detach();
-  // 1/||row|| (ones without normalize), so x̂_i = x_i * inv_x_i.
-  const std::vector<float> inv_x = inv_row_norms(x, normalize);
-  const std::vector<float> inv_t = inv_row_norms(t, normalize);
+  // x̂_i = x_i * inv_x_i (inv = 1 without normalize, or for a matrix normalised into a copy).
+  const FeatureRows xr = feature_rows(as_float(image_features).detach(), normalize);
+  const FeatureRows tr = feature_rows(as_float(text_features).detach(), normalize);
+  const at::Tensor& x = xr.rows;
+  const at::Tensor& t = tr.rows;
+  const std::vector<float>& inv_x = xr.inv;
+  const std::vector<float>& inv_t = tr.inv;
+  // 1/||row|| of the inputs themselves: the gradients' outer factor.
+  const float* norm_x = xr.inv_norm.data();
+  const float* norm_t = tr.inv_norm.data();
   const float* gr = upstream.data_ptr<float>();
   const float* ixn = inv_x.data();
   const float* itn = inv_t.data();
@@ -150,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
         for (int64_t k = 0; k < D; ++k) dot += ac[k] * tc[k];
         dot *= it;
         dots[c] = dot;
-        const float f = sf * it;
+        const float f = sf * norm_t[c];
         const float proj = normalize ? dot * it : 0.0f;
 #pragma omp simd
         for (int64_t k = 0; k < D; ++k) ac[k] = f * (ac[k] - proj * tc[k]);
@@ -192,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
         for (int64_t k = 0; k < D; ++k) dot += bi[k] * xi[k];
         dot *= ix;
         dots[i] = static_cast<double>(dot) * gr[i];
-        const float f = sf * ix * gr[i];
+        const float f = sf * norm_x[i] * gr[i];
         const float proj = normalize ? dot * ix : 0.0f;
 #pragma omp simd
         for (int64_t k = 0; k < D; ++k) bi[k] = f * (bi[k] - proj * xi[k]);
@@ -212,20 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_cross_entropy_backward(
 
 } // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastprompt_cpp, m) {
-  m.def(
-      "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
-      "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, "
-      "bool double_softmax, bool normalize, bool compute_grad) -> (Tensor, Tensor)");
-  m.def(
-      "clip_cross_entropy_backward(Tensor grad_rows, Tensor grad_logits, Tensor image_features, "
-      "Tensor text_features, Tensor scale, bool normalize, bool need_image_grad, "
-      "bool need_text_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastprompt_cpp, CPU, m) {
-  m.impl("clip_cross_entropy_forward", &clip_cross_entropy_forward);
+// The schema is defined once, in Python (fastprompt/ops); this registers the CPU kernel.
+TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
   m.impl("clip_cross_entropy_backward", &clip_cross_entropy_backward);
 }
 
-} // namespace fastprompt_cpp
+} // namespace fastprompt

@@ -1,47 +1,26 @@
-"""Triton pieces shared by the fused CLIP losses (``clip_cross_entropy`` and ProGrad's pair of
-losses): block-size choice, the tensor-core dot, row norms, and the one forward kernel both ops
-run (ProGrad's is the same row math plus a zero-shot KL term, switched on by a constexpr).
+"""Triton kernel of both forward ops, ``fastprompt::clip_cross_entropy_forward`` and
+``fastprompt::prograd_losses_forward``: one kernel, ProGrad's distillation term switched on by a
+constexpr (the CUDA path; under ``TRITON_INTERPRET=1`` it also runs on CPU tensors, which is how
+CI tests it).
 
-Schedule (Liger-Kernel style, see ``clip_cross_entropy.py`` for the product count): each program
-owns ``BLOCK_N`` rows and sweeps the classes in ``BLOCK_C`` tiles. The logits ``z = s x̂ t̂ᵀ`` are
-never stored: every sweep recomputes its tile from the features (a ``BLOCK_N x BLOCK_C x D``
-product), because keeping ``z`` in a bf16 buffer would cost precision exactly where the softmax is
-sensitive (|z| up to 100 means steps of 0.5). The normalisation is folded in as per-row and
-per-column factors (``s / ‖x_i‖`` and ``1 / ‖t_c‖``), so no normalised copy exists.
-
-Sweeps: (1) online log-sum-exp of ``z`` and the cross-entropy's target term (plus, with the KL
-term, the log-sum-exps of ``z/τ`` and ``z⁰/τ`` and the KL's cross term); (2) double softmax only:
-``p = softmax(z) ∈ [0, 1]`` so ``Σ e^p``, ``Σ p e^p`` and ``Σ t p`` need no running max;
-(3) only when a gradient is wanted: recompute the tile and write ``∂loss_i/∂z`` (and the KL's) in
-the input dtype, the only N x C buffer.
+Each program owns ``BLOCK_N`` rows and sweeps the classes in ``BLOCK_C`` tiles. The logits are
+recomputed from the features in every sweep rather than stored: a bf16 logit buffer would cost
+precision exactly where the softmax is sensitive. The normalisation is folded in as per-row and
+per-column factors, so no normalised copy exists. Sweeps and why: docs/kernels.md.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter computes bf16/fp16 tl.dot wrongly: there the operands are cast to fp32 first
-# (read once, at import, as triton itself does when @triton.jit runs).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
+from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
-
-
-def next_pow2_between(n: int, low: int, high: int) -> int:
-    """The power of two covering ``n``, clamped to [low, high] (tl.dot needs dims >= 16)."""
-    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: float32 follows torch's matmul setting (``ieee`` by default,
-    ``tf32`` after ``torch.set_float32_matmul_precision("high")``); half types ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: bool) -> dict:
@@ -57,41 +36,6 @@ def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: boo
     block_c = next_pow2_between(c, 16, 32 if two_products else 64)
     block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
     return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8, num_stages=3)
-
-
-@triton.jit
-def mma(a, b, acc, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` accumulated in float32 (operands upcast under the interpreter)."""
-    if CAST_FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _row_inv_norm_kernel(x_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    base = x_ptr + rows.to(tl.int64)[:, None] * D
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(base + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
-        x = x.to(tl.float32)
-        sumsq += tl.sum(x * x, axis=1)
-    sumsq = tl.where(row_mask, sumsq, 1.0)  # padding rows: keep the interpreter quiet
-    tl.store(out_ptr + rows, 1.0 / tl.sqrt(sumsq), mask=row_mask)
-
-
-def row_inv_norms(x: torch.Tensor) -> torch.Tensor:
-    """``1 / ‖x_i‖`` of each row of a contiguous M x D matrix, float32 (M,)."""
-    m, d = x.shape
-    out = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m = next_pow2_between(m, 16, 64) if INTERPRET else 16
-    block_d = next_pow2_between(d, 16, 512 if INTERPRET else 256)
-    _row_inv_norm_kernel[(triton.cdiv(m, block_m),)](x, out, m, d, BLOCK_M=block_m, BLOCK_D=block_d)
-    return out
 
 
 @triton.jit
@@ -166,11 +110,14 @@ def clip_loss_forward_kernel(
         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    # Index loads are clamped so that unchecked bad labels can never address outside the tables.
+    # Index loads are clamped so that unchecked bad labels can never address outside the tables;
+    # the rows they belong to get NaN task losses and gradients (validation off: docs/kernels.md).
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    index_ok = (labels >= 0) & (labels < C)
     labels = tl.minimum(tl.maximum(labels, 0), C - 1)
     if TARGET == 2:
         table_rows = tl.load(table_row_ptr + rows, mask=row_mask, other=0)
+        index_ok = index_ok & (table_rows >= 0) & (table_rows < R)
         table_rows = tl.minimum(tl.maximum(table_rows, 0), R - 1)
         table_base = table_ptr + table_rows.to(tl.int64) * C
     else:
@@ -272,7 +219,8 @@ def clip_loss_forward_kernel(
         inv_sum_exp_p = 1.0 / sum_exp_p
     else:
         loss = tl.log(l) + target_gap
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    bad_index = tl.where(index_ok, 0.0, float("nan"))
+    tl.store(loss_ptr + rows, loss + bad_index, mask=row_mask)
     if HAS_KL:
         kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
         tl.store(kl_ptr + rows, kl, mask=row_mask)
@@ -301,6 +249,7 @@ def clip_loss_forward_kernel(
                 grad = p * (dq - dt)
             else:
                 grad = p - target
+            grad = grad + bad_index[:, None]
             out_mask = row_mask[:, None] & col_mask[None, :]
             tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=out_mask)
@@ -313,6 +262,16 @@ def clip_loss_forward_kernel(
                          grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _class_rows(t: torch.Tensor):
+    """A class matrix as the products read it, with its inverse row norms: rows scaled by powers
+    of two to a largest magnitude near 1 (a C x D copy), so that the float32 product with any
+    image row stays in range. float16 rows need no copy: their range cannot overflow it."""
+    if t.dtype == torch.float16:
+        return t, row_inv_norms(t)
+    return scaled_rows(t)
+
+
+@on_input_device
 def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
@@ -320,7 +279,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       normalize: bool, temperature: float, compute_grad: bool):
     """Launch the forward kernel; returns ``(loss_rows, grad_logits, kl_rows, grad_kl_logits)``
     (the last two empty without ``zeroshot_text_features``; gradients empty without
-    ``compute_grad``). Arguments follow the kernel contract (validated by the op layer)."""
+    ``compute_grad``). Arguments as docs/kernels.md has them (validated by the op layer)."""
     x, t, t0 = image_features, text_features, zeroshot_text_features
     n, d = x.shape
     c = t.shape[0]
@@ -340,8 +299,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         target, table = TARGET_TABLE, soft_labels
         table_rows = labels if sample_index is None else sample_index
     x_inv = row_inv_norms(x) if normalize else None
-    t_inv = row_inv_norms(t) if normalize else None
-    t0_inv = row_inv_norms(t0) if normalize and has_kl else None
+    t, t_inv = _class_rows(t) if normalize else (t, None)
+    t0, t0_inv = _class_rows(t0) if normalize and has_kl else (t0, None)
 
     # Pointers a specialisation never touches get a stand-in (labels) rather than None or an
     # empty tensor's null pointer.
@@ -359,3 +318,23 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad), CAST_FP32=INTERPRET,
         PRECISION=dot_precision(x.dtype), **cfg)
     return loss_rows, grad, kl_rows, grad_kl
+
+
+def clip_cross_entropy_forward(image_features, text_features, labels, scale, soft_labels,
+                               sample_index, smoothing, double_softmax, normalize, compute_grad):
+    """``fastprompt::clip_cross_entropy_forward``: ``(loss_rows, grad_logits)``."""
+    loss_rows, grad_logits, _, _ = clip_loss_forward(
+        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
+        double_softmax, normalize, 1.0, compute_grad)
+    return loss_rows, grad_logits
+
+
+def prograd_losses_forward(image_features, text_features, zeroshot_text_features, labels, scale,
+                           soft_labels, sample_index, smoothing, double_softmax, temperature,
+                           compute_grad):
+    """``fastprompt::prograd_losses_forward``: ``(task_rows, kl_rows, grad_task_logits,
+    grad_kl_logits)``."""
+    task_rows, grad_task, kl_rows, grad_kl = clip_loss_forward(
+        image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
+        sample_index, smoothing, double_softmax, True, temperature, compute_grad)
+    return task_rows, kl_rows, grad_task, grad_kl
