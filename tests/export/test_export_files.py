@@ -38,8 +38,6 @@ def test_ensemble_refuses_a_linked_model_folder(tiny, tmp_path):
     assert os.listdir(elsewhere) == [] and sorted(os.listdir(out)) == ["cars_head"]
 
 
-@pytest.mark.xfail(strict=True, reason="the atomic writer (fastprompt/_io.py, helper B's) creates "
-                   "files with mkstemp's mode 0600; passes once it honours the umask")
 def test_triton_files_are_readable_by_other_users(class_embeddings, tmp_path):
     old = os.umask(0o022)
     try:
