@@ -63,6 +63,10 @@ def _pair_project_kernel(g_ptr, h_ptr, chunk_tensor_ptr, chunk_start_ptr, tensor
     tl.store(g_ptr + offs, (g - coef * h).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+# Elements per chunk (under the interpreter: few, large chunks).
+PROJECTION_BLOCK = 16384 if INTERPRET else 2048
+
+
 @functools.lru_cache(maxsize=64)
 def _chunk_tables(numels: tuple[int, ...], block: int, device: torch.device):
     """Per chunk: its tensor and start offset; per tensor: end offset and first chunk. Built on
@@ -103,7 +107,7 @@ def project_conflicting_(grads: list[torch.Tensor], ref_grads: list[torch.Tensor
         flat_g = torch.cat([g.reshape(-1).to(flat_dtype) for g, _ in pairs])
         flat_h = torch.cat([h.reshape(-1).to(flat_dtype) for _, h in pairs])
 
-    block = 16384 if INTERPRET else 2048
+    block = PROJECTION_BLOCK
     numels = tuple(g.numel() for g, _ in pairs)
     chunk_tensor, chunk_start, tensor_end, tensor_first_chunk, max_chunks = _chunk_tables(
         numels, block, flat_g.device)

@@ -49,14 +49,19 @@ def _row_norms_kernel(x_ptr, inv_norm_ptr, scaled_ptr, M, D, WRITE_SCALED: tl.co
     tl.store(inv_norm_ptr + rows, inv, mask=row_mask)
 
 
+def row_norm_blocks(m: int, d: int) -> dict:
+    """Block sizes of the row norm kernel (under the interpreter: few, large blocks)."""
+    if INTERPRET:
+        return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_D=next_pow2_between(d, 16, 512))
+    return dict(BLOCK_M=16, BLOCK_D=next_pow2_between(d, 16, 256))
+
+
 def _launch(x: torch.Tensor, scaled):
     m, d = x.shape
     inv = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m = next_pow2_between(m, 16, 64) if INTERPRET else 16
-    block_d = next_pow2_between(d, 16, 512 if INTERPRET else 256)
-    _row_norms_kernel[(triton.cdiv(m, block_m),)](
-        x, inv, x if scaled is None else scaled, m, d, WRITE_SCALED=scaled is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d)
+    blocks = row_norm_blocks(m, d)
+    _row_norms_kernel[(triton.cdiv(m, blocks["BLOCK_M"]),)](
+        x, inv, x if scaled is None else scaled, m, d, WRITE_SCALED=scaled is not None, **blocks)
     return inv
 
 

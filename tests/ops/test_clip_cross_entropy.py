@@ -160,7 +160,8 @@ def test_backend_odd_sizes(backend, shape, double_softmax, seed):
 @pytest.mark.parametrize("double_softmax", [False, True])
 def test_backend_unnormalized_features(backend, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3, seed=seed)
+    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3,
+                                      seed=seed)
     opts = dict(double_softmax=double_softmax, normalize=False)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
     want = truth(x, t, labels, s, kw, **opts)
@@ -176,7 +177,8 @@ def test_backend_unnormalized_features(backend, double_softmax, seed):
 def test_backend_extreme_logits(backend, double_softmax, seed):
     # scale 100 with image rows equal to class rows: logits of 100 next to -100, no NaN allowed.
     name, device = backend
-    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0, seed=seed)
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0,
+                                      seed=seed)
     x = t[labels].clone()
     x[::2] = -x[::2]  # half the samples point away from their class: huge loss, tiny softmax
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
@@ -193,7 +195,8 @@ def test_backend_extreme_logits(backend, double_softmax, seed):
 @pytest.mark.parametrize("double_softmax", [False, True])
 def test_backend_half_precision(backend, dtype, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype, seed=seed)
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype,
+                                      seed=seed)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == dtype and got[2].dtype == dtype
@@ -458,3 +461,15 @@ def test_backend_half_precision_large_batch(backend, dtype, seed):
     _, text_allowance, _ = propagate_logit_error(3 * info.eps * grad.abs(), x, t, s)
     assert_close_to_truth(t_req.grad, want, info.eps / 2, 0.0, "grad text",
                           extra_atol=text_allowance + info.smallest_normal * info.eps)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
+def test_ops_registered_by_dispatch_key():
+    # One namespace: each schema defined once (in Python), the C++ kernels on the CPU key (the
+    # extension registers them before the Python definition runs), Triton on CUDA, fakes on Meta.
+    for op in ("clip_cross_entropy_forward", "clip_cross_entropy_backward",
+               "prograd_losses_forward", "project_conflicting_"):
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprompt::{op}", key), (op, key)
+    assert not [name for name in torch._C._dispatch_get_all_op_names()
+                if name.startswith("fastprompt_cpp::")]
