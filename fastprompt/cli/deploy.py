@@ -18,6 +18,9 @@ import time
 DEFAULT_AGREEMENT_LIMIT = 512
 
 
+COMMANDS = ("export", "predict")
+
+
 def add_commands(subparsers) -> None:
     """Register export and predict on the ``fastprompt`` sub-parsers."""
     add_export_parser(subparsers)

@@ -332,6 +332,9 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
+COMMANDS = ("cache", "train", "eval", "demo")
+
+
 def add_commands(sub) -> None:
     """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
