@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "clip_cross_entropy": "fastprompt.ops.clip_cross_entropy",
-    "prograd_backward": "fastprompt.ops.prograd",
-    "prograd_losses": "fastprompt.ops.prograd",
-    "project_conflicting_": "fastprompt.ops.prograd",
+    "prograd_backward": "fastprompt.ops.prograd_backward",
+    "prograd_losses": "fastprompt.ops.prograd_losses",
+    "project_conflicting_": "fastprompt.ops.project_conflicting",
     "set_validation": "fastprompt._validation",
 }
 
