@@ -87,6 +87,13 @@ def test_damaged_prompt_refused_by_eval_and_export(world, tmp_path):
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
+def test_export_with_an_unknown_opset_is_one_line(world, tmp_path):
+    root, *_ = world
+    one_line_error(fastprompt("export", root / "run", tmp_path / "out", "--opset", "999"),
+                   "export", "opset", "999")
+    assert not (tmp_path / "out").exists()
+
+
 def test_metrics_json_problems_name_the_file(world, tmp_path):
     root, *_ = world
     run = tmp_path / "run"
