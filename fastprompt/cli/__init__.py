@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from fastprompt.cli import deploy, training
+from fastprompt.cli import deploy, protocols, training
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     training.add_commands(sub)
     deploy.add_commands(sub)
+    protocols.add_commands(sub)
     for command in sub.choices.values():  # also accepted after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks of errors")
