@@ -154,3 +154,44 @@ def test_base_to_new(world, tmp_path, capsys):
     _train(world, whole)
     assert main(["eval", str(whole), "--base-to-new", "--no-progress"]) == 2
     assert "--subsample base" in capsys.readouterr().err
+
+
+def test_export_with_other_class_names_matches_torch(world, tmp_path, capsys):
+    from fastprompt.serve import OnnxClassifier
+    from fastprompt.train import load_run
+    from fastprompt.train.transfer import with_classnames
+    run = tmp_path / "run"
+    _train(world, run)
+    names_b = load_dataset(world / "b").classnames
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names_b) + "\n\n")
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export), "--classnames", str(names_file),
+                 "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "4 classes" in out and "passed" in out
+    classifier = OnnxClassifier(str(export))
+    images = [p for p, _ in load_dataset(world / "b").test]
+    ort = torch.from_numpy(classifier.predict_proba(images)).double()
+
+    transferred = with_classnames(load_run(run), names_b)
+    assert transferred.class_names == names_b
+    preprocess = transferred.preprocess_val
+    x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(transferred.model.encode_image(x).float(), dim=-1)
+        text = torch.nn.functional.normalize(transferred.text_features, dim=-1)
+        probs = (transferred.scale * feats @ text.t()).softmax(-1).double()
+    assert (ort - probs).abs().max() < 1e-4
+    assert main(["predict", str(export), images[0], "--top-k", "4", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert sorted(t["class"] for t in top) == sorted(names_b)
+
+    csc = tmp_path / "csc"
+    _train(world, csc, "--class-specific")
+    assert main(["export", str(csc), str(tmp_path / "no"), "--classnames", str(names_file)]) == 2
+    assert "class-specific" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "no")
+    names_file.write_text("only one\n")
+    assert main(["export", str(run), str(tmp_path / "no"), "--classnames", str(names_file)]) == 2
+    assert "at least 2" in capsys.readouterr().err
