@@ -67,8 +67,8 @@ def per_class_accuracy(features: torch.Tensor, labels: torch.Tensor, text_featur
         mask = labels == c
         n = int(mask.sum())
         per_class.append({"class": name, "num_images": n,
-                          "accuracy": float(correct[mask].float().mean()) if n else None})
-    overall = float(correct.float().mean()) if len(labels) else float("nan")
+                          "accuracy": int(correct[mask].sum()) / n if n else None})
+    overall = int(correct.sum()) / len(labels) if len(labels) else float("nan")
     return overall, per_class
 
 

@@ -133,8 +133,8 @@ def plot_bars(table, path: str) -> None:
             means.append(mean)
             stds.append(0.0 if math.isnan(std) else std)
         positions = [i - 0.4 + width * (k + 0.5) for i in range(len(table.columns))]
-        ax.bar(positions, means, width, yerr=stds, capsize=2, label=label,
-               hatch="//" if label == "zero-shot" else None, alpha=0.9)
+        style = dict(color="lightgrey", hatch="//") if label == "zero-shot" else {}
+        ax.bar(positions, means, width, yerr=stds, capsize=2, label=label, **style)
     ax.set_xticks(range(len(table.columns)), table.columns)
     ax.set(ylabel="test accuracy (%)", title=table.title)
     ax.title.set_fontsize("medium")

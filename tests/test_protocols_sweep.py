@@ -148,3 +148,45 @@ def test_jobs_run_the_same_runs(world, tmp_path, capsys):
         run = os.path.join("runs", "coop", "shots-all", "noise-none-0", f"seed-{seed}")
         a, b = _metrics(tmp_path / "two" / run), _metrics(tmp_path / "one" / run)
         assert a["test_acc"] == b["test_acc"] and a["epochs"][0]["loss"] == b["epochs"][0]["loss"]
+
+
+def _csv(out):
+    with open(out / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_base_to_new_and_cross_dataset_sweeps(world, tmp_path, capsys):
+    from fastprompt.evaluation import harmonic_mean
+    make_shapes_dataset(tmp_path / "target", num_classes=3, images_per_class=1,
+                        test_images_per_class=2, seed=8)
+    b2n = _spec(world, "b2n.json", methods=["coop"], seeds=[1, 2], protocol="base-to-new",
+                train={"epochs": 1, "n_ctx": 2})
+    assert main(["sweep", b2n, "--out", str(tmp_path / "b2n"), "--no-progress"]) == 0
+    rows = {(r["method"], r["column"]): r for r in _csv(tmp_path / "b2n")}
+    evaluations = [json.loads((tmp_path / "b2n" / "runs" / "coop" / "shots-all" /
+                               "noise-none-0" / f"seed-{s}" / "evaluation.json").read_text())
+                   ["base_to_new"] for s in (1, 2)]
+    base = statistics.mean(100 * e["base_acc"] for e in evaluations)
+    new = statistics.mean(100 * e["new_acc"] for e in evaluations)
+    assert float(rows["coop", "Base"]["mean"]) == pytest.approx(base)
+    assert float(rows["coop", "New"]["mean"]) == pytest.approx(new)
+    assert float(rows["coop", "H"]["mean"]) == pytest.approx(harmonic_mean(base, new))
+    assert [e["base"]["num_classes"] for e in evaluations] == [2, 2]  # 4 classes: 2 base, 2 new
+
+    cross = _spec(world, "cross.json", methods=["coop"], seeds=[1], protocol="cross-dataset",
+                  targets=[{"name": "other", "data": str(tmp_path / "target")},
+                           {"name": "all of it", "data": "shapes", "all_images": True}],
+                  train={"epochs": 1, "n_ctx": 2})
+    assert main(["sweep", cross, "--out", str(tmp_path / "cross"), "--no-progress"]) == 0
+    capsys.readouterr()
+    rows = {(r["method"], r["column"]): float(r["mean"]) for r in _csv(tmp_path / "cross")}
+    run = tmp_path / "cross" / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1"
+    targets = json.loads((run / "evaluation.json").read_text())["targets"]
+    assert targets["other"]["num_classes"] == 3 and targets["all of it"]["num_test_images"] == 20
+    assert rows["coop", "shapes (source)"] == pytest.approx(100 * _metrics(run)["test_acc"])
+    assert rows["coop", "other"] == pytest.approx(100 * targets["other"]["test_acc"])
+    assert rows["coop", "average"] == pytest.approx(
+        50 * (targets["other"]["test_acc"] + targets["all of it"]["test_acc"]))
+    assert rows["zero-shot", "other"] == pytest.approx(
+        100 * targets["other"]["zeroshot_test_acc"])
+    assert (tmp_path / "cross" / "report.md").read_text().count(".png)") == 1
