@@ -103,6 +103,13 @@ def test_base_and_new_halves_follow_dassl(seed):
 def test_eval_on_other_data_with_other_class_names(world, tmp_path, capsys):
     run = tmp_path / "run"
     _train(world, run)
+    # Training draws its curves; `fastprompt plot` redraws them.
+    curves = run / "curves.png"
+    assert curves.stat().st_size > 0
+    curves.unlink()
+    assert main(["plot", str(run)]) == 0 and curves.stat().st_size > 0
+    assert main(["plot", str(world / "b")]) == 2
+    assert "metrics.json" in capsys.readouterr().err
     names_b = load_dataset(world / "b").classnames
     assert set(names_b) == {n.replace("_", " ") for n in RENAMED.values()}
     result = _json(["eval", str(run), "--data", str(world / "b"), "--no-progress"], capsys)

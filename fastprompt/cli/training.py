@@ -250,6 +250,7 @@ def cmd_train(args) -> int:
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
                         device=device, progress=_progress(args),
                         data=None if from_cache else _data_source(args).to_dict())
+    _plot_curves(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
           f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
@@ -263,6 +264,12 @@ def _data_source(args):
     return DataSource.create(args.data, split_file=args.split_file,
                              test_fraction=args.test_fraction, seed=args.seed,
                              subsample=args.subsample)
+
+
+def _plot_curves(run_dir: str) -> None:
+    """RUN/curves.png (loss and train accuracy per epoch); `fastprompt plot RUN` redraws it."""
+    from fastprompt.plots import plot_curves
+    plot_curves(run_dir)
 
 
 def _progress(args) -> bool | None:
@@ -322,6 +329,7 @@ def cmd_train_softcpt(args) -> int:
         tasks.append(Task(spec.name, cache))
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
                                 device=device, progress=_progress(args))
+    _plot_curves(args.out)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
               f"{t['zeroshot_test_acc']:.4f}), {t['num_classes']} classes")
