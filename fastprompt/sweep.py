@@ -202,9 +202,10 @@ def load_spec(path) -> SweepSpec:
     if not isinstance(methods, list) or not methods:
         raise ValueError("spec: 'methods' must be a non-empty list")
     methods = [parse_method(m, f"spec: methods[{i}]") for i, m in enumerate(methods)]
-    labels = [m.label for m in methods]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"spec: two methods have the same name: {labels}")
+    folders = [_slug(m.label) for m in methods]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"spec: two methods have the same name (or folder name): "
+                         f"{[m.label for m in methods]}")
     train = d.get("train", {})
     if not isinstance(train, dict):
         raise ValueError("spec: 'train' must be an object of TrainConfig fields")
@@ -292,7 +293,7 @@ class Job:
 
     def describe(self) -> str:
         noise = "clean" if self.noise_rate == 0 else f"{self.noise_type} {_number(self.noise_rate)}"
-        return (f"{self.method}, {self.shots or 'all'} shots, {noise}, seed {self.seed}")
+        return f"{self.method}, {self.shots or 'all'} shots, {noise}, seed {self.seed}"
 
 
 def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "none",
