@@ -47,6 +47,10 @@ def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str
 
 def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
     splits = source.load()
+    if splits.num_classes < 2:
+        raise ValueError(f"data: the {source.subsample} half of {source.root!r} has "
+                         f"{splits.num_classes} class; a classifier needs at least 2 (base-to-new "
+                         "needs a data set of at least 4 classes)")
     test = splits.train + splits.val + splits.test if all_images else splits.test
     if not test:
         raise ValueError(f"data: {source.root!r} has no test images"

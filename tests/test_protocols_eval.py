@@ -156,6 +156,11 @@ def test_base_to_new(world, tmp_path, capsys):
     assert result["hm"] == pytest.approx(harmonic_mean(result["base_acc"], new_acc))
     text = main(["eval", str(run), "--base-to-new", "--no-progress"])
     assert text == 0 and "H = 2BN/(B+N)" in capsys.readouterr().out
+    # Three classes leave one new class: no classifier, a clear error.
+    make_shapes_dataset(tmp_path / "three", num_classes=3, images_per_class=1, seed=2)
+    assert main(["eval", str(run), "--data", str(tmp_path / "three"), "--subsample", "new",
+                 "--no-progress"]) == 2
+    assert "at least 4 classes" in capsys.readouterr().err
 
     whole = tmp_path / "whole"
     _train(world, whole)
