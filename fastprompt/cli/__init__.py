@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from fastprompt.cli import deploy, training
+from fastprompt.cli import deploy, protocols, training
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -23,7 +23,7 @@ def _user_errors() -> tuple[type, ...]:
             Image.DecompressionBombError)
 
 
-_COMMAND_MODULES = (training, deploy)
+_COMMAND_MODULES = (training, deploy, protocols)
 
 
 def _command_in(argv: list[str]) -> str | None:

@@ -73,9 +73,10 @@ class PromptLearnerRun:
 
 def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_dir, *,
               resume: bool = False, progress: bool | None = None,
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None, data: dict | None = None) -> dict:
     """Train ``config`` on ``cache`` into ``out_dir`` and return the metrics (also written to
-    ``out_dir/metrics.json``).
+    ``out_dir/metrics.json``; ``data``, where the cache's images came from, is recorded there as
+    given: ``fastprompt.data.source.DataSource.to_dict``).
 
     ``model`` is the frozen open_clip model the cache was built with. With ``resume=True`` an
     existing checkpoint in ``out_dir`` is continued (it must come from the same config, cache and
@@ -111,6 +112,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
             "num_train_images": cache.num_train_images,
             "views": cache.views,
             "cache": {"path": os.path.abspath(cache.path), "fingerprint": cache.fingerprint},
+            **({"data": data} if data is not None else {}),
         }
 
     return rundir.train_epochs(out_dir, config, learner, identity, resume=resume,
