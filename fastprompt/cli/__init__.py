@@ -1,4 +1,4 @@
-"""``fastprompt`` command line: cache, train, eval, export, predict, demo.
+"""fastprompt command line: cache, train, eval, demo, export, predict, sweep, plot.
 
 Every command returns 0 on success and 2 on bad input or an anticipated failure (a damaged or
 locked file, a full or read-only disk, a missing GPU), with one line naming the argument or file
