@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# onnxruntime-gpu where a CUDA GPU is present, plain onnxruntime otherwise (never both).
-ORT := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# The serve-gpu extra (onnxruntime-gpu) where a CUDA GPU is present, serve (plain onnxruntime)
+# otherwise: never both, they ship the same module.
+SERVE := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo serve-gpu || echo serve)
 STAMP := $(VENV)/.fastprompt-installed
 
 .PHONY: install demo test bench build clean device-wheels
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q setuptools wheel ninja
 	# Without build isolation, so the extension builds against the torch just installed.
-	$(PY) -m pip install -q --no-build-isolation -e ".[$(ORT),test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[train,$(SERVE),test]"
 	@touch $@
 
 demo: $(STAMP)

@@ -80,8 +80,8 @@ def bench_case(model_name, model, tokenizer, num_tasks, args, device) -> dict:
     tasks = [Task(f"task {t}", c) for t, c in enumerate(caches)]
     base = dict(model=model_name, n_ctx=args.n_ctx, batch_size=args.batch_size, epochs=50,
                 prograd=args.prograd, seed=1)
-    soft_cfg = TrainConfig(method="softcpt", **base)
-    coop_cfg = TrainConfig(method="coop", **base)
+    soft_cfg = TrainConfig(learner="softcpt", **base)
+    coop_cfg = TrainConfig(learner="coop", **base)
 
     torch.manual_seed(1)
     net = softcpt_model(model, tokenizer, [t.name for t in tasks], [c.classnames for c in caches],

@@ -234,7 +234,7 @@ def run_baseline(model, tokenizer, splits, transform_train, transform_test, conf
             image_features = image_features / image_features.norm(dim=-1, keepdim=True)
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
             output = net.logit_scale.exp() * image_features @ text_features.t()
-            if config.method == "dspt":
+            if config.loss == "dspt":
                 loss = F.cross_entropy(F.softmax(output, dim=-1), labels)
             else:
                 loss = F.cross_entropy(output, labels)
@@ -297,8 +297,9 @@ def bench_model(name: str, args, device, workdir: str) -> dict:
     root = os.path.join(workdir, f"data-{name}")
     splits = make_shapes_dataset(root, classes, shots, test_images_per_class=test_per_class,
                                  size=image_size, seed=0)
-    config = TrainConfig(model=name, method=args.method, epochs=epochs, n_ctx=args.n_ctx,
-                         batch_size=args.batch_size, seed=args.seed)
+    config = TrainConfig(model=name, loss="dspt" if args.method == "dspt" else "ce",
+                         epochs=epochs, n_ctx=args.n_ctx, batch_size=args.batch_size,
+                         seed=args.seed)
     for e in range(epochs):  # the baseline writes the same schedule out; check that it agrees
         assert abs(coop_lr(e, epochs, config.lr, config.warmup_epochs, config.warmup_lr)
                    - learning_rate(config, e)) < 1e-12

@@ -1,31 +1,98 @@
-"""Atomic file placement: every file fastprompt writes (caches, checkpoints, prompts, metrics,
-ONNX models, Triton configs) goes to a temporary name in the target folder and is renamed into
-place, so a reader sees the old file or the new one, never a half-written one.
+"""Safe file placement for everything fastprompt writes (caches, checkpoints, prompts, metrics,
+ONNX models, Triton configs).
+
+* Atomic: a file goes to a temporary name in the target folder and is renamed into place, so a
+  reader sees the old file or the new one, never a half-written one. The temporary file gets the
+  permissions ``open()`` would give (``0o666`` less the umask), not ``mkstemp``'s 0600, so a
+  server running as another user can read what was exported for it.
+* Stale temporary files: a writer holds an ``flock`` on its temporary file while writing; a
+  killed writer's lock is released by the kernel, so the next write to the same target removes
+  the temporaries nobody holds.
+* Locks: ``exclusive_lock`` (an ``flock`` on a lock file that names the holder's pid) keeps two
+  processes from writing one run folder or one cache at the same time.
+* Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
+* Checksums: ``tensor_checksum`` (BLAKE2b of names, dtypes, shapes and bytes).
+* Progress: ``progress_bar`` is a tqdm bar on a terminal and plain log lines elsewhere (CI
+  logs, scripts), so a long step never looks hung.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from typing import Callable, Iterator
 
+import torch
 
-def _temp_path(final: str) -> str:
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock; the message names it and its pid."""
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_pattern(final: str) -> tuple[str, str, str]:
     folder = os.path.dirname(os.path.abspath(final))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(final) + ".", suffix=".tmp")
-    os.close(fd)
-    return tmp
+    return folder, "." + os.path.basename(final) + ".", ".tmp"
+
+
+def remove_stale_temporaries(final: str) -> list[str]:
+    """Remove the temporary files of ``final`` left by killed writers (those no process holds
+    a lock on); returns their paths."""
+    folder, prefix, suffix = _temp_pattern(final)
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*" + suffix)):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it
+            os.close(fd)
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and
     rename it to ``path``; when it fails, remove it."""
-    tmp = _temp_path(os.fspath(path))
+    path = os.fspath(path)
+    folder, prefix, suffix = _temp_pattern(path)
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale_temporaries
+        os.fchmod(fd, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -33,6 +100,8 @@ def atomic_path(path: str) -> Iterator[str]:
     except BaseException:
         remove_if_present(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str, writer: Callable) -> None:
@@ -45,8 +114,81 @@ def write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON's ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """Strict JSON (RFC 8259): non-finite floats become ``null``."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, dumps_json(obj, indent=2) + "\n")
+
+
+def read_json(path: str, what: str):
+    """The JSON value in ``path``; ValueError naming ``what`` and the file when it is unreadable
+    as JSON (truncated, not UTF-8, nested too deeply)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{what}: {path!r} is not valid JSON ({type(e).__name__}: "
+                         f"{str(e)[:200] or 'nested too deeply'})") from e
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str, what: str, *, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if missing) for the block; when another
+    process holds it, raise ``LockedError`` naming ``what`` and that process's pid. The lock dies
+    with its process, so a killed holder never blocks the next one. ``remove``: delete the lock
+    file when done (for a lock beside a file rather than inside a folder of its own)."""
+    lock_path = os.fspath(lock_path)
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise LockedError(f"{what} is in use by another fastprompt process (pid {holder}, "
+                              f"lock {lock_path}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            yield
+        finally:
+            if remove:
+                remove_if_present(lock_path)
+    finally:
+        os.close(fd)
+
+
+def update_tensor_hash(h, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, bytes) into the hash ``h``."""
+    t = t.detach()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """BLAKE2b (128 bits, hex) of the named tensors in name order, then ``extra``."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        update_tensor_hash(h, name, tensors[name])
+    h.update(extra.encode("utf-8"))
+    return h.hexdigest()
 
 
 def place_alias(source: str, path: str) -> str:
@@ -57,7 +199,10 @@ def place_alias(source: str, path: str) -> str:
     survives being copied, archived or mounted into a container on its own, and replacing one
     name later never leaves the other dangling.
     """
-    tmp = _temp_path(path)
+    folder, prefix, suffix = _temp_pattern(path)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
     os.remove(tmp)  # os.link needs a free name; mkstemp only reserved a unique one
     try:
         try:
@@ -78,3 +223,51 @@ def remove_if_present(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+# Off a terminal: one line at the start, then at most one every this many seconds, and the end.
+PROGRESS_LINE_SECONDS = 10.0
+
+
+class _ProgressLines:
+    """tqdm's ``update``/``set_postfix`` interface, printing plain lines to stderr."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.start = self.last = time.monotonic()
+        self.postfix = ""
+        self._line()
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self.start
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed:.1f} s"
+              f"{self.postfix}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= PROGRESS_LINE_SECONDS:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self._line()
+
+
+def progress_bar(total: int, desc: str, progress: bool | None, *, unit: str = "img",
+                 initial: int = 0):
+    """A progress display for ``total`` items: a tqdm bar when stderr is a terminal, else plain
+    lines (start, every ``PROGRESS_LINE_SECONDS``, end); ``progress=False`` shows nothing,
+    ``True`` forces the bar."""
+    from tqdm.auto import tqdm
+    if progress is None and not sys.stderr.isatty():
+        return _ProgressLines(total, desc, unit, initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=progress is False,
+                dynamic_ncols=True)

@@ -9,7 +9,6 @@ run to ONNX and classifies test images with onnxruntime.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
@@ -19,16 +18,23 @@ DEMO_CLASSES = 8
 DEMO_IMAGES_PER_CLASS = 24
 DEMO_VIEWS = 8
 DEMO_NOISE_RATE = 0.25
+# SoftCPT section: a few generated tasks with disjoint classes.
+DEMO_TASKS = 3
+DEMO_CLASSES_PER_TASK = 4
+DEMO_TASK_IMAGES_PER_CLASS = 16
+DEMO_TASK_VIEWS = 4
+# Marks a run folder as the demo's own: only such folders are ever cleared for a retrain.
+DEMO_MARKER = ".fastprompt-demo"
 
 # (label, TrainConfig overrides): the baseline, each method and plug-in, and combinations.
 DEMO_METHODS = (
     ("coop", {}),
-    ("dspt", {"method": "dspt"}),
+    ("dspt", {"loss": "dspt"}),
     ("coop+ls", {"targets": "ls"}),
     ("coop+csl(alt)", {"targets": "csl", "alternate": True}),
     ("coop+isl(alt)", {"targets": "isl", "alternate": True}),
     ("coop+prograd", {"prograd": True}),
-    ("dspt+isl(alt)+prograd", {"method": "dspt", "targets": "isl", "alternate": True, "prograd": True}),
+    ("dspt+isl(alt)+prograd", {"loss": "dspt", "targets": "isl", "alternate": True, "prograd": True}),
 )
 
 
@@ -46,24 +52,51 @@ def _random_tiny_checkpoint(path: str) -> str:
     return path
 
 
-def _train(config, cache, model, tokenizer, run_dir, progress):
-    from fastprompt.train import train_run
+def _demo_folder(run_dir: str) -> None:
+    """Make ``run_dir`` the demo's own (marked), or refuse it when it holds anything else."""
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not os.path.isfile(
+            os.path.join(run_dir, DEMO_MARKER)):
+        raise ValueError(f"out: {run_dir!r} exists and was not made by the demo; the demo leaves "
+                         "it alone: choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+    open(os.path.join(run_dir, DEMO_MARKER), "a").close()
+
+
+def _clear_demo_run(run_dir: str) -> None:
+    """Remove the run files of a demo run from other settings; anything else in the folder
+    (which the demo did not write) makes it refuse instead."""
+    from fastprompt.train import rundir
+    ours = {rundir.CONFIG, rundir.CHECKPOINT, rundir.PROMPT, rundir.METRICS, rundir.LOCK,
+            DEMO_MARKER}
+    foreign = sorted(set(os.listdir(run_dir)) - ours)
+    if foreign:
+        raise ValueError(f"out: {run_dir!r} holds a run from other settings and files the demo "
+                         f"did not write ({', '.join(foreign[:3])}); choose another --out")
+    for name in ours - {DEMO_MARKER}:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _train(train, run_dir: str, *args, progress: bool):
+    """``train(*args, run_dir, ...)``, resuming the demo's earlier run of the same settings;
+    a run from other settings (an earlier demo with other --epochs) is retrained."""
+    from fastprompt.train import RunMismatchError
+    _demo_folder(run_dir)
     try:
-        return train_run(config, cache, model, tokenizer, run_dir, resume=True, progress=progress)
-    except ValueError as e:
-        if "belongs to a different run" not in str(e):
-            raise
-        shutil.rmtree(run_dir)  # the demo's own folder, from a demo with other settings
-        return train_run(config, cache, model, tokenizer, run_dir, progress=progress)
+        return train(*args, run_dir, resume=True, progress=progress)
+    except RunMismatchError:
+        _clear_demo_run(run_dir)
+        return train(*args, run_dir, progress=progress)
 
 
 def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True) -> int:
     from fastprompt import _backend
     from fastprompt.data import build_or_load_cache, make_shapes_dataset
-    from fastprompt.export import export_run
     from fastprompt.models import TINY_MODEL, create_model
+    from fastprompt.pipeline import export_run
     from fastprompt.serve import OnnxClassifier
-    from fastprompt.train import TrainConfig
+    from fastprompt.train import TrainConfig, train_run
 
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -93,7 +126,7 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
         config = TrainConfig(model=TINY_MODEL, pretrained=os.path.abspath(weights), epochs=epochs,
                              **overrides)
         run_dir = os.path.join(out, "runs", label.replace("(", "-").replace(")", ""))
-        metrics = _train(config, cache, model, tokenizer, run_dir, progress)
+        metrics = _train(train_run, run_dir, config, cache, model, tokenizer, progress=progress)
         if not rows:
             rows.append(("zero-shot", "-", metrics["zeroshot_test_acc"], "-", "-"))
             first_run = run_dir
@@ -131,14 +164,63 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
         print(f"  {os.path.relpath(path, out)} -> {name} ({prob:.3f})")
     print(f"max |probs(torch) - probs(onnxruntime)| over these images: "
           f"{float((torch_probs - ort_probs).abs().max()):.2e}")
-    # --- SoftCPT hook: multi-task section (fastprompt/train/softcpt.py) ---
-    from fastprompt.train.softcpt import demo_multitask
     demo_multitask(out, model, preprocess_train, preprocess_val, tokenizer, weights,
                    epochs=epochs, progress=progress)
-    # ---
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; everything is in {out}/")
     sys.stdout.flush()
     return 0
+
+
+def demo_multitask(out: str, model, preprocess_train, preprocess_val, tokenizer, weights: str, *,
+                   epochs: int, progress: bool = True) -> dict:
+    """Generate a few shapes tasks with disjoint classes, train SoftCPT on all of them and one
+    CoOp prompt per task, and print test accuracy per task."""
+    from fastprompt.data import build_or_load_cache
+    from fastprompt.data.tasks import load_task_datasets, make_shapes_tasks, read_tasks_file
+    from fastprompt.models import TINY_MODEL
+    from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
+
+    print(f"\nmulti-task (SoftCPT): {DEMO_TASKS} generated tasks of {DEMO_CLASSES_PER_TASK} "
+          "disjoint shape classes each")
+    root = os.path.join(out, "multitask")
+    tasks_file = make_shapes_tasks(os.path.join(root, "data"), num_tasks=DEMO_TASKS,
+                                   classes_per_task=DEMO_CLASSES_PER_TASK,
+                                   images_per_class=DEMO_TASK_IMAGES_PER_CLASS,
+                                   test_images_per_class=DEMO_TASK_IMAGES_PER_CLASS // 2, seed=3)
+    specs = read_tasks_file(tasks_file)
+    tasks = []
+    for i, (spec, split) in enumerate(zip(specs, load_task_datasets(specs, seed=1))):
+        cache = build_or_load_cache(os.path.join(root, f"features-{i}.safetensors"), model,
+                                    TINY_MODEL, preprocess_train, preprocess_val, split,
+                                    views=DEMO_TASK_VIEWS, seed=1, progress=progress)
+        tasks.append(Task(spec.name, cache))
+    base = dict(model=TINY_MODEL, pretrained=os.path.abspath(weights), epochs=epochs)
+    soft = _train(train_softcpt_run, os.path.join(root, "softcpt"),
+                  TrainConfig(learner="softcpt", **base), tasks, model, tokenizer,
+                  progress=progress)
+    coop = [_train(train_run, os.path.join(root, f"coop-{i}"), TrainConfig(**base), t.cache,
+                   model, tokenizer, progress=progress) for i, t in enumerate(tasks)]
+
+    rows = [(t["name"], str(t["num_classes"]), f"{t['zeroshot_test_acc']:.3f}",
+             f"{c['test_acc']:.3f}", f"{t['test_acc']:.3f}")
+            for t, c in zip(soft["tasks"], coop)]
+    rows.append(("average", "", f"{soft['zeroshot_test_acc']:.3f}",
+                 f"{sum(c['test_acc'] for c in coop) / len(coop):.3f}", f"{soft['test_acc']:.3f}"))
+    header = ("task", "classes", "zero-shot", "CoOp (1 prompt/task)", "SoftCPT")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"{epochs} epochs each, batch 32; test accuracy per task:")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    coop_ms = sum(c["epoch_seconds_median"] for c in coop) * 1e3
+    print(f"epoch time: SoftCPT over {len(tasks)} tasks {soft['epoch_seconds_median'] * 1e3:.1f} ms, "
+          f"{len(tasks)} CoOp runs {coop_ms:.1f} ms in all; trained parameters: SoftCPT "
+          f"{soft['trainable_parameters']} (meta network {soft['parameters']['meta_net']}, task "
+          f"context {soft['parameters']['task_ctx']}), CoOp "
+          f"{sum(c['trainable_parameters'] for c in coop)} ({len(coop)} x "
+          f"{coop[0]['trainable_parameters']})")
+    sys.stdout.flush()
+    return {"softcpt": soft, "coop": coop}
 
 
 def _rgb(path):

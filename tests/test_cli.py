@@ -4,24 +4,19 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from fastprompt.cli import main
 from fastprompt.data import make_shapes_dataset
-from fastprompt.models import create_model
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A shapes data set and a random tiny model saved as a local checkpoint file."""
+def world(tmp_path_factory, tiny_weights):
+    """A shapes data set and the tiny model's weights as a local checkpoint file."""
     root = tmp_path_factory.mktemp("cli")
     make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
                         test_images_per_class=2, seed=9)
-    torch.manual_seed(0)
-    model = create_model("fastprompt-tiny")[0]
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "tiny.safetensors"))
+    os.link(tiny_weights, root / "tiny.safetensors")
     return root
 
 
@@ -135,7 +130,7 @@ def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
     _expect_error(["train", "--model", "ViT-B-32", "--cache", str(cache), "--out",
                    str(tmp_path / "run2"), "--epochs", "1", "--no-progress"], capsys,
                   "was built with model 'fastprompt-tiny'", tmp_path / "run2")
-    _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "no metrics.json")
+    _expect_error(["eval", str(tmp_path / "nowhere")], capsys, "has no trained prompt")
     (tmp_path / "unfinished").mkdir()
     _expect_error(["export", str(tmp_path / "unfinished"), str(tmp_path / "exp")], capsys,
                   "has no trained prompt")
@@ -156,3 +151,38 @@ def test_demo(tmp_path, capsys):
     assert table[0].startswith("zero-shot")
     assert [row.split()[0] for row in table[1:len(DEMO_METHODS) + 1]] == [m for m, _ in DEMO_METHODS]
     assert "passed" in out and "max |probs(torch) - probs(onnxruntime)|" in out
+
+
+def test_demo_never_deletes_what_it_did_not_create(tmp_path):
+    """A run folder of the demo's from other settings is retrained in place; a folder the demo
+    did not make, or one holding other files, is refused and left as it was (issue 14, 9)."""
+    from fastprompt.demo import DEMO_MARKER, _train
+    from fastprompt.train import RunMismatchError
+
+    calls = []
+
+    def train(run_dir, *, resume=False, progress=False):
+        calls.append(resume)
+        if resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            raise RunMismatchError("resume: checkpoint belongs to a different run")
+        with open(os.path.join(run_dir, "checkpoint.pt"), "w") as f:
+            f.write("new")
+        return {"ok": True}
+
+    foreign = tmp_path / "runs" / "coop"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="was not made by the demo"):
+        _train(train, str(foreign), progress=False)
+    assert os.listdir(foreign) == ["notes.txt"] and calls == []
+
+    ours = tmp_path / "demo" / "runs" / "coop"
+    assert _train(train, str(ours), progress=False) == {"ok": True}
+    assert (ours / DEMO_MARKER).exists()
+    (ours / "metrics.json").write_text("{}")
+    assert _train(train, str(ours), progress=False) == {"ok": True}  # other settings: retrained
+    assert (ours / "checkpoint.pt").read_text() == "new" and not (ours / "metrics.json").exists()
+    (ours / "notes.txt").write_text("a file the demo did not write")
+    with pytest.raises(ValueError, match="files the demo did not write .*notes.txt"):
+        _train(train, str(ours), progress=False)
+    assert (ours / "notes.txt").exists() and (ours / "checkpoint.pt").exists()

@@ -7,7 +7,11 @@ import os
 import pytest
 import torch
 
+import fastprompt
 from fastprompt import _backend
+
+# The package root loads the ops on first use; tests also call torch.ops.fastprompt.* directly.
+fastprompt.clip_cross_entropy, fastprompt.prograd_losses  # noqa: B018
 
 
 def backend_params():

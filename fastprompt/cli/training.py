@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
 
 
@@ -18,6 +18,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", metavar="FILE", default=None,
                    help="local checkpoint of that model (.safetensors/.bin/.pt); nothing is downloaded")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _device(name: str | None) -> str:
+    """The ``--device`` value, checked: a torch device type this machine has."""
+    import torch
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} asked for, but torch sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device: {name!r} is not supported (cpu or cuda)")
+    return name
 
 
 class _DataFolders(argparse.Action):
@@ -52,7 +72,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from fastprompt.train import METHODS, TARGETS, TrainConfig
     d = TrainConfig()
     g = p.add_argument_group("method (every combination works)")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="coop: cross-entropy; dspt: double softmax")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help="coop: cross-entropy; dspt: double softmax; softcpt: several tasks")
     g.add_argument("--targets", choices=TARGETS, default=d.targets,
                    help="hard, ls (label smoothing), csl/isl (ATLaS class-/instance-wise soft labels)")
     g.add_argument("--smoothing", type=float, default=d.smoothing, help="weight of the soft part (default: %(default)s)")
@@ -80,16 +101,42 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
 
 
-def _config_from(args) -> "TrainConfig":
+def _add_softcpt_args(parser: argparse.ArgumentParser) -> None:
+    from fastprompt.train import TrainConfig
+    d = TrainConfig()
+    g = parser.add_argument_group("SoftCPT (--method softcpt: several tasks, one meta network)")
+    g.add_argument("--tasks", metavar="TASKS.json",
+                   help='tasks file: [{"name": ..., "data": DIR, "split_file": FILE?}, ...] '
+                        "(or give --data once per task)")
+    g.add_argument("--task-names", nargs="+", metavar="NAME",
+                   help="task names for several --data folders (default: the folder names)")
+    g.add_argument("--n-task-ctx", type=int, default=d.n_task_ctx,
+                   help="learnable task context tokens before each task name (default: %(default)s)")
+    g.add_argument("--task-ctx", choices=("shared", "per-task"), default="shared",
+                   help="one task context for all tasks, or one per task (default: %(default)s)")
+    g.add_argument("--softcpt-loss", choices=("coop", "dspt"), default="coop",
+                   help="the per-task loss: cross-entropy or DSPT's double softmax (default: %(default)s)")
+
+
+def _config_from(args, shots: int | None) -> "TrainConfig":
+    """The TrainConfig of ``train``'s arguments; ``shots`` sets CoOp's default epoch count."""
     from fastprompt.train import TrainConfig, coop_epochs
+    from fastprompt.train.softcpt import SOFTCPT_EPOCHS
+    softcpt = args.method == "softcpt"
+    uses_dspt = args.method == "dspt" or (softcpt and args.softcpt_loss == "dspt")
+    if args.epochs is not None:
+        epochs = args.epochs
+    else:
+        epochs = SOFTCPT_EPOCHS if softcpt else coop_epochs(shots)
     return TrainConfig(
         model=args.model, pretrained=os.path.abspath(args.pretrained) if args.pretrained else None,
         n_ctx=args.n_ctx, ctx_init=args.ctx_init, class_specific=args.class_specific,
-        class_token_position=args.class_token_position, method=args.method, targets=args.targets,
-        smoothing=args.smoothing, alternate=args.alternate, alternate_period=args.alternate_period,
-        csl_temperature=args.csl_temperature, prograd=args.prograd, lam=args.lam,
-        temperature=args.temperature,
-        epochs=args.epochs if args.epochs is not None else coop_epochs(args.shots),
+        class_token_position=args.class_token_position,
+        learner="softcpt" if softcpt else "coop", loss="dspt" if uses_dspt else "ce",
+        targets=args.targets, smoothing=args.smoothing, alternate=args.alternate,
+        alternate_period=args.alternate_period, csl_temperature=args.csl_temperature,
+        prograd=args.prograd, lam=args.lam, temperature=args.temperature,
+        n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"), epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
         amp=not args.no_amp)
@@ -97,31 +144,64 @@ def _config_from(args) -> "TrainConfig":
 
 def _load_model(args):
     from fastprompt.models import create_model
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = _device(args.device)
     model, preprocess_train, preprocess_val, tokenizer = create_model(args.model, args.pretrained, device)
     if args.pretrained is None:
-        print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE): accuracies "
-              "mean little and the run cannot be rebuilt for export.", file=sys.stderr)
+        print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE; the same "
+              "seeded draw in every process): accuracies mean little.", file=sys.stderr)
     return model, preprocess_train, preprocess_val, tokenizer, device
 
 
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def _check_cache_weights(path: str, model, rebuild: bool) -> None:
+    """Refuse an existing cache file built with other weights than ``model``'s (unless
+    ``rebuild``), before ``build_or_load_cache`` would silently rebuild it over."""
+    from fastprompt.data import load_cache, model_weights_hash
+    if rebuild or not os.path.isfile(path):
+        return
+    try:
+        cached = load_cache(path, verify=False).fingerprint.get("model_weights")
+    except ValueError:
+        return  # damaged: rebuilt, with a warning that says why
+    if cached != model_weights_hash(model):
+        raise ValueError(f"--cache: {path} was built with other model weights than "
+                         "--model/--pretrained give; pass --rebuild-cache to rebuild it, or "
+                         "another --cache file")
 
 
 def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=None):
     from fastprompt.data import build_or_load_cache, load_dataset
     if not args.data:
         raise ValueError("--data: a data folder is required (or --cache FILE of a built cache)")
+    _check_cache_weights(path, model, args.rebuild_cache)
     # Unreadable images are skipped with a warning that counts and names them.
     splits = load_dataset(args.data, split_file=args.split_file, test_fraction=args.test_fraction,
                           seed=args.seed)
+    _print_classes(splits.classnames)
     return build_or_load_cache(path, model, args.model, preprocess_train, preprocess_val, splits,
                                views=args.views, shots=args.shots, noise_rate=args.noise_rate,
                                noise_type=args.noise_type, seed=args.seed,
                                batch_size=args.batch_size_cache, num_workers=args.workers,
                                progress=progress)
+
+
+def _print_classes(classnames, where: str = "") -> None:
+    shown = ", ".join(repr(c) for c in classnames[:5])
+    more = f", ... ({len(classnames)} in all)" if len(classnames) > 5 else ""
+    print(f"fastprompt: {len(classnames)} classes{where}: {shown}{more}", file=sys.stderr)
+
+
+def _load_trained_cache(path: str, model, model_name: str):
+    """A cache given by ``--cache`` alone, checked against the model it must have been built
+    with (name and weights)."""
+    from fastprompt.data import load_cache, model_weights_hash
+    cache = load_cache(path)
+    if cache.fingerprint.get("model_name") != model_name:
+        raise ValueError(f"--cache: {path} was built with model "
+                         f"{cache.fingerprint.get('model_name')!r}, not {model_name!r}")
+    if cache.fingerprint.get("model_weights") != model_weights_hash(model):
+        raise ValueError(f"--cache: {path} was built with other weights of {model_name!r} than "
+                         "--pretrained gives; rebuild it with --data DIR --rebuild-cache")
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,47 +218,112 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fastprompt.data import load_cache
     from fastprompt.train import train_run
-    # --- SoftCPT hook: several tasks, one feature cache each (fastprompt/train/softcpt.py) ---
     if args.method == "softcpt" or args.tasks:
-        from fastprompt.train.softcpt import cmd_train_softcpt
         return cmd_train_softcpt(args)
     if len(getattr(args, "data_all", None) or []) > 1:
         raise ValueError("--data: given several times; several folders train together only "
                          "with --method softcpt")
-    # ---
-    config = _config_from(args)
+    from_cache = bool(args.cache and not args.data)
+    if from_cache:  # CoOp's epoch count follows the cache's shots
+        from fastprompt.data import load_cache
+        shots = load_cache(args.cache, verify=False).fingerprint.get("shots")
+        if args.shots is not None and args.shots != shots:
+            raise ValueError(f"--shots: {args.cache} holds {shots or 'all'} shots per class, "
+                             f"not {args.shots}")
+    else:
+        shots = args.shots
+    config = _config_from(args, shots)
     model, pt, pv, tokenizer, device = _load_model(args)
-    if args.cache and not args.data:
-        cache = load_cache(args.cache)
-        if cache.fingerprint.get("model_name") != args.model:
-            raise ValueError(f"--cache: {args.cache} was built with model "
-                             f"{cache.fingerprint.get('model_name')!r}, not {args.model!r}")
+    if from_cache:
+        cache = _load_trained_cache(args.cache, model, args.model)
     else:
         cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
                              model, pt, pv)
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
-                        device=device, progress=not args.no_progress)
+                        device=device, progress=_progress(args))
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
           f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
     return 0
 
 
+def _progress(args) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "task"
+
+
+def cmd_train_softcpt(args) -> int:
+    """``fastprompt train --method softcpt``: read and check every task, then cache each task's
+    features under ``OUT/features/`` and train. Bad input writes nothing."""
+    from fastprompt.data import build_or_load_cache
+    from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
+    from fastprompt.train import Task, train_softcpt_run
+    from fastprompt.train.rundir import refuse_existing_run
+    from fastprompt.train.softcpt import SOFTCPT_FORMAT
+    if args.method != "softcpt":
+        raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
+                         f"(got --method {args.method})")
+    folders = getattr(args, "data_all", None) or ([args.data] if args.data else [])
+    if args.tasks and folders:
+        raise ValueError("--tasks: give the tasks either in a tasks file or as --data folders, "
+                         "not both")
+    if args.cache:
+        raise ValueError("--cache: SoftCPT keeps one feature cache per task in OUT/features/")
+    if args.split_file:
+        raise ValueError("--split-file: with SoftCPT, name each task's split file in the tasks "
+                         "file (\"split_file\")")
+    if args.tasks:
+        if args.task_names:
+            raise ValueError("--task-names: the tasks file names its tasks")
+        specs = read_tasks_file(args.tasks)
+    elif folders:
+        specs = task_specs_from_folders(folders, args.task_names)
+    else:
+        raise ValueError("--tasks: SoftCPT needs tasks: --tasks TASKS.json, or --data once per task")
+    splits = load_task_datasets(specs, test_fraction=args.test_fraction, seed=args.seed)
+    config = _config_from(args, args.shots)
+    # Checked before any cache is written: a damaged or CoOp checkpoint is refused here already.
+    refuse_existing_run(args.out, args.resume, SOFTCPT_FORMAT)
+    model, pt, pv, tokenizer, device = _load_model(args)
+    tasks = []
+    for i, (spec, split) in enumerate(zip(specs, splits)):
+        path = os.path.join(args.out, "features", f"{i:02d}-{_slug(spec.name)}.safetensors")
+        _check_cache_weights(path, model, args.rebuild_cache)
+        _print_classes(split.classnames, f" in task {spec.name!r}")
+        cache = build_or_load_cache(path, model, args.model, pt, pv, split, views=args.views,
+                                    shots=args.shots, noise_rate=args.noise_rate,
+                                    noise_type=args.noise_type, seed=args.seed,
+                                    batch_size=args.batch_size_cache, num_workers=args.workers,
+                                    progress=_progress(args))
+        tasks.append(Task(spec.name, cache))
+    metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
+                                device=device, progress=_progress(args))
+    for t in metrics["tasks"]:
+        print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
+              f"{t['zeroshot_test_acc']:.4f}), {t['num_classes']} classes")
+    print(f"{metrics['method']} over {len(tasks)} tasks: average test accuracy "
+          f"{metrics['test_acc']:.4f} (zero-shot {metrics['zeroshot_test_acc']:.4f}), "
+          f"{metrics['trainable_parameters']} trained parameters, median epoch "
+          f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
-    from fastprompt.data import load_cache
+    from fastprompt._io import dumps_json
     from fastprompt.train import evaluate_run
-    cache_path = args.cache
-    if cache_path is None:
-        metrics_path = os.path.join(args.run, "metrics.json")
-        if not os.path.isfile(metrics_path):
-            raise ValueError(f"run: {args.run!r} has no metrics.json; pass --cache FILE")
-        with open(metrics_path) as f:
-            cache_path = json.load(f)["cache"]["path"]
-    result = evaluate_run(args.run, load_cache(cache_path), device=args.device or "cpu")
-    print(json.dumps(result, indent=2) if args.json else
-          f"test accuracy {result['test_acc']:.4f} on {result['num_test_images']} images ({cache_path})")
+    result = evaluate_run(args.run, args.cache, device=_device(args.device or "cpu"),
+                          task=args.task)
+    if args.json:
+        print(dumps_json(result, indent=2))
+        return 0
+    for t in result.get("tasks", []):
+        print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} on {t['num_test_images']} images")
+    what = "average test accuracy" if "tasks" in result else "test accuracy"
+    print(f"{what} {result['test_acc']:.4f} on {result['num_test_images']} images")
     return 0
 
 
@@ -187,12 +332,17 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
+COMMANDS = ("cache", "train", "eval", "demo")
+
+
 def add_commands(sub) -> None:
     """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--out", required=True, metavar="FILE", help="cache file (.safetensors)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="rebuild a cache file built with other model weights instead of refusing it")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="tune a prompt on cached features")
@@ -203,16 +353,20 @@ def add_commands(sub) -> None:
                    help="feature cache (built or reused; default: OUT/features.safetensors)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from fastprompt.train.softcpt import add_softcpt_args  # SoftCPT hook: --tasks, --task-ctx, ...
-    add_softcpt_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="rebuild a cache file built with other model weights instead of refusing it")
+    _add_softcpt_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test accuracy of a trained run")
     p.add_argument("run", metavar="RUN", help="run folder")
-    p.add_argument("--cache", metavar="FILE", help="feature cache (default: the run's own)")
+    p.add_argument("--cache", metavar="FILE",
+                   help="feature cache (default: the run's own; SoftCPT: every task's own)")
+    p.add_argument("--task", metavar="NAME", default=None,
+                   help="SoftCPT runs: evaluate this task only (default: every task)")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated data and a tiny random model")

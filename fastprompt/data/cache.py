@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,9 +48,9 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from fastprompt._io import atomic_path
+from fastprompt._io import (atomic_path, exclusive_lock, progress_bar, tensor_checksum,
+                            update_tensor_hash, write_json_atomic)
 from fastprompt.data.folders import DatasetSplits, Sample, _check_seed
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
 
@@ -115,24 +114,54 @@ def _digest() -> "hashlib.blake2b":
     return hashlib.blake2b(digest_size=16)
 
 
-def _update_tensor(h, name: str, t: Tensor) -> None:
-    t = t.detach()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+WEIGHTS_SOURCE_ATTR = "_fastprompt_weights_source"
+
+
+def _hash_memo_path() -> str:
+    base = os.environ.get("FASTPROMPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fastprompt")
+    return os.path.join(base, "weights-hashes.json")
+
+
+def _read_memo() -> dict:
+    try:
+        with open(_hash_memo_path(), encoding="utf-8") as f:
+            memo = json.load(f)
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
 
 
 def model_weights_hash(model: torch.nn.Module) -> str:
     """BLAKE2b of the image tower's state (every tensor's name, dtype, shape and bytes).
 
     Only ``model.visual`` (the whole model when it has none) is hashed: it alone determines the
-    image features. About a second per GB of weights, on CPU.
+    image features. About a second per GB of weights, on CPU; so for a model that
+    ``fastprompt.models.create_model`` loaded from a file, the hash is remembered (in
+    ``$FASTPROMPT_CACHE_DIR`` or ``~/.cache/fastprompt``) by the file's path, size and
+    modification time, the model name and the precision, and computed again only when one of
+    those changes. (Such a model is frozen; changing its weights in place is not noticed.)
     """
+    source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
+    key = json.dumps(source) if source is not None else None
+    if key is not None:
+        known = _read_memo().get(key)
+        if isinstance(known, str):
+            return known
     tower = getattr(model, "visual", model)
     h = _digest()
     for name, t in sorted(tower.state_dict().items()):
-        _update_tensor(h, name, t)
-    return h.hexdigest()
+        update_tensor_hash(h, name, t)
+    digest = h.hexdigest()
+    if key is not None:
+        memo = _read_memo()
+        memo[key] = digest
+        try:  # a memo only: an unwritable cache folder costs the next call a second, no more
+            write_json_atomic(_hash_memo_path(), memo)
+        except OSError:
+            pass
+    return digest
 
 
 def _stable_repr(obj) -> str:
@@ -346,16 +375,12 @@ def _paths_from(t: Tensor, count: int) -> list[str]:
     return [os.fsdecode(p) for p in t.numpy().tobytes().split(b"\0")]
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
-    h = _digest()
-    for name in sorted(tensors):
-        _update_tensor(h, name, tensors[name])
-    return h.hexdigest()
-
-
 def _atomic_save(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # a full disk or a file size limit, in safetensors' words
+            raise OSError(f"cannot write the feature cache {path!r}: {e}") from e
 
 
 def build_feature_cache(path, model: torch.nn.Module, model_name: str,
@@ -375,7 +400,9 @@ def build_feature_cache(path, model: torch.nn.Module, model_name: str,
     ``preprocess_val``. The model runs where its parameters are, in their dtype, under
     ``torch.inference_mode``, ``batch_size`` views at a time (rounded down to whole images);
     ``num_workers`` > 0 decodes in DataLoader workers (the result does not depend on it).
-    ``progress``: a tqdm bar; None shows it only when stderr is a terminal.
+    ``progress``: a tqdm bar; None shows it when stderr is a terminal and prints progress
+    lines otherwise; False shows nothing. A lock file beside ``path`` (``.NAME.lock``) keeps two
+    processes from building the same cache at once (the second gets ``LockedError``).
 
     The file is written to a temporary name and renamed into place. Returns the loaded cache.
     Note that open_clip's training transform crops with scale (0.9, 1.0); CoOp crops with
@@ -385,8 +412,16 @@ def build_feature_cache(path, model: torch.nn.Module, model_name: str,
     plan = _plan(model, model_name, preprocess_train, preprocess_val, splits, views=views,
                  shots=shots, noise_rate=noise_rate, noise_type=noise_type, seed=seed,
                  add_flip=add_flip)
-    return _build(path, model, preprocess_train, preprocess_val, splits, plan,
-                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+    with cache_lock(path):
+        return _build(path, model, preprocess_train, preprocess_val, splits, plan,
+                      batch_size=batch_size, num_workers=num_workers, progress=progress)
+
+
+def cache_lock(path):
+    """The exclusive lock of building the cache file ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
+    return exclusive_lock(lock, f"feature cache {path!r}", remove=True)
 
 
 def _check_run_args(path, batch_size, num_workers, progress) -> None:
@@ -410,12 +445,10 @@ def _build(path, model, preprocess_train, preprocess_val, splits: DatasetSplits,
     test_paths = [p for p, _ in splits.test]
     val_paths = [p for p, _ in splits.val]
     total = views * len(train_paths) + len(test_paths) + len(val_paths)
-    show = sys.stderr.isatty() if progress is None else progress
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=total, unit="img", desc="caching features",
-                                          disable=not show) as bar:
+        with torch.inference_mode(), progress_bar(total, "caching features", progress) as bar:
             enc = dict(batch_size=batch_size, num_workers=num_workers, bar=bar, device=device,
                        dtype=dtype)
             train_features = _encode(model, _ImageViews(train_paths, preprocess_train,
@@ -450,7 +483,7 @@ def _build(path, model, preprocess_train, preprocess_val, splits: DatasetSplits,
         "fastprompt.format": CACHE_FORMAT,
         "fastprompt.fingerprint": json.dumps(plan.fingerprint, sort_keys=True),
         "fastprompt.classnames": json.dumps(list(splits.classnames)),
-        "fastprompt.checksum": _checksum(tensors),
+        "fastprompt.checksum": tensor_checksum(tensors),
     }
     _atomic_save(path, tensors, metadata)
     return load_cache(path, plan.fingerprint, verify=False)
@@ -519,7 +552,7 @@ def load_cache(path, expected_fingerprint: dict | None = None, *,
         raise _corrupt(path, f"bad metadata: {type(e).__name__}: {e}") from None
 
     _check_layout(path, tensors, fingerprint, classnames)
-    if verify and _checksum(tensors) != checksum:
+    if verify and tensor_checksum(tensors) != checksum:
         raise _corrupt(path, "content checksum mismatch")
     return FeatureCache(
         path=path, fingerprint=fingerprint, classnames=classnames,
@@ -572,10 +605,15 @@ def build_or_load_cache(path, model: torch.nn.Module, model_name: str,
     plan = _plan(model, model_name, preprocess_train, preprocess_val, splits, views=views,
                  shots=shots, noise_rate=noise_rate, noise_type=noise_type, seed=seed,
                  add_flip=add_flip)
-    if os.path.isfile(os.fspath(path)):
+    if os.path.isfile(os.fspath(path)):  # a valid cache needs no lock (it may be read-only)
         try:
             return load_cache(path, plan.fingerprint, verify=verify)
         except ValueError as e:
-            logger.warning("fastprompt: rebuilding the feature cache: %s", e)
-    return _build(path, model, preprocess_train, preprocess_val, splits, plan,
-                  batch_size=batch_size, num_workers=num_workers, progress=progress)
+            reason = e
+    else:
+        reason = None
+    with cache_lock(path):
+        if reason is not None:
+            logger.warning("fastprompt: rebuilding the feature cache: %s", reason)
+        return _build(path, model, preprocess_train, preprocess_val, splits, plan,
+                      batch_size=batch_size, num_workers=num_workers, progress=progress)

@@ -1,14 +1,38 @@
-"""ONNX export with the text side baked in, and onnxruntime serving."""
-from fastprompt.export.metadata import ModelInfo, read_metadata_props
-from fastprompt.export.onnx_export import (
-    BakedClassifier,
-    ExportReport,
-    ExportVerificationError,
-    bake_classifier,
-    export_onnx,
-    export_run,
-)
-from fastprompt.export.serve import OnnxClassifier
+"""ONNX export with the text side baked in (torch, onnx), and the Triton model repository.
 
-__all__ = ["BakedClassifier", "ExportReport", "ExportVerificationError", "ModelInfo", "OnnxClassifier",
-           "bake_classifier", "export_onnx", "export_run", "read_metadata_props"]
+Names are imported on first use (PEP 562), so ``fastprompt.export.metadata`` and
+``fastprompt.serve`` load without torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "BakedClassifier": "fastprompt.export.onnx_export",
+    "ExportReport": "fastprompt.export.onnx_export",
+    "ExportVerificationError": "fastprompt.export.onnx_export",
+    "bake_classifier": "fastprompt.export.onnx_export",
+    "export_onnx": "fastprompt.export.onnx_export",
+    "AgreementError": "fastprompt.export.agreement",
+    "AgreementReport": "fastprompt.export.agreement",
+    "EvaluationSet": "fastprompt.export.agreement",
+    "EnsembleReport": "fastprompt.export.ensemble",
+    "export_ensemble": "fastprompt.export.ensemble",
+    "ModelInfo": "fastprompt.export.metadata",
+    "read_metadata_props": "fastprompt.export.metadata",
+    "OnnxClassifier": "fastprompt.serve",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

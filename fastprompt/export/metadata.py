@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 PREFIX = "fastprompt."
 FORMAT_VERSION = 1
 INPUT_KINDS = ("image", "features")
-PRECISIONS = ("float32", "float16")
+PRECISIONS = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)

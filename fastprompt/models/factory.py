@@ -1,7 +1,9 @@
 """Model loading through open_clip, with fastprompt's own configs registered.
 
 ``fastprompt-tiny`` is a small random-initialised CLIP (2 layers per tower, width <= 96) for the
-demo and the tests; real use names an open_clip model and a local checkpoint file. Nothing is
+demo and the tests; without a checkpoint file its weights are a fixed function of
+``TINY_MODEL_SEED`` (the same in every process, so its runs can be rebuilt for export). Real use
+names an open_clip model and a local checkpoint file. Nothing is
 ever downloaded: pretrained tags, ``hf-hub:`` names and Hugging Face text towers or tokenizers
 are refused.
 """
@@ -16,8 +18,11 @@ import open_clip
 import torch
 from torch import nn
 
+from fastprompt.data.cache import WEIGHTS_SOURCE_ATTR
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 TINY_MODEL = "fastprompt-tiny"
+TINY_MODEL_SEED = 0
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
 _registered = False
 
@@ -72,7 +77,9 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     Args:
         name: an open_clip model name (``open_clip.list_models()``) or ``fastprompt-tiny``.
         pretrained: a local checkpoint file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``) holding
-            a state dict of exactly this model, loaded strictly; None for random weights.
+            a state dict of exactly this model, loaded strictly; None for random weights
+            (``fastprompt-tiny``: drawn from ``TINY_MODEL_SEED``, the caller's random state
+            untouched; other models: from the global random state).
             Nothing is downloaded. A missing, damaged or mismatched file raises ValueError naming
             it. For OpenAI's weights use a ``-quickgelu`` name: a file does not tell open_clip
             (a warning fires when the file name says "openai" and the model uses GELU).
@@ -101,14 +108,22 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     root = logging.getLogger()
     if quiet is not None:
         root.addFilter(quiet)
+    seeded = pretrained is None and name == TINY_MODEL
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=None, precision=precision, device=device)
+        with torch.random.fork_rng(devices=[], enabled=seeded):
+            if seeded:
+                torch.manual_seed(TINY_MODEL_SEED)
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=None, precision=precision, device=device)
     finally:
         if quiet is not None:
             root.removeFilter(quiet)
     if pretrained is not None:
         _load_checkpoint(model, pretrained, weights_only=weights_only)
+        # Lets model_weights_hash remember this file's hash by its size and mtime.
+        stat = os.stat(pretrained)
+        setattr(model, WEIGHTS_SOURCE_ATTR, [name, precision, os.path.realpath(pretrained),
+                                             stat.st_size, stat.st_mtime_ns])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -8,15 +8,18 @@ smoothing weight; see ``--alternate-period`` and ``--smoothing`` for the default
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
+# The command line's --method names: the learner with its loss (DSPT is CoOp's prompt learner
+# with the double-softmax loss; SoftCPT takes its loss from --softcpt-loss).
 METHODS = ("coop", "dspt", "softcpt")
-# SoftCPT (fastprompt/train/softcpt.py): task context sharing and its per-task loss.
+LEARNERS = ("coop", "softcpt")
+LOSSES = ("ce", "dspt")
 TASK_CONTEXTS = ("shared", "per_task")
-SOFTCPT_LOSSES = ("coop", "dspt")
 TARGETS = ("hard", "ls", "csl", "isl")
 
 
@@ -37,8 +40,9 @@ class TrainConfig:
     ctx_init: str | None = None
     class_specific: bool = False
     class_token_position: str = "end"
-    # method and plug-ins
-    method: str = "coop"
+    # learner (one CoOp prompt, or SoftCPT's meta network over tasks), loss and plug-ins
+    learner: str = "coop"
+    loss: str = "ce"
     targets: str = "hard"
     smoothing: float = 0.1
     alternate: bool = False
@@ -47,10 +51,9 @@ class TrainConfig:
     prograd: bool = False
     lam: float = 1.0
     temperature: float = 1.0
-    # SoftCPT (method "softcpt"): task context tokens, shared or per task, and the per-task loss
+    # SoftCPT (learner "softcpt"): task context tokens, shared or per task
     n_task_ctx: int = 4
     task_ctx: str = "shared"
-    softcpt_loss: str = "coop"
     # optimisation (CoOp)
     epochs: int = 50
     batch_size: int = 32
@@ -61,14 +64,20 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     seed: int = 1
     amp: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         def bad(name, message):
             return ValueError(f"{name}: {message}")
 
-        if self.method not in METHODS:
-            raise bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.learner not in LEARNERS:
+            raise bad("learner", f"must be one of {LEARNERS}, got {self.learner!r}")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
+                     "weight_decay", "warmup_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, f"must be a finite number, got {value!r}")
         if self.targets not in TARGETS:
             raise bad("targets", f"must be one of {TARGETS}, got {self.targets!r}")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
@@ -92,27 +101,35 @@ class TrainConfig:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise bad("lr", f"must be positive, got {self.lr}")
+        if self.momentum < 0:
+            raise bad("momentum", f"must be non-negative, got {self.momentum}")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"must be non-negative, got {self.weight_decay}")
+        if self.warmup_lr <= 0:
+            raise bad("warmup_lr", f"must be positive, got {self.warmup_lr}")
         if self.warmup_epochs < 0:
             raise bad("warmup_epochs", f"must be non-negative, got {self.warmup_epochs}")
-        # --- SoftCPT ---
         if self.task_ctx not in TASK_CONTEXTS:
             raise bad("task_ctx", f"must be one of {TASK_CONTEXTS}, got {self.task_ctx!r}")
         if self.n_task_ctx < 1:
             raise bad("n_task_ctx", f"must be at least 1, got {self.n_task_ctx}")
-        if self.softcpt_loss not in SOFTCPT_LOSSES:
-            raise bad("softcpt_loss", f"must be one of {SOFTCPT_LOSSES}, got {self.softcpt_loss!r}")
-        if self.method != "softcpt" and self.softcpt_loss != "coop":
-            raise bad("softcpt_loss", "applies to --method softcpt only (use --method dspt)")
-        if self.method == "softcpt" and self.class_specific:
+        if self.learner == "softcpt" and self.class_specific:
             raise bad("class_specific", "SoftCPT generates one context per task (its meta network's "
                       "output); class-specific contexts are not supported")
-        if self.method == "softcpt" and self.ctx_init is not None:
+        if self.learner == "softcpt" and self.ctx_init is not None:
             raise bad("ctx_init", "SoftCPT's class-prompt context comes from its meta network; "
                       "there is no phrase to initialise")
 
     @property
     def double_softmax(self) -> bool:
-        return self.method == "dspt" or (self.method == "softcpt" and self.softcpt_loss == "dspt")
+        return self.loss == "dspt"
+
+    @property
+    def method(self) -> str:
+        """The command line's ``--method`` name: ``softcpt``, else ``dspt`` or ``coop`` by loss."""
+        if self.learner == "softcpt":
+            return "softcpt"
+        return "dspt" if self.loss == "dspt" else "coop"
 
     def soft_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) trains on soft targets.
@@ -132,6 +149,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of ``to_dict``, or of a run written before ``learner``/``loss`` replaced
+        ``method``/``softcpt_loss`` (fastprompt 0.1.0)."""
+        d = _upgrade(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -141,10 +161,30 @@ class TrainConfig:
     def describe(self) -> str:
         """A short name for tables: 'dspt+isl(alt)+prograd'."""
         name = self.method
-        if self.method == "softcpt" and self.softcpt_loss == "dspt":
+        if self.learner == "softcpt" and self.loss == "dspt":
             name = "softcpt(dspt)"
         if self.targets != "hard":
             name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
         if self.prograd:
             name += "+prograd"
         return name
+
+
+def _upgrade(d: dict) -> dict:
+    """A 0.1.0 config dict (``method`` coop|dspt|softcpt, ``softcpt_loss`` coop|dspt, an unused
+    ``extra``) in today's fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+    if "method" not in d and "softcpt_loss" not in d and "extra" not in d:
+        return d
+    d = dict(d)
+    method = d.pop("method", "coop")
+    softcpt_loss = d.pop("softcpt_loss", "coop")
+    if d.pop("extra", None):
+        raise ValueError("config: field 'extra' is no longer supported")
+    if method not in METHODS:
+        raise ValueError(f"config: method must be one of {METHODS}, got {method!r}")
+    d.setdefault("learner", "softcpt" if method == "softcpt" else "coop")
+    uses_dspt = method == "dspt" or (method == "softcpt" and softcpt_loss == "dspt")
+    d.setdefault("loss", "dspt" if uses_dspt else "ce")
+    return d

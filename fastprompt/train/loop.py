@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +53,6 @@ class Targets:
     """The soft-label tables a run may need: ATLaS CSL (C x C) and ISL (M x C)."""
     class_wise: Tensor | None = None
     instance_wise: Tensor | None = None
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides the prompt: enough to continue exactly."""
-    epoch: int = 0                      # epochs completed
-    history: list = field(default_factory=list)
 
 
 def make_targets(config: TrainConfig, cache: FeatureCache, zeroshot: Tensor) -> Targets:
@@ -115,47 +107,60 @@ def accuracy(features: Tensor, labels: Tensor, text_features: Tensor, batch_size
     return correct / features.shape[0]
 
 
+def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params, epoch: int,
+                   num_rows: int, batch_loss, device: torch.device, bar=None) -> dict:
+    """One epoch of optimiser steps over ``num_rows`` rows in batches of ``config.batch_size``,
+    for any learner: ``batch_loss(start, stop)`` returns the batch's ``(loss, kl_loss)`` (the
+    KL term None without ProGrad), which is backpropagated (ProGrad: projected onto ``params``)
+    and stepped. Returns the epoch's mean loss(es), its learning rate and target kind."""
+    lr = learning_rate(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Sums stay on the device: no host synchronisation per step.
+    total = torch.zeros((), device=device)
+    total_kl = torch.zeros((), device=device)
+    for start in range(0, num_rows, config.batch_size):
+        stop = min(start + config.batch_size, num_rows)
+        n = stop - start
+        optimizer.zero_grad(set_to_none=True)
+        loss, kl = batch_loss(start, stop)
+        if config.prograd:
+            fastprompt.prograd_backward(loss, kl, params, lam=config.lam)
+            total_kl += kl.detach().float() * n
+        else:
+            loss.backward()
+        optimizer.step()
+        total += loss.detach().float() * n
+        if bar is not None:
+            bar.update(n)
+    result = {"loss": float(total) / num_rows, "lr": lr, "soft_targets": config.soft_epoch(epoch)}
+    if config.prograd:
+        result["kl_loss"] = float(total_kl) / num_rows
+    return result
+
+
 def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targets: Targets,
                 optimizer: torch.optim.Optimizer, epoch: int, zeroshot: Tensor | None,
                 device: torch.device, bar=None) -> dict:
-    """One epoch over the cached training set; returns the epoch's mean loss(es)."""
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, epoch)
+    """One epoch of a CoOp-style prompt over the cached training set; returns the epoch's mean
+    loss(es)."""
     sample, rows = epoch_order(config, cache, epoch)
     scale = logit_scale(model).to(device)
     params = [p for p in prompted.parameters() if p.requires_grad]
     options = loss_options(config, targets, epoch, sample)
     sample_index_all = options.pop("sample_index", None)
-    # Sums stay on the device: no host synchronisation per step.
-    total = torch.zeros((), device=device)
-    total_kl = torch.zeros((), device=device)
-    seen = 0
-    for start in range(0, len(rows), config.batch_size):
-        batch_rows = rows[start:start + config.batch_size]
-        labels = cache.train_labels[sample[start:start + config.batch_size]].to(device)
-        images = cache.train_features[batch_rows].to(device)
+
+    def batch_loss(start, stop):
+        labels = cache.train_labels[sample[start:stop]].to(device)
+        images = cache.train_features[rows[start:stop]].to(device)
         with _autocast(device, config.amp):
             text = prompted()
         images = images.to(text.dtype)
         if sample_index_all is not None:
-            options["sample_index"] = sample_index_all[start:start + config.batch_size].to(device)
-        optimizer.zero_grad(set_to_none=True)
+            options["sample_index"] = sample_index_all[start:stop].to(device)
         if config.prograd:
-            task, kl = fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
-                                                 temperature=config.temperature, **options)
-            fastprompt.prograd_backward(task, kl, params, lam=config.lam)
-            loss = task
-            total_kl += kl.detach().float() * len(labels)
-        else:
-            loss = fastprompt.clip_cross_entropy(images, text, labels, scale, **options)
-            loss.backward()
-        optimizer.step()
-        total += loss.detach().float() * len(labels)
-        seen += len(labels)
-        if bar is not None:
-            bar.update(len(labels))
-    result = {"loss": float(total) / seen, "lr": learning_rate(config, epoch),
-              "soft_targets": config.soft_epoch(epoch)}
-    if config.prograd:
-        result["kl_loss"] = float(total_kl) / seen
-    return result
+            return fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
+                                             temperature=config.temperature, **options)
+        return fastprompt.clip_cross_entropy(images, text, labels, scale, **options), None
+
+    return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar)

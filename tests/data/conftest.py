@@ -1,17 +1,10 @@
-"""Fixtures for the data tests: the tiny random CLIP and small generated image sets."""
+"""Fixtures for the data tests: small generated image sets."""
 import os
 
 import pytest
 from PIL import Image
 
 from fastprompt.data import make_shapes_dataset
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
-    """(model, preprocess_train, preprocess_val, tokenizer) of fastprompt-tiny (64x64, D=64)."""
-    from fastprompt.models import create_model
-    return create_model("fastprompt-tiny")
 
 
 @pytest.fixture(scope="session")

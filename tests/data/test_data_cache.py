@@ -35,8 +35,8 @@ def _close(actual, truth, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def test_layout_labels_and_features(tmp_path, shapes_root, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_layout_labels_and_features(tmp_path, shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     seed, views = _seed(), 3
     path = tmp_path / "cache.safetensors"
@@ -77,8 +77,8 @@ def test_layout_labels_and_features(tmp_path, shapes_root, tiny_model):
             assert str(path) in f.read()
 
 
-def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, tiny_model):
-    model, _, pre_val, _ = tiny_model
+def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, tiny_clip):
+    model, _, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     images = [Image.open(p).convert("RGB") for p, _ in splits.train[:6]]
     small = DatasetSplits(splits.classnames, splits.train[:6], splits.test[:1])
@@ -99,8 +99,8 @@ def test_views_are_the_transform_plus_an_optional_flip(tmp_path, shapes_root, ti
     _close(no_flip.train_features, plain[no_flip.train_sample_index], "add_flip=False")
 
 
-def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_model, capsys):
-    model, pre_train, pre_val, _ = tiny_model
+def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_clip, capsys):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     seed = _seed()
     kwargs = dict(views=2, shots=2, seed=seed, batch_size=6)
@@ -118,8 +118,8 @@ def test_reproducible_whatever_the_workers(tmp_path, shapes_root, tiny_model, ca
     assert not torch.equal(a.train_features, other.train_features)
 
 
-def test_fingerprint_mismatch_refused_and_rebuilt(tmp_path, tiny_model, caplog):
-    model, pre_train, pre_val, _ = tiny_model
+def test_fingerprint_mismatch_refused_and_rebuilt(tmp_path, tiny_clip, caplog):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     path = tmp_path / "c.st"
@@ -162,8 +162,8 @@ def _data_offset(path):
         return 8 + int.from_bytes(f.read(8), "little")
 
 
-def test_damaged_files_are_named(tmp_path, tiny_model, caplog):
-    model, pre_train, pre_val, _ = tiny_model
+def test_damaged_files_are_named(tmp_path, tiny_clip, caplog):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     path = tmp_path / "c.st"
@@ -200,8 +200,8 @@ def test_damaged_files_are_named(tmp_path, tiny_model, caplog):
     assert any("truncated or corrupt" in r.getMessage() for r in caplog.records)
 
 
-def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
                                  test_images_per_class=1)
     bad = splits.test[1][0]
@@ -213,8 +213,8 @@ def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_model):
     assert not os.path.exists(tmp_path / "c.st")
 
 
-def test_bad_arguments(tmp_path, shapes_root, tiny_model):
-    model, pre_train, pre_val, _ = tiny_model
+def test_bad_arguments(tmp_path, shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     path = tmp_path / "c.st"
     with pytest.raises(ValueError, match="^views: must be >= 1"):
@@ -229,3 +229,31 @@ def test_bad_arguments(tmp_path, shapes_root, tiny_model):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, noise_type="x")
     with pytest.raises(ValueError, match="^batch_size"):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, batch_size=0)
+
+
+def test_weights_hash_is_remembered_by_file_size_and_mtime(tmp_path, tiny_weights, monkeypatch):
+    """A model loaded from a file is hashed once per (file, size, mtime, name, precision);
+    a touched file is hashed again (issue 14, item 20)."""
+    import shutil
+
+    from fastprompt.data import cache as cache_module
+    from fastprompt.data import model_weights_hash
+    from fastprompt.models import create_model
+    monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(tiny_weights, weights)
+    model = create_model("fastprompt-tiny", str(weights))[0]
+    first = model_weights_hash(model)
+    assert (tmp_path / "memo" / "weights-hashes.json").exists()
+    calls = []
+    real = cache_module.update_tensor_hash
+    monkeypatch.setattr(cache_module, "update_tensor_hash",
+                        lambda *a: (calls.append(1), real(*a)))
+    again = create_model("fastprompt-tiny", str(weights))[0]
+    assert model_weights_hash(again) == first and calls == []
+    os.utime(weights, ns=(1, 1))
+    touched = create_model("fastprompt-tiny", str(weights))[0]
+    assert model_weights_hash(touched) == first and calls  # recomputed, same weights
+    plain = create_model("fastprompt-tiny")[0]   # no file: always computed
+    calls.clear()
+    assert model_weights_hash(plain) == first and calls

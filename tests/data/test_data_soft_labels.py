@@ -94,9 +94,9 @@ def test_instance_soft_labels_bad_input():
         instance_soft_labels(feats, torch.tensor([0, 1, 1, 0]), text, scale=-1.0)
 
 
-def test_tables_feed_clip_cross_entropy(tmp_path, shapes_root, tiny_model, monkeypatch):
+def test_tables_feed_clip_cross_entropy(tmp_path, shapes_root, tiny_clip, monkeypatch):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "reference")
-    model, pre_train, pre_val, tokenizer = tiny_model
+    model, pre_train, pre_val, tokenizer = tiny_clip
     cache = build_feature_cache(tmp_path / "c.st", model, "fastprompt-tiny", pre_train, pre_val,
                                 load_image_folder(shapes_root), views=2, shots=2, progress=False)
     text = zeroshot_text_features(model, tokenizer, cache.classnames)

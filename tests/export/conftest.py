@@ -1,11 +1,13 @@
-"""Fixtures for the export tests: the tiny random CLIP, its class embeddings, and one float32
-export of it shared by the tests that only read it."""
+"""Fixtures for the export tests: the tiny random CLIP, its class embeddings, one float32 export
+of it shared by the tests that only read it, and image files."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from exportlib import CLASS_NAMES, METHOD, SCALE
+from exportlib import CLASS_NAMES, METHOD, SCALE, random_image
+from testlib import fresh_seed
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,17 @@ def tiny_export(tiny, class_embeddings, tmp_path_factory):
     report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, out, scale=SCALE,
                          model_name="fastprompt-tiny", method=METHOD, triton_name="tiny_clf")
     return out, report
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory):
+    """Five images of odd sizes and modes (RGB, grayscale, RGBA, palette), as PNG and JPEG."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(fresh_seed())
+    paths = []
+    for i, (size, mode, ext) in enumerate([((50, 80), "RGB", "png"), ((97, 31), "L", "png"),
+                                           ((64, 64), "RGBA", "png"), ((120, 90), "RGB", "jpg"),
+                                           ((33, 65), "P", "png")]):
+        paths.append(folder / f"img{i}.{ext}")
+        random_image(rng, *size, mode).save(paths[-1])
+    return paths

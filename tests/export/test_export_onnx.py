@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import fastprompt
-from exportlib import CLASS_NAMES, METHOD, SCALE, cosine_rows, truth
+from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
 from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
 from fastprompt.export import onnx_export
 from fastprompt.export.metadata import read_metadata_props
@@ -79,78 +78,6 @@ def test_metadata_round_trip(tiny, tiny_export):
     assert info.interpolation == cfg["interpolation"] and info.resize_mode == cfg["resize_mode"]
 
 
-def parse_pbtxt(text: str):
-    """Protobuf text format -> nested dicts of lists (written for this test, independent of the
-    writer): ``key: value``, ``key { ... }``, ``key [ {...}, ... ]`` and ``key: [ v, ... ]``."""
-    tokens = re.findall(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]|[^\s{}\[\],:]+', text)
-    pos = 0
-
-    def value(tok):
-        if tok.startswith('"'):
-            return json.loads(tok)
-        return int(tok) if re.fullmatch(r"-?\d+", tok) else tok
-
-    def message(end):
-        nonlocal pos
-        fields = {}
-        while tokens[pos] != end:
-            key = tokens[pos]
-            pos += 1
-            if tokens[pos] == ":":
-                pos += 1
-            if tokens[pos] == "{":
-                pos += 1
-                items = [message("}")]
-            elif tokens[pos] == "[":
-                pos += 1
-                items = []
-                while tokens[pos] != "]":
-                    if tokens[pos] == "{":
-                        pos += 1
-                        items.append(message("}"))
-                    elif tokens[pos] != ",":
-                        items.append(value(tokens[pos]))
-                        pos += 1
-                    else:
-                        pos += 1
-                pos += 1
-            else:
-                items = [value(tokens[pos])]
-                pos += 1
-            fields.setdefault(key, []).extend(items)
-        pos += 1
-        return fields
-
-    tokens.append("<end>")
-    return message("<end>")
-
-
-ORT_TO_TRITON = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16"}
-
-
-def check_triton_repository(out, name, onnx_path, class_names, input_name):
-    model_dir = out / name
-    repo_model = model_dir / "1" / "model.onnx"
-    assert repo_model.read_bytes() == onnx_path.read_bytes()
-    assert os.path.samefile(repo_model, onnx_path)  # hard link here: the model is stored once
-    config = parse_pbtxt((model_dir / "config.pbtxt").read_text())
-    assert config["name"] == [name]
-    assert config.get("backend") == ["onnxruntime"] or config.get("platform") == ["onnxruntime_onnx"]
-    assert config["max_batch_size"][0] > 0
-    assert "dynamic_batching" in config
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for key, tensors in (("input", session.get_inputs()), ("output", session.get_outputs())):
-        entries = config[key]
-        assert [e["name"][0] for e in entries] == [t.name for t in tensors]
-        for e, t in zip(entries, tensors):
-            assert e["data_type"] == [ORT_TO_TRITON[t.type]]
-            assert isinstance(t.shape[0], str)  # batch dimension is dynamic, as max_batch_size needs
-            assert e["dims"] == list(t.shape[1:])
-    assert [t.name for t in session.get_inputs()] == [input_name]
-    labels = (model_dir / config["output"][0]["label_filename"][0]).read_text(encoding="utf-8")
-    assert labels.splitlines() == class_names
-
-
 def test_triton_config_matches_onnx(tiny_export):
     out, report = tiny_export
     assert report.triton_model_dir == str(out / "tiny_clf") and report.link_mode == "hardlink"
@@ -174,14 +101,15 @@ def test_head_only(class_embeddings, tmp_path):
 
 def test_fp16(tiny, class_embeddings, tmp_path):
     report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
-                         model_name="fastprompt-tiny", fp16=True)
+                         model_name="fastprompt-tiny", fp16=True, min_agreement=0.0)
     path = tmp_path / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     for v in list(model.graph.input) + list(model.graph.output):  # float32 at the boundary
         assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert report.precision == "float16" and report.tolerance["min cosine"] == 0.999
+    assert report.precision == "float16" and report.agreement.precision == "float16"
+    assert report.agreement.measured and report.agreement.passed  # fp16 runs on the CPU here
     try:
         clf = OnnxClassifier(path, ["CPUExecutionProvider"])
     except ValueError as e:
@@ -264,6 +192,14 @@ def test_export_leaves_the_callers_model_alone(tiny):
     (dict(model=torch.nn.Linear(2, 2)), r"model: expected an open_clip model"),
     (dict(opset=9), r"opset: expected an int >= 18"),
     (dict(fp16=1), r"fp16: expected a bool"),
+    (dict(fp16=True, int8=True), r"fp16, int8: pick one"),
+    (dict(int8=True, head_only=True), r"int8: a head-only model holds nothing to quantise"),
+    (dict(int8=True, min_agreement=1.5), r"min_agreement: expected a number in \[0, 1\]"),
+    (dict(triton_tensorrt=True), r"triton_tensorrt: TensorRT runs on GPU instances"),
+    (dict(int8=True, triton_gpu=True, triton_tensorrt=True), r"triton_tensorrt: TensorRT cannot"),
+    (dict(triton_instances=0), r"triton_instances: expected an int >= 1"),
+    (dict(triton_queue_delay_us=-1), r"triton_queue_delay_us: expected an int >= 0"),
+    (dict(evaluation=[1, 2]), r"evaluation: expected an EvaluationSet"),
 ])
 def test_bad_arguments(tiny, class_embeddings, tmp_path, change, match):
     kwargs = dict(model=tiny[0], class_embeddings=class_embeddings, class_names=CLASS_NAMES,

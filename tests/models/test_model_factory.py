@@ -46,12 +46,14 @@ def outputs(model, tokenizer, seed):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_checkpoint_round_trip(tmp_path, suffix, no_network):
     seed = fresh_seed()
-    torch.manual_seed(seed)
     source, _, _, _ = create_model(TINY_MODEL)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # weights other than the default draw
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
     path = tmp_path / f"tiny{suffix}"
     save(source.state_dict(), path)
 
-    torch.manual_seed(seed + 1)  # a different random init, overwritten by the file
     loaded, _, preprocess_val, tokenizer = create_model(TINY_MODEL, pretrained=str(path))
     fresh, _, _, _ = create_model(TINY_MODEL)
     expected = source.state_dict()
@@ -135,3 +137,29 @@ def test_count_parameters():
     assert count_parameters(shared, trainable_only=False) == 20
     with pytest.raises(TypeError, match="^module:"):
         count_parameters(layer.weight)
+
+
+def test_default_tiny_weights_are_a_fixed_function_of_the_seed():
+    """Without a file, fastprompt-tiny is the draw from TINY_MODEL_SEED in every process,
+    whatever the caller's random state, which it leaves alone (a run trained on it can be
+    rebuilt for export by another process)."""
+    import subprocess
+    import sys
+
+    from fastprompt.data import model_weights_hash
+    from fastprompt.models.factory import TINY_MODEL_SEED
+    torch.manual_seed(fresh_seed())
+    before = torch.random.get_rng_state()
+    here = create_model(TINY_MODEL)[0]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_MODEL_SEED)
+        import open_clip
+        drawn = open_clip.create_model(TINY_MODEL)
+    for (name, a), (_, b) in zip(sorted(here.state_dict().items()), sorted(drawn.state_dict().items())):
+        assert torch.equal(a, b), name
+    code = ("import torch; torch.manual_seed(12345); from fastprompt.models import create_model; "
+            "from fastprompt.data import model_weights_hash; "
+            "print(model_weights_hash(create_model('fastprompt-tiny')[0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == model_weights_hash(here)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastprompt.models import (TINY_MODEL, PromptedTextModel, PromptLearner, PromptTextEncoder,
-                               count_parameters, create_model)
+                               count_parameters)
 from fastprompt.models import text_encoder as text_encoder_module
 from fastprompt.models.factory import CONFIG_DIR
 from testlib import assert_close_to_truth, fresh_seed
@@ -21,12 +21,6 @@ from testlib import assert_close_to_truth, fresh_seed
 WORDS = ("golden", "retriever", "sea", "lion", "tabby", "cat", "airliner", "b52", "t-shirt",
          "forty", "two", "jack-o'-lantern", "ice", "cream", "st.", "bernard", "go-kart", "zebra")
 PHRASE = "a photo of a"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, _, _, tokenizer = create_model(TINY_MODEL)
-    return model, tokenizer
 
 
 def random_classnames(g: torch.Generator, n: int) -> list[str]:
@@ -72,8 +66,8 @@ def hand_built_embeddings(model, tokenizer, texts, ctx):
 
 @pytest.mark.parametrize("class_specific", [False, True])
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
-def test_truncated_run_equals_full_length(tiny, position, class_specific):
-    model, tokenizer = tiny
+def test_truncated_run_equals_full_length(tiny_text, position, class_specific):
+    model, tokenizer = tiny_text
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     n_cls = int(torch.randint(2, 8, (), generator=g))
@@ -118,8 +112,8 @@ def test_truncated_run_equals_full_length(tiny, position, class_specific):
     assert_close_to_truth(features_short, truth, 1e-5, 1e-5, f"features vs float64 (seed {seed})")
 
 
-def test_phrase_context_equals_encode_text(tiny):
-    model, tokenizer = tiny
+def test_phrase_context_equals_encode_text(tiny_text):
+    model, tokenizer = tiny_text
     g = torch.Generator().manual_seed(fresh_seed())
     classnames = random_classnames(g, 5)
     prompted = PromptedTextModel(model, tokenizer, classnames, n_ctx=None, ctx_init=PHRASE)
@@ -133,8 +127,8 @@ def test_phrase_context_equals_encode_text(tiny):
 
 
 @pytest.mark.parametrize("class_specific", [False, True])
-def test_prograd_initialisation_zero_fills_leading_slots(tiny, class_specific):
-    model, tokenizer = tiny
+def test_prograd_initialisation_zero_fills_leading_slots(tiny_text, class_specific):
+    model, tokenizer = tiny_text
     g = torch.Generator().manual_seed(fresh_seed())
     n_zero = int(torch.randint(1, 5, (), generator=g))
     classnames = random_classnames(g, 3)
@@ -155,8 +149,8 @@ def test_prograd_initialisation_zero_fills_leading_slots(tiny, class_specific):
                           "features vs float64")
 
 
-def test_external_context_replaces_learned_one(tiny):
-    model, tokenizer = tiny
+def test_external_context_replaces_learned_one(tiny_text):
+    model, tokenizer = tiny_text
     g = torch.Generator().manual_seed(fresh_seed())
     prompted = PromptedTextModel(model, tokenizer, random_classnames(g, 3), n_ctx=5)
     other = torch.randn(3, 5, 64, generator=g, requires_grad=True)
@@ -173,8 +167,8 @@ def test_external_context_replaces_learned_one(tiny):
 
 
 @pytest.mark.parametrize("class_specific", [False, True])
-def test_state_dict_and_parameter_count(tiny, class_specific):
-    model, tokenizer = tiny
+def test_state_dict_and_parameter_count(tiny_text, class_specific):
+    model, tokenizer = tiny_text
     prompted = PromptedTextModel(model, tokenizer, ["cat", "dog", "sea lion"], n_ctx=7,
                                  class_specific=class_specific)
     assert list(prompted.prompt_learner.state_dict()) == ["ctx"]
@@ -186,7 +180,7 @@ def test_state_dict_and_parameter_count(tiny, class_specific):
 
 
 @pytest.mark.parametrize("variant", ["custom_text", "eos_pool", "linear_projection"])
-def test_other_standard_text_towers(tiny, variant):
+def test_other_standard_text_towers(tiny_text, variant):
     torch.manual_seed(fresh_seed())
     if variant == "custom_text":
         model = open_clip.CustomTextCLIP(**tiny_config())
@@ -195,7 +189,7 @@ def test_other_standard_text_towers(tiny, variant):
     else:
         model = open_clip.CLIP(**tiny_config(proj_bias=True))
     model.eval().requires_grad_(False)
-    tokenizer = tiny[1]
+    tokenizer = tiny_text[1]
     classnames = ["tabby cat", "st. bernard", "ice cream"]
     prompted = PromptedTextModel(model, tokenizer, classnames, n_ctx=None, ctx_init=PHRASE)
     assert prompted.prompt_learner.prompt_length < 77
@@ -205,7 +199,7 @@ def test_other_standard_text_towers(tiny, variant):
 
 
 @pytest.mark.parametrize("tower", ["bidirectional", "last_pool"])
-def test_full_length_fallback_where_truncation_is_inexact(tiny, tower, monkeypatch):
+def test_full_length_fallback_where_truncation_is_inexact(tiny_text, tower, monkeypatch):
     monkeypatch.setattr(text_encoder_module, "_warned_full_length", set())
     torch.manual_seed(fresh_seed())
     if tower == "bidirectional":
@@ -213,7 +207,7 @@ def test_full_length_fallback_where_truncation_is_inexact(tiny, tower, monkeypat
     else:
         model = open_clip.CLIP(**tiny_config(pool_type="last"))
     model.eval().requires_grad_(False)
-    tokenizer = tiny[1]
+    tokenizer = tiny_text[1]
     classnames = ["cat", "golden retriever"]
     with pytest.warns(UserWarning, match="running all 77 positions"):
         prompted = PromptedTextModel(model, tokenizer, classnames, n_ctx=None, ctx_init=PHRASE)
@@ -227,8 +221,8 @@ def test_full_length_fallback_where_truncation_is_inexact(tiny, tower, monkeypat
         prompted.text_encoder(embeds[:, :20], prompted.prompt_learner.tokenized_prompts[:, :20])
 
 
-def test_refuses_unsupported_models(tiny):
-    _, tokenizer = tiny
+def test_refuses_unsupported_models(tiny_text):
+    _, tokenizer = tiny_text
 
     class HFTextEncoder(nn.Module):  # stands in for open_clip's Hugging Face tower
         pass
@@ -245,8 +239,8 @@ def test_refuses_unsupported_models(tiny):
         PromptTextEncoder(open_clip.CLIP(**tiny_config(pool_type="none")))
 
 
-def test_bad_arguments(tiny):
-    model, tokenizer = tiny
+def test_bad_arguments(tiny_text):
+    model, tokenizer = tiny_text
     cases = [
         (dict(classnames=[]), "classnames:"),
         (dict(classnames="cat"), "classnames:"),
@@ -269,8 +263,8 @@ def test_bad_arguments(tiny):
         PromptLearner(model, lambda texts: None, ["cat"])
 
 
-def test_encoder_validates_inputs(tiny):
-    model, _ = tiny
+def test_encoder_validates_inputs(tiny_text):
+    model, _ = tiny_text
     encoder = PromptTextEncoder(model)
     tokens = torch.zeros(2, 10, dtype=torch.int64)
     with pytest.raises(ValueError, match="^prompt_embeddings: width"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastprompt.models import (TINY_MODEL, MetaNet, PromptedTextModel, PromptTextEncoder,
-                               SoftCPTModel, count_parameters, create_model,
+from fastprompt.models import (MetaNet, PromptedTextModel, PromptTextEncoder,
+                               SoftCPTModel, count_parameters,
                                softcpt_parameter_count)
 
 TASKS = ("flower species", "pet_breeds", "aircraft models")
@@ -15,14 +15,8 @@ CLASSES = (["rose", "tulip", "sun flower"],
            ["boeing 747", "airbus a380"])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, _, _, tokenizer = create_model(TINY_MODEL)
-    return model, tokenizer
-
-
-def make(tiny, **kw):
-    model, tok = tiny
+def make(tiny_text, **kw):
+    model, tok = tiny_text
     torch.manual_seed(0)
     kw.setdefault("n_ctx", 6)
     return SoftCPTModel(model, tok, TASKS, CLASSES, **kw)
@@ -48,8 +42,8 @@ def test_meta_net_shape_init_and_gradient():
 
 
 @pytest.mark.parametrize("task_ctx", ["shared", "per_task"])
-def test_shapes_parameters_and_count(tiny, task_ctx):
-    net = make(tiny, task_ctx=task_ctx, n_task_ctx=3)
+def test_shapes_parameters_and_count(tiny_text, task_ctx):
+    net = make(tiny_text, task_ctx=task_ctx, n_task_ctx=3)
     feats = net()
     assert [tuple(f.shape) for f in feats] == [(3, 64), (4, 64), (2, 64)]
     assert tuple(net.contexts().shape) == (3, 6, 64)
@@ -68,10 +62,10 @@ def test_shapes_parameters_and_count(tiny, task_ctx):
     assert all(p.grad is None for n, p in net.named_parameters() if n not in trainable)
 
 
-def test_initialisation_draws_only_task_context_then_meta_net(tiny):
+def test_initialisation_draws_only_task_context_then_meta_net(tiny_text):
     """The same seed gives the same trained tensors whatever the classes are."""
-    model, tok = tiny
-    a = make(tiny)
+    model, tok = tiny_text
+    a = make(tiny_text)
     torch.manual_seed(0)
     b = SoftCPTModel(model, tok, TASKS, [["x", "y"], ["z", "w"], ["u", "v"]], n_ctx=6)
     for key in ("task_ctx", "meta_weight"):
@@ -82,11 +76,11 @@ def test_initialisation_draws_only_task_context_then_meta_net(tiny):
     assert torch.equal(a.task_prompt.ctx, ctx)  # official init: N(0, 0.02²), n_task_ctx x width
 
 
-def test_generated_context_is_coops_prompt(tiny):
+def test_generated_context_is_coops_prompt(tiny_text):
     """Task t's class features are CoOp's prompted text model run with the generated context,
     and the task feature is the text encoder on "ctx ctx ctx ctx <task name>."."""
-    model, tok = tiny
-    net = make(tiny)
+    model, tok = tiny_text
+    net = make(tiny_text)
     with torch.no_grad():
         torch.nn.init.normal_(net.meta_net.weight, std=0.2)
         ctx = net.contexts()
@@ -105,10 +99,10 @@ def test_generated_context_is_coops_prompt(tiny):
         torch.testing.assert_close(b, together[2], rtol=1e-5, atol=1e-5)
 
 
-def test_task_loss_reaches_only_its_own_task_context(tiny):
+def test_task_loss_reaches_only_its_own_task_context(tiny_text):
     """With one task context per task, task A's loss moves A's context and the shared meta
     network, never task B's context; task B's class features carry no gradient from it."""
-    net = make(tiny, task_ctx="per_task")
+    net = make(tiny_text, task_ctx="per_task")
     feats = net([0, 1])
     feats[1].retain_grad()
     feats[0].square().sum().backward()
@@ -118,8 +112,8 @@ def test_task_loss_reaches_only_its_own_task_context(tiny):
     assert feats[1].grad is None
 
 
-def test_load_trainable_state_round_trip_and_errors(tiny):
-    a, b = make(tiny), make(tiny)
+def test_load_trainable_state_round_trip_and_errors(tiny_text):
+    a, b = make(tiny_text), make(tiny_text)
     with torch.no_grad():
         a.meta_net.weight.add_(1.0)
     b.load_trainable_state({k: v.detach().clone() for k, v in a.trainable_state().items()})
@@ -139,8 +133,8 @@ def test_load_trainable_state_round_trip_and_errors(tiny):
     (dict(task_ctx="global"), "task_ctx: must be one of"),
     (dict(n_task_ctx=0), "n_task_ctx: expected an int >= 1"),
 ])
-def test_bad_input(tiny, kw, match):
-    model, tok = tiny
+def test_bad_input(tiny_text, kw, match):
+    model, tok = tiny_text
     args = dict(task_names=list(TASKS), task_classnames=list(CLASSES))
     args.update(kw)
     if "task_classnames" not in kw and len(args["task_names"]) != 3:
@@ -148,7 +142,7 @@ def test_bad_input(tiny, kw, match):
     names, classes = args.pop("task_names"), args.pop("task_classnames")
     with pytest.raises(ValueError, match=match):
         SoftCPTModel(model, tok, names, classes, **args)
-    net = make(tiny)
+    net = make(tiny_text)
     with pytest.raises(ValueError, match="tasks: no task named 'cars'"):
         net(["cars"])
     with pytest.raises(ValueError, match=r"tasks: expected task indices in \[0, 3\)"):

@@ -5,18 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastprompt.models import TINY_MODEL, create_model, zeroshot_text_features
+from fastprompt.models import zeroshot_text_features
 from testlib import assert_close_to_truth
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, _, _, tokenizer = create_model(TINY_MODEL)
-    return model, tokenizer
-
-
-def test_matches_normalised_template_mean(tiny):
-    model, tokenizer = tiny
+def test_matches_normalised_template_mean(tiny_text):
+    model, tokenizer = tiny_text
     classnames = ["tabby cat", "golden retriever", "st. bernard", "ice cream", "b52"]
     templates = ("a photo of a {}.", "a blurry photo of the {}, seen from far away in bad light.")
     model.text_projection.requires_grad_(True)  # no_grad must hold even for a trainable model
@@ -36,8 +30,8 @@ def test_matches_normalised_template_mean(tiny):
     assert_close_to_truth(single, F.normalize(per_template[0], dim=-1), 1e-5, 1e-5, "one template")
 
 
-def test_bad_arguments(tiny):
-    model, tokenizer = tiny
+def test_bad_arguments(tiny_text):
+    model, tokenizer = tiny_text
     with pytest.raises(ValueError, match="^classnames:"):
         zeroshot_text_features(model, tokenizer, [])
     with pytest.raises(ValueError, match="^templates:"):

@@ -14,23 +14,25 @@ from fastprompt.cli import main
 from fastprompt.data import build_or_load_cache, load_dataset
 from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
 from fastprompt.models import create_model
+from fastprompt.pipeline import export_run
 from fastprompt.train import (Task, TrainConfig, epoch_order, load_run, train_run,
                               train_softcpt_run)
 from fastprompt.train import softcpt as softcpt_module
-from fastprompt.train.loop import Targets
+from fastprompt.train.rundir import read_prompt_file
+
+
+def trained_tensors(run_dir):
+    return read_prompt_file(run_dir).tensors
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A saved random tiny model, three generated tasks (3 disjoint classes each), their caches."""
+def setup(tmp_path_factory, tiny_weights):
+    """The tiny model loaded from a file, three generated tasks (3 disjoint classes each), their
+    caches."""
     root = tmp_path_factory.mktemp("softcpt")
     tasks_file = make_shapes_tasks(root / "tasks", num_tasks=3, classes_per_task=3,
                                    images_per_class=4, test_images_per_class=2, size=32, seed=4)
-    torch.manual_seed(0)
-    model = create_model("fastprompt-tiny")[0]
-    weights = str(root / "tiny.safetensors")
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    weights = tiny_weights
     model, pt, pv, tok = create_model("fastprompt-tiny", weights)
     tasks = []
     for i, spec in enumerate(read_tasks_file(tasks_file)):
@@ -42,7 +44,7 @@ def setup(tmp_path_factory):
 
 
 def config(weights, **kw):
-    base = dict(model="fastprompt-tiny", pretrained=weights, method="softcpt", epochs=2,
+    base = dict(model="fastprompt-tiny", pretrained=weights, learner="softcpt", epochs=2,
                 batch_size=8, n_ctx=4)
     base.update(kw)
     return TrainConfig(**base)
@@ -127,7 +129,7 @@ def test_prograd_per_task_uses_each_tasks_zeroshot(setup):
     torch.testing.assert_close(kl, expected)
 
 
-COMBOS = [dict(), dict(softcpt_loss="dspt", targets="isl", alternate=True, prograd=True),
+COMBOS = [dict(), dict(loss="dspt", targets="isl", alternate=True, prograd=True),
           dict(targets="csl", task_ctx="per_task")]
 
 
@@ -153,9 +155,9 @@ def test_softcpt_trains_and_reports_per_task(setup, tmp_path, combo):
     assert metrics["parameters"]["coop_one_prompt_per_task"] == 3 * 4 * 64
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["tasks"][1]["test_acc"] == metrics["tasks"][1]["test_acc"]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "softcpt"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["learner"] == "softcpt"
     # The trained tensors moved from their initialisation.
-    tensors = softcpt_module.read_softcpt_prompt(tmp_path / "run")[0]
+    tensors = trained_tensors(tmp_path / "run")
     torch.manual_seed(cfg.seed)
     initial = softcpt_module.softcpt_model(model, tok, [t.name for t in tasks],
                                            [t.cache.classnames for t in tasks], cfg)
@@ -166,18 +168,18 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     model, tok, tasks, weights, _ = setup
     cfg = config(weights, epochs=3, targets="ls", prograd=True)
     full = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "full", progress=False)
-    real_epoch = softcpt_module.train_softcpt_epoch
+    real_epoch = softcpt_module.SoftCPTRun.train_epoch
 
-    def interrupted(*args, **kwargs):
-        if args[6] == 2:  # epoch index
+    def interrupted(self, *, epoch, bar):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(self, epoch=epoch, bar=bar)
 
-    monkeypatch.setattr(softcpt_module, "train_softcpt_epoch", interrupted)
+    monkeypatch.setattr(softcpt_module.SoftCPTRun, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_softcpt_run(cfg, tasks, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
-    monkeypatch.setattr(softcpt_module, "train_softcpt_epoch", real_epoch)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="out: .*already holds a training run"):
         train_softcpt_run(cfg, tasks, model, tok, tmp_path / "cut", progress=False)
     with pytest.raises(ValueError, match="resume: .*different run .*config"):
@@ -189,8 +191,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     resumed = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "cut", resume=True,
                                 progress=False)
     assert [e["loss"] for e in resumed["epochs"]] == [e["loss"] for e in full["epochs"]]
-    a = softcpt_module.read_softcpt_prompt(tmp_path / "full")[0]
-    b = softcpt_module.read_softcpt_prompt(tmp_path / "cut")[0]
+    a = trained_tensors(tmp_path / "full")
+    b = trained_tensors(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [t["test_acc"] for t in resumed["tasks"]] == [t["test_acc"] for t in full["tasks"]]
 
@@ -198,7 +200,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
 def test_export_one_task_matches_torch(setup, tmp_path):
     """load_run(task=...) rebuilds that task's classifier from the meta network's context, and
     the exported head-only ONNX model gives torch's probabilities on the task's test features."""
-    from fastprompt.export import OnnxClassifier, export_run
+    from fastprompt.export import OnnxClassifier
     from fastprompt.models import PromptedTextModel
     model, tok, tasks, weights, _ = setup
     cfg = config(weights, epochs=1)
@@ -206,7 +208,7 @@ def test_export_one_task_matches_torch(setup, tmp_path):
     run = load_run(tmp_path / "run", task="Shapes_B")
     assert run.class_names == tasks[1].cache.classnames and run.method["task"] == "shapes b"
     # Independently: the meta network's context for task b through CoOp's prompted model.
-    tensors = softcpt_module.read_softcpt_prompt(tmp_path / "run")[0]
+    tensors = trained_tensors(tmp_path / "run")
     net = softcpt_module.softcpt_model(model, tok, [t.name for t in tasks],
                                        [t.cache.classnames for t in tasks], cfg)
     net.load_trainable_state(tensors)
@@ -240,7 +242,7 @@ def test_load_run_errors(setup, tmp_path):
               tasks[0].cache, model, tok, tmp_path / "coop", progress=False)
     with pytest.raises(ValueError, match="not a SoftCPT run; --task applies"):
         load_run(tmp_path / "coop", task="shapes a")
-    with pytest.raises(ValueError, match="method 'softcpt' trains several tasks"):
+    with pytest.raises(ValueError, match="learner 'softcpt' trains several tasks"):
         train_run(config(weights), tasks[0].cache, model, tok, tmp_path / "x", progress=False)
 
 
@@ -249,8 +251,8 @@ def test_bad_tasks_refused_in_python(setup, tmp_path):
     with pytest.raises(ValueError, match="tasks: duplicate task name 'Shapes A'"):
         train_softcpt_run(config(weights), [tasks[0], Task("Shapes A", tasks[1].cache)], model,
                           tok, tmp_path / "run", progress=False)
-    with pytest.raises(ValueError, match="config: expected a TrainConfig with method='softcpt'"):
-        train_softcpt_run(config(weights, method="coop"), tasks, model, tok, tmp_path / "run",
+    with pytest.raises(ValueError, match="config: expected a TrainConfig with learner='softcpt'"):
+        train_softcpt_run(config(weights, learner="coop"), tasks, model, tok, tmp_path / "run",
                           progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -340,5 +342,5 @@ def test_cli_resume_into_a_coop_run_is_refused_before_caching(setup, tmp_path, c
     train_run(TrainConfig(model="fastprompt-tiny", pretrained=weights, epochs=1, n_ctx=4),
               tasks[0].cache, model, tok, out, progress=False)
     assert main(cli_args(setup, out, "--tasks", tasks_file, "--resume")) == 2
-    assert "is not a SoftCPT checkpoint" in capsys.readouterr().err
+    assert "is a 'fastprompt-run-1' run, not 'fastprompt-softcpt-1'" in capsys.readouterr().err
     assert not (out / "features").exists()

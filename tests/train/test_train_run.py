@@ -10,20 +10,17 @@ import torch
 from fastprompt.data import build_or_load_cache, make_shapes_dataset
 from fastprompt.models import create_model
 from fastprompt.train import TrainConfig, epoch_order, learning_rate, load_run, read_prompt, train_run
-from fastprompt.train import loop as loop_module
+from fastprompt.train.run import PromptLearnerRun
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A saved random tiny model (so runs can be rebuilt), a 4-class shapes set and its cache."""
+def setup(tmp_path_factory, tiny_weights):
+    """The tiny model loaded from a file (so runs can be rebuilt), a 4-class shapes set and its
+    cache."""
     root = tmp_path_factory.mktemp("train")
     splits = make_shapes_dataset(root / "shapes", num_classes=4, images_per_class=6,
                                  test_images_per_class=3, seed=5)
-    torch.manual_seed(0)
-    model = create_model("fastprompt-tiny")[0]
-    weights = str(root / "tiny.safetensors")
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    weights = tiny_weights
     model, pt, pv, tok = create_model("fastprompt-tiny", weights)
     cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv, splits,
                                 views=3, noise_rate=0.25, seed=2, progress=False)
@@ -36,8 +33,8 @@ def config(weights, **kw):
     return TrainConfig(**base)
 
 
-COMBINATIONS = [dict(method=m, targets=t, alternate=a, prograd=p)
-                for m, t, a, p in itertools.product(("coop", "dspt"), ("hard", "ls", "csl", "isl"),
+COMBINATIONS = [dict(loss=m, targets=t, alternate=a, prograd=p)
+                for m, t, a, p in itertools.product(("ce", "dspt"), ("hard", "ls", "csl", "isl"),
                                                     (False, True), (False, True))
                 if not (t == "hard" and a)]
 
@@ -82,26 +79,25 @@ def test_training_learns(setup, tmp_path):
     assert metrics["epochs"][-1]["train_acc_clean"] > 1 / cache.num_classes + 0.15
 
 
-@pytest.mark.parametrize("combo", [dict(), dict(method="dspt", targets="isl", alternate=True,
+@pytest.mark.parametrize("combo", [dict(), dict(loss="dspt", targets="isl", alternate=True,
                                                  prograd=True)], ids=["coop", "dspt+isl+prograd"])
 def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, combo):
     model, tok, cache, weights = setup
     cfg = config(weights, epochs=4, **combo)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
 
-    real_epoch = loop_module.train_epoch
-    import fastprompt.train.run as run_module
+    real_epoch = PromptLearnerRun.train_epoch
 
-    def interrupted(*args, **kwargs):
-        if args[6] == 2:  # epoch index
+    def interrupted(self, *, epoch, bar):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(self, epoch=epoch, bar=bar)
 
-    monkeypatch.setattr(run_module, "train_epoch", interrupted)
+    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
-    monkeypatch.setattr(run_module, "train_epoch", real_epoch)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="out: .*already holds a training run"):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False)
     resumed = train_run(cfg, cache, model, tok, tmp_path / "cut", resume=True, progress=False)
@@ -134,6 +130,7 @@ def test_load_run_rebuilds_text_features(setup, tmp_path):
     assert run.text_features.shape == (cache.num_classes, 64)
     assert run.scale == pytest.approx(float(model.logit_scale.exp()), rel=1e-6)
     assert run.method["method"] == "coop" and run.method["name"] == "coop"
+    assert run.method["learner"] == "coop" and run.method["loss"] == "ce"
     # The same features the trained prompt gives through the model in this process.
     from fastprompt.models import PromptedTextModel
     prompted = PromptedTextModel(model, tok, cache.classnames, n_ctx=4, ctx_init="a photo of a")
@@ -167,7 +164,8 @@ def test_schedule_and_order_are_pure_functions(setup):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(method="clip"), "method: must be one of"),
+    (dict(learner="clip"), "learner: must be one of"),
+    (dict(loss="coop"), "loss: must be one of"),
     (dict(targets="soft"), "targets: must be one of"),
     (dict(alternate=True), "alternate: .*pick --targets"),
     (dict(smoothing=0.0), "smoothing: must lie in"),
