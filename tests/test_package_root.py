@@ -22,7 +22,9 @@ def test_import_fastprompt_loads_no_torch():
 
 def test_lazy_names_resolve_to_the_ops():
     from fastprompt.ops.clip_cross_entropy import clip_cross_entropy
-    from fastprompt.ops.prograd import prograd_backward, prograd_losses, project_conflicting_
+    from fastprompt.ops.prograd_backward import prograd_backward
+    from fastprompt.ops.prograd_losses import prograd_losses
+    from fastprompt.ops.project_conflicting import project_conflicting_
     from fastprompt._validation import set_validation
     assert fastprompt.clip_cross_entropy is clip_cross_entropy
     assert fastprompt.prograd_losses is prograd_losses
