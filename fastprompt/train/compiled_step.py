@@ -95,6 +95,10 @@ class CompiledStep:
                  zeroshot: Tensor | None, device: torch.device):
         self.prompted, self.optimizer, self.config = prompted, optimizer, config
         self.zeroshot, self.device = zeroshot, device
+        if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            raise ValueError(f"compile: torch {torch.__version__} cannot trace the backward into "
+                             "the step's graph (no dynamo trace_autograd_ops); upgrade torch or "
+                             "train without --compile")
         self.params = [p for p in prompted.parameters() if p.requires_grad]
         self.hyper = check_sgd(optimizer)
         self.mode = compile_mode(device)
