@@ -61,6 +61,11 @@ step bench_loss_targets 150 python3 bench/bench_clip_cross_entropy.py --n 256 --
   --name clip_cross_entropy-targets
 step bench_loss_large 90 python3 bench/bench_clip_cross_entropy.py --n 65536 --c 1000 --d 512 \
   --dtype bfloat16 --no-compile --name clip_cross_entropy-n65536
+# train --compile (CUDA graphs): the whole CoOp step at the target point, then its tests on CUDA.
+step bench_train_step 200 python3 bench/bench_train_step.py --models ViT-B-16 fastprompt-tiny \
+  --n 256 --classes 100 --methods coop coop+prograd --min-run-time 2
+step compiled_step_tests 180 python3 -m pytest -q -p no:cacheprovider \
+  tests/train/test_compiled_step.py -k "inductor or resume or one_graph"
 step bench_prograd 150 python3 bench/bench_prograd.py
 step bench_training 150 python3 bench/bench_training.py --models fastprompt-tiny ViT-B-32
 step demo 120 python3 -m fastprompt demo
