@@ -239,7 +239,8 @@ def demo_sweep(out: str, data: str, weights: str, *, epochs: int) -> str:
     import json
 
     from fastprompt._io import write_text_atomic
-    from fastprompt.sweep import load_spec, run_sweep
+    from fastprompt.sweep import run_sweep
+    from fastprompt.sweep_grid import load_spec
     epochs = min(epochs, DEMO_SWEEP_MAX_EPOCHS)
     # One folder per epoch count: a rerun with the same count skips the finished runs.
     root = os.path.join(out, f"sweep-{epochs}-epochs")

@@ -95,7 +95,7 @@ def _numeric(columns: list[str]) -> list[float] | None:
 def plot_lines(table, path: str, xlabel: str, log2: bool) -> None:
     """Accuracy against the table's numeric columns, one line per method (mean, with the
     seeds' standard deviation as error bars); zero-shot as a dashed line."""
-    from fastprompt.sweep import mean_std
+    from fastprompt.sweep_grid import mean_std
     plt = _pyplot()
     xs = _numeric(table.columns)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
@@ -163,22 +163,3 @@ def sweep_plots(spec, tables, out: str) -> list[tuple[str, str]]:
             plot_bars(table, os.path.join(out, name))
         plots.append((table.title, name))
     return plots
-
-
-def redraw(paths) -> list[str]:
-    """``fastprompt plot``: each path's plots again; a run folder's curves.png, a sweep
-    folder's report and plots (and every run's curves.png in it)."""
-    from fastprompt.report import write_report
-    from fastprompt.sweep import SPEC_COPY
-    written = []
-    for path in paths:
-        path = os.fspath(path)
-        if os.path.isfile(os.path.join(path, SPEC_COPY)):
-            from fastprompt.train.rundir import METRICS
-            for folder, _, files in sorted(os.walk(os.path.join(path, "runs"))):
-                if METRICS in files:
-                    written.append(plot_curves(folder))
-            written.append(write_report(path, log=lambda *_: None))
-        else:
-            written.append(plot_curves(path))
-    return written

@@ -17,7 +17,8 @@ import io
 import os
 from dataclasses import dataclass, field
 
-from fastprompt.sweep import (EVALUATION, SPEC_COPY, Job, SweepSpec, _number, jobs_of, mean_std)
+from fastprompt.sweep_grid import (EVALUATION, SPEC_COPY, Job, SweepSpec, _number, jobs_of,
+                                   mean_std)
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -214,3 +215,21 @@ def write_report(out, log=print) -> str:
     log(f"report: {os.path.join(out, REPORT_MD)} (and {REPORT_CSV}); plots: "
         + (", ".join(os.path.join(out, name) for _, name in plots) or "none"))
     return os.path.join(out, REPORT_MD)
+
+
+def redraw(paths) -> list[str]:
+    """``fastprompt plot``: each path's plots again; a run folder's curves.png, a sweep
+    folder's report and plots (and every run's curves.png in it)."""
+    from fastprompt.plots import plot_curves
+    written = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, SPEC_COPY)):
+            from fastprompt.train.rundir import METRICS
+            for folder, _, files in sorted(os.walk(os.path.join(path, "runs"))):
+                if METRICS in files:
+                    written.append(plot_curves(folder))
+            written.append(write_report(path, log=lambda *_: None))
+        else:
+            written.append(plot_curves(path))
+    return written

@@ -87,7 +87,8 @@ def cmd_eval_on_data(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from fastprompt.sweep import load_spec, run_sweep
+    from fastprompt.sweep import run_sweep
+    from fastprompt.sweep_grid import load_spec
     spec = load_spec(args.spec)
     result = run_sweep(spec, args.out, jobs=args.jobs,
                        progress=False if args.no_progress else None)
@@ -101,7 +102,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from fastprompt.plots import redraw
+    from fastprompt.report import redraw
     for path in redraw(args.paths):
         print(path)
     return 0
