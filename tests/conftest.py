@@ -30,23 +30,43 @@ def pytest_sessionstart(session):
                 f"({_backend.cpp_error()}); rebuild it with `make build`")
 
 
+def _draw_seed() -> int:
+    forced = os.environ.get("FASTPROMPT_TEST_SEED")
+    return int(forced) if forced else int.from_bytes(os.urandom(4), "little")
+
+
+_session_seed: int | None = None
+
+
 @pytest.fixture
 def seed(request):
     """A seed drawn for this test run (``FASTPROMPT_TEST_SEED`` replays a given one)."""
-    forced = os.environ.get("FASTPROMPT_TEST_SEED")
-    value = int(forced) if forced else int.from_bytes(os.urandom(4), "little")
+    value = _draw_seed()
     request.node.user_properties.append(("seed", value))
     return value
+
+
+@pytest.fixture(scope="session")
+def session_seed():
+    """One seed for the session's shared random data (generated images); every failure report
+    shows it once it has been drawn."""
+    global _session_seed
+    _session_seed = _draw_seed()
+    return _session_seed
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
-        for key, value in item.user_properties:
-            if key == "seed":
-                report.sections.append(
-                    ("seed", f"seed {value}: replay with FASTPROMPT_TEST_SEED={value}"))
+        seeds = [value for key, value in item.user_properties if key == "seed"]
+        for value in seeds:
+            report.sections.append(
+                ("seed", f"seed {value}: replay with FASTPROMPT_TEST_SEED={value}"))
+        if _session_seed is not None and _session_seed not in seeds:
+            report.sections.append(
+                ("session seed", f"session seed {_session_seed} (shared generated data): replay "
+                 f"with FASTPROMPT_TEST_SEED={_session_seed}"))
     return report
 
 

@@ -41,11 +41,6 @@ def backend(request, monkeypatch):
     backend_for(torch.device("cpu"))
 
 
-def fresh_seed() -> int:
-    """A new seed each run (printed by pytest on failure through the test's locals)."""
-    return int.from_bytes(os.urandom(4), "little")
-
-
 TARGETS = ("hard", "uniform", "classwise", "instancewise")
 
 

@@ -1,6 +1,5 @@
 """Few-shot subsets and label noise: exact counts, determinism, and the noise distributions."""
 import math
-import os
 import random
 
 import pytest
@@ -8,16 +7,11 @@ import pytest
 from fastprompt.data import add_label_noise, few_shot_subset
 
 
-def _fresh_seed():
-    return int.from_bytes(os.urandom(4), "little")
-
-
 def _samples(counts):
     return [(f"/img/{label}_{k}.png", label) for label, n in enumerate(counts) for k in range(n)]
 
 
-def test_few_shot_exact_counts_subset_and_order():
-    seed = _fresh_seed()
+def test_few_shot_exact_counts_subset_and_order(seed):
     samples = _samples([9, 4, 13, 5])
     random.Random(seed).shuffle(samples)
     sub = few_shot_subset(samples, 4, seed=seed)
@@ -44,8 +38,8 @@ def _binomial_ok(k, n, p, sigmas=5.0):
     return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
 
-def test_symmetric_noise_is_uniform_over_other_classes():
-    seed, c, n, rate = _fresh_seed(), 5, 20000, 0.3
+def test_symmetric_noise_is_uniform_over_other_classes(seed):
+    c, n, rate = 5, 20000, 0.3
     rng = random.Random(seed)
     labels = [rng.randrange(c) for _ in range(n)]
     noisy = add_label_noise(labels, c, rate, "symmetric", seed=seed)
@@ -63,8 +57,8 @@ def test_symmetric_noise_is_uniform_over_other_classes():
     assert add_label_noise(labels, c, rate, "symmetric", seed=seed) == noisy
 
 
-def test_pairflip_noise_flips_to_the_next_class():
-    seed, c, n, rate = _fresh_seed(), 7, 10000, 0.45
+def test_pairflip_noise_flips_to_the_next_class(seed):
+    c, n, rate = 7, 10000, 0.45
     labels = [i % c for i in range(n)]
     noisy = add_label_noise(labels, c, rate, "pairflip", seed=seed)
     changed = [(y, z) for y, z in zip(labels, noisy) if y != z]

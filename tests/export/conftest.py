@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from exportlib import CLASS_NAMES, METHOD, SCALE, random_image
-from testlib import fresh_seed
 
 
 @pytest.fixture(scope="session")
-def tiny():
-    """(model, preprocess_val) of fastprompt-tiny (64x64 images, embed_dim 64), random weights."""
-    from fastprompt.models.factory import create_model
-    model, _, preprocess_val, _ = create_model("fastprompt-tiny")
-    return model, preprocess_val
+def tiny(tiny_clip):
+    """(model, preprocess_val) of the root conftest's ``tiny_clip``."""
+    return tiny_clip[0], tiny_clip[2]
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +34,10 @@ def tiny_export(tiny, class_embeddings, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def image_files(tmp_path_factory):
+def image_files(tmp_path_factory, session_seed):
     """Five images of odd sizes and modes (RGB, grayscale, RGBA, palette), as PNG and JPEG."""
     folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(fresh_seed())
+    rng = np.random.default_rng(session_seed)
     paths = []
     for i, (size, mode, ext) in enumerate([((50, 80), "RGB", "png"), ((97, 31), "L", "png"),
                                            ((64, 64), "RGBA", "png"), ((120, 90), "RGB", "jpg"),

@@ -19,7 +19,6 @@ from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosin
 from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
 from fastprompt.export import onnx_export
 from fastprompt.export.metadata import read_metadata_props
-from testlib import fresh_seed
 
 
 def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, seed):
@@ -34,11 +33,11 @@ def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, se
 
 
 @pytest.mark.parametrize("batch_sizes", [(1, 3, 7, 8)])
-def test_tiny_parity_dynamic_batch(tiny, class_embeddings, tiny_export, batch_sizes):
+def test_tiny_parity_dynamic_batch(tiny, class_embeddings, tiny_export, batch_sizes, seed):
     out, report = tiny_export
     assert report.verified and report.max_abs_diff_probs <= onnx_export.FP32_PROBS_ATOL
     clf = OnnxClassifier(out / "model.onnx", batch_size=5)  # 7 and 8 also cross a chunk boundary
-    check_parity(clf, tiny[0].visual, class_embeddings, SCALE, (3, 64, 64), batch_sizes, fresh_seed())
+    check_parity(clf, tiny[0].visual, class_embeddings, SCALE, (3, 64, 64), batch_sizes, seed)
 
 
 def test_graph_holds_no_text_encoder(tiny_export):
@@ -85,21 +84,21 @@ def test_triton_config_matches_onnx(tiny_export):
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no staging leftovers
 
 
-def test_head_only(class_embeddings, tmp_path):
+def test_head_only(class_embeddings, tmp_path, seed):
     report = export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path,
                          scale=SCALE, model_name="fastprompt-tiny", head_only=True)
     assert report.verified and report.input_kind == "features"
     clf = OnnxClassifier(tmp_path)
     assert clf.info.input_name == "image_features" and clf.info.embed_dim == 64
     assert clf.info.image_size is None  # exported without its model: no preprocessing to record
-    check_parity(clf, None, class_embeddings, SCALE, (64,), (1, 3, 7, 8), fresh_seed())
+    check_parity(clf, None, class_embeddings, SCALE, (64,), (1, 3, 7, 8), seed)
     check_triton_repository(tmp_path, "fastprompt_classifier", tmp_path / "model.onnx",
                             CLASS_NAMES, "image_features")
     with pytest.raises(TypeError, match="images: this is a head-only model"):
         clf.predict(["cat.jpg"])
 
 
-def test_fp16(tiny, class_embeddings, tmp_path):
+def test_fp16(tiny, class_embeddings, tmp_path, seed):
     report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                          model_name="fastprompt-tiny", fp16=True, min_agreement=0.0)
     path = tmp_path / "model.onnx"
@@ -115,7 +114,7 @@ def test_fp16(tiny, class_embeddings, tmp_path):
     except ValueError as e:
         pytest.skip(f"this onnxruntime's CPU provider cannot run the fp16 graph: {e}")
     assert clf.info.precision == "float16"
-    g = torch.Generator().manual_seed(fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 3, 64, 64, generator=g)
     logits_true, probs_true = truth(tiny[0].visual, class_embeddings, SCALE, x)
     logits, probs = clf.run(x)
@@ -127,7 +126,7 @@ def test_fp16(tiny, class_embeddings, tmp_path):
     assert np.abs(probs - probs_true.numpy()).max() <= 2e-2
 
 
-def test_external_data(class_embeddings, tmp_path, monkeypatch):
+def test_external_data(class_embeddings, tmp_path, monkeypatch, seed):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     report = export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                          model_name="fastprompt-tiny", head_only=True)
@@ -137,7 +136,7 @@ def test_external_data(class_embeddings, tmp_path, monkeypatch):
     assert data.is_file() and os.path.samefile(data, repo_data)
     for path in (tmp_path / "model.onnx", tmp_path / "fastprompt_classifier" / "1" / "model.onnx"):
         check_parity(OnnxClassifier(path), None, class_embeddings, SCALE, (64,), (1, 3),
-                     fresh_seed())
+                     seed)
     # Exporting again under the limit removes the data files the earlier export left.
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2**31)
     assert not export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,

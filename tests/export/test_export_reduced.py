@@ -13,7 +13,6 @@ import pytest
 from exportlib import CLASS_NAMES, SCALE
 from fastprompt.export import AgreementError, EvaluationSet, OnnxClassifier, export_onnx
 from fastprompt.export import agreement
-from testlib import fresh_seed
 
 
 def evaluation_inputs(seed, n=40):
@@ -24,8 +23,8 @@ def evaluation_inputs(seed, n=40):
 # its top-1 answers on random inputs, so the tests that check the numbers accept any agreement
 # (min_agreement=0).
 @pytest.fixture(scope="module")
-def int8_export(tiny, class_embeddings, tiny_export, tmp_path_factory):
-    seed = fresh_seed()
+def int8_export(tiny, class_embeddings, tiny_export, tmp_path_factory, session_seed):
+    seed = session_seed
     x = evaluation_inputs(seed)
     fp32 = OnnxClassifier(tiny_export[0]).predict_proba(x)
     # Labels: the float32 answer on the first half, another class on the second, so the float32
@@ -72,9 +71,9 @@ def test_int8_graph_quantises_the_tower_and_keeps_the_head_float(int8_export):
     assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
 
 
-def test_fp16_writes_an_agreement_report(tiny, class_embeddings, tmp_path):
+def test_fp16_writes_an_agreement_report(tiny, class_embeddings, tmp_path, seed):
     report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
-                         model_name="fastprompt-tiny", fp16=True, seed=fresh_seed(),
+                         model_name="fastprompt-tiny", fp16=True, seed=seed,
                          min_agreement=0.0)
     a = json.loads((tmp_path / "agreement.json").read_text())
     # onnxruntime 1.32's CPU provider runs the fp16 graph, so it is measured here.
@@ -105,12 +104,12 @@ def permuting_quantiser(monkeypatch):
     monkeypatch.setattr(onnx_export, "quantize_int8", broken)
 
 
-def test_low_agreement_refuses_and_leaves_nothing(tiny, class_embeddings, tmp_path, monkeypatch):
+def test_low_agreement_refuses_and_leaves_nothing(tiny, class_embeddings, tmp_path, monkeypatch, seed):
     permuting_quantiser(monkeypatch)
     fresh = tmp_path / "fresh"
     with pytest.raises(AgreementError, match=r"below --min-agreement 0.99; nothing was written") as e:
         export_onnx(tiny[0], class_embeddings, CLASS_NAMES, fresh, scale=SCALE,
-                    model_name="fastprompt-tiny", int8=True, seed=fresh_seed())
+                    model_name="fastprompt-tiny", int8=True, seed=seed)
     assert e.value.report.top1_agreement < 0.99
     assert not fresh.exists()  # the folder it would have created is gone too
 

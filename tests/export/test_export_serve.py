@@ -19,7 +19,6 @@ import fastprompt.serve
 from exportlib import CLASS_NAMES, METHOD, SCALE, truth
 from fastprompt.export import OnnxClassifier
 from fastprompt.cli.deploy import add_export_parser, add_predict_parser
-from testlib import fresh_seed
 
 
 def test_serve_module_reexports():
@@ -50,8 +49,8 @@ def test_predict_files_and_pil_match_training_preprocessing(tiny, class_embeddin
     assert len(clf.predict(image_files[:1], top_k=100)[0]) == len(CLASS_NAMES)
 
 
-def test_predict_array_single_and_batched_agree(tiny_export):
-    x = np.random.default_rng(fresh_seed()).standard_normal((9, 3, 64, 64)).astype(np.float32)
+def test_predict_array_single_and_batched_agree(tiny_export, seed):
+    x = np.random.default_rng(seed).standard_normal((9, 3, 64, 64)).astype(np.float32)
     whole = OnnxClassifier(tiny_export[0], batch_size=32).predict_proba(x)
     chunked = OnnxClassifier(tiny_export[0], batch_size=4).predict_proba(x)
     single = OnnxClassifier(tiny_export[0]).predict_proba(x[4])  # 3 x H x W: one image
@@ -88,9 +87,9 @@ def test_unreadable_image_files(tiny_export, image_files, tmp_path):
             clf.predict([image_files[1], bad])
 
 
-def _damaged_copies(path, folder):
+def _damaged_copies(path, folder, seed):
     data = path.read_bytes()
-    rng = np.random.default_rng(fresh_seed())
+    rng = np.random.default_rng(seed)
     flipped = bytearray(data)
     flipped[:64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()  # header scrambled
     variants = {"empty.onnx": b"", "truncated.onnx": data[: len(data) // 2],
@@ -101,8 +100,8 @@ def _damaged_copies(path, folder):
         yield folder / name
 
 
-def test_damaged_model_files(tiny_export, tmp_path):
-    for bad in _damaged_copies(tiny_export[0] / "model.onnx", tmp_path):
+def test_damaged_model_files(tiny_export, tmp_path, seed):
+    for bad in _damaged_copies(tiny_export[0] / "model.onnx", tmp_path, seed):
         with pytest.raises(ValueError, match=r"model: .*" + bad.name):
             OnnxClassifier(bad)
     with pytest.raises(ValueError, match=r"model: .*nowhere.onnx does not exist"):
@@ -207,11 +206,11 @@ def test_cli_export_from_run(class_embeddings, tiny, tmp_path, monkeypatch, caps
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(tmp_path_factory, session_seed):
     """100 generated images of odd sizes and modes in a nested folder (plus a non-image file)."""
     from exportlib import random_image
     root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(fresh_seed())
+    rng = np.random.default_rng(session_seed)
     for i in range(100):
         sub = root / f"part {i % 3}"
         sub.mkdir(exist_ok=True)

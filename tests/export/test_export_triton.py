@@ -15,7 +15,6 @@ import torch
 from exportlib import CLASS_NAMES, SCALE, check_io, check_triton_repository, parse_model_config, truth
 from fastprompt.export import export_onnx
 from fastprompt.export.ensemble import ENCODER, export_ensemble
-from testlib import fresh_seed
 
 
 def accelerator(config):
@@ -48,8 +47,8 @@ TASKS = {"Pets & co": ["cat", "dog", "hamster"], "cars": ["sedan", "SUV", "truck
 
 
 @pytest.fixture(scope="module")
-def ensemble(tiny, tmp_path_factory):
-    g = torch.Generator().manual_seed(fresh_seed())
+def ensemble(tiny, tmp_path_factory, session_seed):
+    g = torch.Generator().manual_seed(session_seed)
     tasks = {task: (torch.randn(len(names), 64, generator=g), names) for task, names in TASKS.items()}
     out = tmp_path_factory.mktemp("ensemble")
     report = export_ensemble(tiny[0], tasks, out, scale=SCALE, model_name="fastprompt-tiny",
@@ -100,11 +99,11 @@ def test_ensemble_layout_and_configs_are_consistent(ensemble):
             assert (out / model / "labels.txt").read_text().splitlines() == TASKS[task]
 
 
-def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble):
+def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble, seed):
     out, tasks, report = ensemble
     encoder = ort.InferenceSession(str(out / ENCODER / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(fresh_seed()))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     (features,) = encoder.run(["image_features"], {"image": x.numpy()})
     for task, (name, _) in report.tasks.items():
         head = ort.InferenceSession(str(out / f"{name}_head" / "1" / "model.onnx"),
@@ -115,13 +114,13 @@ def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble):
         assert np.abs(logits - logits_true.numpy()).max() <= 1e-4 * SCALE
 
 
-def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys):
+def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
     from test_export_serve import cli
     import fastprompt.train.run  # noqa: F401  (the real run-folder module stays for its names)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text('{"tasks": [{"name": "Pets & co"}, {"name": "cars"}]}')
-    g = torch.Generator().manual_seed(fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     features = {task: torch.randn(len(names), 64, generator=g) for task, names in TASKS.items()}
     calls = []
 

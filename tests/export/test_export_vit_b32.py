@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fastprompt.export import OnnxClassifier, export_onnx
-from testlib import fresh_seed
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +16,7 @@ def vit_b32():
     return create_model("ViT-B-32")[0]
 
 
-def test_vit_b32_export_parity(vit_b32, tmp_path):
-    seed = fresh_seed()
+def test_vit_b32_export_parity(vit_b32, tmp_path, seed):
     g = torch.Generator().manual_seed(seed)
     names = [f"class {i}" for i in range(11)]
     text = torch.randn(len(names), 512, generator=g)

@@ -11,7 +11,6 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from exportlib import random_image
 from fastprompt.export.metadata import ModelInfo
 from fastprompt.serve import ImagePreprocessor
-from testlib import fresh_seed
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # (width, height): portrait, landscape, square, extreme strips, smaller than the crop, one off.
@@ -34,8 +33,8 @@ def model_info(size, interpolation, resize_mode, fill_color=0) -> ModelInfo:
     ((64, 64), "bicubic", "longest"),      # resize the long side, pad with fill_color
     ((40, 72), "bilinear", "longest"),
 ])
-def test_equals_open_clip_val_transform(size, interpolation, resize_mode):
-    rng = np.random.default_rng(fresh_seed())
+def test_equals_open_clip_val_transform(size, interpolation, resize_mode, seed):
+    rng = np.random.default_rng(seed)
     images = [random_image(rng, w, h, mode) for w, h in SIZES for mode in MODES]
     cfg = PreprocessCfg(size=size, mean=MEAN, std=STD, interpolation=interpolation,
                         resize_mode=resize_mode, fill_color=7)
@@ -47,8 +46,8 @@ def test_equals_open_clip_val_transform(size, interpolation, resize_mode):
     assert np.abs(got - expected).max() == 0.0
 
 
-def test_threads_and_batching_change_nothing():
-    rng = np.random.default_rng(fresh_seed())
+def test_threads_and_batching_change_nothing(seed):
+    rng = np.random.default_rng(seed)
     images = [random_image(rng, w, h, "RGB") for w, h in SIZES]
     info = model_info((64, 64), "bicubic", "shortest")
     batched = ImagePreprocessor(info, threads=4)(images)

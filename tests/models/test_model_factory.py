@@ -14,7 +14,6 @@ import torch
 
 from fastprompt.models import TINY_MODEL, count_parameters, create_model
 from fastprompt.models.factory import CONFIG_DIR
-from testlib import fresh_seed
 
 
 @pytest.fixture
@@ -44,8 +43,7 @@ def outputs(model, tokenizer, seed):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_checkpoint_round_trip(tmp_path, suffix, no_network):
-    seed = fresh_seed()
+def test_checkpoint_round_trip(tmp_path, suffix, no_network, seed):
     source, _, _, _ = create_model(TINY_MODEL)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # weights other than the default draw
@@ -139,7 +137,7 @@ def test_count_parameters():
         count_parameters(layer.weight)
 
 
-def test_default_tiny_weights_are_a_fixed_function_of_the_seed():
+def test_default_tiny_weights_are_a_fixed_function_of_the_seed(seed):
     """Without a file, fastprompt-tiny is the draw from TINY_MODEL_SEED in every process,
     whatever the caller's random state, which it leaves alone (a run trained on it can be
     rebuilt for export by another process)."""
@@ -148,7 +146,7 @@ def test_default_tiny_weights_are_a_fixed_function_of_the_seed():
 
     from fastprompt.data import model_weights_hash
     from fastprompt.models.factory import TINY_MODEL_SEED
-    torch.manual_seed(fresh_seed())
+    torch.manual_seed(seed)
     before = torch.random.get_rng_state()
     here = create_model(TINY_MODEL)[0]
     assert torch.equal(torch.random.get_rng_state(), before)

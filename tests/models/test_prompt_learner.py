@@ -16,7 +16,7 @@ from fastprompt.models import (TINY_MODEL, PromptedTextModel, PromptLearner, Pro
                                count_parameters)
 from fastprompt.models import text_encoder as text_encoder_module
 from fastprompt.models.factory import CONFIG_DIR
-from testlib import assert_close_to_truth, fresh_seed
+from testlib import assert_close_to_truth
 
 WORDS = ("golden", "retriever", "sea", "lion", "tabby", "cat", "airliner", "b52", "t-shirt",
          "forty", "two", "jack-o'-lantern", "ice", "cream", "st.", "bernard", "go-kart", "zebra")
@@ -66,9 +66,8 @@ def hand_built_embeddings(model, tokenizer, texts, ctx):
 
 @pytest.mark.parametrize("class_specific", [False, True])
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
-def test_truncated_run_equals_full_length(tiny_text, position, class_specific):
+def test_truncated_run_equals_full_length(tiny_text, position, class_specific, seed):
     model, tokenizer = tiny_text
-    seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     n_cls = int(torch.randint(2, 8, (), generator=g))
     n_ctx = int(torch.randint(1, 9, (), generator=g))
@@ -112,9 +111,9 @@ def test_truncated_run_equals_full_length(tiny_text, position, class_specific):
     assert_close_to_truth(features_short, truth, 1e-5, 1e-5, f"features vs float64 (seed {seed})")
 
 
-def test_phrase_context_equals_encode_text(tiny_text):
+def test_phrase_context_equals_encode_text(tiny_text, seed):
     model, tokenizer = tiny_text
-    g = torch.Generator().manual_seed(fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     classnames = random_classnames(g, 5)
     prompted = PromptedTextModel(model, tokenizer, classnames, n_ctx=None, ctx_init=PHRASE)
     learner = prompted.prompt_learner
@@ -127,9 +126,9 @@ def test_phrase_context_equals_encode_text(tiny_text):
 
 
 @pytest.mark.parametrize("class_specific", [False, True])
-def test_prograd_initialisation_zero_fills_leading_slots(tiny_text, class_specific):
+def test_prograd_initialisation_zero_fills_leading_slots(tiny_text, class_specific, seed):
     model, tokenizer = tiny_text
-    g = torch.Generator().manual_seed(fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     n_zero = int(torch.randint(1, 5, (), generator=g))
     classnames = random_classnames(g, 3)
     prompted = PromptedTextModel(model, tokenizer, classnames, n_ctx=4 + n_zero, ctx_init=PHRASE,
@@ -149,9 +148,9 @@ def test_prograd_initialisation_zero_fills_leading_slots(tiny_text, class_specif
                           "features vs float64")
 
 
-def test_external_context_replaces_learned_one(tiny_text):
+def test_external_context_replaces_learned_one(tiny_text, seed):
     model, tokenizer = tiny_text
-    g = torch.Generator().manual_seed(fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     prompted = PromptedTextModel(model, tokenizer, random_classnames(g, 3), n_ctx=5)
     other = torch.randn(3, 5, 64, generator=g, requires_grad=True)
     features = prompted(other)
@@ -180,8 +179,8 @@ def test_state_dict_and_parameter_count(tiny_text, class_specific):
 
 
 @pytest.mark.parametrize("variant", ["custom_text", "eos_pool", "linear_projection"])
-def test_other_standard_text_towers(tiny_text, variant):
-    torch.manual_seed(fresh_seed())
+def test_other_standard_text_towers(tiny_text, variant, seed):
+    torch.manual_seed(seed)
     if variant == "custom_text":
         model = open_clip.CustomTextCLIP(**tiny_config())
     elif variant == "eos_pool":
@@ -199,9 +198,9 @@ def test_other_standard_text_towers(tiny_text, variant):
 
 
 @pytest.mark.parametrize("tower", ["bidirectional", "last_pool"])
-def test_full_length_fallback_where_truncation_is_inexact(tiny_text, tower, monkeypatch):
+def test_full_length_fallback_where_truncation_is_inexact(tiny_text, tower, monkeypatch, seed):
     monkeypatch.setattr(text_encoder_module, "_warned_full_length", set())
-    torch.manual_seed(fresh_seed())
+    torch.manual_seed(seed)
     if tower == "bidirectional":
         model = open_clip.CustomTextCLIP(**tiny_config(no_causal_mask=True, pool_type="last"))
     else:
