@@ -102,8 +102,10 @@ def _matmul_config(m: int, k: int, d: int, dtype: torch.dtype) -> dict:
     if INTERPRET:
         return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_K=next_pow2_between(k, 16, 128),
                     BLOCK_D=next_pow2_between(d, 16, 128))
+    # A float32 FMA dot (IEEE) spills with 64-wide D blocks: 32 there.
+    wide_d = m >= 4096 and dot_precision(dtype) != "ieee"
     return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_K=32 if dtype == torch.float32 else 64,
-                BLOCK_D=next_pow2_between(d, 16, 64 if m >= 4096 else 32), num_warps=4,
+                BLOCK_D=next_pow2_between(d, 16, 64 if wide_d else 32), num_warps=4,
                 num_stages=3)
 
 

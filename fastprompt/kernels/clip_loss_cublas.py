@@ -26,7 +26,7 @@ from fastprompt.kernels.clip_loss_forward import clip_loss_forward_kernel, targe
 from fastprompt.kernels.launch import INTERPRET, next_pow2_between
 from fastprompt.kernels.row_norms import row_inv_norms
 
-__all__ = ["clip_cross_entropy_forward", "prograd_losses_forward", "clip_cross_entropy_backward"]
+__all__ = ["clip_loss_forward", "clip_cross_entropy_backward"]
 
 # Bytes of float32 products per chunk: small enough to stay in the L2 cache of an A100 or H100
 # (40 / 50 MB) while the row pass sweeps it, large enough for cuBLAS to run at full rate.
@@ -75,12 +75,15 @@ def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def row_pass_config(c: int, two_products: bool) -> dict:
-    """Block sizes of the row pass: whole rows up to 1024 classes in one tile (2 x 512 with the
-    distillation term), several rows per program for small C."""
+    """Block sizes of the row pass: tiles of 2048 logits (1024 with the distillation term, whose
+    sweeps keep twice the values live), rows of up to half a tile whole, several rows per
+    program for small C; 4 warps (16 or 8 values per thread and tensor)."""
     if INTERPRET:
         return dict(BLOCK_N=16, BLOCK_C=next_pow2_between(c, 16, 128))
-    block_c = next_pow2_between(c, 16, 512 if two_products else 1024)
-    return dict(BLOCK_N=next_pow2_between(2048 // block_c, 1, 64), BLOCK_C=block_c, num_warps=4)
+    tile = 1024 if two_products else 2048
+    block_c = next_pow2_between(c, 16, tile // 2)
+    block_n = next_pow2_between(tile // block_c, 1, 32 if two_products else 64)
+    return dict(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
 
 
 def default_chunk_rows(n: int, c: int, products: int) -> int:
@@ -144,25 +147,6 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         del products  # before the next chunk's: one chunk of products at a time
     return loss_rows, grad, kl_rows, grad_kl
 
-
-def clip_cross_entropy_forward(image_features, text_features, labels, scale, soft_labels,
-                               sample_index, smoothing, double_softmax, normalize, compute_grad):
-    """``fastprompt::clip_cross_entropy_forward``: ``(loss_rows, grad_logits)``."""
-    loss_rows, grad_logits, _, _ = clip_loss_forward(
-        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad)
-    return loss_rows, grad_logits
-
-
-def prograd_losses_forward(image_features, text_features, zeroshot_text_features, labels, scale,
-                           soft_labels, sample_index, smoothing, double_softmax, temperature,
-                           compute_grad):
-    """``fastprompt::prograd_losses_forward``: ``(task_rows, kl_rows, grad_task_logits,
-    grad_kl_logits)``."""
-    task_rows, grad_task, kl_rows, grad_kl = clip_loss_forward(
-        image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-        sample_index, smoothing, double_softmax, True, temperature, compute_grad)
-    return task_rows, kl_rows, grad_task, grad_kl
 
 
 def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tensor,

@@ -32,6 +32,8 @@ def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: boo
     # one 128-byte row of half (64) or float32 (32) elements. Small batches get narrower row
     # blocks so that more programs run.
     block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)
+    if dot_precision(dtype) == "ieee":  # a float32 FMA dot holds its operands in registers:
+        block_n = min(block_n, 32)      # 64-row tiles spill hundreds of bytes (sm_80, sm_90)
     block_c = next_pow2_between(c, 16, 32 if two_products else 64)
     block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
     return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8, num_stages=3)
@@ -323,23 +325,3 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad), CAST_FP32=INTERPRET,
         PRECISION=dot_precision(x.dtype), **cfg)
     return loss_rows, grad, kl_rows, grad_kl
-
-
-def clip_cross_entropy_forward(image_features, text_features, labels, scale, soft_labels,
-                               sample_index, smoothing, double_softmax, normalize, compute_grad):
-    """``fastprompt::clip_cross_entropy_forward``: ``(loss_rows, grad_logits)``."""
-    loss_rows, grad_logits, _, _ = clip_loss_forward(
-        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad)
-    return loss_rows, grad_logits
-
-
-def prograd_losses_forward(image_features, text_features, zeroshot_text_features, labels, scale,
-                           soft_labels, sample_index, smoothing, double_softmax, temperature,
-                           compute_grad):
-    """``fastprompt::prograd_losses_forward``: ``(task_rows, kl_rows, grad_task_logits,
-    grad_kl_logits)``."""
-    task_rows, grad_task, kl_rows, grad_kl = clip_loss_forward(
-        image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-        sample_index, smoothing, double_softmax, True, temperature, compute_grad)
-    return task_rows, kl_rows, grad_task, grad_kl
