@@ -390,7 +390,8 @@ def main(argv=None):
                     "`python bench/kernel_schedules.py` (offline compiles, no GPU): one row per "
                     "distinct compile of both CUDA schedules' training steps (both ops, forward "
                     "and backward) and the projection. Spill bytes: STL/LDL widths in the "
-                    "cubin; shared: dynamic shared memory per block.\n\n"
+                    "cubin; shared: dynamic shared memory per block; compile seconds include "
+                    "triton cache hits.\n\n"
                     f"{header}\n\n{table}\n")
     print(header)
     print(table)
