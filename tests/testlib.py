@@ -114,7 +114,7 @@ def assert_close_to_truth(actual, truth, rtol, atol, name, *, baseline=None, ext
             f"got {actual.flatten()[i].item():.9g}, truth {truth.flatten()[i].item():.9g}, error "
             f"{error.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g} "
             f"(rtol {rtol}, atol {atol} x {max(scale, 1e-3):.3g}, baseline error "
-            f"{baseline_error:.3g}, extra {float(torch.as_tensor(extra_atol).max()):.3g})")
+            f"{baseline_error:.3g}, extra up to {float(torch.as_tensor(extra_atol).max()):.3g})")
 
 
 def float32_logit_error(magnitudes, k: float = 8.0) -> torch.Tensor:
