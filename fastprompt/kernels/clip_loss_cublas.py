@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.clip_loss_backward import _epilogue
-from fastprompt.kernels.clip_loss_forward import clip_loss_forward_kernel, target_arguments
+from fastprompt.kernels.clip_loss_forward import (clip_loss_forward_kernel, forward_outputs,
+                                                  target_arguments)
 from fastprompt.kernels.launch import INTERPRET, next_pow2_between
 from fastprompt.kernels.row_norms import row_inv_norms
 
@@ -101,13 +102,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     """The fused schedule's ``clip_loss_forward`` (same arguments and outputs) by chunks of
     ``chunk_rows`` samples (default: ``default_chunk_rows``)."""
     x, t, t0 = image_features, text_features, zeroshot_text_features
-    n, d = x.shape
-    c = t.shape[0]
-    has_kl = t0 is not None
-    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
-    grad = x.new_empty((n, c) if compute_grad else (0,))
-    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    n, c, has_kl = x.shape[0], t.shape[0], t0 is not None
+    loss_rows, grad, kl_rows, grad_kl = forward_outputs(x, c, has_kl, compute_grad)
     smoothing = float(smoothing)
     target, table, table_rows = target_arguments(labels, soft_labels, sample_index, smoothing)
 

@@ -275,6 +275,17 @@ def clip_loss_forward_kernel(
                          grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
 
 
+def forward_outputs(x: torch.Tensor, c: int, has_kl: bool, compute_grad: bool):
+    """``(loss_rows, grad_logits, kl_rows, grad_kl_logits)`` of the forward ops, unfilled. They
+    never alias one another (custom ops forbid it), the empty ones included."""
+    n = x.shape[0]
+    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
+    grad = x.new_empty((n, c) if compute_grad else (0,))
+    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    return loss_rows, grad, kl_rows, grad_kl
+
+
 def target_arguments(labels, soft_labels, sample_index, smoothing: float):
     """``(TARGET, table, table_rows)``: the kernel's target kind, the table (None without) and the
     index of each sample's table row (labels for a class-wise table)."""
@@ -297,11 +308,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     n, d = x.shape
     c = t.shape[0]
     has_kl = t0 is not None
-    # Outputs never alias one another (custom ops forbid it), the empty ones included.
-    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
-    grad = x.new_empty((n, c) if compute_grad else (0,))
-    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    loss_rows, grad, kl_rows, grad_kl = forward_outputs(x, c, has_kl, compute_grad)
 
     smoothing = float(smoothing)
     target, table, table_rows = target_arguments(labels, soft_labels, sample_index, smoothing)
