@@ -77,6 +77,11 @@ for schedule in cublas fused; do
     --no-compile --name "clip_cross_entropy-n65536-$schedule"
 done
 step kernel_schedules 90 python3 bench/kernel_schedules.py --n 65536 --c 1000 --d 512 --jobs 8
+# train --compile (CUDA graphs): the whole CoOp step at the target point, then its tests on CUDA.
+step bench_train_step 200 python3 bench/bench_train_step.py --models ViT-B-16 fastprompt-tiny \
+  --n 256 --classes 100 --methods coop coop+prograd --min-run-time 2
+step compiled_step_tests 180 python3 -m pytest -q -p no:cacheprovider \
+  tests/train/test_compiled_step.py -k "inductor or resume or one_graph"
 step bench_prograd 150 python3 bench/bench_prograd.py
 step bench_training 150 python3 bench/bench_training.py --models fastprompt-tiny ViT-B-32
 step demo 120 python3 -m fastprompt demo

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "clip_cross_entropy": "fastprompt.ops.clip_cross_entropy",
-    "prograd_backward": "fastprompt.ops.prograd",
-    "prograd_losses": "fastprompt.ops.prograd",
-    "project_conflicting_": "fastprompt.ops.prograd",
+    "prograd_backward": "fastprompt.ops.prograd_backward",
+    "prograd_losses": "fastprompt.ops.prograd_losses",
+    "project_conflicting_": "fastprompt.ops.project_conflicting",
     "set_validation": "fastprompt._validation",
 }
 
@@ -24,12 +24,7 @@ def __getattr__(name: str):
     if name not in _LAZY:
         # Sub-packages (fastprompt.serve, fastprompt.train, ...) load as usual on import.
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    try:
-        value = getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (this version of "
-                             f"{_LAZY[name]} does not define it)") from None
+    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 

@@ -146,10 +146,11 @@ def read_json(path: str, what: str):
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
+def exclusive_lock(lock_path: str, what: str, *, remove: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_path`` (created if missing) for the block; when another
     process holds it, raise ``LockedError`` naming ``what`` and that process's pid. The lock dies
-    with its process, so a killed holder never blocks the next one."""
+    with its process, so a killed holder never blocks the next one. ``remove``: delete the lock
+    file when done (for a lock beside a file rather than inside a folder of its own)."""
     lock_path = os.fspath(lock_path)
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -164,7 +165,11 @@ def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
                               f"lock {lock_path}); wait for it to finish") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        yield
+        try:
+            yield
+        finally:
+            if remove:
+                remove_if_present(lock_path)
     finally:
         os.close(fd)
 

@@ -86,7 +86,8 @@ def as_scale_tensor(scale, device: torch.device) -> torch.Tensor:
         raise TypeError(f"scale: expected a float or a 0-d tensor, got {type(scale).__name__}")
     if not (float(scale) == float(scale)) or abs(float(scale)) == float("inf"):
         raise ValueError(f"scale: must be finite, got {scale}")
-    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    # A fill kernel, not torch.tensor's host-to-device copy: no synchronisation, capturable.
+    return torch.full((), float(scale), dtype=torch.float32, device=device)
 
 
 def run_value_checks(checks: list[tuple[str, torch.Tensor]]) -> None:

@@ -4,7 +4,8 @@ Generates a labelled image data set of coloured shapes, creates the tiny open_cl
 random weights and saves it to a file (then loads it back through ``--pretrained``, the real
 loading path), caches the image features with augmented views, trains every method briefly,
 prints a table of test accuracy and epoch time per method (zero-shot first), exports the first
-run to ONNX and classifies test images with onnxruntime.
+run to ONNX and classifies test images with onnxruntime; then SoftCPT over generated tasks, and a
+small label-noise sweep with its report and plots.
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ DEMO_TASKS = 3
 DEMO_CLASSES_PER_TASK = 4
 DEMO_TASK_IMAGES_PER_CLASS = 16
 DEMO_TASK_VIEWS = 4
+# Sweep section: a few methods x 2 noise rates x 2 seeds, few-shot, to show the report and plots.
+DEMO_SWEEP_METHODS = ("coop", "dspt", "dspt+isl(alt)")
+DEMO_SWEEP_NOISE_RATES = (0.0, 0.5)
+DEMO_SWEEP_SEEDS = (1, 2)
+DEMO_SWEEP_SHOTS = 4
+DEMO_SWEEP_VIEWS = 2
+DEMO_SWEEP_MAX_EPOCHS = 10  # 12 runs: kept short so the demo stays well under a minute
 # Marks a run folder as the demo's own: only such folders are ever cleared for a retrain.
 DEMO_MARKER = ".fastprompt-demo"
 
@@ -166,6 +174,7 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
           f"{float((torch_probs - ort_probs).abs().max()):.2e}")
     demo_multitask(out, model, preprocess_train, preprocess_val, tokenizer, weights,
                    epochs=epochs, progress=progress)
+    demo_sweep(out, splits.root, weights, epochs=epochs)
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; everything is in {out}/")
     sys.stdout.flush()
     return 0
@@ -221,6 +230,47 @@ def demo_multitask(out: str, model, preprocess_train, preprocess_val, tokenizer,
           f"{coop[0]['trainable_parameters']})")
     sys.stdout.flush()
     return {"softcpt": soft, "coop": coop}
+
+
+def demo_sweep(out: str, data: str, weights: str, *, epochs: int) -> str:
+    """A small noise sweep over the generated data (``fastprompt sweep``): a few methods x 2
+    noise rates x 2 seeds, few-shot, at most ``DEMO_SWEEP_MAX_EPOCHS`` epochs; prints its table
+    and where its report and plots are."""
+    import json
+
+    from fastprompt._io import write_text_atomic
+    from fastprompt.sweep import run_sweep
+    from fastprompt.sweep_grid import load_spec
+    epochs = min(epochs, DEMO_SWEEP_MAX_EPOCHS)
+    # One folder per epoch count: a rerun with the same count skips the finished runs.
+    root = os.path.join(out, f"sweep-{epochs}-epochs")
+    spec = {"data": os.path.abspath(data), "pretrained": os.path.abspath(weights),
+            "methods": list(DEMO_SWEEP_METHODS), "shots": DEMO_SWEEP_SHOTS,
+            "noise_rates": list(DEMO_SWEEP_NOISE_RATES), "seeds": list(DEMO_SWEEP_SEEDS),
+            "views": DEMO_SWEEP_VIEWS, "train": {"epochs": epochs}}
+    spec_path = root + ".json"
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
+    runs = len(DEMO_SWEEP_METHODS) * len(DEMO_SWEEP_NOISE_RATES) * len(DEMO_SWEEP_SEEDS)
+    print(f"\nsweep ({spec_path}): {', '.join(DEMO_SWEEP_METHODS)} x noise rates "
+          f"{', '.join(f'{r:g}' for r in DEMO_SWEEP_NOISE_RATES)} x seeds "
+          f"{', '.join(map(str, DEMO_SWEEP_SEEDS))}, {DEMO_SWEEP_SHOTS} shots, {epochs} epochs: "
+          f"{runs} runs")
+    result = run_sweep(load_spec(spec_path), root, progress=False, log=lambda *_: None)
+    if result.failed:
+        raise RuntimeError(f"demo sweep: {len(result.failed)} run(s) failed: {result.failed[0][1]}")
+    report = os.path.join(root, "report.md")
+    with open(report, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## "))
+    for line in lines[start:]:
+        if line.startswith("## Plots"):
+            break
+        print(line)
+    plots = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".png"))
+    print(f"report: {report} (and report.csv); plots: {', '.join(plots)}; training curves of "
+          f"each run: {os.path.join(root, 'runs', '*', '*', '*', '*', 'curves.png')}")
+    sys.stdout.flush()
+    return report
 
 
 def _rgb(path):

@@ -6,13 +6,19 @@ import os
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: str | None = None,
-               **kwargs):
+               classnames: list[str] | None = None, **kwargs):
     """Export one classifier of a finished training run (``fastprompt.train.load_run``; SoftCPT:
     the one of ``task``) with ``fastprompt.export.export_onnx``; ``kwargs`` are its keyword
-    options (head_only, fp16, triton_name, ...). Returns its ``ExportReport``."""
+    options (head_only, fp16, triton_name, ...). ``classnames``: classify among these names
+    instead of the trained ones, with the run's learned context in front of each
+    (``fastprompt.train.transfer``; refused for class-specific contexts). Returns its
+    ``ExportReport``."""
     from fastprompt.export import export_onnx
     from fastprompt.train import load_run
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
+    if classnames is not None:
+        from fastprompt.train.transfer import with_classnames
+        run = with_classnames(run, classnames)
     return export_onnx(run.model, run.text_features, list(run.class_names), out_dir,
                        scale=float(run.scale), model_name=run.model_name, method=dict(run.method),
                        **kwargs)

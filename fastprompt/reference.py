@@ -24,9 +24,16 @@ def clip_logits(image_features, text_features, scale, normalize=True):
     x = image_features.to(dt)
     t = text_features.to(dt)
     if normalize:
-        x = x / x.norm(dim=1, keepdim=True)
-        t = t / t.norm(dim=1, keepdim=True)
+        x, t = unit_rows(x), unit_rows(t)
     return scale.to(dt) * (x @ t.T)
+
+
+def unit_rows(x):
+    """``x_i / ‖x_i‖``, each row divided by its largest magnitude first so that the norm of any
+    finite nonzero row neither overflows nor underflows (the divisor is held constant for
+    autograd: the result does not depend on it)."""
+    x = x / x.detach().abs().amax(dim=1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True)
 
 
 def soft_targets(labels, num_classes, smoothing, soft_labels=None, sample_index=None, dtype=torch.float32):

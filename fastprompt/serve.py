@@ -91,8 +91,7 @@ def cpu_description() -> dict:
             "logical_cpus": os.cpu_count(), "available_cpus": available_cpus()}
 
 
-def session_options(info: ModelInfo, *, intra_op_num_threads: int | None = None
-                    ) -> ort.SessionOptions:
+def session_options(intra_op_num_threads: int | None = None) -> ort.SessionOptions:
     """The session options fastprompt serves with: every graph optimisation, one operator-level
     pool sized to the CPUs this process may use, operators run in sequence (one pool, no
     inter-op threads competing with it), the memory arena and memory-pattern planning on (the
@@ -132,7 +131,7 @@ def create_session(path: str, info: ModelInfo, providers=None, *,
         raise ValueError(f"providers: {unknown} not available in this onnxruntime (available: "
                          f"{ort.get_available_providers()}); onnxruntime and onnxruntime-gpu "
                          "exclude each other, install one")
-    options = session_options(info, intra_op_num_threads=intra_op_num_threads)
+    options = session_options(intra_op_num_threads)
     # onnxruntime 1.32 crashes (SIGSEGV) while applying its NCHWc layout transformer to the fp16
     # Conv of a converted model on the CPU provider; the transformer only helps fp32.
     disabled = ["NchwcTransformer"] if info.precision == "float16" and CPU in requested else []

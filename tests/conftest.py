@@ -10,12 +10,15 @@
   weights), and those weights saved as a checkpoint file (so runs can name ``--pretrained``).
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# fastprompt's own memo files (weights hashes) go to a throw-away folder, not ~/.cache.
+os.environ.setdefault("FASTPROMPT_CACHE_DIR", tempfile.mkdtemp(prefix="fastprompt-test-cache-"))
 
 
 def pytest_sessionstart(session):

@@ -151,3 +151,38 @@ def test_demo(tmp_path, capsys):
     assert table[0].startswith("zero-shot")
     assert [row.split()[0] for row in table[1:len(DEMO_METHODS) + 1]] == [m for m, _ in DEMO_METHODS]
     assert "passed" in out and "max |probs(torch) - probs(onnxruntime)|" in out
+
+
+def test_demo_never_deletes_what_it_did_not_create(tmp_path):
+    """A run folder of the demo's from other settings is retrained in place; a folder the demo
+    did not make, or one holding other files, is refused and left as it was (issue 14, 9)."""
+    from fastprompt.demo import DEMO_MARKER, _train
+    from fastprompt.train import RunMismatchError
+
+    calls = []
+
+    def train(run_dir, *, resume=False, progress=False):
+        calls.append(resume)
+        if resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            raise RunMismatchError("resume: checkpoint belongs to a different run")
+        with open(os.path.join(run_dir, "checkpoint.pt"), "w") as f:
+            f.write("new")
+        return {"ok": True}
+
+    foreign = tmp_path / "runs" / "coop"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="was not made by the demo"):
+        _train(train, str(foreign), progress=False)
+    assert os.listdir(foreign) == ["notes.txt"] and calls == []
+
+    ours = tmp_path / "demo" / "runs" / "coop"
+    assert _train(train, str(ours), progress=False) == {"ok": True}
+    assert (ours / DEMO_MARKER).exists()
+    (ours / "metrics.json").write_text("{}")
+    assert _train(train, str(ours), progress=False) == {"ok": True}  # other settings: retrained
+    assert (ours / "checkpoint.pt").read_text() == "new" and not (ours / "metrics.json").exists()
+    (ours / "notes.txt").write_text("a file the demo did not write")
+    with pytest.raises(ValueError, match="files the demo did not write .*notes.txt"):
+        _train(train, str(ours), progress=False)
+    assert (ours / "notes.txt").exists() and (ours / "checkpoint.pt").exists()

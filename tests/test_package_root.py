@@ -22,11 +22,15 @@ def test_import_fastprompt_loads_no_torch():
 
 def test_lazy_names_resolve_to_the_ops():
     from fastprompt.ops.clip_cross_entropy import clip_cross_entropy
-    from fastprompt.ops.prograd import prograd_backward, prograd_losses, project_conflicting_
+    from fastprompt.ops.prograd_backward import prograd_backward
+    from fastprompt.ops.prograd_losses import prograd_losses
+    from fastprompt.ops.project_conflicting import project_conflicting_
+    from fastprompt._validation import set_validation
     assert fastprompt.clip_cross_entropy is clip_cross_entropy
     assert fastprompt.prograd_losses is prograd_losses
     assert fastprompt.prograd_backward is prograd_backward
     assert fastprompt.project_conflicting_ is project_conflicting_
+    assert fastprompt.set_validation is set_validation
     assert {"clip_cross_entropy", "prograd_losses", "set_validation"} <= set(dir(fastprompt))
     assert set(fastprompt.__all__) >= {"clip_cross_entropy", "prograd_backward", "__version__"}
 

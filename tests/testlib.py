@@ -11,7 +11,8 @@ import fastprompt
 from fastprompt import _backend
 
 # The package root loads the ops on first use; tests also call torch.ops.fastprompt.* directly.
-fastprompt.clip_cross_entropy, fastprompt.prograd_losses  # noqa: B018
+(fastprompt.clip_cross_entropy, fastprompt.prograd_losses,  # noqa: B018
+ fastprompt.project_conflicting_)
 
 
 def backend_params():

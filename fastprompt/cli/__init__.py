@@ -1,4 +1,4 @@
-"""``fastprompt`` command line: cache, train, eval, export, predict, demo.
+"""fastprompt command line: cache, train, eval, demo, export, predict, sweep, plot.
 
 Every command returns 0 on success and 2 on bad input or an anticipated failure (a damaged or
 locked file, a full or read-only disk, a missing GPU), with one line naming the argument or file
@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from fastprompt.cli import deploy, training
+from fastprompt.cli import deploy, protocols, training
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -23,12 +23,26 @@ def _user_errors() -> tuple[type, ...]:
             Image.DecompressionBombError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_COMMAND_MODULES = (training, deploy, protocols)
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first non-option word), if it is one."""
+    known = {name for module in _COMMAND_MODULES for name in module.COMMANDS}
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in known else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only the module that owns it registers its commands, so
+    that ``predict`` builds without importing torch (the training commands' defaults live in
+    torch-importing modules)."""
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    training.add_commands(sub)
-    deploy.add_commands(sub)
+    for module in _COMMAND_MODULES:
+        if command is None or command in module.COMMANDS:
+            module.add_commands(sub)
     for command in sub.choices.values():  # also accepted after the command's name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks of errors")
@@ -60,8 +74,8 @@ def _configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     _configure_logging()
     try:
         return args.func(args)

@@ -18,6 +18,9 @@ import time
 DEFAULT_AGREEMENT_LIMIT = 512
 
 
+COMMANDS = ("export", "predict")
+
+
 def add_commands(subparsers) -> None:
     """Register export and predict on the ``fastprompt`` sub-parsers."""
     add_export_parser(subparsers)
@@ -70,6 +73,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                         help="skip the onnxruntime-vs-torch check (not recommended)")
     parser.add_argument("--task", metavar="NAME", default=None,
                         help="SoftCPT runs: the task whose classifier to export")
+    parser.add_argument("--classnames", metavar="FILE", default=None,
+                        help="classify among these class names (one per line) instead of the "
+                             "trained ones, with the learned context in front of each (not for "
+                             "class-specific contexts)")
     parser.set_defaults(func=run_export)
     return parser
 
@@ -135,6 +142,14 @@ def _export_one(args: argparse.Namespace):
         if args.agreement_limit < 0:
             raise ValueError(f"--agreement-limit: expected an int >= 0, got {args.agreement_limit}")
         evaluation = evaluation_set(args.run_dir, args.task, args.head_only, args.agreement_limit)
+    classnames = None
+    if args.classnames is not None:
+        from fastprompt.export.agreement import EvaluationSet
+        from fastprompt.train.transfer import read_classnames_file
+        classnames = read_classnames_file(args.classnames)
+        if evaluation is not None:  # the run's labels name its own classes, not these
+            evaluation = EvaluationSet(evaluation.inputs, None,
+                                       f"{evaluation.source} (unlabelled: other class names)")
     return export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                       int8=args.int8, min_agreement=args.min_agreement, evaluation=evaluation,
                       triton_name=args.triton_name,
@@ -142,7 +157,8 @@ def _export_one(args: argparse.Namespace):
                       triton_gpu=args.triton_gpu, triton_instances=args.triton_instances,
                       triton_tensorrt=args.triton_tensorrt,
                       triton_queue_delay_us=args.triton_queue_delay_us, opset=args.opset,
-                      seed=args.seed, verify=not args.no_verify, task=args.task)
+                      seed=args.seed, verify=not args.no_verify, task=args.task,
+                      classnames=classnames)
 
 
 def _export_ensemble(args: argparse.Namespace):
@@ -154,6 +170,9 @@ def _export_ensemble(args: argparse.Namespace):
                              f"input; drop --{flag.replace('_', '-')}")
     if args.task is not None:
         raise ValueError("--triton-ensemble: exports every task; drop --task")
+    if args.classnames is not None:
+        raise ValueError("--triton-ensemble: exports every task with its own class names; drop "
+                         "--classnames")
     names = [t["name"] for t in _run_metrics(args.run_dir).get("tasks", [])]
     if not names:
         raise ValueError(f"--triton-ensemble: {args.run_dir} is not a finished SoftCPT run "
@@ -170,7 +189,7 @@ def _export_ensemble(args: argparse.Namespace):
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from fastprompt.train.run import METRICS
+    from fastprompt.train.rundir import METRICS
     path = os.path.join(run_dir, METRICS)
     try:
         with open(path, encoding="utf-8") as f:

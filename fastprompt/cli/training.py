@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
@@ -52,6 +51,7 @@ class _DataFolders(argparse.Action):
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
+    from fastprompt.data.source import SUBSAMPLES
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR", action=_DataFolders,
                    help="image folder (one sub-folder per class, or train/ and test/), or the "
@@ -65,6 +65,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="augmented views cached per training image (default: %(default)s)")
     g.add_argument("--seed", type=int, default=1, help="seed of sampling, noise, views and training")
+    g.add_argument("--subsample", choices=SUBSAMPLES, default="all",
+                   help="base-to-new protocol: train on the base half of the classes (labels "
+                   "sorted, the first ceil(C/2)) or the new half (default: %(default)s)")
     g.add_argument("--batch-size-cache", type=int, default=128, help="images per encoder batch")
     g.add_argument("--workers", type=int, default=0, help="data loader workers while caching")
 
@@ -170,14 +173,13 @@ def _check_cache_weights(path: str, model, rebuild: bool) -> None:
 
 
 def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=None):
-    from fastprompt.data import build_or_load_cache, load_dataset
+    from fastprompt.data import build_or_load_cache
     if not args.data:
         raise ValueError("--data: a data folder is required (or --cache FILE of a built cache)")
     _check_cache_weights(path, model, args.rebuild_cache)
     # Unreadable images are skipped with a warning that counts and names them.
-    splits = load_dataset(args.data, split_file=args.split_file, test_fraction=args.test_fraction,
-                          seed=args.seed)
-    _print_classes(splits.classnames)
+    splits = _data_source(args).load(shots=args.shots)
+    _print_classes(splits.classnames, "" if args.subsample == "all" else f" ({args.subsample} half)")
     return build_or_load_cache(path, model, args.model, preprocess_train, preprocess_val, splits,
                                views=args.views, shots=args.shots, noise_rate=args.noise_rate,
                                noise_type=args.noise_type, seed=args.seed,
@@ -226,6 +228,9 @@ def cmd_train(args) -> int:
         raise ValueError("--data: given several times; several folders train together only "
                          "with --method softcpt")
     from_cache = bool(args.cache and not args.data)
+    if from_cache and args.subsample != "all":
+        raise ValueError("--subsample: takes the classes of --data DIR; give --data (a cache "
+                         "built with --subsample can be named with --cache alongside it)")
     if from_cache:  # CoOp's epoch count follows the cache's shots
         from fastprompt.data import load_cache
         shots = load_cache(args.cache, verify=False).fingerprint.get("shots")
@@ -242,11 +247,28 @@ def cmd_train(args) -> int:
         cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
                              model, pt, pv)
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
-                        device=device, progress=_progress(args))
+                        device=device, progress=_progress(args), compile=args.compile,
+                        data=None if from_cache else _data_source(args).to_dict())
+    _plot_curves(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
           f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
     return 0
+
+
+def _data_source(args):
+    """``--data`` and how to split it (recorded in the run's metrics.json: what evaluation on
+    its other half of the classes, base-to-new, reads back)."""
+    from fastprompt.data.source import DataSource
+    return DataSource.create(args.data, split_file=args.split_file,
+                             test_fraction=args.test_fraction, seed=args.seed,
+                             subsample=args.subsample)
+
+
+def _plot_curves(run_dir: str) -> None:
+    """RUN/curves.png (loss and train accuracy per epoch); `fastprompt plot RUN` redraws it."""
+    from fastprompt.plots import plot_curves
+    plot_curves(run_dir)
 
 
 def _progress(args) -> bool | None:
@@ -268,6 +290,10 @@ def cmd_train_softcpt(args) -> int:
     if args.method != "softcpt":
         raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
                          f"(got --method {args.method})")
+    if args.compile:
+        raise ValueError("--compile: not supported with --method softcpt (its batches mix tasks "
+                         "in proportions that change every step, so no one graph fits); it "
+                         "compiles --method coop and dspt steps")
     folders = getattr(args, "data_all", None) or ([args.data] if args.data else [])
     if args.tasks and folders:
         raise ValueError("--tasks: give the tasks either in a tasks file or as --data folders, "
@@ -277,6 +303,9 @@ def cmd_train_softcpt(args) -> int:
     if args.split_file:
         raise ValueError("--split-file: with SoftCPT, name each task's split file in the tasks "
                          "file (\"split_file\")")
+    if args.subsample != "all":
+        raise ValueError("--subsample: SoftCPT trains on whole tasks; base-to-new applies to "
+                         "--method coop and dspt")
     if args.tasks:
         if args.task_names:
             raise ValueError("--task-names: the tasks file names its tasks")
@@ -303,6 +332,7 @@ def cmd_train_softcpt(args) -> int:
         tasks.append(Task(spec.name, cache))
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
                                 device=device, progress=_progress(args))
+    _plot_curves(args.out)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
               f"{t['zeroshot_test_acc']:.4f}), {t['num_classes']} classes")
@@ -315,7 +345,10 @@ def cmd_train_softcpt(args) -> int:
 
 def cmd_eval(args) -> int:
     from fastprompt._io import dumps_json
+    from fastprompt.cli import protocols
     from fastprompt.train import evaluate_run
+    if protocols.wants_eval_on_data(args):
+        return protocols.cmd_eval_on_data(args)
     result = evaluate_run(args.run, args.cache, device=_device(args.device or "cpu"),
                           task=args.task)
     if args.json:
@@ -333,8 +366,12 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
 
 
+COMMANDS = ("cache", "train", "eval", "demo")
+
+
 def add_commands(sub) -> None:
     """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
+    from fastprompt.cli import protocols
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
     _add_model_args(p)
     _add_data_args(p)
@@ -351,6 +388,10 @@ def add_commands(sub) -> None:
                    help="feature cache (built or reused; default: OUT/features.safetensors)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each training step as one graph (torch.compile; CUDA graphs on "
+                   "CUDA): faster steps after a compilation of a minute or so; same result to "
+                   "float32 rounding; a run resumes with or without it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild a cache file built with other model weights instead of refusing it")
@@ -365,6 +406,7 @@ def add_commands(sub) -> None:
                    help="SoftCPT runs: evaluate this task only (default: every task)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
+    protocols.add_eval_data_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on generated data and a tiny random model")

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fastprompt._io import (atomic_path, exclusive_lock, progress_bar, tensor_checksum,
-                            update_tensor_hash)
+                            update_tensor_hash, write_json_atomic)
 from fastprompt.data.folders import DatasetSplits, Sample, _check_seed
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
 
@@ -114,17 +114,54 @@ def _digest() -> "hashlib.blake2b":
     return hashlib.blake2b(digest_size=16)
 
 
+WEIGHTS_SOURCE_ATTR = "_fastprompt_weights_source"
+
+
+def _hash_memo_path() -> str:
+    base = os.environ.get("FASTPROMPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fastprompt")
+    return os.path.join(base, "weights-hashes.json")
+
+
+def _read_memo() -> dict:
+    try:
+        with open(_hash_memo_path(), encoding="utf-8") as f:
+            memo = json.load(f)
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
 def model_weights_hash(model: torch.nn.Module) -> str:
     """BLAKE2b of the image tower's state (every tensor's name, dtype, shape and bytes).
 
     Only ``model.visual`` (the whole model when it has none) is hashed: it alone determines the
-    image features. About a second per GB of weights, on CPU.
+    image features. About a second per GB of weights, on CPU; so for a model that
+    ``fastprompt.models.create_model`` loaded from a file, the hash is remembered (in
+    ``$FASTPROMPT_CACHE_DIR`` or ``~/.cache/fastprompt``) by the file's path, size and
+    modification time, the model name and the precision, and computed again only when one of
+    those changes. (Such a model is frozen; changing its weights in place is not noticed.)
     """
+    source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
+    key = json.dumps(source) if source is not None else None
+    if key is not None:
+        known = _read_memo().get(key)
+        if isinstance(known, str):
+            return known
     tower = getattr(model, "visual", model)
     h = _digest()
     for name, t in sorted(tower.state_dict().items()):
         update_tensor_hash(h, name, t)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if key is not None:
+        memo = _read_memo()
+        memo[key] = digest
+        try:  # a memo only: an unwritable cache folder costs the next call a second, no more
+            write_json_atomic(_hash_memo_path(), memo)
+        except OSError:
+            pass
+    return digest
 
 
 def _stable_repr(obj) -> str:
@@ -340,7 +377,10 @@ def _paths_from(t: Tensor, count: int) -> list[str]:
 
 def _atomic_save(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # a full disk or a file size limit, in safetensors' words
+            raise OSError(f"cannot write the feature cache {path!r}: {e}") from e
 
 
 def build_feature_cache(path, model: torch.nn.Module, model_name: str,
@@ -381,7 +421,7 @@ def cache_lock(path):
     """The exclusive lock of building the cache file ``path``."""
     path = os.path.abspath(os.fspath(path))
     lock = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
-    return exclusive_lock(lock, f"feature cache {path!r}")
+    return exclusive_lock(lock, f"feature cache {path!r}", remove=True)
 
 
 def _check_run_args(path, batch_size, num_workers, progress) -> None:

@@ -9,17 +9,28 @@ out: it is recorded in ``DatasetSplits.skipped`` and one ``UserWarning`` gives t
 that passes this check but still cannot be decoded later fails the feature cache build with a
 ``ValueError`` naming it (dropping it there would silently shift the few-shot draw and the sample
 indices).
+
+Folder trees. Split folders are recognised whatever their case (``Train``, ``TEST``), with
+``val``, ``valid`` or ``validation`` for the validation split; a tree that mixes split folders
+with class folders, or has two folders for one split, is refused rather than guessed at.
+Symbolic links that point back inside the tree are skipped (a link to ``.`` would otherwise
+become a class holding copies of every image); links to elsewhere are followed.
+
+Class names are checked where the data is read (no control characters such as newlines) and
+normalised to Unicode NFC, so folders copied from macOS (NFD) name the same classes.
 """
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image
+
+from fastprompt._io import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
@@ -47,33 +58,65 @@ class DatasetSplits:
         return len(self.classnames)
 
 
-def classname_from_folder(name: str) -> str:
-    """A class folder's name as a class name: underscores become spaces."""
-    return name.replace("_", " ").strip()
+SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val",
+                 "validation": "val"}
+
+
+def classname_from_folder(name: str, where: str = "root") -> str:
+    """A class folder's name as a class name: underscores become spaces, Unicode NFC. A name
+    with a control character (a newline, a tab, ...) raises ValueError naming ``where``."""
+    bad = [c for c in name if unicodedata.category(c).startswith("C")]
+    if bad:
+        raise ValueError(f"{where}: class name {name!r} contains the control character(s) "
+                         f"{sorted(set(bad))!r}; rename it")
+    return unicodedata.normalize("NFC", name.replace("_", " ").strip())
 
 
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursively), sorted, hidden entries ignored."""
+def _inside(path: str, tree: str) -> bool:
+    tree = os.path.realpath(tree)
+    target = os.path.realpath(path)
+    return target == tree or target.startswith(tree + os.sep)
+
+
+def _loops_back(path: str, tree: str) -> bool:
+    """Whether ``path`` is a symbolic link to somewhere inside ``tree`` (skipped: its files are
+    in the tree already)."""
+    return os.path.islink(path) and _inside(path, tree)
+
+
+def _list_images(folder: str, tree: str) -> list[str]:
+    """Image files under ``folder`` (recursively, following links that lead out of ``tree``),
+    sorted, hidden entries ignored."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f))
+    seen = {os.path.realpath(folder)}  # a link cycle outside the tree is walked once
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            if d.startswith(".") or _loops_back(path, tree) or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            keep.append(d)
+        dirnames[:] = keep
+        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f)
+                     and not _loops_back(os.path.join(dirpath, f), tree))
     return sorted(found)
 
 
-def _class_folders(folder: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+def _class_folders(folder: str, tree: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")
+                  and not _loops_back(e.path, tree))
 
 
-def _image_class_folders(folder: str) -> list[str]:
+def _image_class_folders(folder: str, tree: str) -> list[str]:
     """Sub-folders of ``folder`` that are classes; an empty one among non-empty ones is an error
     (an empty folder alone, e.g. a stray ``logs/``, is not taken for a class set)."""
-    folders = _class_folders(folder)
-    empty = [f for f in folders if not _list_images(os.path.join(folder, f))]
+    folders = _class_folders(folder, tree)
+    empty = [f for f in folders if not _list_images(os.path.join(folder, f), tree)]
     if empty and len(empty) < len(folders):
         raise ValueError(f"root: class folder(s) {[os.path.join(folder, f) for f in empty]} "
                          "contain no images")
@@ -128,14 +171,42 @@ def _check_classes(classnames: list[str], where: str) -> None:
                          "(underscores become spaces)")
 
 
-def _read_class_tree(folder: str, folders: list[str]) -> list[Sample]:
+def _read_class_tree(folder: str, folders: list[str], tree: str) -> list[Sample]:
     samples = []
     for label, name in enumerate(folders):
         sub = os.path.join(folder, name)
         if not os.path.isdir(sub):
             continue
-        samples.extend((p, label) for p in _list_images(sub))
+        samples.extend((p, label) for p in _list_images(sub, tree))
     return samples
+
+
+def _split_folders(root: str) -> dict[str, str]:
+    """``{"train"|"test"|"val": folder}`` of a split layout, {} for a class-folder layout;
+    ValueError for a layout that could be read either way."""
+    folders = _class_folders(root, root)
+    found: dict[str, list[str]] = {}
+    for f in folders:
+        split = SPLIT_FOLDERS.get(f.lower())
+        if split is not None:
+            found.setdefault(split, []).append(f)
+    if not found:
+        return {}
+    twice = {k: v for k, v in found.items() if len(v) > 1}
+    if twice:
+        raise ValueError(f"root: {root!r} has several folders for one split {twice}; keep one")
+    others = [f for f in folders if f.lower() not in SPLIT_FOLDERS and _list_images(
+        os.path.join(root, f), root)]
+    names = sorted(v[0] for v in found.values())
+    if others:
+        raise ValueError(f"root: {root!r} mixes split folders {names} with other folders holding "
+                         f"images {others[:5]}; use either train/ and test/ (val/) with the "
+                         "class folders inside, or class folders only")
+    if "train" not in found or "test" not in found:
+        raise ValueError(f"root: {root!r} has split folder(s) {names} but not both a train and "
+                         "a test folder; add the missing one (a validation folder does not "
+                         "replace the test split)")
+    return {k: os.path.join(root, v[0]) for k, v in found.items()}
 
 
 def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 1,
@@ -148,9 +219,12 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     deterministically from ``seed``: ``round(n * test_fraction)`` go to test, kept between 1 and
     ``n - 1`` when ``n >= 2`` and ``test_fraction > 0`` (default ``test_fraction`` 0.2).
 
-    Class names are the folder names with underscores as spaces, classes sorted by folder name;
-    labels index that order. Image files are those ending in :data:`IMAGE_EXTENSIONS`, found
-    recursively; hidden files and folders are ignored.
+    Split folders are matched case-insensitively, ``val``/``valid``/``validation`` for
+    validation; a layout mixing split folders and class folders is refused (see the module
+    docstring). Class names are the folder names with underscores as spaces (NFC), classes
+    sorted by folder name; labels index that order. Image files are those ending in
+    :data:`IMAGE_EXTENSIONS`, found recursively; hidden files and folders, and links back into
+    the tree, are ignored.
     """
     root = _check_root(root)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
@@ -158,24 +232,25 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction: must lie in [0, 1), got {test_fraction}")
     _check_seed(seed)
-    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    split_dirs = _split_folders(root)
     skipped: list[str] = []
-    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
-        folders = _image_class_folders(train_dir)
-        classnames = [classname_from_folder(f) for f in folders]
+    if split_dirs:
+        train_dir = split_dirs["train"]
+        folders = _image_class_folders(train_dir, root)
+        classnames = [classname_from_folder(f, "root") for f in folders]
         _check_classes(classnames, train_dir)
         splits = {}
         for split in ("train", "test", "val"):
-            split_dir = os.path.join(root, split)
-            if not os.path.isdir(split_dir):
+            split_dir = split_dirs.get(split)
+            if split_dir is None:
                 splits[split] = []
                 continue
-            extra = [f for f in _class_folders(split_dir)
-                     if f not in folders and _list_images(os.path.join(split_dir, f))]
+            extra = [f for f in _class_folders(split_dir, root)
+                     if f not in folders and _list_images(os.path.join(split_dir, f), root)]
             if extra:
                 raise ValueError(f"root: {split_dir!r} has class folder(s) {extra} with images "
                                  f"that {train_dir!r} lacks")
-            samples = _read_class_tree(split_dir, folders)
+            samples = _read_class_tree(split_dir, folders, root)
             splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
         _warn_skipped(skipped, root)
         if check_images:
@@ -183,12 +258,12 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
         return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], root,
                              skipped)
 
-    folders = _image_class_folders(root)
-    classnames = [classname_from_folder(f) for f in folders]
+    folders = _image_class_folders(root, root)
+    classnames = [classname_from_folder(f, "root") for f in folders]
     _check_classes(classnames, root)
     per_class = []
     for label, name in enumerate(folders):
-        paths = _list_images(os.path.join(root, name))
+        paths = _list_images(os.path.join(root, name), root)
         if check_images:
             paths = [p for p, _ in _drop_unreadable([(p, label) for p in paths], skipped)]
         per_class.append(paths)
@@ -237,7 +312,7 @@ def find_split_file(root) -> str | None:
 def _image_root_for(base: str, first: str) -> str:
     """CoOp keeps split files next to the image folder (``oxford_pets/images``,
     ``caltech-101/101_ObjectCategories``): try ``base``, then its sub-folders."""
-    candidates = [base] + [os.path.join(base, d) for d in _class_folders(base)]
+    candidates = [base] + [os.path.join(base, d) for d in _class_folders(base, base)]
     for cand in candidates:
         if os.path.isfile(os.path.join(cand, first)):
             return cand
@@ -258,11 +333,7 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
     split_file = os.path.abspath(os.fspath(split_file))
     if not os.path.isfile(split_file):
         raise ValueError(f"split_file: {split_file!r} is not a file")
-    try:
-        with open(split_file, encoding="utf-8") as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"split_file: {split_file!r} is not valid JSON ({e})") from None
+    content = read_json(split_file, "split_file")
     if not isinstance(content, dict) or "train" not in content or "test" not in content:
         raise ValueError(f"split_file: {split_file!r} must be a JSON object with 'train' and "
                          "'test' lists (and optionally 'val')")
@@ -279,7 +350,7 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
                     or not isinstance(entry[2], str)):
                 raise ValueError(f"split_file: {split_file!r}: {split}[{i}] must be "
                                  f"[relative_path, label, classname], got {entry!r}")
-            label, name = entry[1], classname_from_folder(entry[2])
+            label, name = entry[1], classname_from_folder(entry[2], f"split_file: {split_file!r}")
             if names.setdefault(label, name) != name:
                 raise ValueError(f"split_file: {split_file!r}: label {label} is named both "
                                  f"{names[label]!r} and {name!r}")
@@ -295,6 +366,7 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
     if image_root is None:
         image_root = _image_root_for(os.path.dirname(split_file), content["train"][0][0])
     image_root = os.path.abspath(os.fspath(image_root))
+    _confine(split_file, image_root, content)
     skipped: list[str] = []
     splits = {}
     for split in ("train", "test", "val"):
@@ -311,6 +383,22 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
         _check_every_class_kept(splits["train"], classnames, split_file, "split_file")
     return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], image_root,
                          skipped)
+
+
+def _confine(split_file: str, image_root: str, content: dict) -> None:
+    """Refuse, in one message and before touching any of them, listed paths that are absolute
+    or lead out of the image root (``../``): a split file names images under its root only."""
+    outside = []
+    for split in ("train", "test", "val"):
+        for i, (rel, _, _) in enumerate(content.get(split, [])):
+            path = os.path.normpath(os.path.join(image_root, rel))
+            if os.path.isabs(rel) or not (path + os.sep).startswith(image_root + os.sep):
+                outside.append(f"{split}[{i}]")
+    if outside:
+        raise ValueError(f"split_file: {split_file!r} lists {len(outside)} path(s) outside the "
+                         f"image root {image_root!r} (absolute or with '..'; first: "
+                         f"{', '.join(outside[:3])}); paths must be relative to the root and "
+                         "stay inside it")
 
 
 def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,

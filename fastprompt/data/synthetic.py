@@ -9,6 +9,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fastprompt._io import dumps_json
 from fastprompt.data.folders import DatasetSplits, _check_seed, load_image_folder
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -119,7 +120,7 @@ def make_shapes_dataset(root, num_classes: int = 6, images_per_class: int = 16, 
                     _draw_image(rng, shape, colour, size).save(
                         os.path.join(out, f"{folder}_{k:04d}.png"))
         with open(os.path.join(tmp, _MARKER), "w", encoding="utf-8") as f:
-            json.dump(params, f, indent=1)
+            f.write(dumps_json(params, indent=1))
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         os.replace(tmp, root)  # an empty ``root`` directory is replaced too (POSIX rename)
     except BaseException:

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastprompt._io import dumps_json, read_json
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, load_dataset
 
 TASK_KEYS = ("name", "data", "split_file")
@@ -75,11 +76,7 @@ def read_tasks_file(path) -> list[TaskSpec]:
     where = f"tasks file {path!r}"
     if not os.path.isfile(path):
         raise ValueError(f"tasks: {path!r} is not a file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    content = read_json(path, "tasks")
     if not isinstance(content, list) or not content:
         raise ValueError(f"{where}: expected a non-empty JSON list of "
                          '{"name": ..., "data": ..., "split_file": ...} objects')
@@ -191,9 +188,9 @@ def make_shapes_tasks(root, num_tasks: int = 3, classes_per_task: int = 4,
             entries.append({"name": f"shapes {chr(ord('a') + k)}", "data": folder})
         shutil.rmtree(os.path.join(tmp, "_source"))
         with open(os.path.join(tmp, TASKS_FILE), "w", encoding="utf-8") as f:
-            json.dump(entries, f, indent=1)
+            f.write(dumps_json(entries, indent=1))
         with open(os.path.join(tmp, _SHAPES_MARKER), "w", encoding="utf-8") as f:
-            json.dump(params, f, indent=1)
+            f.write(dumps_json(params, indent=1))
         os.chmod(tmp, 0o755)
         os.replace(tmp, root)
     except BaseException:

@@ -104,6 +104,8 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
+    for name in [ENCODER, *names.values(), *(n + "_head" for n in names.values())]:
+        triton.check_not_linked(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".ensemble-")
     try:

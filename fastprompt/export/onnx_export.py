@@ -197,9 +197,11 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
         gpu=fp16 if triton_gpu is None else triton_gpu, instances=triton_instances,
         tensorrt=triton_tensorrt, queue_delay_us=triton_queue_delay_us,
         precision="float16" if fp16 else "int8" if int8 else "float32")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
-        raise ValueError(f"opset: expected an int >= 18 (the dynamo exporter's minimum) or None, "
-                         f"got {opset!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or not 18 <= opset <= newest):
+        raise ValueError(f"opset: expected an int from 18 (the dynamo exporter's minimum) to "
+                         f"{newest} (the newest this onnx knows) or None, got {opset!r}")
     method = _check_method(method)
     scale = _check_scale(scale)
     _check_class_embeddings(class_embeddings)
@@ -230,6 +232,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
+    triton.check_not_linked(out_dir, triton_settings.name)  # before any work, nothing written
 
     proto = _to_onnx(module, per_item, info.input_name, opset)
     _set_metadata(proto, info)

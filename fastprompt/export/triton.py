@@ -160,11 +160,22 @@ def config_pbtxt(settings: TritonSettings, inputs, outputs, *, labels: bool = Tr
     return text
 
 
+def check_not_linked(out_dir: str, name: str) -> None:
+    """Refuse model folders ``out_dir/<name>`` and ``out_dir/<name>/1`` that are symbolic links:
+    the export creates those folders and would otherwise write wherever a link points."""
+    for path in (os.path.join(out_dir, name), os.path.join(out_dir, name, "1")):
+        if os.path.islink(path):
+            raise ValueError(f"out_dir: {path} is a symbolic link (to {os.readlink(path)}); the "
+                             "export does not write through links into the folders it creates: "
+                             "remove the link or export elsewhere")
+
+
 def write_model_repository(out_dir: str, settings: TritonSettings, model_path: str,
                            data_path: str | None, graph: onnx.GraphProto,
                            class_names: list[str] | None) -> str:
     """Write ``out_dir/<name>/`` for the exported model; returns how the model file was placed
     (``"hardlink"`` or ``"copy"``). ``class_names`` None: outputs without a labels file."""
+    check_not_linked(out_dir, settings.name)
     model_dir = os.path.join(out_dir, settings.name)
     version_dir = os.path.join(model_dir, "1")
     os.makedirs(version_dir, exist_ok=True)

@@ -15,25 +15,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
-from fastprompt.kernels.row_norms import row_inv_norms
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
+from fastprompt.kernels.row_norms import power_of_two_below, row_inv_norms
 
 __all__ = ["clip_cross_entropy_backward"]
 
 
 @triton.jit
-def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_inv_norm_ptr, out_ptr, M, K, D,
-                        stride_gm, stride_gk,
+def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_scale_peak_ptr, k_inv_norm_ptr, out_ptr,
+                        M, K, D, stride_gm, stride_gk,
                         HAS_K_SCALE: tl.constexpr, HAS_K_INV_NORM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``out[m, :] = Σ_k g[m, k] · w_k · f[k, :]`` in float32, ``w_k`` = k_scale · k_inv_norm."""
+    """``out[m, :] = Σ_k g[m, k] · w_k · f[k, :]`` in float32, ``w_k`` = k_scale · k_inv_norm.
+
+    The weighted rows of ``f`` are rounded to ``f``'s dtype before the dot, so ``k_scale`` (the
+    upstream gradient, ~1/N for a mean) is divided by a power of two near its largest magnitude
+    first and the accumulator multiplied back: in float16 a factor of 1/N would make the operand
+    subnormal from N of about a thousand."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < M
     d_mask = dd < D
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * stride_gm
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if HAS_K_SCALE:
+        shrink = power_of_two_below(tl.load(k_scale_peak_ptr).to(tl.float32))
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
@@ -44,11 +52,13 @@ def _grad_matmul_kernel(g_ptr, f_ptr, k_scale_ptr, k_inv_norm_ptr, out_ptr, M, K
         if HAS_K_SCALE or HAS_K_INV_NORM:
             w = tl.full((BLOCK_K,), 1.0, dtype=tl.float32)
             if HAS_K_SCALE:
-                w = w * tl.load(k_scale_ptr + ks, mask=k_mask, other=0.0)
+                w = w * (tl.load(k_scale_ptr + ks, mask=k_mask, other=0.0) * shrink)
             if HAS_K_INV_NORM:
                 w = w * tl.load(k_inv_norm_ptr + ks, mask=k_mask, other=0.0)
             f = (f.to(tl.float32) * w[:, None]).to(f_ptr.dtype.element_ty)
         acc = mma(g, f, acc, CAST_FP32, PRECISION)
+    if HAS_K_SCALE:
+        acc = acc * (1.0 / shrink)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + dd[None, :], acc,
              mask=row_mask[:, None] & d_mask[None, :])
 
@@ -72,6 +82,8 @@ def _grad_epilogue_kernel(acc_ptr, f_ptr, inv_norm_ptr, m_scale_ptr, scale_ptr, 
         inv_norm = tl.load(inv_norm_ptr + rows, mask=row_mask, other=0.0)
     else:
         inv_norm = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    # f̂ = f / ‖f‖ is formed before any product with it, so that huge or tiny feature rows
+    # (any finite nonzero row) keep every intermediate in float32's range.
     dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if WRITE_DOT or NORMALIZE:
         for d0 in range(0, D, BLOCK_D):
@@ -79,34 +91,41 @@ def _grad_epilogue_kernel(acc_ptr, f_ptr, inv_norm_ptr, m_scale_ptr, scale_ptr, 
             mask = row_mask[:, None] & (dd < D)[None, :]
             acc = tl.load(acc_ptr + base + dd[None, :], mask=mask, other=0.0)
             f = tl.load(f_ptr + base + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-            dot += tl.sum(acc * f, axis=1)
-        dot = dot * coef * inv_norm
+            dot += tl.sum(acc * (f * inv_norm[:, None]), axis=1)
+        dot = dot * coef
     if WRITE_DOT:
         tl.store(row_dot_ptr + rows, dot, mask=row_mask)
     if WRITE_OUT:
         s = tl.load(scale_ptr).to(tl.float32)
-        acc_coef = s * coef * inv_norm
-        f_coef = s * dot * inv_norm * inv_norm
+        out_coef = s * inv_norm
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
             acc = tl.load(acc_ptr + base + dd[None, :], mask=mask, other=0.0)
-            out = acc_coef[:, None] * acc
+            out = coef[:, None] * acc
             if NORMALIZE:
                 f = tl.load(f_ptr + base + dd[None, :], mask=mask, other=0.0).to(tl.float32)
-                out -= f_coef[:, None] * f
+                out -= dot[:, None] * (f * inv_norm[:, None])
+            out = out_coef[:, None] * out
             tl.store(out_ptr + base + dd[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _matmul_config(m: int, k: int, d: int, dtype: torch.dtype) -> dict:
+def epilogue_blocks(m: int, d: int) -> dict:
+    """Block sizes of the row epilogue (under the interpreter: few, large blocks)."""
+    if INTERPRET:
+        return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_D=next_pow2_between(d, 16, 512))
+    return dict(BLOCK_M=16, BLOCK_D=next_pow2_between(d, 16, 128))
+
+
+def matmul_config(m: int, k: int, d: int, dtype: torch.dtype) -> dict:
+    """Block sizes of the product kernel. GPU: 64-wide output tiles for large M in half
+    precision; float32 keeps 32 (64 spills registers on sm_80 and sm_90)."""
     if INTERPRET:
         return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_K=next_pow2_between(k, 16, 128),
                     BLOCK_D=next_pow2_between(d, 16, 128))
-    # A float32 FMA dot (IEEE) spills with 64-wide D blocks: 32 there.
-    wide_d = m >= 4096 and dot_precision(dtype) != "ieee"
+    wide = m >= 4096 and dtype != torch.float32
     return dict(BLOCK_M=next_pow2_between(m, 16, 64), BLOCK_K=32 if dtype == torch.float32 else 64,
-                BLOCK_D=next_pow2_between(d, 16, 64 if wide_d else 32), num_warps=4,
-                num_stages=3)
+                BLOCK_D=next_pow2_between(d, 16, 64 if wide else 32), num_warps=4, num_stages=3)
 
 
 def _product(grad_logits: torch.Tensor, features: torch.Tensor, transpose: bool,
@@ -117,10 +136,11 @@ def _product(grad_logits: torch.Tensor, features: torch.Tensor, transpose: bool,
     d = features.shape[1]
     stride_gm, stride_gk = (1, c) if transpose else (c, 1)
     out = torch.empty((m, d), dtype=torch.float32, device=features.device)
-    cfg = _matmul_config(m, k, d, features.dtype)
+    cfg = matmul_config(m, k, d, features.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
     _grad_matmul_kernel[grid](
         grad_logits, features, grad_logits if k_scale is None else k_scale,
+        grad_logits if k_scale is None else k_scale.abs().amax(),
         grad_logits if k_inv_norm is None else k_inv_norm, out, m, k, d, stride_gm, stride_gk,
         HAS_K_SCALE=k_scale is not None, HAS_K_INV_NORM=k_inv_norm is not None,
         CAST_FP32=INTERPRET, PRECISION=dot_precision(features.dtype), **cfg)
@@ -133,17 +153,17 @@ def _epilogue(product: torch.Tensor, features: torch.Tensor, inv_norm: Optional[
     m, d = product.shape
     out = torch.empty_like(features) if write_out else features.new_empty((0,))
     row_dot = torch.empty(m, dtype=torch.float32, device=features.device) if write_dot else None
-    block_m = next_pow2_between(m, 16, 64) if INTERPRET else 16
-    block_d = next_pow2_between(d, 16, 512 if INTERPRET else 128)
-    _grad_epilogue_kernel[(triton.cdiv(m, block_m),)](
+    blocks = epilogue_blocks(m, d)
+    _grad_epilogue_kernel[(triton.cdiv(m, blocks["BLOCK_M"]),)](
         product, features, product if inv_norm is None else inv_norm,
         product if m_scale is None else m_scale, scale, out if write_out else product,
         product if row_dot is None else row_dot, m, d,
         NORMALIZE=inv_norm is not None, HAS_M_SCALE=m_scale is not None, WRITE_OUT=write_out,
-        WRITE_DOT=write_dot, BLOCK_M=block_m, BLOCK_D=block_d)
+        WRITE_DOT=write_dot, **blocks)
     return out, row_dot
 
 
+@on_input_device
 def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tensor,
                                 image_features: torch.Tensor, text_features: torch.Tensor,
                                 scale: torch.Tensor, normalize: bool, need_image_grad: bool,

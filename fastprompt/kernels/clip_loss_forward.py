@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, dot_precision, mma, next_pow2_between
-from fastprompt.kernels.row_norms import row_inv_norms
+from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+                                        next_pow2_between, on_input_device)
+from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
 
@@ -27,14 +28,12 @@ def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: boo
     if INTERPRET:  # interpreter cost grows with programs x iterations: few, large blocks
         return dict(BLOCK_N=next_pow2_between(n, 16, 64), BLOCK_C=next_pow2_between(c, 16, 128),
                     BLOCK_D=next_pow2_between(d, 16, 128))
-    # GPU (not yet timed on a device; chosen so that ptxas reports no or few register spills for
-    # sm_90): 64 x 64 tiles on 8 warps, 64 x 32 with two accumulators (ProGrad); the D step is
-    # one 128-byte row of half (64) or float32 (32) elements. Small batches get narrower row
-    # blocks so that more programs run.
+    # GPU (not yet timed on a device): the largest tiles that compile without register spills
+    # for sm_80 and sm_90 (tests/ops/test_kernel_compile.py): 64 x 32 on 8 warps, 64 x 16 with
+    # ProGrad's second accumulator; the D step is one 128-byte row of half (64) or float32 (32)
+    # elements. Small batches get narrower row blocks so that more programs run.
     block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)
-    if dot_precision(dtype) == "ieee":  # a float32 FMA dot holds its operands in registers:
-        block_n = min(block_n, 32)      # 64-row tiles spill hundreds of bytes (sm_80, sm_90)
-    block_c = next_pow2_between(c, 16, 32 if two_products else 64)
+    block_c = next_pow2_between(c, 16, 16 if two_products else 32)
     block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
     return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
@@ -126,11 +125,14 @@ def clip_loss_forward_kernel(
     # over products a matmul stored; the factors turn them into logits as they do x_i · t_c.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    # Index loads are clamped so that unchecked bad labels can never address outside the tables.
+    # Index loads are clamped so that unchecked bad labels can never address outside the tables;
+    # the rows they belong to get NaN task losses and gradients (validation off: docs/kernels.md).
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    index_ok = (labels >= 0) & (labels < C)
     labels = tl.minimum(tl.maximum(labels, 0), C - 1)
     if TARGET == 2:
         table_rows = tl.load(table_row_ptr + rows, mask=row_mask, other=0)
+        index_ok = index_ok & (table_rows >= 0) & (table_rows < R)
         table_rows = tl.minimum(tl.maximum(table_rows, 0), R - 1)
         table_base = table_ptr + table_rows.to(tl.int64) * C
     else:
@@ -233,7 +235,8 @@ def clip_loss_forward_kernel(
         inv_sum_exp_p = 1.0 / sum_exp_p
     else:
         loss = tl.log(l) + target_gap
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    bad_index = tl.where(index_ok, 0.0, float("nan"))
+    tl.store(loss_ptr + rows, loss + bad_index, mask=row_mask)
     if HAS_KL:
         kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
         tl.store(kl_ptr + rows, kl, mask=row_mask)
@@ -263,6 +266,7 @@ def clip_loss_forward_kernel(
                 grad = p * (dq - dt)
             else:
                 grad = p - target
+            grad = grad + bad_index[:, None]
             out_mask = row_mask[:, None] & col_mask[None, :]
             tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=out_mask)
@@ -296,6 +300,16 @@ def target_arguments(labels, soft_labels, sample_index, smoothing: float):
     return TARGET_TABLE, soft_labels, labels if sample_index is None else sample_index
 
 
+def _class_rows(t: torch.Tensor):
+    """A class matrix as the products read it, with its inverse row norms: rows scaled by powers
+    of two to a largest magnitude near 1 (a C x D copy), so that the float32 product with any
+    image row stays in range. float16 rows need no copy: their range cannot overflow it."""
+    if t.dtype == torch.float16:
+        return t, row_inv_norms(t)
+    return scaled_rows(t)
+
+
+@on_input_device
 def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
@@ -313,8 +327,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     smoothing = float(smoothing)
     target, table, table_rows = target_arguments(labels, soft_labels, sample_index, smoothing)
     x_inv = row_inv_norms(x) if normalize else None
-    t_inv = row_inv_norms(t) if normalize else None
-    t0_inv = row_inv_norms(t0) if normalize and has_kl else None
+    t, t_inv = _class_rows(t) if normalize else (t, None)
+    t0, t0_inv = _class_rows(t0) if normalize and has_kl else (t0, None)
 
     # Pointers a specialisation never touches get a stand-in (labels) rather than None or an
     # empty tensor's null pointer.

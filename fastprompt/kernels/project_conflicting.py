@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import INTERPRET, next_pow2_between
+from fastprompt.kernels.launch import INTERPRET, next_pow2_between, on_input_device
 
 __all__ = ["project_conflicting_"]
 
@@ -63,6 +63,10 @@ def _pair_project_kernel(g_ptr, h_ptr, chunk_tensor_ptr, chunk_start_ptr, tensor
     tl.store(g_ptr + offs, (g - coef * h).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+# Elements per chunk (under the interpreter: few, large chunks).
+PROJECTION_BLOCK = 16384 if INTERPRET else 2048
+
+
 @functools.lru_cache(maxsize=64)
 def _chunk_tables(numels: tuple[int, ...], block: int, device: torch.device):
     """Per chunk: its tensor and start offset; per tensor: end offset and first chunk. Built on
@@ -85,6 +89,7 @@ def _chunk_tables(numels: tuple[int, ...], block: int, device: torch.device):
             as_tensor(tensor_first_chunk), max_chunks)
 
 
+@on_input_device
 def project_conflicting_(grads: list[torch.Tensor], ref_grads: list[torch.Tensor],
                          lam: float) -> None:
     """For each pair ``(g, h)``: if ``<g,h> < 0``, ``g <- g - lam <g,h>/‖h‖² h`` in place
@@ -102,7 +107,7 @@ def project_conflicting_(grads: list[torch.Tensor], ref_grads: list[torch.Tensor
         flat_g = torch.cat([g.reshape(-1).to(flat_dtype) for g, _ in pairs])
         flat_h = torch.cat([h.reshape(-1).to(flat_dtype) for _, h in pairs])
 
-    block = 16384 if INTERPRET else 2048
+    block = PROJECTION_BLOCK
     numels = tuple(g.numel() for g, _ in pairs)
     chunk_tensor, chunk_start, tensor_end, tensor_first_chunk, max_chunks = _chunk_tables(
         numels, block, flat_g.device)

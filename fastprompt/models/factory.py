@@ -18,6 +18,8 @@ import open_clip
 import torch
 from torch import nn
 
+from fastprompt.data.cache import WEIGHTS_SOURCE_ATTR
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 TINY_MODEL = "fastprompt-tiny"
 TINY_MODEL_SEED = 0
@@ -118,6 +120,10 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
             root.removeFilter(quiet)
     if pretrained is not None:
         _load_checkpoint(model, pretrained, weights_only=weights_only)
+        # Lets model_weights_hash remember this file's hash by its size and mtime.
+        stat = os.stat(pretrained)
+        setattr(model, WEIGHTS_SOURCE_ATTR, [name, precision, os.path.realpath(pretrained),
+                                             stat.st_size, stat.st_mtime_ns])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

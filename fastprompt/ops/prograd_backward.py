@@ -55,24 +55,38 @@ def prograd_backward(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor
         batched: force the batched backward (True) or the two passes (False); None picks per
             device as above.
     """
-    params, lam = check_prograd_backward_args(task_loss, kl_loss, params, lam)
-    if batched is None:
-        batched = task_loss.device.type == "cuda"
-    grads, ref_grads = (_batched_grads if batched else _two_pass_grads)(task_loss, kl_loss, params)
-    # A parameter that neither loss reaches keeps its .grad, as backward() leaves it; one that
-    # only one loss reaches gets zeros for the other (as the official code's cleared .grad).
-    reached = []
-    for i, (p, g, h) in enumerate(zip(params, grads, ref_grads)):
-        if g is None and h is None:
+    params = list(params) if not isinstance(params, Tensor) else [params]
+    for p, g in zip(params, projected_task_grads(task_loss, kl_loss, params, lam, batched=batched)):
+        if g is None:
             continue
-        reached.append((i, p, torch.zeros_like(p) if g is None else g,
-                        torch.zeros_like(p) if h is None else h))
-    work = [g for _, _, g, _ in reached]
-    project_pairs_(work, [h for _, _, _, h in reached], lam,
-                   names=("task_loss: gradient of params", "kl_loss: gradient of params"),
-                   indices=[i for i, *_ in reached])
-    for (_, p, _, _), g in zip(reached, work):
         if p.grad is None:
             p.grad = g
         else:
             p.grad.add_(g)
+
+
+def projected_task_grads(task_loss: Tensor, kl_loss: Tensor, params: Iterable[Tensor],
+                         lam: float = 1.0, *, batched: Optional[bool] = None) -> list[Optional[Tensor]]:
+    """``prograd_backward``'s projected task gradients, returned (one per parameter, None for
+    one that neither loss reaches) instead of added to ``.grad``: for a training step compiled
+    as a whole, where the optimiser update takes the gradients directly."""
+    params, lam = check_prograd_backward_args(task_loss, kl_loss, params, lam)
+    if batched is None:
+        batched = task_loss.device.type == "cuda"
+    grads, ref_grads = (_batched_grads if batched else _two_pass_grads)(task_loss, kl_loss, params)
+    # A parameter that only one loss reaches gets zeros for the other (as the official code's
+    # cleared .grad).
+    reached = []
+    for i, (p, g, h) in enumerate(zip(params, grads, ref_grads)):
+        if g is None and h is None:
+            continue
+        reached.append((i, torch.zeros_like(p) if g is None else g,
+                        torch.zeros_like(p) if h is None else h))
+    work = [g for _, g, _ in reached]
+    project_pairs_(work, [h for _, _, h in reached], lam,
+                   names=("task_loss: gradient of params", "kl_loss: gradient of params"),
+                   indices=[i for i, *_ in reached])
+    out: list[Optional[Tensor]] = [None] * len(params)
+    for (i, _, _), g in zip(reached, work):
+        out[i] = g
+    return out

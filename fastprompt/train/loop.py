@@ -107,20 +107,40 @@ def accuracy(features: Tensor, labels: Tensor, text_features: Tensor, batch_size
     return correct / features.shape[0]
 
 
+def epoch_batches(num_rows: int, batch_size: int):
+    """``(start, stop)`` of each batch of an epoch over ``num_rows`` rows (the last may be short)."""
+    for start in range(0, num_rows, batch_size):
+        yield start, min(start + batch_size, num_rows)
+
+
+def set_epoch_lr(config: TrainConfig, optimizer: torch.optim.Optimizer, epoch: int) -> float:
+    """Set the epoch's learning rate on every parameter group; returns it."""
+    lr = learning_rate(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def epoch_result(config: TrainConfig, epoch: int, lr: float, num_rows: int, total: Tensor,
+                 total_kl: Tensor) -> dict:
+    """An epoch's record from the on-device loss sums (one host synchronisation, here)."""
+    result = {"loss": float(total) / num_rows, "lr": lr, "soft_targets": config.soft_epoch(epoch)}
+    if config.prograd:
+        result["kl_loss"] = float(total_kl) / num_rows
+    return result
+
+
 def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params, epoch: int,
                    num_rows: int, batch_loss, device: torch.device, bar=None) -> dict:
     """One epoch of optimiser steps over ``num_rows`` rows in batches of ``config.batch_size``,
     for any learner: ``batch_loss(start, stop)`` returns the batch's ``(loss, kl_loss)`` (the
     KL term None without ProGrad), which is backpropagated (ProGrad: projected onto ``params``)
     and stepped. Returns the epoch's mean loss(es), its learning rate and target kind."""
-    lr = learning_rate(config, epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_epoch_lr(config, optimizer, epoch)
     # Sums stay on the device: no host synchronisation per step.
     total = torch.zeros((), device=device)
     total_kl = torch.zeros((), device=device)
-    for start in range(0, num_rows, config.batch_size):
-        stop = min(start + config.batch_size, num_rows)
+    for start, stop in epoch_batches(num_rows, config.batch_size):
         n = stop - start
         optimizer.zero_grad(set_to_none=True)
         loss, kl = batch_loss(start, stop)
@@ -133,34 +153,49 @@ def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params
         total += loss.detach().float() * n
         if bar is not None:
             bar.update(n)
-    result = {"loss": float(total) / num_rows, "lr": lr, "soft_targets": config.soft_epoch(epoch)}
+    return epoch_result(config, epoch, lr, num_rows, total, total_kl)
+
+
+def batch_losses(prompted, images: Tensor, labels: Tensor, scale: Tensor, config: TrainConfig,
+                 options: dict, zeroshot: Tensor | None, device: torch.device):
+    """A batch's ``(loss, kl_loss)`` (the KL term None without ProGrad) for a CoOp-style prompt:
+    the text side over all classes, then the fused loss with the epoch's ``options``."""
+    with _autocast(device, config.amp):
+        text = prompted()
+    images = images.to(text.dtype)
     if config.prograd:
-        result["kl_loss"] = float(total_kl) / num_rows
-    return result
+        return fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
+                                         temperature=config.temperature, **options)
+    return fastprompt.clip_cross_entropy(images, text, labels, scale, **options), None
 
 
 def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targets: Targets,
                 optimizer: torch.optim.Optimizer, epoch: int, zeroshot: Tensor | None,
-                device: torch.device, bar=None) -> dict:
+                device: torch.device, bar=None, compiled=None) -> dict:
     """One epoch of a CoOp-style prompt over the cached training set; returns the epoch's mean
-    loss(es)."""
+    loss(es). ``compiled``: a ``fastprompt.train.compiled_step.CompiledStep`` that runs each
+    step instead of the eager one."""
     sample, rows = epoch_order(config, cache, epoch)
     scale = logit_scale(model).to(device)
     params = [p for p in prompted.parameters() if p.requires_grad]
     options = loss_options(config, targets, epoch, sample)
     sample_index_all = options.pop("sample_index", None)
 
-    def batch_loss(start, stop):
+    def batch_inputs(start, stop):
+        """``(images, labels, sample_index or None)`` of a batch, on the device."""
         labels = cache.train_labels[sample[start:stop]].to(device)
         images = cache.train_features[rows[start:stop]].to(device)
-        with _autocast(device, config.amp):
-            text = prompted()
-        images = images.to(text.dtype)
-        if sample_index_all is not None:
-            options["sample_index"] = sample_index_all[start:stop].to(device)
-        if config.prograd:
-            return fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
-                                             temperature=config.temperature, **options)
-        return fastprompt.clip_cross_entropy(images, text, labels, scale, **options), None
+        index = (sample_index_all[start:stop].to(device) if sample_index_all is not None
+                 else None)
+        return images, labels, index
+
+    if compiled is not None:
+        return compiled.run_epoch(epoch, len(rows), batch_inputs, scale, options, bar)
+
+    def batch_loss(start, stop):
+        images, labels, index = batch_inputs(start, stop)
+        batch_options = options if index is None else {**options, "sample_index": index}
+        return batch_losses(prompted, images, labels, scale, config, batch_options, zeroshot,
+                            device)
 
     return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar)

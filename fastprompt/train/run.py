@@ -15,10 +15,6 @@ from fastprompt.train.config import TrainConfig
 from fastprompt.train.loop import Targets, accuracy, logit_scale, make_targets, train_epoch
 
 FORMAT = "fastprompt-run-1"
-# The settings an export records (``Run.method``).
-METHOD_KEYS = ("targets", "smoothing", "alternate", "alternate_period", "csl_temperature",
-               "prograd", "lam", "temperature", "n_ctx", "ctx_init", "class_specific",
-               "class_token_position", "learner", "loss")
 
 
 def _prompted_model(model, tokenizer, classnames, config: TrainConfig):
@@ -32,7 +28,8 @@ class PromptLearnerRun:
     """``rundir.Learner`` for one CoOp-style prompt on one cache."""
     format = FORMAT
 
-    def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer, device):
+    def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer, device,
+                 compile: bool = False):
         from fastprompt.models import zeroshot_text_features
         self.config, self.cache, self.model, self.device = config, cache, model, device
         torch.manual_seed(config.seed)  # the random context initialisation
@@ -46,6 +43,11 @@ class PromptLearnerRun:
         self.targets = Targets(*(t.to(device) if t is not None else None
                                  for t in (targets.class_wise, targets.instance_wise)))
         self.images_per_epoch = cache.num_train_images
+        self.compiled = None
+        if compile:
+            from fastprompt.train.compiled_step import CompiledStep
+            self.compiled = CompiledStep(self.prompted, self.optimizer, config,
+                                         self.zeroshot if config.prograd else None, device)
 
     def trainable_state(self) -> dict:
         return {"ctx": self.ctx}
@@ -57,7 +59,8 @@ class PromptLearnerRun:
     def train_epoch(self, epoch: int, bar) -> dict:
         return train_epoch(self.prompted, self.model, self.cache, self.config, self.targets,
                            self.optimizer, epoch,
-                           self.zeroshot if self.config.prograd else None, self.device, bar=bar)
+                           self.zeroshot if self.config.prograd else None, self.device, bar=bar,
+                           compiled=self.compiled)
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
@@ -77,14 +80,21 @@ class PromptLearnerRun:
 
 def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_dir, *,
               resume: bool = False, progress: bool | None = None,
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None, data: dict | None = None,
+              compile: bool = False) -> dict:
     """Train ``config`` on ``cache`` into ``out_dir`` and return the metrics (also written to
-    ``out_dir/metrics.json``).
+    ``out_dir/metrics.json``; ``data``, where the cache's images came from, is recorded there as
+    given: ``fastprompt.data.source.DataSource.to_dict``).
 
     ``model`` is the frozen open_clip model the cache was built with. With ``resume=True`` an
     existing checkpoint in ``out_dir`` is continued (it must come from the same config, cache and
     model); without it, a folder that already holds a checkpoint is refused rather than
     overwritten.
+
+    ``compile=True`` runs each training step compiled as one graph
+    (``fastprompt.train.compiled_step``; CUDA graphs on CUDA): the same training to float32
+    rounding, faster where Python overhead dominates. Not part of the run's identity (a run
+    resumes with or without it); ``metrics["compile"]`` records the mode (None without).
     """
     from fastprompt.models import count_parameters
 
@@ -100,12 +110,13 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
                 "model_weights": model_weights_hash(model)}
     rundir.refuse_existing_run(out_dir, resume, FORMAT)  # before any work
     model = model.to(device)
-    learner = PromptLearnerRun(config, cache, model, tokenizer, device)
+    learner = PromptLearnerRun(config, cache, model, tokenizer, device, compile=compile)
 
     def finish(history: list) -> dict:
         text = learner.text_features()
         return {
             **rundir.run_metrics(config, history, device),
+            "compile": learner.compiled.mode if learner.compiled is not None else None,
             "zeroshot_test_acc": accuracy(cache.test_features, cache.test_labels, learner.zeroshot),
             "test_acc": accuracy(cache.test_features, cache.test_labels, text),
             "val_acc": accuracy(cache.val_features, cache.val_labels, text),
@@ -115,6 +126,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
             "num_train_images": cache.num_train_images,
             "views": cache.views,
             "cache": {"path": os.path.abspath(cache.path), "fingerprint": cache.fingerprint},
+            **({"data": data} if data is not None else {}),
         }
 
     return rundir.train_epochs(out_dir, config, learner, identity, resume=resume,
@@ -133,7 +145,7 @@ def _load(prompt: rundir.PromptFile, run_dir: str, model, preprocess_val, tokeni
         prompted.prompt_learner.ctx.copy_(ctx)
         text = prompted().float()
     return [rundir.Run(run_dir, config, model, tokenizer, config.model, classnames, text,
-                       float(logit_scale(model)), rundir.method_summary(config, METHOD_KEYS),
+                       float(logit_scale(model)), rundir.method_summary(config),
                        preprocess_val)]
 
 

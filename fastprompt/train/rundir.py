@@ -346,12 +346,20 @@ def register_format(fmt: RunFormat) -> None:
     _FORMATS[fmt.name] = fmt
 
 
-def method_summary(config: TrainConfig, keys: tuple[str, ...]) -> dict:
-    """The settings an export records about how its classifier was trained."""
+# The settings an export records about how its classifier was trained (``Run.method``).
+_METHOD_KEYS = ("learner", "loss", "targets", "smoothing", "alternate", "alternate_period",
+                "csl_temperature", "prograd", "lam", "temperature", "n_ctx",
+                "class_token_position")
+_LEARNER_METHOD_KEYS = {"coop": ("ctx_init", "class_specific"),
+                        "softcpt": ("n_task_ctx", "task_ctx")}
+
+
+def method_summary(config: TrainConfig) -> dict:
+    """``Run.method``: the config's ``--method`` name, its training settings and ``name``
+    (``config.describe()``)."""
     d = config.to_dict()
-    out = {"method": config.method, **{k: d[k] for k in keys}}
-    out["name"] = config.describe()
-    return out
+    keys = _METHOD_KEYS + _LEARNER_METHOD_KEYS[config.learner]
+    return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
 def _model_for(prompt: PromptFile, run_dir: str, device):

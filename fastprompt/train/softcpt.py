@@ -42,9 +42,6 @@ from fastprompt.train.loop import (_SHUFFLE_STREAM, _VIEW_STREAM, Targets, _auto
 
 SOFTCPT_FORMAT = "fastprompt-softcpt-1"
 SOFTCPT_EPOCHS = 50  # the official SoftCPT schedule
-METHOD_KEYS = ("targets", "smoothing", "alternate", "alternate_period", "csl_temperature",
-               "prograd", "lam", "temperature", "n_ctx", "class_token_position", "n_task_ctx",
-               "task_ctx", "learner", "loss")
 
 
 @dataclass(frozen=True)
@@ -332,7 +329,7 @@ def _load(prompt: rundir.PromptFile, run_dir: str, model, preprocess_val, tokeni
         index = names.index(name)
         with torch.no_grad():
             text = net([index])[0].float()
-        method = {**rundir.method_summary(config, METHOD_KEYS), "task": name, "tasks": names}
+        method = {**rundir.method_summary(config), "task": name, "tasks": names}
         runs.append(rundir.Run(run_dir, config, model, tokenizer, config.model,
                                list(task_list[index]["classnames"]), text,
                                float(logit_scale(model)), method, preprocess_val, task=name))

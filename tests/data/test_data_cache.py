@@ -229,3 +229,31 @@ def test_bad_arguments(tmp_path, shapes_root, tiny_clip):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, noise_type="x")
     with pytest.raises(ValueError, match="^batch_size"):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, batch_size=0)
+
+
+def test_weights_hash_is_remembered_by_file_size_and_mtime(tmp_path, tiny_weights, monkeypatch):
+    """A model loaded from a file is hashed once per (file, size, mtime, name, precision);
+    a touched file is hashed again (issue 14, item 20)."""
+    import shutil
+
+    from fastprompt.data import cache as cache_module
+    from fastprompt.data import model_weights_hash
+    from fastprompt.models import create_model
+    monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(tiny_weights, weights)
+    model = create_model("fastprompt-tiny", str(weights))[0]
+    first = model_weights_hash(model)
+    assert (tmp_path / "memo" / "weights-hashes.json").exists()
+    calls = []
+    real = cache_module.update_tensor_hash
+    monkeypatch.setattr(cache_module, "update_tensor_hash",
+                        lambda *a: (calls.append(1), real(*a)))
+    again = create_model("fastprompt-tiny", str(weights))[0]
+    assert model_weights_hash(again) == first and calls == []
+    os.utime(weights, ns=(1, 1))
+    touched = create_model("fastprompt-tiny", str(weights))[0]
+    assert model_weights_hash(touched) == first and calls  # recomputed, same weights
+    plain = create_model("fastprompt-tiny")[0]   # no file: always computed
+    calls.clear()
+    assert model_weights_hash(plain) == first and calls

@@ -150,3 +150,99 @@ def test_coop_split_malformed(tmp_path, write_image, mutate, message):
 def test_load_dataset_falls_back_to_folders(tmp_path, write_image):
     _flat_tree(tmp_path, write_image, {"a": 2, "b": 2})
     assert load_dataset(tmp_path, seed=2) == load_image_folder(tmp_path, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts that used to be misread without a word (issue 14, items 14-16)
+
+
+@pytest.mark.parametrize("train, test, val", [("Train", "Test", None), ("TRAIN", "test", "Val"),
+                                              ("train", "test", "valid"),
+                                              ("train", "Test", "validation")])
+def test_split_folders_any_case_and_validation_names(tmp_path, write_image, train, test, val):
+    for split, n in ((train, 2), (test, 1), (val, 1)):
+        if split is None:
+            continue
+        for cls in ("cat", "dog"):
+            for k in range(n):
+                write_image(os.path.join(tmp_path, split, cls, f"{k}.png"))
+    s = load_image_folder(tmp_path)
+    assert s.classnames == ["cat", "dog"]
+    assert (len(s.train), len(s.test), len(s.val)) == (4, 2, 2 if val else 0)
+
+
+@pytest.mark.parametrize("folders, match", [
+    (("train", "val"), "not both a train and a test folder"),
+    (("Train", "train", "test"), "several folders for one split"),
+    (("train", "test", "val", "validation"), "several folders for one split"),
+    (("train", "test", "extra_class"), "mixes split folders .* with other folders"),
+])
+def test_ambiguous_layouts_are_refused(tmp_path, write_image, folders, match):
+    for f in folders:
+        inner = os.path.join(tmp_path, f) if f == "extra_class" else os.path.join(tmp_path, f, "cat")
+        write_image(os.path.join(inner, "0.png"))
+        if f != "extra_class":
+            write_image(os.path.join(tmp_path, f, "dog", "0.png"))
+    with pytest.raises(ValueError, match="^root: .*" + match):
+        load_image_folder(tmp_path)
+
+
+def test_links_back_into_the_tree_are_skipped(tmp_path, write_image):
+    data = tmp_path / "data"
+    for cls in ("cat", "dog"):
+        for k in range(2):
+            write_image(os.path.join(data, cls, f"{k}.png"))
+    os.symlink(".", data / "everything")                 # a class of copies of every image
+    os.symlink(data / "cat" / "0.png", data / "dog" / "9.png")  # a duplicate image
+    os.symlink("..", data / "cat" / "up")                # a loop
+    elsewhere = tmp_path / "elsewhere"
+    write_image(os.path.join(elsewhere, "x.png"))
+    os.symlink(elsewhere, data / "dog" / "more")         # outside the tree: followed
+    s = load_image_folder(data, test_fraction=0.0)
+    assert s.classnames == ["cat", "dog"]
+    assert sorted(os.path.relpath(p, data) for p, _ in s.train) == [
+        "cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/more/x.png"]
+
+
+def test_class_names_with_control_characters_are_refused_when_read(tmp_path, write_image):
+    write_image(os.path.join(tmp_path, "cat", "0.png"))
+    write_image(os.path.join(tmp_path, "bad\nname", "0.png"))
+    with pytest.raises(ValueError, match=r"^root: class name 'bad\\nname' contains the control"):
+        load_image_folder(tmp_path)
+
+
+def test_class_names_are_nfc(tmp_path, write_image):
+    import unicodedata
+    nfd = unicodedata.normalize("NFD", "café_crème")
+    assert nfd != unicodedata.normalize("NFC", nfd)
+    write_image(os.path.join(tmp_path, nfd, "0.png"))
+    write_image(os.path.join(tmp_path, "tea", "0.png"))
+    s = load_image_folder(tmp_path, test_fraction=0.0)
+    assert s.classnames == ["café crème", "tea"]
+    assert s.classnames[0] == unicodedata.normalize("NFC", s.classnames[0])
+    # The NFD and NFC spellings of one name are one class twice: refused.
+    write_image(os.path.join(tmp_path, unicodedata.normalize("NFC", nfd), "0.png"))
+    with pytest.raises(ValueError, match="map to the same class name"):
+        load_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("rel", ["../outside.png", "/etc/passwd", "cat/../../outside.png"])
+def test_split_file_paths_are_confined_to_the_root(tmp_path, write_image, rel):
+    root = tmp_path / "ds"
+    write_image(os.path.join(tmp_path, "outside.png"))
+    entries = {"train": [["cat/0.png", 0, "cat"], ["dog/0.png", 1, "dog"], [rel, 1, "dog"]],
+               "test": [["cat/0.png", 0, "cat"]]}
+    for cls in ("cat", "dog"):
+        write_image(os.path.join(root, cls, "0.png"))
+    (root / "split_zhou_X.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"^split_file: .* lists 1 path\(s\) outside the image "
+                                         r"root .*first: train\[2\]") as info:
+        load_coop_split(root / "split_zhou_X.json", image_root=root)
+    assert "passwd" not in str(info.value) and "outside.png" not in str(info.value)
+
+
+def test_deeply_nested_split_file_is_named(tmp_path):
+    path = tmp_path / "split_zhou_Deep.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match=r"^split_file: .*split_zhou_Deep.json.* is not valid JSON"):
+        load_coop_split(path)

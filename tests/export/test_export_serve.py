@@ -204,3 +204,66 @@ def test_cli_export_from_run(class_embeddings, tiny, tmp_path, monkeypatch, caps
     monkeypatch.setattr(fake, "load_run", missing_run)
     assert cli(["export", "nowhere", str(out)]) == 2
     assert "run_dir: nowhere has no checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """100 generated images of odd sizes and modes in a nested folder (plus a non-image file)."""
+    from exportlib import random_image
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(fresh_seed())
+    for i in range(100):
+        sub = root / f"part {i % 3}"
+        sub.mkdir(exist_ok=True)
+        w, h = (int(v) for v in rng.integers(20, 140, 2))
+        mode = ("RGB", "L", "RGBA", "P")[i % 4]
+        random_image(rng, w, h, mode).save(sub / f"{i:03d}.{'jpg' if mode in ('RGB', 'L') else 'png'}")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_cli_predict_folder_streams_json_lines(tiny_export, image_folder, capsys):
+    model = str(tiny_export[0])
+    assert cli(["predict", model, str(image_folder), "--jsonl", "--top-k", "3",
+                "--batch-size", "16", "--progress"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 100
+    rows = [json.loads(line) for line in lines]
+    files = sorted(str(p) for p in image_folder.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert [r["image"] for r in rows] == files  # sorted, recursive, the text file skipped
+    expected = OnnxClassifier(model).predict(files, top_k=3)
+    for row, pred in zip(rows, expected):
+        assert [t["class"] for t in row["top_k"]] == [c for c, _ in pred]
+        assert [t["prob"] for t in row["top_k"]] == pytest.approx([p for _, p in pred], abs=1e-6)
+    assert "predict: 100/100 images" in captured.err
+
+
+def test_cli_predict_list_file_and_unreadable_images(tiny_export, image_files, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"# two good, one broken\n{image_files[0]}\n\n{broken}\n{image_files[1]}\n")
+    model = str(tiny_export[0])
+    assert cli(["predict", model, "--list", str(listing), "--jsonl", "--skip-unreadable"]) == 1
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["image"] for r in rows] == [str(image_files[0]), str(broken), str(image_files[1])]
+    assert "top_k" in rows[0] and "top_k" in rows[2]
+    assert "cannot read" in rows[1]["error"] and "broken.png" in rows[1]["error"]
+    assert "1 of 3 images could not be read" in captured.err
+    # Without --skip-unreadable the first unreadable image stops the run, naming it.
+    assert cli(["predict", model, "--list", str(listing), "--jsonl"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert cli(["predict", model]) == 2
+    assert "name image files or folders, or --list FILE" in capsys.readouterr().err
+    assert cli(["predict", model, "--list", str(tmp_path / "none.txt")]) == 2
+    assert "--list: " in capsys.readouterr().err
+
+
+def test_iter_predict_matches_predict(tiny_export, image_files):
+    clf = OnnxClassifier(tiny_export[0], batch_size=2)
+    streamed = list(clf.iter_predict([str(p) for p in image_files], top_k=2))
+    assert [s[0] for s in streamed] == [str(p) for p in image_files]
+    assert [s[1] for s in streamed] == clf.predict(image_files, top_k=2)
+    assert all(s[2] is None for s in streamed)

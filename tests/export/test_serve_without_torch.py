@@ -58,9 +58,6 @@ print(json.dumps({"probs": probs.tolist(), "loaded": loaded}))
     assert np.abs(np.array(out["probs"]) - probs_true.numpy()).max() <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI parser (fastprompt/cli/training.py, helper B's) "
-                   "imports fastprompt.data, hence torch, while it builds; remove this mark when "
-                   "that import moves into the commands")
 def test_cli_predict_runs_without_torch(tiny_export, image_files):
     result = run_blocked("""
 import runpy, sys

@@ -160,7 +160,8 @@ def test_backend_odd_sizes(backend, shape, double_softmax, seed):
 @pytest.mark.parametrize("double_softmax", [False, True])
 def test_backend_unnormalized_features(backend, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3, seed=seed)
+    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3,
+                                      seed=seed)
     opts = dict(double_softmax=double_softmax, normalize=False)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
     want = truth(x, t, labels, s, kw, **opts)
@@ -176,7 +177,8 @@ def test_backend_unnormalized_features(backend, double_softmax, seed):
 def test_backend_extreme_logits(backend, double_softmax, seed):
     # scale 100 with image rows equal to class rows: logits of 100 next to -100, no NaN allowed.
     name, device = backend
-    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0, seed=seed)
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=device, scale=100.0,
+                                      seed=seed)
     x = t[labels].clone()
     x[::2] = -x[::2]  # half the samples point away from their class: huge loss, tiny softmax
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
@@ -193,7 +195,8 @@ def test_backend_extreme_logits(backend, double_softmax, seed):
 @pytest.mark.parametrize("double_softmax", [False, True])
 def test_backend_half_precision(backend, dtype, double_softmax, seed):
     name, device = backend
-    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype, seed=seed)
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype,
+                                      seed=seed)
     got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == dtype and got[2].dtype == dtype
@@ -375,3 +378,98 @@ def test_unknown_backend_is_refused(monkeypatch, seed):
     x, t, labels, s, _ = make_inputs(3, 2, 4, seed=seed)
     with pytest.raises(ValueError, match="^FASTPROMPT_BACKEND"):
         fastprompt.clip_cross_entropy(x, t, labels, s)
+
+
+# --- hostile input: extreme magnitudes, meta tensors, soft labels requiring grad ---------------
+
+@pytest.mark.parametrize("x_scale,t_scale", [(1e20, 1.0), (1.0, 1e-25), (1e30, 1e30), (1e-30, 1e-30),
+                                             (1e20, 1e-25)])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_extreme_feature_magnitudes(backend, x_scale, t_scale, double_softmax, seed):
+    # Normalised rows do not depend on their length: huge or tiny finite rows give the same loss
+    # as ordinary ones, in every backend (the norms are taken over rows scaled by their peak).
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(9, 7, 12, target="uniform", device=device, seed=seed)
+    x, t = x * x_scale, t * t_scale
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                         double_softmax=double_softmax)
+    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    # The allowances of the same problem at ordinary magnitudes: there the loss and the scale's
+    # gradient are the same, and the feature gradients larger by the magnitude.
+    eager_base = eager(x / x_scale, t / t_scale, labels, s, kw, double_softmax=double_softmax)
+    extra = allowances(x / x_scale, t / t_scale, labels, s, kw, double_softmax, row_weights(9))
+    for what, a, b, e, x_atol, k in zip(("loss", "grad image", "grad text", "grad scale"), got,
+                                        want, eager_base, extra, (1.0, x_scale, t_scale, 1.0)):
+        # Compared at ordinary magnitudes (float64 rescaling is exact up to rounding).
+        assert_close_to_truth(a.double() * k, b * k, 1e-5, 1e-5, what, baseline=e,
+                              extra_atol=x_atol)
+
+
+def test_meta_tensors_give_shapes(seed):
+    # Shape inference on meta tensors: no data-dependent check runs, the ops' fake kernels answer.
+    x = torch.empty(6, 8, device="meta", requires_grad=True)
+    t = torch.empty(5, 8, device="meta", requires_grad=True)
+    labels = torch.empty(6, dtype=torch.int64, device="meta")
+    table = torch.empty(5, 5, device="meta")
+    for reduction, shape in (("mean", ()), ("none", (6,))):
+        loss = fastprompt.clip_cross_entropy(x, t, labels, torch.tensor(10.0, device="meta"),
+                                             smoothing=0.1, soft_labels=table, double_softmax=True,
+                                             reduction=reduction)
+        assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert t.grad.shape == (5, 8) and t.grad.device.type == "meta"
+    task, kl = fastprompt.prograd_losses(x, t, t.detach(), labels, 10.0)
+    assert task.shape == kl.shape == () and task.device.type == "meta"
+
+
+def test_soft_labels_requiring_grad_are_refused(backend, seed):
+    # The tables are fixed targets: every backend refuses one that requires grad rather than
+    # backpropagating into it in one backend and silently not in the others.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(5, 4, 6, target="classwise", device=device, seed=seed)
+    table = kw["soft_labels"].clone().requires_grad_()
+    for fn in (fastprompt.clip_cross_entropy, reference.clip_cross_entropy):
+        with pytest.raises(ValueError, match="^soft_labels: requires grad"):
+            fn(x, t, labels, s, smoothing=0.2, soft_labels=table)
+    with torch.no_grad():  # nothing to differentiate: accepted
+        fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table)
+    fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_half_precision_large_batch(backend, dtype, seed):
+    # At N = 4096 the mean's 1/N times x̂ falls below float16's smallest normal (6e-5): folded
+    # into the rounded operand of Gᵀ X̂ as it is, it would lose up to a few percent of each small
+    # component, coherently when the rows agree. Every row here is the same image with
+    # components spread over three decades, all of one class.
+    name, device = backend
+    n, c, d = 4096, 3, 16
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.logspace(0, -3, d) * torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0)
+    x = v.expand(n, d).to(device, dtype)
+    t = torch.randn(c, d, generator=gen).to(device, dtype)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    s = torch.tensor(20.0, device=device)
+    t_req = t.clone().requires_grad_()
+    fastprompt.clip_cross_entropy(x, t_req, labels, s).backward()
+    _, _, want, _ = truth(x, t, labels, s, {}, grad_image=False)
+    # Allowance: G stored in the dtype and the operand x̂ rounded to a normal number of the dtype
+    # (half an ulp each, a few ulps of |G|ᵀ|X̂| carried through), and the gradient itself rounded
+    # once to the dtype (half an ulp, or a subnormal step).
+    info = torch.finfo(dtype)
+    _, grad, _ = logit_terms64(x, t, labels, s, {}, False, row_weights(n))
+    _, text_allowance, _ = propagate_logit_error(3 * info.eps * grad.abs(), x, t, s)
+    assert_close_to_truth(t_req.grad, want, info.eps / 2, 0.0, "grad text",
+                          extra_atol=text_allowance + info.smallest_normal * info.eps)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
+def test_ops_registered_by_dispatch_key():
+    # One namespace: each schema defined once (in Python), the C++ kernels on the CPU key (the
+    # extension registers them before the Python definition runs), Triton on CUDA, fakes on Meta.
+    for op in ("clip_cross_entropy_forward", "clip_cross_entropy_backward",
+               "prograd_losses_forward", "project_conflicting_"):
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprompt::{op}", key), (op, key)
+    assert not [name for name in torch._C._dispatch_get_all_op_names()
+                if name.startswith("fastprompt_cpp::")]

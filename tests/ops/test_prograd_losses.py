@@ -77,7 +77,8 @@ NAMES = ("task loss", "kl loss", "grad image", "grad text", "grad scale")
 @pytest.mark.parametrize("double_softmax", [False, True])
 @pytest.mark.parametrize("target", TARGETS)
 def test_reference_losses_match_formulas(target, double_softmax, seed):
-    x, t, t0, labels, s, kw = make_prograd_inputs(13, 7, 10, target=target, dtype=torch.float64, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(13, 7, 10, target=target, dtype=torch.float64,
+                                                  seed=seed)
     kw, s, tau = _double(kw), s.double(), 1.7
     z = s * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T
     z0 = s * F.normalize(x, dim=1) @ F.normalize(t0, dim=1).T
@@ -180,7 +181,8 @@ def test_backend_one_loss_differentiated(backend, which, seed):
     # other's per-row gradient arrives as None, not as materialised zeros.
     name, device = backend
     n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
-    x, t, t0, labels, s, kw = make_prograd_inputs(n, c, d, target="uniform", device=device, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(n, c, d, target="uniform", device=device,
+                                                  seed=seed)
     weights = (1.0, 0.0) if which == 0 else (0.0, 1.0)
     want = truth(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
     x_req = x.clone().requires_grad_()
@@ -196,7 +198,8 @@ def test_backend_one_loss_differentiated(backend, which, seed):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
 def test_backend_odd_sizes(backend, shape, seed):
     name, device = backend
-    x, t, t0, labels, s, kw = make_prograd_inputs(*shape, target="uniform", device=device, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(*shape, target="uniform", device=device,
+                                                  seed=seed)
     got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, double_softmax=True)
     want = truth(x, t, t0, labels, s, kw, double_softmax=True)
     for what, a, b in zip(NAMES, got, want):
@@ -225,7 +228,8 @@ def test_backend_extreme_logits(backend, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_backend_half_precision(backend, dtype, seed):
     name, device = backend
-    x, t, t0, labels, s, kw = make_prograd_inputs(16, 10, 24, target="classwise", device=device, dtype=dtype, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(16, 10, 24, target="classwise", device=device, dtype=dtype,
+                                                  seed=seed)
     got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, double_softmax=True)
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == dtype
@@ -249,7 +253,8 @@ def test_backend_half_precision(backend, dtype, seed):
 
 def test_backend_frozen_image_features_and_no_grad(backend, seed):
     name, device = backend
-    x, t, t0, labels, s, kw = make_prograd_inputs(11, 7, 9, target="instancewise", device=device, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(11, 7, 9, target="instancewise", device=device,
+                                                  seed=seed)
     t_req = t.clone().requires_grad_()
     t0_req = t0.clone().requires_grad_()
     task, kl = fastprompt.prograd_losses(x, t_req, t0_req, labels, s, **kw)
@@ -307,7 +312,8 @@ def test_torch_compile_fullgraph(backend, seed):
     name, device = backend
     if name == "triton" and device.type == "cpu":
         pytest.skip("inductor does not run the Triton interpreter on CPU tensors")
-    x, t, t0, labels, s, kw = make_prograd_inputs(8, 6, 16, target="classwise", device=device, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(8, 6, 16, target="classwise", device=device,
+                                                  seed=seed)
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
@@ -334,7 +340,8 @@ def test_opcheck_cpp_forward(seed):
 def test_functorch_vmap_of_the_backward(backend, seed):
     # torch.func.vmap over autograd.grad meets the fused backward ops' vmap rules.
     name, device = backend
-    x, t, t0, labels, s, kw = make_prograd_inputs(9, 6, 12, target="uniform", device=device, seed=seed)
+    x, t, t0, labels, s, kw = make_prograd_inputs(9, 6, 12, target="uniform", device=device,
+                                                  seed=seed)
     t_req = t.clone().requires_grad_()
     task, kl = fastprompt.prograd_losses(x, t_req, t0, labels, s, double_softmax=True, **kw)
     ce = fastprompt.clip_cross_entropy(x, t_req, labels, s, **kw)

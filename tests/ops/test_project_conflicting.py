@@ -126,3 +126,61 @@ def test_opcheck_cpp_op(seed):
     grads, refs = projection_pairs("cpu", seed)
     torch.library.opcheck(torch.ops.fastprompt.project_conflicting_.default,
                           (grads, refs, 1.0), test_utils=("test_schema", "test_faketensor"))
+
+
+# --- in-place semantics: version counters, gradients, aliasing ---------------------------------
+
+def _conflicting_pair(device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(7, generator=gen)
+    h = -g + 0.1 * torch.randn(7, generator=gen)
+    return g.to(device), h.to(device)
+
+
+def test_projection_bumps_version_counters(backend, seed):
+    # A graph that saved g must refuse to backpropagate after g was projected in place (the
+    # reference's in-place copy does that; the kernels write through raw pointers).
+    name, device = backend
+    g, h = _conflicting_pair(device, seed)
+    w = torch.randn(7, device=device, requires_grad=True)
+    y = (w * g).sum()  # mul saves g for w's gradient
+    before = g._version
+    fastprompt.project_conflicting_([g], [h])
+    assert g._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_projection_refuses_tensors_requiring_grad(backend, seed):
+    name, device = backend
+    g, h = _conflicting_pair(device, seed)
+    leaf = g.clone().requires_grad_()
+    for fn in (fastprompt.project_conflicting_, reference.project_conflicting_):
+        with pytest.raises(ValueError, match=r"^grads\[0\]: requires grad"):
+            fn([leaf], [h])
+    with torch.no_grad():  # as an optimizer step would: allowed, and projected
+        fastprompt.project_conflicting_([leaf], [h])
+    assert_close_to_truth(leaf, projection_truth(g, h, 1.0), 1e-5, 1e-5, "projected leaf")
+
+
+def test_projection_refuses_shared_memory(backend, seed):
+    # The same tensor as both arguments, or overlapping views: the backends would each give
+    # something else (in place, read while written), so every backend refuses it.
+    name, device = backend
+    g, h = _conflicting_pair(device, seed)
+    base = torch.randn(10, device=device)
+    cases = [
+        ([g], [g], r"^ref_grads\[0\]: shares memory with grads\[0\]"),
+        ([base[:6], base[4:]], [h[:6], h[1:]], r"^grads\[1\]: shares memory with grads\[0\]"),
+        ([g, base[:3]], [h, base[2:5]], r"ref_grads\[1\]: shares memory with grads\[1\]|"
+                                        r"^grads\[1\]: shares memory with ref_grads\[1\]"),
+    ]
+    for grads, refs, message in cases:
+        before = [x.clone() for x in grads]
+        for fn in (fastprompt.project_conflicting_, reference.project_conflicting_):
+            with pytest.raises(ValueError, match=message):
+                fn(grads, refs)
+        for a, b in zip(grads, before):
+            assert torch.equal(a, b)
+    # Disjoint views of one storage are fine, and a reference shared by two pairs is only read.
+    fastprompt.project_conflicting_([base[:5], base[5:]], [h[:5], h[:5]])

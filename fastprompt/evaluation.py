@@ -1,0 +1,150 @@
+"""A trained run evaluated on other data and other classes: cross-dataset transfer, domain shift
+and CoOp/CoCoOp's base-to-new generalisation.
+
+``evaluate_on_data`` encodes a data set's test images with the run's frozen image tower (a
+test-only feature cache, fingerprinted like every cache and reused while its images and the
+model are unchanged), builds the classifier from the run's learned context and *that data set's*
+class names (``fastprompt.train.transfer``), and reports top-1 accuracy, overall and per class,
+next to the zero-shot accuracy of the same class names. ``base_to_new`` does this for both halves
+of the classes of a run trained on the base half: base accuracy B, new accuracy N and their
+harmonic mean H = 2·B·N / (B + N).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+
+import torch
+
+from fastprompt.data.folders import DatasetSplits
+from fastprompt.data.source import DataSource
+
+EVAL_CACHE_DIR = "eval"
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """H = 2·B·N / (B + N), the base-to-new summary (0 when both are 0; NaN if either is)."""
+    if math.isnan(base) or math.isnan(new):
+        return float("nan")
+    return 2.0 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "data"
+
+
+def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str:
+    """Where the test-only cache of ``source`` goes in ``cache_dir``: named after the folder and
+    the half, with a digest of everything that selects the images."""
+    key = json.dumps({**source.to_dict(), "all_images": all_images}, sort_keys=True)
+    digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+    name = f"{_slug(os.path.basename(source.root))}-{source.subsample}-{digest}.safetensors"
+    return os.path.join(cache_dir, name)
+
+
+def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
+    splits = source.load()
+    if splits.num_classes < 2:
+        raise ValueError(f"data: the {source.subsample} half of {source.root!r} has "
+                         f"{splits.num_classes} class; a classifier needs at least 2 (base-to-new "
+                         "needs a data set of at least 4 classes)")
+    test = splits.train + splits.val + splits.test if all_images else splits.test
+    if not test:
+        raise ValueError(f"data: {source.root!r} has no test images"
+                         + ("" if all_images else " (--all-images takes every image)"))
+    return DatasetSplits(splits.classnames, [], test, [], splits.root, splits.skipped)
+
+
+@torch.no_grad()
+def per_class_accuracy(features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
+                       classnames: list[str]) -> tuple[float, list[dict]]:
+    """Top-1 accuracy over all images and, per class, ``{"class", "accuracy", "num_images"}``
+    (accuracy None for a class without test images)."""
+    text = torch.nn.functional.normalize(text_features.float(), dim=-1)
+    predicted = (features.float().to(text.device) @ text.t()).argmax(1).cpu()
+    correct = predicted == labels
+    per_class = []
+    for c, name in enumerate(classnames):
+        mask = labels == c
+        n = int(mask.sum())
+        per_class.append({"class": name, "num_images": n,
+                          "accuracy": int(correct[mask].sum()) / n if n else None})
+    overall = int(correct.sum()) / len(labels) if len(labels) else float("nan")
+    return overall, per_class
+
+
+def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
+                     cache_dir: str | None = None, task: str | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 128,
+                     progress: bool | None = None) -> dict:
+    """Accuracy of the run in ``run_dir`` on the test images of ``source`` (its class half),
+    classifying among ``source``'s class names with the run's learned context.
+
+    ``all_images``: every image of the data set is a test image (an evaluation-only set such as
+    ImageNet-A laid out as class folders). ``cache_dir``: where the test-only feature cache goes
+    (default ``RUN/eval/``; a sweep shares one folder between its runs). ``task``: the SoftCPT
+    task whose context to use. Returns ``test_acc``, ``zeroshot_test_acc``,
+    ``num_test_images``, ``num_classes``, ``per_class`` and ``data`` (the source).
+    """
+    from fastprompt.data import build_or_load_cache
+    from fastprompt.models import zeroshot_text_features
+    from fastprompt.train import load_run
+    from fastprompt.train.transfer import with_classnames
+    run_dir = os.fspath(run_dir)
+    run = load_run(run_dir, device, task)
+    splits = _test_split(source, all_images)
+    run = with_classnames(run, splits.classnames, device)
+    cache_dir = cache_dir if cache_dir is not None else os.path.join(run_dir, EVAL_CACHE_DIR)
+    os.makedirs(cache_dir, exist_ok=True)
+    # Test images get one plain view; the training transform enters the fingerprint only.
+    cache = build_or_load_cache(eval_cache_path(cache_dir, source, all_images), run.model,
+                                run.model_name, run.preprocess_val, run.preprocess_val, splits,
+                                views=1, seed=source.seed, batch_size=batch_size,
+                                progress=progress)
+    acc, per_class = per_class_accuracy(cache.test_features, cache.test_labels,
+                                        run.text_features, run.class_names)
+    zeroshot = zeroshot_text_features(run.model, run.tokenizer, run.class_names).to(device)
+    zs_acc, _ = per_class_accuracy(cache.test_features, cache.test_labels, zeroshot,
+                                   run.class_names)
+    return {"data": {**source.to_dict(), "all_images": all_images}, "test_acc": acc,
+            "zeroshot_test_acc": zs_acc, "num_test_images": int(cache.test_labels.shape[0]),
+            "num_classes": len(run.class_names), "per_class": per_class,
+            "cache": cache.path}
+
+
+def trained_source(run_dir) -> DataSource:
+    """The ``DataSource`` a run recorded in its metrics.json (runs trained from ``--data``)."""
+    from fastprompt._io import read_json
+    from fastprompt.train.rundir import METRICS
+    path = os.path.join(os.fspath(run_dir), METRICS)
+    if not os.path.isfile(path):
+        raise ValueError(f"run: {os.fspath(run_dir)!r} has no {METRICS} (did training finish?)")
+    data = read_json(path, "run").get("data")
+    if data is None:
+        raise ValueError(f"run: {path} records no data folder (the run was trained from a "
+                         "--cache alone, or by an older fastprompt); pass --data DIR")
+    return DataSource.from_dict(data, f"run: {path}: 'data'")
+
+
+def base_to_new(run_dir, *, cache_dir: str | None = None, device: str | torch.device = "cpu",
+                batch_size: int = 128, progress: bool | None = None) -> dict:
+    """Base-to-new generalisation of a run trained with ``--subsample base``: its accuracy on the
+    base classes' test images, on the new classes' (the other half of the same data set, named
+    to the learned context as new classes), and H. The same numbers of the zero-shot classifier
+    come under ``"zeroshot"``. Each half's full evaluation is under ``"base"`` and ``"new"``."""
+    source = trained_source(run_dir)
+    if source.subsample != "base":
+        raise ValueError(f"--base-to-new: {os.fspath(run_dir)!r} was trained on "
+                         f"--subsample {source.subsample}; base-to-new needs a run trained on "
+                         "the base classes (--subsample base)")
+    kwargs = dict(cache_dir=cache_dir, device=device, batch_size=batch_size, progress=progress)
+    base = evaluate_on_data(run_dir, source, **kwargs)
+    new = evaluate_on_data(run_dir, source.with_subsample("new"), **kwargs)
+    b, n = base["test_acc"], new["test_acc"]
+    zb, zn = base["zeroshot_test_acc"], new["zeroshot_test_acc"]
+    return {"base_acc": b, "new_acc": n, "hm": harmonic_mean(b, n),
+            "zeroshot": {"base_acc": zb, "new_acc": zn, "hm": harmonic_mean(zb, zn)},
+            "base": base, "new": new}

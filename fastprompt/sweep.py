@@ -1,0 +1,210 @@
+"""Sweeps: a grid of ordinary training runs over methods and plug-ins, shots, label-noise rates
+and types, and seeds, under one protocol (few-shot, base-to-new or cross-dataset), then the
+paper-style report (``fastprompt.report``). The spec and the grid it expands to are
+``fastprompt.sweep_grid``.
+
+Layout of the sweep folder ``OUT``::
+
+    sweep.json                the spec as read (paths absolute): what the report is made from
+    features/                 one cache per (data half, shots, seed, views), encoded once; one
+                              label-noise variant of it per noise rate and type (no re-encoding)
+    features/eval/            test-only caches of the evaluated data (base/new halves, targets)
+    runs/<method>/shots-<K>/noise-<type>-<rate>/seed-<S>/
+                              an ordinary run folder (``fastprompt eval``, ``export`` and
+                              ``plot`` take it), plus ``evaluation.json`` (base-to-new or
+                              target accuracies) and ``curves.png``
+    report.md, report.csv     the tables; plots as PNG beside them
+
+Rerunning a sweep skips finished runs (``metrics.json`` of the same config, and its evaluation),
+resumes interrupted ones from their last epoch's checkpoint and trains the rest.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+
+from fastprompt.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, cache_path, jobs_of
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_state(job: Job) -> str:
+    """``"finished"`` (metrics of the same config), ``"interrupted"`` (a checkpoint, no
+    metrics), ``"new"``; a folder holding a run of other settings raises ValueError."""
+    from fastprompt.train import TrainConfig
+    from fastprompt.train.rundir import CHECKPOINT, METRICS
+    metrics_path = os.path.join(job.run_dir, METRICS)
+    if os.path.isfile(metrics_path):
+        from fastprompt._io import read_json
+        recorded = read_json(metrics_path, "run").get("config")
+        if recorded != TrainConfig.from_dict(job.config).to_dict():
+            raise ValueError(f"sweep: {job.run_dir} holds a finished run of other settings than "
+                             "the spec asks for; remove it, or sweep into another --out")
+        return "finished"
+    return "interrupted" if os.path.isfile(os.path.join(job.run_dir, CHECKPOINT)) else "new"
+
+
+_MODELS: dict = {}
+
+
+def _model(name: str, pretrained: str | None, device: str):
+    """The frozen model of a process, created once per (name, weights, device)."""
+    from fastprompt.models import create_model
+    key = (name, pretrained, device)
+    if key not in _MODELS:
+        _MODELS[key] = create_model(name, pretrained, device)
+    return _MODELS[key]
+
+
+def train_job(job: Job, device: str, threads: int | None = None) -> dict:
+    """Train one run of the grid (resuming its checkpoint when there is one) on its cache;
+    returns its metrics. Runs in a worker process with ``--jobs`` > 1."""
+    import torch
+
+    from fastprompt.data import load_cache
+    from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
+    if threads:
+        torch.set_num_threads(threads)
+    config = TrainConfig.from_dict(job.config)
+    model, _, _, tokenizer = _model(config.model, config.pretrained, device)
+    cache = load_cache(job.cache)
+    resume = run_state(job) == "interrupted"
+    if config.learner == "softcpt":
+        return train_softcpt_run(config, [Task(job.task, cache)], model, tokenizer, job.run_dir,
+                                 resume=resume, progress=False, device=device)
+    return train_run(config, cache, model, tokenizer, job.run_dir, resume=resume,
+                     progress=False, device=device, data=job.data)
+
+
+def evaluate_job(job: Job, spec: SweepSpec, out: str, device: str) -> dict:
+    """The protocol's evaluation of a finished run, written to ``RUN/evaluation.json``."""
+    from fastprompt._io import write_json_atomic
+    from fastprompt.evaluation import base_to_new, evaluate_on_data
+    cache_dir = os.path.join(out, "features", "eval")
+    if spec.protocol == "base-to-new":
+        result = {"base_to_new": base_to_new(job.run_dir, cache_dir=cache_dir, device=device,
+                                             progress=False)}
+    elif spec.protocol == "cross-dataset":
+        result = {"targets": {t.name: evaluate_on_data(
+            job.run_dir, dataclasses.replace(t.source, seed=job.seed), all_images=t.all_images,
+            cache_dir=cache_dir, task=job.task, device=device, progress=False)
+            for t in spec.targets}}
+    else:
+        return {}
+    write_json_atomic(os.path.join(job.run_dir, EVALUATION), result)
+    return result
+
+
+def _evaluated(job: Job, spec: SweepSpec) -> bool:
+    return spec.protocol == "few-shot" or os.path.isfile(os.path.join(job.run_dir, EVALUATION))
+
+
+def build_caches(spec: SweepSpec, out: str, device: str, progress: bool | None, log) -> None:
+    """Encode every (shots, seed) once; derive its label-noise variants from it."""
+    from fastprompt.data import build_or_load_cache
+    from fastprompt.data.noisy_cache import noisy_variant
+    model, pt, pv, _ = _model(spec.model, spec.pretrained, device)
+    for shots in spec.shots:
+        for seed in spec.seeds:
+            source = dataclasses.replace(spec.data, seed=seed)
+            splits = source.load(shots=shots)
+            path = cache_path(out, spec, shots, seed)
+            t = time.perf_counter()
+            clean = build_or_load_cache(path, model, spec.model, pt, pv, splits, views=spec.views,
+                                        shots=shots, seed=seed, progress=progress)
+            log(f"features: {os.path.relpath(path, out)} ({clean.num_train_images} images x "
+                f"{clean.views} views, {time.perf_counter() - t:.1f} s)")
+            for noise_type, rate in spec.noise_settings():
+                if rate > 0:
+                    noisy_variant(clean, cache_path(out, spec, shots, seed, noise_type, rate),
+                                  model, spec.model, pt, pv, splits, noise_rate=rate,
+                                  noise_type=noise_type)
+
+
+@dataclass
+class SweepResult:
+    trained: list = field(default_factory=list)
+    resumed: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)   # (job, message)
+
+
+def run_sweep(spec: SweepSpec, out, *, jobs: int = 1, progress: bool | None = None,
+              log=print) -> SweepResult:
+    """Run every job of ``spec`` into ``out`` (``jobs`` at once, in worker processes when more
+    than one), evaluate each by the protocol, and write the report. A failing run is reported
+    and the others go on."""
+    import torch
+
+    from fastprompt._io import write_json_atomic
+    from fastprompt.report import write_report
+    from fastprompt.plots import CURVES, plot_curves
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs: expected an int >= 1, got {jobs!r}")
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    write_json_atomic(os.path.join(out, SPEC_COPY), spec.to_dict())
+    grid = jobs_of(spec, out)
+    states = {job.key: run_state(job) for job in grid}  # refuses foreign runs before any work
+    result = SweepResult()
+    todo = [j for j in grid if states[j.key] != "finished"]
+    result.skipped = [j for j in grid if states[j.key] == "finished"]
+    log(f"sweep: {len(grid)} runs ({spec.protocol}): {len(result.skipped)} finished, "
+        f"{sum(states[j.key] == 'interrupted' for j in todo)} to resume, "
+        f"{sum(states[j.key] == 'new' for j in todo)} to train")
+    if todo:
+        build_caches(spec, out, device, progress, log)
+    for job in result.skipped:
+        if not os.path.isfile(os.path.join(job.run_dir, CURVES)):
+            plot_curves(job.run_dir)
+
+    def finished(job: Job, metrics: dict, seconds: float) -> None:
+        (result.resumed if states[job.key] == "interrupted" else result.trained).append(job)
+        plot_curves(job.run_dir)
+        log(f"  {job.describe()}: test accuracy {metrics['test_acc']:.4f} ({seconds:.1f} s, "
+            f"{'resumed' if states[job.key] == 'interrupted' else 'trained'})")
+
+    if jobs == 1 or len(todo) <= 1:
+        for job in todo:
+            start = time.perf_counter()
+            try:
+                metrics = train_job(job, device)
+            except (ValueError, OSError, RuntimeError) as e:
+                result.failed.append((job, f"{type(e).__name__}: {e}"))
+                log(f"  {job.describe()}: FAILED: {e}")
+                continue
+            finished(job, metrics, time.perf_counter() - start)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            starts = {}
+            futures = {}
+            for job in todo:
+                starts[job.key] = time.perf_counter()
+                futures[pool.submit(train_job, job, device, threads)] = job
+            for future in concurrent.futures.as_completed(futures):
+                job = futures[future]
+                try:
+                    metrics = future.result()
+                except Exception as e:  # the worker's exception, re-raised here
+                    result.failed.append((job, f"{type(e).__name__}: {e}"))
+                    log(f"  {job.describe()}: FAILED: {e}")
+                    continue
+                finished(job, metrics, time.perf_counter() - starts[job.key])
+    failed = {j.key for j, _ in result.failed}
+    for job in grid:
+        if job.key not in failed and not _evaluated(job, spec):
+            try:
+                evaluate_job(job, spec, out, device)
+            except (ValueError, OSError, RuntimeError) as e:
+                result.failed.append((job, f"evaluation: {type(e).__name__}: {e}"))
+                log(f"  {job.describe()}: evaluation FAILED: {e}")
+    write_report(out, log=log)
+    return result

@@ -1,0 +1,301 @@
+"""The command line under hostile input and faults, run as a user would (subprocesses): one-line
+errors with exit code 2 naming the file or argument, --debug for tracebacks, locks, damaged
+files, strict JSON, SoftCPT eval, caches from other weights, shots from the cache, progress lines
+off a terminal, and the default model rebuilt by another process (issue 14, items 5, 7, 10-13,
+18-21)."""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastprompt.data import build_or_load_cache, load_dataset, make_shapes_dataset
+from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
+from fastprompt.models import create_model
+from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
+from fastprompt.train.rundir import run_lock
+
+
+def fastprompt(*args, limit_file_size=None, check_rc=None):
+    def limits():
+        if limit_file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
+    proc = subprocess.run([sys.executable, "-m", "fastprompt", *map(str, args)],
+                          capture_output=True, text=True, preexec_fn=limits, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def one_line_error(proc, command, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"fastprompt {command}")]
+    assert len(lines) == 1 and lines[0].startswith(f"fastprompt {command}: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def strict_json(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_weights):
+    """Shapes data, the tiny weights file, a cache of it and a 2-epoch run trained on it."""
+    root = tmp_path_factory.mktemp("cli_failures")
+    splits = make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
+                                 test_images_per_class=2, seed=9, size=32)
+    model, pt, pv, tok = create_model("fastprompt-tiny", tiny_weights)
+    cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv,
+                                splits, views=2, seed=1, progress=False)
+    cfg = TrainConfig(pretrained=tiny_weights, epochs=2, batch_size=8, n_ctx=4)
+    train_run(cfg, cache, model, tok, root / "run", progress=False)
+    return root, tiny_weights, model, tok, cache
+
+
+def test_locked_run_folder_names_the_holder(world, tmp_path):
+    root, weights, *_ = world
+    run = tmp_path / "run"
+    with run_lock(str(run)):
+        proc = fastprompt("train", "--pretrained", weights, "--cache", root / "cache.safetensors",
+                          "--out", run, "--epochs", "1", "--no-progress")
+    one_line_error(proc, "train", f"pid {os.getpid()}", "in use")
+    assert not (run / "config.json").exists()
+
+
+def test_damaged_prompt_refused_by_eval_and_export(world, tmp_path):
+    root, *_ = world
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    from safetensors import safe_open
+    with safe_open(str(run / "prompt.safetensors"), "pt") as f:
+        raw = f.get_tensor("ctx").numpy().tobytes()
+    data = bytearray((run / "prompt.safetensors").read_bytes())
+    data[data.find(raw) + 5] ^= 0x10
+    (run / "prompt.safetensors").write_bytes(bytes(data))
+    one_line_error(fastprompt("eval", run), "eval", "prompt.safetensors", "damaged")
+    one_line_error(fastprompt("export", run, tmp_path / "out"), "export", "prompt.safetensors",
+                   "damaged")
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_export_with_an_unknown_opset_is_one_line(world, tmp_path):
+    root, *_ = world
+    one_line_error(fastprompt("export", root / "run", tmp_path / "out", "--opset", "999"),
+                   "export", "opset", "999")
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_json_problems_name_the_file(world, tmp_path):
+    root, *_ = world
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    (run / "metrics.json").write_text("{}")
+    one_line_error(fastprompt("eval", run), "eval", "metrics.json", "--cache")
+    (run / "metrics.json").write_text('{"cache": {"path": "/x')
+    one_line_error(fastprompt("eval", run), "eval", "metrics.json", "not valid JSON")
+    # With --cache, metrics.json is not needed.
+    out = fastprompt("eval", run, "--cache", root / "cache.safetensors", "--json", check_rc=0)
+    assert strict_json(out.stdout)["val_acc"] is None   # no validation split: null, not NaN
+
+
+def test_eval_json_is_strict_and_matches_the_run(world):
+    root, *_ = world
+    out = fastprompt("eval", root / "run", "--json", check_rc=0)
+    result = strict_json(out.stdout)
+    assert result["test_acc"] == strict_json((root / "run" / "metrics.json").read_text())["test_acc"]
+    for name in ("config.json", "metrics.json"):
+        strict_json((root / "run" / name).read_text())
+
+
+def test_nested_split_file_and_bad_device(world, tmp_path):
+    root, weights, *_ = world
+    nested = tmp_path / "split_zhou_Deep.json"
+    nested.write_text("[" * 200000 + "]" * 200000)
+    base = ["train", "--pretrained", weights, "--out", tmp_path / "r", "--no-progress"]
+    one_line_error(fastprompt(*base, "--data", root / "shapes", "--split-file", nested),
+                   "train", "split_zhou_Deep.json", "not valid JSON")
+    one_line_error(fastprompt(*base, "--data", root / "shapes", "--device", "tpu9"), "train",
+                   "--device", "tpu9")
+    if not torch.cuda.is_available():
+        one_line_error(fastprompt(*base, "--data", root / "shapes", "--device", "cuda"), "train",
+                       "--device", "no CUDA GPU")
+    one_line_error(fastprompt("eval", root / "run", "--device", "tpu9"), "eval", "--device")
+    assert not (tmp_path / "r").exists()
+
+
+def test_file_size_limit_and_unwritable_output(world, tmp_path):
+    root, weights, *_ = world
+    proc = fastprompt("cache", "--pretrained", weights, "--data", root / "shapes", "--views", "1",
+                      "--out", tmp_path / "c.safetensors", limit_file_size=2000)
+    one_line_error(proc, "cache", "File too large")
+    assert [p for p in os.listdir(tmp_path) if "c.safetensors" in p] == []  # no temporaries
+    (tmp_path / "file").write_text("not a folder")
+    proc = fastprompt("cache", "--pretrained", weights, "--data", root / "shapes", "--views", "1",
+                      "--out", tmp_path / "file" / "c.safetensors")
+    one_line_error(proc, "cache", str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--momentum", "inf"),
+                                         ("--weight-decay", "nan"), ("--smoothing", "-inf")])
+def test_non_finite_hyper_parameters_are_refused(world, tmp_path, flag, value):
+    root, weights, *_ = world
+    proc = fastprompt("train", "--pretrained", weights, "--cache", root / "cache.safetensors",
+                      "--out", tmp_path / "r", "--no-progress", f"{flag}={value}")
+    name = flag[2:].replace("-", "_")
+    one_line_error(proc, "train", f"{name}: must be a finite number")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unexpected_error_is_one_line_with_a_debug_hint(monkeypatch, capsys):
+    from fastprompt import cli
+    from fastprompt.cli import training
+
+    def broken(args):
+        raise RuntimeError("something nobody anticipated")
+    monkeypatch.setattr(training, "cmd_eval", broken)
+    assert cli.main(["eval", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["fastprompt eval: unexpected error: RuntimeError: "
+                                        "something nobody anticipated (rerun with --debug for "
+                                        "the traceback)"]
+    for argv in (["--debug", "eval", "somewhere"], ["eval", "somewhere", "--debug"]):
+        with pytest.raises(RuntimeError, match="nobody anticipated"):
+            cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def softcpt_run(world, tmp_path_factory):
+    root, weights, model, tok, _ = world
+    base = tmp_path_factory.mktemp("softcpt_eval")
+    tasks_file = make_shapes_tasks(base / "tasks", num_tasks=2, classes_per_task=2,
+                                   images_per_class=3, test_images_per_class=2, size=32, seed=4)
+    _, pt, pv, _ = create_model("fastprompt-tiny", weights)
+    tasks = []
+    for i, spec in enumerate(read_tasks_file(tasks_file)):
+        cache = build_or_load_cache(base / f"c{i}.safetensors", model, "fastprompt-tiny", pt, pv,
+                                    load_dataset(spec.data), views=1, seed=1, progress=False)
+        tasks.append(Task(spec.name, cache))
+    metrics = train_softcpt_run(TrainConfig(learner="softcpt", pretrained=weights, epochs=1,
+                                            batch_size=8, n_ctx=4), tasks, model, tok,
+                                base / "run", progress=False)
+    return base, metrics
+
+
+def test_eval_softcpt_run_every_task_or_one(softcpt_run):
+    base, metrics = softcpt_run
+    result = strict_json(fastprompt("eval", base / "run", "--json", check_rc=0).stdout)
+    assert [t["name"] for t in result["tasks"]] == ["shapes a", "shapes b"]
+    assert [t["test_acc"] for t in result["tasks"]] == [t["test_acc"] for t in metrics["tasks"]]
+    assert result["test_acc"] == pytest.approx(metrics["test_acc"])
+    text = fastprompt("eval", base / "run", check_rc=0).stdout
+    assert "shapes a: test accuracy" in text and "average test accuracy" in text
+    one = strict_json(fastprompt("eval", base / "run", "--task", "Shapes_B", "--json",
+                                 check_rc=0).stdout)
+    assert [t["name"] for t in one["tasks"]] == ["shapes b"]
+    one_line_error(fastprompt("eval", base / "run", "--cache", base / "c0.safetensors"), "eval",
+                   "--task")
+    ok = strict_json(fastprompt("eval", base / "run", "--cache", base / "c0.safetensors",
+                                "--task", "shapes a", "--json", check_rc=0).stdout)
+    assert ok["tasks"][0]["test_acc"] == metrics["tasks"][0]["test_acc"]
+    one_line_error(fastprompt("eval", base / "run", "--task", "nope"), "eval", "no task 'nope'")
+
+
+@pytest.fixture(scope="module")
+def other_weights(world, tmp_path_factory):
+    """A checkpoint of fastprompt-tiny with other weights."""
+    from safetensors.torch import save_file
+    _, _, model, _, _ = world
+    g = torch.Generator().manual_seed(7)
+    state = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("other") / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return str(path)
+
+
+def test_cache_of_other_weights_is_refused(world, other_weights, tmp_path):
+    root, *_ = world
+    cache = tmp_path / "c.safetensors"
+    shutil.copy(root / "cache.safetensors", cache)
+    before = cache.read_bytes()
+    one_line_error(fastprompt("train", "--pretrained", other_weights, "--cache", cache, "--out",
+                              tmp_path / "r", "--no-progress"), "train", "other weights")
+    one_line_error(fastprompt("train", "--pretrained", other_weights, "--cache", cache, "--data",
+                              root / "shapes", "--views", "2", "--out", tmp_path / "r",
+                              "--no-progress"), "train", "--rebuild-cache")
+    assert cache.read_bytes() == before and not (tmp_path / "r").exists()
+    proc = fastprompt("train", "--pretrained", other_weights, "--cache", cache, "--data",
+                      root / "shapes", "--views", "2", "--out", tmp_path / "r", "--epochs", "1",
+                      "--no-progress", "--rebuild-cache", check_rc=0)
+    assert "rebuilding the feature cache" in proc.stderr   # the warning reaches the user
+    assert cache.read_bytes() != before
+
+
+def test_epochs_follow_the_caches_shots(world, tmp_path):
+    root, weights, model, _, _ = world
+    _, pt, pv, _ = create_model("fastprompt-tiny", weights)
+    one_shot = tmp_path / "one_shot.safetensors"
+    build_or_load_cache(one_shot, model, "fastprompt-tiny", pt, pv, load_dataset(root / "shapes"),
+                        views=1, shots=1, seed=1, progress=False)
+    fastprompt("train", "--pretrained", weights, "--cache", one_shot, "--out", tmp_path / "r",
+               "--n-ctx", "2", "--no-progress", check_rc=0)
+    config = strict_json((tmp_path / "r" / "config.json").read_text())
+    assert config["epochs"] == 50   # CoOp's count for 1 shot, not 200
+    one_line_error(fastprompt("train", "--pretrained", weights, "--cache", one_shot, "--shots",
+                              "4", "--out", tmp_path / "r2", "--no-progress"), "train",
+                   "--shots", "holds 1 shots")
+
+
+def test_cache_prints_classes_and_progress_lines_off_a_terminal(world, tmp_path):
+    root, weights, *_ = world
+    proc = fastprompt("cache", "--pretrained", weights, "--data", root / "shapes", "--views", "1",
+                      "--out", tmp_path / "c.safetensors", check_rc=0)
+    assert "fastprompt: 3 classes: 'blue triangle', 'green square', 'red circle'" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("caching features:")]
+    assert lines[0].startswith("caching features: 0/18 img")
+    assert lines[-1].startswith("caching features: 18/18 img (100%)")
+    assert "\r" not in proc.stderr
+
+
+def test_default_model_run_exports_from_another_process(world, tmp_path):
+    """fastprompt-tiny without --pretrained is the same seeded draw in every process, so a run
+    trained in one process exports in another."""
+    root, *_ = world
+    run = tmp_path / "run"
+    fastprompt("train", "--data", root / "shapes", "--views", "1", "--epochs", "1", "--n-ctx", "2",
+               "--out", run, "--no-progress", check_rc=0)
+    out = fastprompt("export", run, tmp_path / "onnx", "--head-only", check_rc=0)
+    assert "passed" in out.stdout
+
+
+def test_predict_on_a_decompression_bomb_is_one_line(world, tmp_path):
+    from PIL import Image
+    root, *_ = world
+    fastprompt("export", root / "run", tmp_path / "onnx", check_rc=0)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)   # 4e8 pixels in a 50 kB file
+    one_line_error(fastprompt("predict", tmp_path / "onnx", bomb), "predict",
+                   "decompression bomb")
+
+
+def test_every_json_file_written_is_strict(world, softcpt_run):
+    """Every JSON file the package wrote in these tests (run configs and metrics of both
+    learners, generated data and task sets with their markers) parses with a strict parser."""
+    files = []
+    for base in (world[0], softcpt_run[0]):
+        for folder, _, names in os.walk(base):
+            files += [os.path.join(folder, n) for n in names if n.endswith(".json")]
+    names = {os.path.basename(f) for f in files}
+    assert {"config.json", "metrics.json", "tasks.json"} <= names and len(files) >= 6
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            strict_json(fh.read())

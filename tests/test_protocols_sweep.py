@@ -1,0 +1,193 @@
+"""Sweeps: the grid's runs are ordinary run folders, the report's numbers come from them, a
+rerun skips finished runs and resumes an interrupted one, features are encoded once and label
+noise derived without re-encoding, and --jobs K gives the same runs."""
+import csv
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from fastprompt.cli import main
+from fastprompt.data import build_or_load_cache, load_cache, make_shapes_dataset
+from fastprompt.data.noisy_cache import noisy_variant
+from fastprompt.sweep import run_sweep
+from fastprompt.sweep_grid import load_spec, parse_method
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_weights):
+    root = tmp_path_factory.mktemp("sweep")
+    make_shapes_dataset(root / "shapes", num_classes=4, images_per_class=3,
+                        test_images_per_class=2, seed=5)
+    os.link(tiny_weights, root / "tiny.safetensors")
+    return root
+
+
+def _spec(world, name, **fields):
+    spec = {"data": "shapes", "pretrained": "tiny.safetensors", "views": 1,
+            "train": {"epochs": 2, "n_ctx": 2}, **fields}
+    path = world / name
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_method_names():
+    assert parse_method("coop").overrides == {"learner": "coop", "loss": "ce"}
+    assert parse_method("dspt+isl(alt)+prograd").overrides == {
+        "learner": "coop", "loss": "dspt", "targets": "isl", "alternate": True, "prograd": True}
+    m = parse_method({"name": "coop lr 0.01", "method": "coop+ls", "lr": 0.01})
+    assert m.label == "coop lr 0.01" and m.overrides["targets"] == "ls" and m.overrides["lr"] == 0.01
+    with pytest.raises(ValueError, match="plug-in"):
+        parse_method("coop+mixup")
+
+
+def test_bad_specs_are_refused_by_name(world):
+    with pytest.raises(ValueError, match="'methods'"):
+        load_spec(_spec(world, "a.json"))
+    with pytest.raises(ValueError, match="noise_rates"):
+        load_spec(_spec(world, "b.json", methods=["coop"], noise_rates=[1.5]))
+    with pytest.raises(ValueError, match="targets"):
+        load_spec(_spec(world, "c.json", methods=["coop"], protocol="cross-dataset"))
+    with pytest.raises(ValueError, match="seed"):
+        load_spec(_spec(world, "d.json", methods=["coop"], train={"seed": 3}))
+
+
+def test_sweep_report_rerun_and_resume(world, tmp_path, capsys, monkeypatch):
+    """A 2 methods x 2 seeds sweep; the last run is interrupted after its first epoch, the
+    rerun resumes it and skips the others; one report cell is recomputed from the run folders."""
+    from fastprompt.train.run import PromptLearnerRun
+    spec_path = _spec(world, "sweep.json", methods=["coop", "dspt"], seeds=[1, 2])
+    out = tmp_path / "sweep"
+    train_epoch = PromptLearnerRun.train_epoch
+
+    def interrupted(self, epoch, bar):
+        if self.config.seed == 2 and self.config.loss == "dspt" and epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch=epoch, bar=bar)
+
+    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_spec(spec_path), out, log=lambda *_: None)
+    monkeypatch.setattr(PromptLearnerRun, "train_epoch", train_epoch)
+    runs = out / "runs"
+    last = runs / "dspt" / "shots-all" / "noise-none-0" / "seed-2"
+    assert not (last / "metrics.json").exists()
+    saved = torch.load(last / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    finished = sorted(runs.rglob("metrics.json"))
+    assert len(finished) == 3
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+
+    assert main(["sweep", spec_path, "--out", str(out), "--no-progress"]) == 0
+    assert "0 trained, 1 resumed, 3 already finished, 0 failed" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    resumed = _metrics(last)
+    assert len(resumed["epochs"]) == 2 and resumed["epochs"][0] == saved["history"][0]
+    assert (last / "curves.png").stat().st_size > 0
+
+    # One cell recomputed from its run folders: coop over seeds 1 and 2.
+    accs = [100 * _metrics(runs / "coop" / "shots-all" / "noise-none-0" / f"seed-{s}")["test_acc"]
+            for s in (1, 2)]
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cell = next(r for r in rows if r["method"] == "coop")
+    assert cell["column"] == "all" and int(cell["n"]) == 2
+    assert float(cell["mean"]) == pytest.approx(statistics.mean(accs))
+    assert float(cell["std"]) == pytest.approx(statistics.stdev(accs))
+    zero_shot = [100 * _metrics(runs / "coop" / "shots-all" / "noise-none-0" / f"seed-{s}")
+                 ["zeroshot_test_acc"] for s in (1, 2)]
+    assert float(rows[0]["mean"]) == pytest.approx(statistics.mean(zero_shot))
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0] == "| method | all |" and table[1].startswith("| zero-shot |")
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["coop", "dspt"]
+    assert f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}" in table[2]
+
+    assert main(["sweep", spec_path, "--out", str(out), "--no-progress"]) == 0
+    assert "0 trained, 0 resumed, 4 already finished" in capsys.readouterr().out
+
+
+def test_noise_variant_equals_a_built_cache(world, tiny_clip, tmp_path):
+    """A label-noise variant derived from the clean cache is the cache a build with that noise
+    gives (same fingerprint, features and labels), and is reused as such."""
+    from fastprompt.data import load_dataset
+    model, pt, pv, _ = tiny_clip
+    splits = load_dataset(world / "shapes")
+    args = dict(views=2, shots=2, seed=3)
+    clean = build_or_load_cache(tmp_path / "clean.safetensors", model, "fastprompt-tiny", pt, pv,
+                                splits, progress=False, **args)
+    derived = noisy_variant(clean, tmp_path / "noisy.safetensors", model, "fastprompt-tiny", pt,
+                            pv, splits, noise_rate=0.5, noise_type="pairflip")
+    stamp = os.stat(derived.path).st_mtime_ns
+    reused = build_or_load_cache(derived.path, model, "fastprompt-tiny", pt, pv, splits,
+                                 noise_rate=0.5, noise_type="pairflip", progress=False, **args)
+    assert os.stat(derived.path).st_mtime_ns == stamp  # loaded, not rebuilt
+    built = build_or_load_cache(tmp_path / "built.safetensors", model, "fastprompt-tiny", pt, pv,
+                                splits, noise_rate=0.5, noise_type="pairflip", progress=False,
+                                **args)
+    assert reused.fingerprint == built.fingerprint
+    assert torch.equal(reused.train_labels, built.train_labels)
+    assert not torch.equal(built.train_labels, built.train_clean_labels)
+    assert torch.equal(reused.train_features, built.train_features)
+    load_cache(derived.path)  # checksum intact
+
+
+def test_jobs_run_the_same_runs(world, tmp_path, capsys):
+    spec_path = _spec(world, "jobs.json", methods=["coop"], seeds=[1, 2],
+                      train={"epochs": 1, "n_ctx": 2})
+    assert main(["sweep", spec_path, "--out", str(tmp_path / "two"), "--jobs", "2",
+                 "--no-progress"]) == 0
+    assert "2 trained" in capsys.readouterr().out
+    assert main(["sweep", spec_path, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    for seed in (1, 2):
+        run = os.path.join("runs", "coop", "shots-all", "noise-none-0", f"seed-{seed}")
+        a, b = _metrics(tmp_path / "two" / run), _metrics(tmp_path / "one" / run)
+        assert a["test_acc"] == b["test_acc"] and a["epochs"][0]["loss"] == b["epochs"][0]["loss"]
+
+
+def _csv(out):
+    with open(out / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_base_to_new_and_cross_dataset_sweeps(world, tmp_path, capsys):
+    from fastprompt.evaluation import harmonic_mean
+    make_shapes_dataset(tmp_path / "target", num_classes=3, images_per_class=1,
+                        test_images_per_class=2, seed=8)
+    b2n = _spec(world, "b2n.json", methods=["coop"], seeds=[1, 2], protocol="base-to-new",
+                train={"epochs": 1, "n_ctx": 2})
+    assert main(["sweep", b2n, "--out", str(tmp_path / "b2n"), "--no-progress"]) == 0
+    rows = {(r["method"], r["column"]): r for r in _csv(tmp_path / "b2n")}
+    evaluations = [json.loads((tmp_path / "b2n" / "runs" / "coop" / "shots-all" /
+                               "noise-none-0" / f"seed-{s}" / "evaluation.json").read_text())
+                   ["base_to_new"] for s in (1, 2)]
+    base = statistics.mean(100 * e["base_acc"] for e in evaluations)
+    new = statistics.mean(100 * e["new_acc"] for e in evaluations)
+    assert float(rows["coop", "Base"]["mean"]) == pytest.approx(base)
+    assert float(rows["coop", "New"]["mean"]) == pytest.approx(new)
+    assert float(rows["coop", "H"]["mean"]) == pytest.approx(harmonic_mean(base, new))
+    assert [e["base"]["num_classes"] for e in evaluations] == [2, 2]  # 4 classes: 2 base, 2 new
+
+    cross = _spec(world, "cross.json", methods=["coop"], seeds=[1], protocol="cross-dataset",
+                  targets=[{"name": "other", "data": str(tmp_path / "target")},
+                           {"name": "all of it", "data": "shapes", "all_images": True}],
+                  train={"epochs": 1, "n_ctx": 2})
+    assert main(["sweep", cross, "--out", str(tmp_path / "cross"), "--no-progress"]) == 0
+    capsys.readouterr()
+    rows = {(r["method"], r["column"]): float(r["mean"]) for r in _csv(tmp_path / "cross")}
+    run = tmp_path / "cross" / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1"
+    targets = json.loads((run / "evaluation.json").read_text())["targets"]
+    assert targets["other"]["num_classes"] == 3 and targets["all of it"]["num_test_images"] == 20
+    assert rows["coop", "shapes (source)"] == pytest.approx(100 * _metrics(run)["test_acc"])
+    assert rows["coop", "other"] == pytest.approx(100 * targets["other"]["test_acc"])
+    assert rows["coop", "average"] == pytest.approx(
+        50 * (targets["other"]["test_acc"] + targets["all of it"]["test_acc"]))
+    assert rows["zero-shot", "other"] == pytest.approx(
+        100 * targets["other"]["zeroshot_test_acc"])
+    assert (tmp_path / "cross" / "report.md").read_text().count(".png)") == 1
