@@ -14,6 +14,13 @@
 # results.tar.gz, packed after each step with every step's whole output and the result files so
 # far, so that a run cut short still returns what it measured. Results land in
 # bench/results/*-cuda-<device>.{json,md}: unpack them into the checkout and commit them.
+#
+# Both CUDA schedules of the loss ops run (FASTPROMPT_CUDA_SCHEDULE, read at every call): the op
+# tests under the default (cublas; tests/ops/test_cuda_schedules.py forces each), the fused one's
+# own pass over the op tests, and the loss benchmark's target points once per schedule (result
+# names end in -cublas / -fused; each JSON records "cuda_schedule"). The other benchmarks run the
+# default. bench/kernel_schedules.py then prints the compiled schedule (registers, spills, shared
+# memory) with the device's own triton for comparison with the offline table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results/device}}
@@ -54,13 +61,22 @@ pack() {
 }
 
 step environment 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -c "import open_clip; print(\"open_clip\", open_clip.__version__)"'
-# The Triton kernels on the GPU against float64 truth, bad input, torch.compile with inductor.
+# The Triton kernels on the GPU against float64 truth, bad input, torch.compile with inductor:
+# the default schedule, then the fused one (test_cuda_schedules.py ran both already).
 step ops_tests 240 python3 -m pytest -q -p no:cacheprovider tests/ops -k cuda --maxfail 50
-# The issue's target points: N=256 (fp32, bf16, against eager and torch.compile), N=65536 bf16.
-step bench_loss_targets 150 python3 bench/bench_clip_cross_entropy.py --n 256 --c 1000 --d 512 \
-  --name clip_cross_entropy-targets
-step bench_loss_large 90 python3 bench/bench_clip_cross_entropy.py --n 65536 --c 1000 --d 512 \
-  --dtype bfloat16 --no-compile --name clip_cross_entropy-n65536
+step ops_tests_fused 150 env FASTPROMPT_CUDA_SCHEDULE=fused python3 -m pytest -q \
+  -p no:cacheprovider tests/ops -k "cuda and not test_cuda_schedules" --maxfail 50
+# The issue's target points under each schedule: N=256 (fp32, bf16, against eager and
+# torch.compile), N=65536 bf16.
+for schedule in cublas fused; do
+  step "bench_loss_targets_$schedule" 120 env FASTPROMPT_CUDA_SCHEDULE=$schedule \
+    python3 bench/bench_clip_cross_entropy.py --n 256 --c 1000 --d 512 \
+    --name "clip_cross_entropy-targets-$schedule"
+  step "bench_loss_large_$schedule" 60 env FASTPROMPT_CUDA_SCHEDULE=$schedule \
+    python3 bench/bench_clip_cross_entropy.py --n 65536 --c 1000 --d 512 --dtype bfloat16 \
+    --no-compile --name "clip_cross_entropy-n65536-$schedule"
+done
+step kernel_schedules 90 python3 bench/kernel_schedules.py --n 65536 --c 1000 --d 512 --jobs 8
 # train --compile (CUDA graphs): the whole CoOp step at the target point, then its tests on CUDA.
 step bench_train_step 200 python3 bench/bench_train_step.py --models ViT-B-16 fastprompt-tiny \
   --n 256 --classes 100 --methods coop coop+prograd --min-run-time 2

@@ -39,25 +39,37 @@ def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: boo
 
 
 @triton.jit
-def _logit_tiles(x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef, col_coef,
-                 col_coef0, HAS_T0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+def _logit_tiles(x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
+                 row_coef, col_coef, col_coef0, HAS_T0: tl.constexpr,
+                 PRODUCTS_STORED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_D: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """``z = row_coef_i col_coef_c (x_i · t_c)`` on one tile, and ``z⁰`` from ``t0`` sharing the
-    same loads of ``x`` when HAS_T0 (otherwise the second result is a copy of the first)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    acc0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    x_base = x_ptr + rows.to(tl.int64)[:, None] * D
-    t_offs = cols.to(tl.int64)[None, :] * D
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dd < D
-        x = tl.load(x_base + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        t_mask = d_mask[:, None] & col_mask[None, :]
-        t = tl.load(t_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)  # BLOCK_D x BLOCK_C
-        acc = mma(x, t, acc, CAST_FP32, PRECISION)
+    same loads of ``x`` when HAS_T0 (otherwise the second result is a copy of the first).
+    PRODUCTS_STORED: the products ``x_i · t_c`` (and ``x_i · t0_c``) are read from the float32
+    row-major buffers ``xt`` and ``xt0`` (rows x C) instead of computed."""
+    if PRODUCTS_STORED:
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
+        acc = tl.load(xt_ptr + offs, mask=mask, other=0.0)
+        acc0 = acc
         if HAS_T0:
-            t0 = tl.load(t0_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)
-            acc0 = mma(x, t0, acc0, CAST_FP32, PRECISION)
+            acc0 = tl.load(xt0_ptr + offs, mask=mask, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        acc0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        x_base = x_ptr + rows.to(tl.int64)[:, None] * D
+        t_offs = cols.to(tl.int64)[None, :] * D
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_mask = dd < D
+            x = tl.load(x_base + dd[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            t_mask = d_mask[:, None] & col_mask[None, :]
+            t = tl.load(t_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)  # BLOCK_D x BLOCK_C
+            acc = mma(x, t, acc, CAST_FP32, PRECISION)
+            if HAS_T0:
+                t0 = tl.load(t0_ptr + t_offs + dd[:, None], mask=t_mask, other=0.0)
+                acc0 = mma(x, t0, acc0, CAST_FP32, PRECISION)
     z = acc * row_coef[:, None] * col_coef[None, :]
     if HAS_T0:
         z0 = acc0 * row_coef[:, None] * col_coef0[None, :]
@@ -107,7 +119,10 @@ def clip_loss_forward_kernel(
         TARGET: tl.constexpr, DOUBLE_SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
         HAS_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        xt_ptr=None, xt0_ptr=None, PRODUCTS_STORED: tl.constexpr = False):
+    # PRODUCTS_STORED: the row pass of the cuBLAS schedule (clip_loss_cublas.py), the same sweeps
+    # over products a matmul stored; the factors turn them into logits as they do x_i · t_c.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     # Index loads are clamped so that unchecked bad labels can never address outside the tables;
@@ -149,10 +164,10 @@ def clip_loss_forward_kernel(
         cols = c0 + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         z, z0 = _logit_tiles(
-            x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+            x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D, row_coef,
             _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
             _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-            HAS_KL, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+            HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
         z_in = tl.where(col_mask[None, :], z, 0.0)
         z_lse = tl.where(col_mask[None, :], z, float("-inf"))
         if DOUBLE_SOFTMAX:
@@ -203,10 +218,11 @@ def clip_loss_forward_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
             z, _ = _logit_tiles(
-                x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+                x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
+                row_coef,
                 _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                 _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-                False, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+                False, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
             p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
             exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
             sum_exp_p += tl.sum(exp_p, axis=1)
@@ -234,10 +250,11 @@ def clip_loss_forward_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < C
             z, z0 = _logit_tiles(
-                x_ptr, t_ptr, t0_ptr, rows, row_mask, cols, col_mask, D, row_coef,
+                x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
+                row_coef,
                 _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                 _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-                HAS_KL, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+                HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
             target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
                               TARGET)
             # Padding columns get p = 0 (their z = 0 may lie far above m and overflow e^{p-1}).
@@ -262,6 +279,27 @@ def clip_loss_forward_kernel(
                          grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
 
 
+def forward_outputs(x: torch.Tensor, c: int, has_kl: bool, compute_grad: bool):
+    """``(loss_rows, grad_logits, kl_rows, grad_kl_logits)`` of the forward ops, unfilled. They
+    never alias one another (custom ops forbid it), the empty ones included."""
+    n = x.shape[0]
+    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
+    grad = x.new_empty((n, c) if compute_grad else (0,))
+    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    return loss_rows, grad, kl_rows, grad_kl
+
+
+def target_arguments(labels, soft_labels, sample_index, smoothing: float):
+    """``(TARGET, table, table_rows)``: the kernel's target kind, the table (None without) and the
+    index of each sample's table row (labels for a class-wise table)."""
+    if smoothing == 0.0:
+        return TARGET_HARD, None, None
+    if soft_labels is None:
+        return TARGET_UNIFORM, None, None
+    return TARGET_TABLE, soft_labels, labels if sample_index is None else sample_index
+
+
 def _class_rows(t: torch.Tensor):
     """A class matrix as the products read it, with its inverse row norms: rows scaled by powers
     of two to a largest magnitude near 1 (a C x D copy), so that the float32 product with any
@@ -284,20 +322,10 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     n, d = x.shape
     c = t.shape[0]
     has_kl = t0 is not None
-    # Outputs never alias one another (custom ops forbid it), the empty ones included.
-    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-    kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
-    grad = x.new_empty((n, c) if compute_grad else (0,))
-    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    loss_rows, grad, kl_rows, grad_kl = forward_outputs(x, c, has_kl, compute_grad)
 
     smoothing = float(smoothing)
-    if smoothing == 0.0:
-        target, table, table_rows = TARGET_HARD, None, None
-    elif soft_labels is None:
-        target, table, table_rows = TARGET_UNIFORM, None, None
-    else:
-        target, table = TARGET_TABLE, soft_labels
-        table_rows = labels if sample_index is None else sample_index
+    target, table, table_rows = target_arguments(labels, soft_labels, sample_index, smoothing)
     x_inv = row_inv_norms(x) if normalize else None
     t, t_inv = _class_rows(t) if normalize else (t, None)
     t0, t0_inv = _class_rows(t0) if normalize and has_kl else (t0, None)
@@ -318,23 +346,3 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad), CAST_FP32=INTERPRET,
         PRECISION=dot_precision(x.dtype), **cfg)
     return loss_rows, grad, kl_rows, grad_kl
-
-
-def clip_cross_entropy_forward(image_features, text_features, labels, scale, soft_labels,
-                               sample_index, smoothing, double_softmax, normalize, compute_grad):
-    """``fastprompt::clip_cross_entropy_forward``: ``(loss_rows, grad_logits)``."""
-    loss_rows, grad_logits, _, _ = clip_loss_forward(
-        image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad)
-    return loss_rows, grad_logits
-
-
-def prograd_losses_forward(image_features, text_features, zeroshot_text_features, labels, scale,
-                           soft_labels, sample_index, smoothing, double_softmax, temperature,
-                           compute_grad):
-    """``fastprompt::prograd_losses_forward``: ``(task_rows, kl_rows, grad_task_logits,
-    grad_kl_logits)``."""
-    task_rows, grad_task, kl_rows, grad_kl = clip_loss_forward(
-        image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-        sample_index, smoothing, double_softmax, True, temperature, compute_grad)
-    return task_rows, kl_rows, grad_task, grad_kl

@@ -79,7 +79,8 @@ def forward_launches(n, c, d, dtype, prograd, precision=None):
                  smoothing="fp32", temperature="fp32")
     const = dict(blocks, TARGET=clip_loss_forward.TARGET_TABLE, DOUBLE_SOFTMAX=True,
                  NORMALIZE=True, HAS_KL=prograd, COMPUTE_GRAD=True, CAST_FP32=False,
-                 PRECISION=precision or dot_precision(dtype))
+                 PRECISION=precision or dot_precision(dtype), xt_ptr=None, xt0_ptr=None,
+                 PRODUCTS_STORED=False)
     what = f"N={n} C={c} D={d} {_TYPE[dtype]}/{const['PRECISION']}" + (" prograd" if prograd else "")
     yield _launch("clip_loss_forward", what, clip_loss_forward.clip_loss_forward_kernel, types,
                   const, options)

@@ -38,7 +38,7 @@ prograd_losses_forward = define_op(
     "Tensor zeroshot_text_features, Tensor labels, Tensor scale, Tensor? soft_labels, "
     "Tensor? sample_index, float smoothing, bool double_softmax, float temperature, "
     "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    _losses_fake, triton_kernel("clip_loss_forward", "prograd_losses_forward"))
+    _losses_fake, triton_kernel("schedules", "prograd_losses_forward"))
 
 
 class ProGradLossesFunction(torch.autograd.Function):

@@ -1,0 +1,199 @@
+"""Both CUDA schedules of the loss ops (``FASTPROMPT_CUDA_SCHEDULE=cublas|fused``) against the
+float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision,
+several chunks of the cuBLAS schedule, and the forward of one schedule with the backward of the
+other. On a machine without a GPU the Triton kernels run under the interpreter on CPU tensors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt import _backend
+from fastprompt.kernels import schedules
+from test_clip_cross_entropy import (allowances, eager, logit_terms64, loss_and_grads, row_weights,
+                                     truth)
+from test_prograd_losses import NAMES as PROGRAD_NAMES
+from test_prograd_losses import eager as prograd_eager
+from test_prograd_losses import losses_and_grads as prograd_losses_and_grads
+from test_prograd_losses import truth as prograd_truth
+from testlib import TARGETS, assert_close_to_truth, make_inputs, make_prograd_inputs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+pytestmark = pytest.mark.skipif(
+    not _backend.triton_available() or (DEVICE == "cpu" and not INTERPRET),
+    reason="needs triton, and TRITON_INTERPRET=1 without a GPU")
+CLIP_NAMES = ("loss", "grad image", "grad text", "grad scale")
+
+
+@pytest.fixture(params=sorted(schedules.SCHEDULES))
+def schedule(request, monkeypatch):
+    """The Triton backend under one schedule; afterwards the CPU key gets its C++ kernels back."""
+    from fastprompt.ops._library import backend_for
+
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", request.param)
+    yield request.param
+    monkeypatch.delenv("FASTPROMPT_BACKEND")
+    backend_for(torch.device("cpu"))
+
+
+def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, **opts):
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = truth(x, t, labels, s, kw, **opts)
+    base = eager(x, t, labels, s, kw, **opts)
+    extra = allowances(x, t, labels, s, kw, opts.get("double_softmax", False),
+                       row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream")),
+                       normalize=opts.get("normalize", True), dtype=dtype)
+    for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
+        assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_clip_cross_entropy_matches_float64(schedule, target, double_softmax, seed):
+    x, t, labels, s, kw = make_inputs(13, 11, 19, target=target, device=DEVICE, seed=seed)
+    upstream = torch.rand(13, dtype=torch.float64)
+    check_clip(x, t, labels, s, kw, double_softmax=double_softmax, reduction="none",
+               upstream=upstream)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_unnormalized_features(schedule, double_softmax, seed):
+    x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=DEVICE, scale=0.3,
+                                      seed=seed)
+    check_clip(x, t, labels, s, kw, double_softmax=double_softmax, normalize=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
+def test_odd_sizes(schedule, shape, seed):
+    x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=DEVICE, seed=seed)
+    check_clip(x, t, labels, s, kw, double_softmax=True)
+    x, t, t0, labels, s, kw = make_prograd_inputs(*shape, target="uniform", device=DEVICE,
+                                                  seed=seed)
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw,
+                                   double_softmax=True)
+    want = prograd_truth(x, t, t0, labels, s, kw, double_softmax=True)
+    for what, a, b in zip(PROGRAD_NAMES, got, want):
+        # As in test_prograd_losses: C = 1 or N = 1 give results near 0 by cancellation, where
+        # float32 keeps an absolute error of ~eps · s.
+        torch.testing.assert_close(a.detach().double().cpu(), b.detach().double().cpu(),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m, what=what: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_prograd_losses_match_float64(schedule, target, double_softmax, seed):
+    x, t, t0, labels, s, kw = make_prograd_inputs(13, 11, 19, target=target, device=DEVICE,
+                                                  seed=seed)
+    opts = dict(double_softmax=double_softmax, temperature=1.6, weights=(0.7, -1.9))
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
+    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
+    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    for what, a, b, e in zip(PROGRAD_NAMES, got, want, base):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_extreme_logits(schedule, double_softmax, seed):
+    # scale 100, image rows on (or opposite to) their class rows: logits of ±100, no NaN.
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target="uniform", device=DEVICE, scale=100.0,
+                                      seed=seed)
+    x = t[labels].clone()
+    x[::2] = -x[::2]
+    check_clip(x, t, labels, s, kw, rtol=1e-4, double_softmax=double_softmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cublas_half_precision_with_tiny_row_weights(monkeypatch, dtype, seed):
+    # Upstream row gradients of ~1e-6 (a mean over 10⁶ samples) are folded into the
+    # half-precision image operand of Gᵀ X̂: unscaled, its elements (~1e-6 / sqrt(D)) would be
+    # float16 subnormals and the text gradient off by several percent (75 % at 1e-7). Feature rows
+    # of norm ~1e-3 keep the gradients themselves (~1 / ‖t‖) normal numbers in float16.
+    from fastprompt.ops._library import backend_for
+
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cublas")
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=DEVICE,
+                                      dtype=dtype, seed=seed)
+    x, t = x * 2**-13, t * 2**-13
+    weight = 1e-6
+    upstream = weight * (0.5 + torch.rand(16, dtype=torch.float64))
+    opts = dict(double_softmax=True, reduction="none", upstream=upstream)
+    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = truth(x, t, labels, s, kw, **opts)
+    base = eager(x, t, labels, s, kw, **opts)
+    # The logit gradient is stored unweighted: its rounding bound (allowances) is taken at
+    # weights of order 1 and scaled by the weight, which the tolerance is then relative to.
+    extra = allowances(x, t, labels, s, kw, True, upstream / weight, dtype=dtype)
+    for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
+        if what != "loss":
+            x_atol = x_atol * weight
+        assert_close_to_truth(a, b, 2e-2, 2e-2, what, baseline=e, extra_atol=x_atol)
+    monkeypatch.delenv("FASTPROMPT_BACKEND")
+    backend_for(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("prograd", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 5])
+def test_cublas_chunks_match_float64(chunk_rows, prograd, seed):
+    # Several chunks of the cuBLAS schedule (the last one partial) give the per-row losses and
+    # logit gradients of the float64 formulas.
+    from fastprompt.kernels.clip_loss_cublas import clip_loss_forward
+
+    x, t, t0, labels, s, kw = make_prograd_inputs(13, 11, 19, target="instancewise",
+                                                  device=DEVICE, seed=seed)
+    outputs = clip_loss_forward(x, t, t0 if prograd else None, labels, s, kw["soft_labels"],
+                                kw["sample_index"], kw["smoothing"], True, True, 1.0, True,
+                                chunk_rows=chunk_rows)
+    z, grad, _ = logit_terms64(x, t, labels, s, kw, True, torch.ones(13, dtype=torch.float64))
+    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kw.items()}
+    want_rows = fastprompt.reference.clip_cross_entropy(
+        x.double(), t.double(), labels, s.double(), double_softmax=True, reduction="none", **kw64)
+    assert_close_to_truth(outputs[0], want_rows, 1e-5, 1e-5, "loss rows")
+    assert_close_to_truth(outputs[1], grad, 1e-5, 1e-5, "grad logits")
+    if prograd:
+        z0 = fastprompt.reference.clip_logits(x.double().cpu(), t0.double().cpu(),
+                                              s.double().cpu())
+        p0 = torch.softmax(z0, dim=1)
+        want_kl = -(p0 * torch.log_softmax(z, dim=1)).sum(dim=1)
+        assert_close_to_truth(outputs[2], want_kl, 1e-5, 1e-5, "kl rows")
+        assert_close_to_truth(outputs[3], torch.softmax(z, dim=1) - p0, 1e-5, 1e-5,
+                              "grad kl logits")
+
+
+def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
+    # The schedule is read at every call and both keep the ops' contracts: the saved logit
+    # gradient of either forward serves either backward.
+    from fastprompt.ops._library import backend_for
+
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    x, t, labels, s, kw = make_inputs(13, 11, 19, target="classwise", device=DEVICE, seed=seed)
+    want = truth(x, t, labels, s, kw, double_softmax=True)
+    try:
+        for first, second in (("fused", "cublas"), ("cublas", "fused")):
+            monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", first)
+            x_req, t_req = x.clone().requires_grad_(), t.clone().requires_grad_()
+            loss = fastprompt.clip_cross_entropy(x_req, t_req, labels, s, double_softmax=True,
+                                                 **kw)
+            monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", second)
+            loss.backward()
+            assert_close_to_truth(loss, want[0], 1e-5, 1e-5, f"{first} loss")
+            assert_close_to_truth(x_req.grad, want[1], 1e-5, 1e-5, f"{second} grad image")
+            assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, f"{second} grad text")
+    finally:
+        monkeypatch.delenv("FASTPROMPT_BACKEND")
+        backend_for(torch.device("cpu"))
+
+
+def test_schedule_names(monkeypatch):
+    monkeypatch.delenv("FASTPROMPT_CUDA_SCHEDULE", raising=False)
+    assert schedules.schedule() == "cublas"
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", " Fused ")
+    assert schedules.schedule() == "fused"
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cutlass")
+    with pytest.raises(ValueError, match="^FASTPROMPT_CUDA_SCHEDULE: must be one of"):
+        schedules.schedule()
