@@ -29,7 +29,7 @@ def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: boo
         return dict(BLOCK_N=next_pow2_between(n, 16, 64), BLOCK_C=next_pow2_between(c, 16, 128),
                     BLOCK_D=next_pow2_between(d, 16, 128))
     # GPU (not yet timed on a device): the largest tiles that compile without register spills
-    # for sm_80 and sm_90 (tests/ops/test_kernel_compile.py): 64 x 32 on 8 warps, 64 x 16 with
+    # for sm_80 and sm_90 (tests/kernels/test_compile_for_gpu.py): 64 x 32 on 8 warps, 64 x 16 with
     # ProGrad's second accumulator; the D step is one 128-byte row of half (64) or float32 (32)
     # elements. Small batches get narrower row blocks so that more programs run.
     block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)

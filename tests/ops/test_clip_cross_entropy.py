@@ -436,8 +436,14 @@ def test_soft_labels_requiring_grad_are_refused(backend, seed):
     fastprompt.clip_cross_entropy(x, t, labels, s, smoothing=0.2, soft_labels=table.detach())
 
 
+@pytest.mark.parametrize("cuda_schedule", ["cublas", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_backend_half_precision_large_batch(backend, dtype, seed):
+def test_backend_half_precision_large_batch(backend, dtype, cuda_schedule, seed, monkeypatch):
+    # Both CUDA schedules scale the half-precision operands of the backward (the fused one in its
+    # own product kernel, the cuBLAS one before torch.mm); the schedule means nothing elsewhere.
+    if backend[0] != "triton" and cuda_schedule != "cublas":
+        pytest.skip("the CUDA schedule only applies to the Triton backend")
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", cuda_schedule)
     # At N = 4096 the mean's 1/N times x̂ falls below float16's smallest normal (6e-5): folded
     # into the rounded operand of Gᵀ X̂ as it is, it would lose up to a few percent of each small
     # component, coherently when the rows agree. Every row here is the same image with
