@@ -99,6 +99,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--text-chunk", type=int, default=0, metavar="K",
+                   help="exact low-memory text backward: re-encode the class prompts K at a time "
+                        "(one extra text forward; memory of K prompts, not all C); 0: plain "
+                        "backward (default). Not part of the run's identity")
 
 
 def _add_softcpt_args(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +245,7 @@ def cmd_train(args) -> int:
         cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
                              model, pt, pv)
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
-                        device=device, progress=_progress(args))
+                        device=device, progress=_progress(args), text_chunk=args.text_chunk)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
           f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
@@ -301,7 +305,8 @@ def cmd_train_softcpt(args) -> int:
                                     progress=_progress(args))
         tasks.append(Task(spec.name, cache))
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
-                                device=device, progress=_progress(args))
+                                device=device, progress=_progress(args),
+                                text_chunk=args.text_chunk)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
               f"{t['zeroshot_test_acc']:.4f}), {t['num_classes']} classes")

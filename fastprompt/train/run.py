@@ -28,9 +28,11 @@ class PromptLearnerRun:
     """``rundir.Learner`` for one CoOp-style prompt on one cache."""
     format = FORMAT
 
-    def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer, device):
+    def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer, device,
+                 text_chunk: int = 0):
         from fastprompt.models import zeroshot_text_features
         self.config, self.cache, self.model, self.device = config, cache, model, device
+        self.text_chunk = text_chunk
         torch.manual_seed(config.seed)  # the random context initialisation
         self.prompted = _prompted_model(model, tokenizer, cache.classnames, config).to(device)
         self.ctx = self.prompted.prompt_learner.ctx
@@ -53,7 +55,8 @@ class PromptLearnerRun:
     def train_epoch(self, epoch: int, bar) -> dict:
         return train_epoch(self.prompted, self.model, self.cache, self.config, self.targets,
                            self.optimizer, epoch,
-                           self.zeroshot if self.config.prograd else None, self.device, bar=bar)
+                           self.zeroshot if self.config.prograd else None, self.device, bar=bar,
+                           text_chunk=self.text_chunk)
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
@@ -73,20 +76,24 @@ class PromptLearnerRun:
 
 def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_dir, *,
               resume: bool = False, progress: bool | None = None,
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None, text_chunk: int = 0) -> dict:
     """Train ``config`` on ``cache`` into ``out_dir`` and return the metrics (also written to
     ``out_dir/metrics.json``).
 
     ``model`` is the frozen open_clip model the cache was built with. With ``resume=True`` an
     existing checkpoint in ``out_dir`` is continued (it must come from the same config, cache and
     model); without it, a folder that already holds a checkpoint is refused rather than
-    overwritten.
+    overwritten. ``text_chunk`` K > 0 runs the text backward K classes at a time (exact, memory
+    bounded by K prompts; ``fastprompt.train.chunked_text_backward``); it is not part of the
+    run's identity, so a run may resume with another K.
     """
     from fastprompt.models import count_parameters
+    from fastprompt.train.chunked_text_backward import check_text_chunk
 
     if config.learner != "coop":
         raise ValueError("config: learner 'softcpt' trains several tasks: use "
                          "fastprompt.train.train_softcpt_run")
+    text_chunk = check_text_chunk(text_chunk)
     out_dir = os.fspath(out_dir)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,7 +103,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
                 "model_weights": model_weights_hash(model)}
     rundir.refuse_existing_run(out_dir, resume, FORMAT)  # before any work
     model = model.to(device)
-    learner = PromptLearnerRun(config, cache, model, tokenizer, device)
+    learner = PromptLearnerRun(config, cache, model, tokenizer, device, text_chunk)
 
     def finish(history: list) -> dict:
         text = learner.text_features()
@@ -107,6 +114,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
             "val_acc": accuracy(cache.val_features, cache.val_labels, text),
             "trainable_parameters": count_parameters(learner.prompted),
             "logit_scale": float(logit_scale(model)),
+            "text_chunk": text_chunk,
             "num_classes": cache.num_classes,
             "num_train_images": cache.num_train_images,
             "views": cache.views,
