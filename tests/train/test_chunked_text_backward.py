@@ -8,11 +8,13 @@ import torch
 
 import fastprompt
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, make_shapes_dataset
+from fastprompt.data import build_or_load_cache, load_dataset, make_shapes_dataset
+from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
 from fastprompt.data.soft_labels import class_soft_labels
 from fastprompt.models import PromptedTextModel, create_model
 from fastprompt.models.softcpt import SoftCPTModel
-from fastprompt.train import TrainConfig, read_prompt, train_run
+from fastprompt.train import Task, TrainConfig, read_prompt, train_run, train_softcpt_run
+from fastprompt.train.rundir import read_prompt_file
 from fastprompt.train.run import PromptLearnerRun
 from fastprompt.train.chunked_text_backward import coop_chunked, softcpt_chunked
 
@@ -190,18 +192,12 @@ def test_training_gives_the_same_prompt(setup, tmp_path, combo):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
-def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch):
+def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch,
+                                              interrupt_at_epoch):
     model, tok, cache, weights, _ = setup
     cfg = config(weights, epochs=4)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
-    real_epoch = PromptLearnerRun.train_epoch
-
-    def interrupted(self, *, epoch, bar):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch=epoch, bar=bar)
-
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
+    interrupt_at_epoch(PromptLearnerRun, 2)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False, text_chunk=3)
     monkeypatch.undo()
@@ -209,6 +205,26 @@ def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch):
     torch.testing.assert_close(read_prompt(tmp_path / "cut")[0], read_prompt(tmp_path / "full")[0],
                                rtol=1e-4, atol=1e-6)
     assert resumed["epochs"][-1]["loss"] == pytest.approx(full["epochs"][-1]["loss"], rel=1e-5)
+
+
+def test_softcpt_training_gives_the_same_prompt(setup, tmp_path):
+    model, tok, _, weights, root = setup
+    tasks_file = make_shapes_tasks(root / "tasks", num_tasks=2, classes_per_task=3,
+                                   images_per_class=3, test_images_per_class=1, size=32, seed=4)
+    _, pt, pv, _ = create_model("fastprompt-tiny", weights)
+    tasks = [Task(spec.name, build_or_load_cache(root / f"task-{i}.safetensors", model,
+                                                 "fastprompt-tiny", pt, pv, load_dataset(spec.data),
+                                                 views=2, seed=2, progress=False))
+             for i, spec in enumerate(read_tasks_file(tasks_file))]
+    cfg = config(weights, learner="softcpt", epochs=2, prograd=True, targets="ls")
+    plain = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "plain", progress=False)
+    chunked = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "chunked", progress=False,
+                                text_chunk=2)
+    assert chunked["text_chunk"] == 2
+    for key, value in read_prompt_file(tmp_path / "plain").tensors.items():
+        torch.testing.assert_close(read_prompt_file(tmp_path / "chunked").tensors[key], value,
+                                   rtol=1e-4, atol=1e-6)
+    assert chunked["epochs"][-1]["loss"] == pytest.approx(plain["epochs"][-1]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])
