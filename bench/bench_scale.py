@@ -10,9 +10,10 @@ C class prompts ("class 17." with a 16-token context), the fused loss over a bat
 cached image features, backward into the context. The model's weights are its random draw (no
 download; speed and memory do not depend on the values). The two backwards are timed in one
 fresh process per C, interleaved (``common.interleaved_times``), so that load on a shared
-machine hits them alike; each peak in a fresh process of its own: the peak is ``common.peak_memory_bytes`` (CPU: the resident
-high-water mark above the resident size before the step), which must not see a heap already
-grown by earlier steps and changes the allocator's settings, which must not tax the timings.
+machine hits them alike; each peak in a fresh process of its own. The peak is
+``common.peak_memory_bytes`` (CPU: the resident high-water mark above the resident size before
+the step), which must not see a heap already grown by earlier steps, and which changes the
+allocator's settings, which must not tax the timings.
 Writes bench/results/<name>-<device>.{json,md}.
 """
 from __future__ import annotations

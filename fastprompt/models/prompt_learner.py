@@ -176,7 +176,8 @@ class PromptLearner(nn.Module):
         self.class_token_position = class_token_position
         self.prompt_prefix = prefix_text  # the context as text, as CoOp prints it
 
-    def forward(self, ctx: torch.Tensor | None = None, classes: slice | None = None) -> torch.Tensor:
+    def forward(self, ctx: torch.Tensor | None = None, classes: slice | None = None
+                ) -> torch.Tensor:
         """Prompt embeddings, C x ``prompt_length`` x W, in the context's dtype.
 
         ``ctx`` replaces the learned context for this call (n_ctx x W shared, or C x n_ctx x W),
@@ -199,7 +200,10 @@ class PromptLearner(nn.Module):
         elif not isinstance(classes, slice):
             raise TypeError(f"classes: expected a slice or None, got {type(classes).__name__}")
         token_embeds, positions = self.token_embeds[classes], self.ctx_positions[classes]
-        ctx = ctx.unsqueeze(0).expand(token_embeds.shape[0], -1, -1) if ctx.dim() == 2 else ctx[classes]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(token_embeds.shape[0], -1, -1)
+        else:
+            ctx = ctx[classes]
         index = positions.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
         return token_embeds.to(ctx.dtype).scatter(1, index, ctx)
 
