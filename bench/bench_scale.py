@@ -114,7 +114,7 @@ def main() -> None:
     table = common.markdown_table(
         ["model", "C", "backward", "step ms", "peak MiB", "MiB per class"],
         [[r["model"], r["classes"], f"chunked K={r['chunk']}" if r["chunk"] else "plain",
-          f"{r['step_ms']:.0f}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / r['classes']:.3f}"]
+          f"{r['step_ms']:.0f}", f"{r['peak_mib']:.1f}", f"{r['peak_mib'] / r['classes']:.3f}"]
          for r in rows])
     env = common.environment(torch.device(args.device))
     print(table)
