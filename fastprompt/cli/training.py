@@ -103,6 +103,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--text-chunk", type=int, default=0, metavar="K",
+                   help="exact low-memory text backward: re-encode the class prompts K at a time "
+                        "(one extra text forward; memory of K prompts, not all C); 0: plain "
+                        "backward (default). Not part of the run's identity")
 
 
 def _add_softcpt_args(parser: argparse.ArgumentParser) -> None:
@@ -248,6 +252,7 @@ def cmd_train(args) -> int:
                              model, pt, pv)
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
                         device=device, progress=_progress(args), compile=args.compile,
+                        text_chunk=args.text_chunk,
                         data=None if from_cache else _data_source(args).to_dict())
     _plot_curves(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
@@ -331,7 +336,8 @@ def cmd_train_softcpt(args) -> int:
                                     progress=_progress(args))
         tasks.append(Task(spec.name, cache))
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
-                                device=device, progress=_progress(args))
+                                device=device, progress=_progress(args),
+                                text_chunk=args.text_chunk)
     _plot_curves(args.out)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "

@@ -176,11 +176,13 @@ class PromptLearner(nn.Module):
         self.class_token_position = class_token_position
         self.prompt_prefix = prefix_text  # the context as text, as CoOp prints it
 
-    def forward(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ctx: torch.Tensor | None = None, classes: slice | None = None
+                ) -> torch.Tensor:
         """Prompt embeddings, C x ``prompt_length`` x W, in the context's dtype.
 
         ``ctx`` replaces the learned context for this call (n_ctx x W shared, or C x n_ctx x W),
         e.g. one produced by a meta network (SoftCPT); gradients flow to whichever is used.
+        ``classes`` (a slice of the C classes) returns only those classes' prompts.
         """
         if ctx is None:
             ctx = self.ctx
@@ -193,10 +195,17 @@ class PromptLearner(nn.Module):
             if ctx.device != self.token_embeds.device:
                 raise ValueError(f"ctx: on {ctx.device}, but the prompt learner is on "
                                  f"{self.token_embeds.device}")
+        if classes is None:
+            classes = slice(None)
+        elif not isinstance(classes, slice):
+            raise TypeError(f"classes: expected a slice or None, got {type(classes).__name__}")
+        token_embeds, positions = self.token_embeds[classes], self.ctx_positions[classes]
         if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        index = self.ctx_positions.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
-        return self.token_embeds.to(ctx.dtype).scatter(1, index, ctx)
+            ctx = ctx.unsqueeze(0).expand(token_embeds.shape[0], -1, -1)
+        else:
+            ctx = ctx[classes]
+        index = positions.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
+        return token_embeds.to(ctx.dtype).scatter(1, index, ctx)
 
     def extra_repr(self) -> str:
         return (f"n_cls={self.n_cls}, n_ctx={self.n_ctx}, ctx_init={self.ctx_init!r}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -131,11 +132,13 @@ def epoch_result(config: TrainConfig, epoch: int, lr: float, num_rows: int, tota
 
 
 def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params, epoch: int,
-                   num_rows: int, batch_loss, device: torch.device, bar=None) -> dict:
+                   num_rows: int, batch_loss, device: torch.device, bar=None,
+                   backward=None) -> dict:
     """One epoch of optimiser steps over ``num_rows`` rows in batches of ``config.batch_size``,
     for any learner: ``batch_loss(start, stop)`` returns the batch's ``(loss, kl_loss)`` (the
     KL term None without ProGrad), which is backpropagated (ProGrad: projected onto ``params``)
-    and stepped. Returns the epoch's mean loss(es), its learning rate and target kind."""
+    and stepped; ``backward(loss, kl_loss)``, when given, does the backward instead (the chunked
+    text backward). Returns the epoch's mean loss(es), its learning rate and target kind."""
     lr = set_epoch_lr(config, optimizer, epoch)
     # Sums stay on the device: no host synchronisation per step.
     total = torch.zeros((), device=device)
@@ -144,11 +147,14 @@ def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params
         n = stop - start
         optimizer.zero_grad(set_to_none=True)
         loss, kl = batch_loss(start, stop)
-        if config.prograd:
+        if backward is not None:
+            backward(loss, kl)
+        elif config.prograd:
             fastprompt.prograd_backward(loss, kl, params, lam=config.lam)
-            total_kl += kl.detach().float() * n
         else:
             loss.backward()
+        if config.prograd:
+            total_kl += kl.detach().float() * n
         optimizer.step()
         total += loss.detach().float() * n
         if bar is not None:
@@ -171,15 +177,19 @@ def batch_losses(prompted, images: Tensor, labels: Tensor, scale: Tensor, config
 
 def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targets: Targets,
                 optimizer: torch.optim.Optimizer, epoch: int, zeroshot: Tensor | None,
-                device: torch.device, bar=None, compiled=None) -> dict:
+                device: torch.device, bar=None, compiled=None, text_chunk: int = 0) -> dict:
     """One epoch of a CoOp-style prompt over the cached training set; returns the epoch's mean
     loss(es). ``compiled``: a ``fastprompt.train.compiled_step.CompiledStep`` that runs each
-    step instead of the eager one."""
+    step instead of the eager one. ``text_chunk`` K > 0: the exact two-pass text backward, K
+    classes at a time (``fastprompt.train.chunked_text_backward``)."""
+    from fastprompt.train.chunked_text_backward import coop_chunked
     sample, rows = epoch_order(config, cache, epoch)
     scale = logit_scale(model).to(device)
     params = [p for p in prompted.parameters() if p.requires_grad]
     options = loss_options(config, targets, epoch, sample)
     sample_index_all = options.pop("sample_index", None)
+    chunked = (coop_chunked(prompted, text_chunk, lambda: _autocast(device, config.amp))
+               if text_chunk else None)
 
     def batch_inputs(start, stop):
         """``(images, labels, sample_index or None)`` of a batch, on the device."""
@@ -195,7 +205,8 @@ def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targe
     def batch_loss(start, stop):
         images, labels, index = batch_inputs(start, stop)
         batch_options = options if index is None else {**options, "sample_index": index}
-        return batch_losses(prompted, images, labels, scale, config, batch_options, zeroshot,
-                            device)
+        return batch_losses(prompted if chunked is None else chunked.features, images, labels,
+                            scale, config, batch_options, zeroshot, device)
 
-    return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar)
+    return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar,
+                          None if chunked is None else partial(chunked.backward, lam=config.lam))

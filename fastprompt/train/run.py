@@ -29,9 +29,10 @@ class PromptLearnerRun:
     format = FORMAT
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer, device,
-                 compile: bool = False):
+                 compile: bool = False, text_chunk: int = 0):
         from fastprompt.models import zeroshot_text_features
         self.config, self.cache, self.model, self.device = config, cache, model, device
+        self.text_chunk = text_chunk
         torch.manual_seed(config.seed)  # the random context initialisation
         self.prompted = _prompted_model(model, tokenizer, cache.classnames, config).to(device)
         self.ctx = self.prompted.prompt_learner.ctx
@@ -60,7 +61,7 @@ class PromptLearnerRun:
         return train_epoch(self.prompted, self.model, self.cache, self.config, self.targets,
                            self.optimizer, epoch,
                            self.zeroshot if self.config.prograd else None, self.device, bar=bar,
-                           compiled=self.compiled)
+                           compiled=self.compiled, text_chunk=self.text_chunk)
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
@@ -81,7 +82,7 @@ class PromptLearnerRun:
 def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_dir, *,
               resume: bool = False, progress: bool | None = None,
               device: str | torch.device | None = None, data: dict | None = None,
-              compile: bool = False) -> dict:
+              compile: bool = False, text_chunk: int = 0) -> dict:
     """Train ``config`` on ``cache`` into ``out_dir`` and return the metrics (also written to
     ``out_dir/metrics.json``; ``data``, where the cache's images came from, is recorded there as
     given: ``fastprompt.data.source.DataSource.to_dict``).
@@ -95,12 +96,20 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     (``fastprompt.train.compiled_step``; CUDA graphs on CUDA): the same training to float32
     rounding, faster where Python overhead dominates. Not part of the run's identity (a run
     resumes with or without it); ``metrics["compile"]`` records the mode (None without).
+    ``text_chunk`` K > 0 runs the text backward K classes at a time (exact, memory bounded by K
+    prompts; ``fastprompt.train.chunked_text_backward``); not part of the run's identity either,
+    so a run may resume with another K. The two do not combine.
     """
     from fastprompt.models import count_parameters
+    from fastprompt.train.chunked_text_backward import check_text_chunk
 
     if config.learner != "coop":
         raise ValueError("config: learner 'softcpt' trains several tasks: use "
                          "fastprompt.train.train_softcpt_run")
+    text_chunk = check_text_chunk(text_chunk)
+    if compile and text_chunk:
+        raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
+                         "step; drop compile (--compile) or text_chunk (--text-chunk)")
     out_dir = os.fspath(out_dir)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,7 +119,8 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
                 "model_weights": model_weights_hash(model)}
     rundir.refuse_existing_run(out_dir, resume, FORMAT)  # before any work
     model = model.to(device)
-    learner = PromptLearnerRun(config, cache, model, tokenizer, device, compile=compile)
+    learner = PromptLearnerRun(config, cache, model, tokenizer, device, compile=compile,
+                               text_chunk=text_chunk)
 
     def finish(history: list) -> dict:
         text = learner.text_features()
@@ -122,6 +132,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
             "val_acc": accuracy(cache.val_features, cache.val_labels, text),
             "trainable_parameters": count_parameters(learner.prompted),
             "logit_scale": float(logit_scale(model)),
+            "text_chunk": text_chunk,
             "num_classes": cache.num_classes,
             "num_train_images": cache.num_train_images,
             "views": cache.views,

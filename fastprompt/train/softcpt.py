@@ -163,20 +163,30 @@ def multitask_loss(texts: list[Tensor], groups, tasks: list[Task], config: Train
 
 def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targets: list[Targets],
                         optimizer: torch.optim.Optimizer, epoch: int,
-                        zeroshot: list[Tensor] | None, device: torch.device, bar=None) -> dict:
+                        zeroshot: list[Tensor] | None, device: torch.device, bar=None,
+                        text_chunk: int = 0) -> dict:
     """One epoch over every task's cached training set; returns the epoch's mean loss(es) and
-    each task's mean loss (``task_loss``)."""
+    each task's mean loss (``task_loss``). ``text_chunk`` K > 0: the exact two-pass text
+    backward over the batch's tasks' class prompts, K at a time."""
+    from fastprompt.train.chunked_text_backward import softcpt_chunked
     task, sample, rows = multitask_epoch_order(config, tasks, epoch)
     scale = logit_scale(model).to(device)
     # Per task: its own soft-label tables. For ISL, "sample_index" only marks that the batch's
     # own indices into the task's table must be passed (multitask_loss does).
     options = [loss_options(config, targets[t], epoch, sample) for t in range(len(tasks))]
     per_task_total = torch.zeros(len(tasks), device=device)
+    step = {}  # the batch's ChunkedTextBackward
 
     def batch_loss(start, stop):
         groups = _group(task[start:stop], sample[start:stop], rows[start:stop])
-        with _autocast(device, config.amp):
-            texts = net([t for t, _, _ in groups])
+        present = [t for t, _, _ in groups]
+        if text_chunk:
+            step["chunked"], sizes = softcpt_chunked(net, present, text_chunk,
+                                                     lambda: _autocast(device, config.amp))
+            texts = list(step["chunked"].features().split(sizes))
+        else:
+            with _autocast(device, config.amp):
+                texts = net(present)
         loss, kl, per_task = multitask_loss(texts, groups, tasks, config, options, zeroshot,
                                             scale, device)
         for t, s in per_task:
@@ -184,7 +194,9 @@ def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targ
         return loss, kl
 
     result = optimise_epoch(config, optimizer, net.trainable_parameters(), epoch, len(rows),
-                            batch_loss, device, bar)
+                            batch_loss, device, bar,
+                            (lambda loss, kl: step["chunked"].backward(loss, kl, lam=config.lam))
+                            if text_chunk else None)
     counts = torch.tensor([t.cache.num_train_images for t in tasks], dtype=torch.float32)
     result["task_loss"] = (per_task_total.cpu() / counts).tolist()
     return result
@@ -205,9 +217,11 @@ class SoftCPTRun:
     """``rundir.Learner`` for SoftCPT's task context and meta network over several tasks."""
     format = SOFTCPT_FORMAT
 
-    def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer, device):
+    def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer, device,
+                 text_chunk: int = 0):
         from fastprompt.models import zeroshot_text_features
         self.config, self.tasks, self.model, self.device = config, tasks, model, device
+        self.text_chunk = text_chunk
         torch.manual_seed(config.seed)  # the task context's and meta network's initialisation
         self.net = softcpt_model(model, tokenizer, [t.name for t in tasks],
                                  [t.cache.classnames for t in tasks], config).to(device)
@@ -233,7 +247,7 @@ class SoftCPTRun:
         return train_softcpt_epoch(self.net, self.model, self.tasks, self.config, self.targets,
                                    self.optimizer, epoch,
                                    self.zeroshot if self.config.prograd else None, self.device,
-                                   bar=bar)
+                                   bar=bar, text_chunk=self.text_chunk)
 
     @torch.no_grad()
     def train_accuracy(self) -> dict:
@@ -254,19 +268,22 @@ class SoftCPTRun:
 
 def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, out_dir, *,
                       resume: bool = False, progress: bool | None = None,
-                      device: str | torch.device | None = None) -> dict:
+                      device: str | torch.device | None = None, text_chunk: int = 0) -> dict:
     """Train SoftCPT on ``tasks`` into ``out_dir``; return the metrics (also in metrics.json).
 
     ``model`` is the frozen open_clip model every task's cache was built with. With
     ``resume=True`` a checkpoint in ``out_dir`` is continued (same config, tasks, caches and
     model); without it a folder holding a checkpoint is refused. Nothing is written before the
-    inputs are checked.
+    inputs are checked. ``text_chunk`` as in ``fastprompt.train.train_run`` (not part of the
+    run's identity).
     """
     from fastprompt.models.softcpt import softcpt_parameter_count
+    from fastprompt.train.chunked_text_backward import check_text_chunk
 
     if not isinstance(config, TrainConfig) or config.learner != "softcpt":
         raise ValueError("config: expected a TrainConfig with learner='softcpt'")
     tasks = _check_tasks(tasks)
+    text_chunk = check_text_chunk(text_chunk)
     out_dir = os.fspath(out_dir)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -275,7 +292,7 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
                 "model_weights": model_weights_hash(model)}
     rundir.refuse_existing_run(out_dir, resume, SOFTCPT_FORMAT)  # before any work
     model = model.to(device)
-    learner = SoftCPTRun(config, tasks, model, tokenizer, device)
+    learner = SoftCPTRun(config, tasks, model, tokenizer, device, text_chunk)
 
     def finish(history: list) -> dict:
         per_task = []
@@ -305,6 +322,7 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
             "trainable_parameters": counts["total"],
             "parameters": counts,
             "logit_scale": float(logit_scale(model)),
+            "text_chunk": text_chunk,
             "num_tasks": len(tasks),
             "num_train_images": learner.images_per_epoch,
         }

@@ -15,7 +15,7 @@ from exportlib import SCALE, truth
 
 # Everything the `train` extra installs; the `serve` extra has none of it.
 BLOCKED = ("torch", "torchvision", "open_clip", "triton", "onnx", "onnxscript", "safetensors",
-           "tqdm", "fastprompt._C")
+           "tqdm", "matplotlib", "fastprompt._C")
 BLOCKER = f"""
 import sys
 

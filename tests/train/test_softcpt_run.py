@@ -164,18 +164,11 @@ def test_softcpt_trains_and_reports_per_task(setup, tmp_path, combo):
     assert not torch.equal(tensors["meta_weight"], initial.meta_net.weight.detach())
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, interrupt_at_epoch):
     model, tok, tasks, weights, _ = setup
     cfg = config(weights, epochs=3, targets="ls", prograd=True)
     full = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "full", progress=False)
-    real_epoch = softcpt_module.SoftCPTRun.train_epoch
-
-    def interrupted(self, *, epoch, bar):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch=epoch, bar=bar)
-
-    monkeypatch.setattr(softcpt_module.SoftCPTRun, "train_epoch", interrupted)
+    interrupt_at_epoch(softcpt_module.SoftCPTRun, 2)
     with pytest.raises(KeyboardInterrupt):
         train_softcpt_run(cfg, tasks, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()

@@ -81,19 +81,13 @@ def test_training_learns(setup, tmp_path):
 
 @pytest.mark.parametrize("combo", [dict(), dict(loss="dspt", targets="isl", alternate=True,
                                                  prograd=True)], ids=["coop", "dspt+isl+prograd"])
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, combo):
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, interrupt_at_epoch,
+                                    combo):
     model, tok, cache, weights = setup
     cfg = config(weights, epochs=4, **combo)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
 
-    real_epoch = PromptLearnerRun.train_epoch
-
-    def interrupted(self, *, epoch, bar):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch=epoch, bar=bar)
-
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
+    interrupt_at_epoch(PromptLearnerRun, 2)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
