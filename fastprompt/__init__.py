@@ -20,14 +20,20 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        # Sub-packages (fastprompt.serve, fastprompt.train, ...) load as usual on import.
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+def _lazy_attributes(module_name: str, module_globals: dict, table: dict[str, str]):
+    """``(__getattr__, __dir__)`` for a module whose names in ``table`` (name -> the module that
+    defines it) load on first access and are then cached in ``module_globals``."""
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(table[name]), name)
+        module_globals[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(module_globals) | set(table))
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_attributes(__name__, globals(), _LAZY)

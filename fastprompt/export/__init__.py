@@ -5,7 +5,7 @@ Names are imported on first use (PEP 562), so ``fastprompt.export.metadata`` and
 """
 from __future__ import annotations
 
-import importlib
+from fastprompt import _lazy_attributes
 
 _LAZY = {
     "BakedClassifier": "fastprompt.export.onnx_export",
@@ -25,14 +25,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_attributes(__name__, globals(), _LAZY)
