@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import _backend
@@ -161,3 +162,19 @@ def propagate_logit_error(error, image_features, text_features, scale, normalize
     image = projected(e @ th.abs(), xh, x_norm)
     text = projected(e.T @ xh.abs(), th, t_norm)
     return image, text, float((e * z.abs()).sum() / s)
+
+
+def targets64(labels, c, kw):
+    """The N x C target distribution in float64, built here from the definitions."""
+    onehot = F.one_hot(labels, c).double()
+    eps = kw.get("smoothing", 0.0)
+    if eps == 0:
+        return onehot
+    table = kw.get("soft_labels")
+    if table is None:
+        r = torch.full_like(onehot, 1.0 / c)
+    elif "sample_index" in kw:
+        r = table.double()[kw["sample_index"]]
+    else:
+        r = table.double()[labels]
+    return (1 - eps) * onehot + eps * r

@@ -12,11 +12,10 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import reference
-from testlib import (TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
+from testlib import (TARGETS, targets64, assert_close_to_truth, backend,  # noqa: F401 (fixture)
                      float32_logit_error, half_storage_error, propagate_logit_error)
 
 DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16)
@@ -73,17 +72,10 @@ def draw_loss_case(seed, small):
 
 
 def _targets64(labels, c, kw):
-    onehot = F.one_hot(labels, c).double()
-    eps = kw.get("smoothing", 0.0)
-    if eps == 0:
-        return onehot
     table = kw.get("soft_labels")
-    if table is None:
-        r = torch.full_like(onehot, 1.0 / c)
-    else:
-        table = table.double() / table.double().sum(1, keepdim=True)
-        r = table[kw["sample_index"]] if "sample_index" in kw else table[labels]
-    return (1 - eps) * onehot + eps * r
+    if table is not None:  # the table renormalised in float64
+        kw = {**kw, "soft_labels": table.double() / table.double().sum(1, keepdim=True)}
+    return targets64(labels, c, kw)
 
 
 def _logits64(x, t, s, normalize):

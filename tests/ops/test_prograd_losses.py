@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import reference
-from testlib import (TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
+from testlib import (TARGETS, targets64, assert_close_to_truth, backend,  # noqa: F401 (fixture)
                      half_storage_error, make_prograd_inputs, propagate_logit_error)
 
 
@@ -19,22 +19,6 @@ def _double(kw):
     if "soft_labels" in kw:
         kw["soft_labels"] = kw["soft_labels"] / kw["soft_labels"].sum(dim=1, keepdim=True)
     return kw
-
-
-def targets64(labels, c, kw):
-    """The N x C target distribution in float64, built here from the definitions."""
-    onehot = F.one_hot(labels, c).double()
-    eps = kw.get("smoothing", 0.0)
-    if eps == 0:
-        return onehot
-    table = kw.get("soft_labels")
-    if table is None:
-        r = torch.full_like(onehot, 1.0 / c)
-    elif "sample_index" in kw:
-        r = table.double()[kw["sample_index"]]
-    else:
-        r = table.double()[labels]
-    return (1 - eps) * onehot + eps * r
 
 
 def formula_rows(z, z0, labels, kw, double_softmax, tau):
