@@ -150,10 +150,11 @@ def _config_from(args, shots: int | None) -> "TrainConfig":
         amp=not args.no_amp)
 
 
-def _load_model(args):
+def _load_model(args, image_tower: bool = True):
     from fastprompt.models import create_model
     device = _device(args.device)
-    model, preprocess_train, preprocess_val, tokenizer = create_model(args.model, args.pretrained, device)
+    model, preprocess_train, preprocess_val, tokenizer = create_model(
+        args.model, args.pretrained, device, image_tower=image_tower)
     if args.pretrained is None:
         print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE; the same "
               "seeded draw in every process): accuracies mean little.", file=sys.stderr)
@@ -244,7 +245,8 @@ def cmd_train(args) -> int:
     else:
         shots = args.shots
     config = _config_from(args, shots)
-    model, pt, pv, tokenizer, device = _load_model(args)
+    # Training from a built cache never encodes an image: the image tower is not loaded.
+    model, pt, pv, tokenizer, device = _load_model(args, image_tower=not from_cache)
     if from_cache:
         cache = _load_trained_cache(args.cache, model, args.model)
     else:
