@@ -237,6 +237,7 @@ def read_prompt_file(run_dir) -> PromptFile:
 class Learner(Protocol):
     """What ``train_epochs`` needs from a learner (CoOp's prompt, SoftCPT's meta network)."""
     format: str
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     images_per_epoch: int
 
@@ -281,12 +282,17 @@ def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: 
     ``prompt_fields``) and ``finish(history)``'s metrics. Returns the metrics.
 
     Under several ranks every rank runs this: they first check that they hold the same
-    identity (model weights' hash, data, config); rank 0 alone takes the lock, reads the
+    identity (model weights' hashes, data, config); rank 0 alone takes the lock, reads the
     checkpoint and writes files and the progress bar, and sends the others the state to resume
     from; every rank trains and computes the metrics."""
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     writer = distributed.is_writer()
-    distributed.check_same_on_all_ranks("model weights, data and config", identity)
+    if distributed.world_size() > 1:
+        # The identity's model_weights hashes the image tower only; each rank also encodes
+        # classes with its own text tower, so the whole model must agree.
+        distributed.check_same_on_all_ranks(
+            "model weights, data and config",
+            {**identity, "model_state": tensor_checksum(learner.model.state_dict())})
     with contextlib.ExitStack() as stack:
         state = distributed.from_rank_zero(
             lambda: _prepare(run_dir, config, learner, identity, resume, stack))
