@@ -279,7 +279,8 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
     ``resume=True`` a checkpoint in ``out_dir`` is continued (same config, tasks, caches and
     model); without it a folder holding a checkpoint is refused. Nothing is written before the
     inputs are checked. ``text_chunk`` as in ``fastprompt.train.train_run`` (not part of the
-    run's identity).
+    run's identity), and so is training on several ranks: each batch's class prompts are
+    sharded over them.
     """
     from fastprompt.models.softcpt import softcpt_parameter_count
     from fastprompt.train.chunked_text_backward import check_text_chunk

@@ -140,3 +140,11 @@ def test_a_two_rank_run_resumes_on_one_process(one_process_run):
     assert main([*args, "--resume"]) == 0
     torch.testing.assert_close(read_prompt(root / "cut")[0], read_prompt(root / "one")[0],
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "nan"])
+def test_bad_dist_timeout_is_refused(tmp_path, capsys, bad):
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                 "--dist-timeout", bad]) == 2
+    assert "--dist-timeout: expected seconds > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
