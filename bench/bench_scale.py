@@ -121,6 +121,17 @@ def run_point(args) -> dict | None:
                 "round_medians_ms": {chunk: t["round_medians_ms"] for chunk, t in times.items()}}
 
 
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of ``rows``; per class: the peak over the largest rank's classes."""
+    return common.markdown_table(
+        ["model", "C", "ranks", "backward", "step ms", "peak MiB (largest rank)",
+         "MiB per class of a rank"],
+        [[r["model"], r["classes"], r["ranks"],
+          f"chunked K={r['chunk']}" if r["chunk"] else "plain", f"{r['step_ms']:.0f}",
+          f"{r['peak_mib']:.1f}", f"{r['peak_mib'] / -(-r['classes'] // r['ranks']):.3f}"]
+         for r in rows])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="fastprompt-tiny")
@@ -174,13 +185,7 @@ def main() -> None:
                              "round_medians_ms": timed["round_medians_ms"][str(chunk)],
                              **point(["--point-peak", str(chunk)])})
                 print(rows[-1], flush=True)
-    table = common.markdown_table(
-        ["model", "C", "ranks", "backward", "step ms", "peak MiB (largest rank)",
-         "MiB per class"],
-        [[r["model"], r["classes"], r["ranks"],
-          f"chunked K={r['chunk']}" if r["chunk"] else "plain", f"{r['step_ms']:.0f}",
-          f"{r['peak_mib']:.1f}", f"{r['peak_mib'] / r['classes']:.3f}"]
-         for r in rows])
+    table = results_table(rows)
     env = common.environment(torch.device(args.device))
     env["command"] = "python bench/bench_scale.py " + " ".join(sys.argv[1:])
     print(table)
