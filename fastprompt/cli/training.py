@@ -155,7 +155,7 @@ def _load_model(args, image_tower: bool = True):
     device = _device(args.device)
     model, preprocess_train, preprocess_val, tokenizer = create_model(
         args.model, args.pretrained, device, image_tower=image_tower)
-    if args.pretrained is None:
+    if args.pretrained is None and _is_writer():
         print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE; the same "
               "seeded draw in every process): accuracies mean little.", file=sys.stderr)
     return model, preprocess_train, preprocess_val, tokenizer, device
@@ -192,7 +192,15 @@ def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=N
                                progress=progress)
 
 
+def _is_writer() -> bool:
+    """Rank 0 of a torchrun run, or a single process: the one that prints and writes."""
+    from fastprompt.train.distributed import is_writer
+    return is_writer()
+
+
 def _print_classes(classnames, where: str = "") -> None:
+    if not _is_writer():
+        return
     shown = ", ".join(repr(c) for c in classnames[:5])
     more = f", ... ({len(classnames)} in all)" if len(classnames) > 5 else ""
     print(f"fastprompt: {len(classnames)} classes{where}: {shown}{more}", file=sys.stderr)
@@ -226,9 +234,39 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """``fastprompt train``; under ``torchrun`` with several processes, each one a rank of one
+    run with the classes sharded over them (``fastprompt.train.distributed``)."""
+    from fastprompt.train.distributed import torchrun_process_group
+    with torchrun_process_group(args.device, args.dist_timeout) as device:
+        args.device = device
+        if args.method == "softcpt" or args.tasks:
+            return cmd_train_softcpt(args)
+        return _cmd_train_coop(args)
+
+
+def _print_ranks(classes: str) -> None:
+    """Rank 0 says how many ranks it runs and how the classes are split over them."""
+    import torch.distributed as dist
+
+    from fastprompt.train.distributed import world
+    rank, ranks = world()
+    if ranks > 1 and rank == 0:
+        print(f"fastprompt: {ranks} ranks ({dist.get_backend()}), {classes}", file=sys.stderr)
+
+
+def _on_rank_zero_first(fn):
+    """``fn()`` on rank 0, then, once it succeeded, on the other ranks (a cache build: they load
+    the file rank 0 wrote instead of writing it too); one process: ``fn()``."""
+    from fastprompt.train.distributed import from_rank_zero, is_writer
+    held = []
+    from_rank_zero(lambda: held.append(fn()))
+    return held[0] if is_writer() else fn()
+
+
+def _cmd_train_coop(args) -> int:
     from fastprompt.train import train_run
-    if args.method == "softcpt" or args.tasks:
-        return cmd_train_softcpt(args)
+    from fastprompt.train.class_sharding import shard_bounds
+    from fastprompt.train.distributed import world_size
     if len(getattr(args, "data_all", None) or []) > 1:
         raise ValueError("--data: given several times; several folders train together only "
                          "with --method softcpt")
@@ -250,12 +288,17 @@ def cmd_train(args) -> int:
     if from_cache:
         cache = _load_trained_cache(args.cache, model, args.model)
     else:
-        cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
-                             model, pt, pv)
+        cache = _on_rank_zero_first(lambda: _build_cache(
+            args, args.cache or os.path.join(args.out, "features.safetensors"), model, pt, pv,
+            progress=None if _is_writer() else False))
+    sizes = [b - a for a, b in shard_bounds(cache.num_classes, world_size())]
+    _print_ranks(f"{cache.num_classes} classes: {' + '.join(map(str, sizes))} per rank")
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
                         device=device, progress=_progress(args), compile=args.compile,
                         text_chunk=args.text_chunk,
                         data=None if from_cache else _data_source(args).to_dict())
+    if not _is_writer():
+        return 0
     _plot_curves(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
@@ -279,7 +322,7 @@ def _plot_curves(run_dir: str) -> None:
 
 
 def _progress(args) -> bool | None:
-    return False if args.no_progress else None
+    return False if args.no_progress or not _is_writer() else None
 
 
 def _slug(name: str) -> str:
@@ -331,15 +374,19 @@ def cmd_train_softcpt(args) -> int:
         path = os.path.join(args.out, "features", f"{i:02d}-{_slug(spec.name)}.safetensors")
         _check_cache_weights(path, model, args.rebuild_cache)
         _print_classes(split.classnames, f" in task {spec.name!r}")
-        cache = build_or_load_cache(path, model, args.model, pt, pv, split, views=args.views,
-                                    shots=args.shots, noise_rate=args.noise_rate,
-                                    noise_type=args.noise_type, seed=args.seed,
-                                    batch_size=args.batch_size_cache, num_workers=args.workers,
-                                    progress=_progress(args))
+        cache = _on_rank_zero_first(lambda: build_or_load_cache(
+            path, model, args.model, pt, pv, split, views=args.views, shots=args.shots,
+            noise_rate=args.noise_rate, noise_type=args.noise_type, seed=args.seed,
+            batch_size=args.batch_size_cache, num_workers=args.workers,
+            progress=_progress(args)))
         tasks.append(Task(spec.name, cache))
+    _print_ranks(f"each batch's classes (those of its tasks, up to "
+                 f"{sum(t.cache.num_classes for t in tasks)}) split evenly over them")
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
                                 device=device, progress=_progress(args),
                                 text_chunk=args.text_chunk)
+    if not _is_writer():
+        return 0
     _plot_curves(args.out)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
@@ -380,6 +427,7 @@ COMMANDS = ("cache", "train", "eval", "demo")
 def add_commands(sub) -> None:
     """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
     from fastprompt.cli import protocols
+    from fastprompt.train.distributed import DEFAULT_TIMEOUT_S
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
     _add_model_args(p)
     _add_data_args(p)
@@ -403,6 +451,10 @@ def add_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild a cache file built with other model weights instead of refusing it")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun with several processes (the classes sharded over them): "
+                        "how long a rank waits for the others before it fails (default: "
+                        "%(default)s)")
     _add_softcpt_args(p)
     p.set_defaults(func=cmd_train)
 
