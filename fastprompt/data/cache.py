@@ -620,6 +620,12 @@ def _encode_chunks(plan: CachePlan, ids: list[int], model, *, num_workers: int,
                 if mine:
                     _encode_split(plan, split, mine, model, num_workers=num_workers,
                                   device=device, dtype=dtype, bar=bar, verified=verified)
+    except BaseException:
+        try:  # the chunk files written stay for the next build; an empty folder does not
+            os.rmdir(plan.chunk_dir)
+        except OSError:
+            pass
+        raise
     finally:
         model.train(was_training)
     return [c.index for c in todo]

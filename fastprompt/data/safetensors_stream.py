@@ -83,6 +83,24 @@ def read_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def file_sources(path: str) -> list[TensorSource]:
+    """A source per tensor of the safetensors file ``path``, reading its bytes from the file
+    (``ValueError`` when a tensor's dtype is not one fastprompt writes)."""
+    header, data_start = read_header(path)
+    by_name = {v: k for k, v in _DTYPES.items()}
+    sources = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in by_name:
+            raise ValueError(f"{name}: dtype {info.get('dtype')!r} is not one of {sorted(by_name)}")
+        begin, end = info["data_offsets"]
+        sources.append(TensorSource(
+            name, by_name[info["dtype"]], tuple(info["shape"]),
+            lambda begin=begin, end=end: file_pieces(path, data_start + begin, end - begin)))
+    return sources
+
+
 def streaming_checksum(sources: Iterable[TensorSource], extra: str = "") -> str:
     """``fastprompt._io.tensor_checksum`` of the tensors the sources hold, reading each once."""
     h = hashlib.blake2b(digest_size=16)

@@ -1,11 +1,11 @@
 """The chunked cache build: chunk boundaries, two ranks under torchrun against one process, a
 killed build resumed, damaged chunk files, missing chunks named, and the merge's memory bound.
 Uses fastprompt-tiny (64x64 images, D = 64)."""
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from fastprompt.data import (build_feature_cache, encode_cache_chunks, load_cach
 from fastprompt.data import cache as cache_module
 
 NAME = "fastprompt-tiny"
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_cache_merge.py")
 # 20 training images x 2 views in encoder batches of 2 images: 5 chunks of 4 images (8 views),
 # and the 8 test images in one chunk.
 SMALL = dict(views=2, batch_size=4, chunk_size=8, progress=False)
@@ -167,70 +168,16 @@ def test_missing_chunks_are_named_and_any_process_can_encode_them(tmp_path, shap
         encode_cache_chunks(plan, [6], model)
 
 
-_MERGE_MEMORY = """
-import os, sys, time, torch
-from fastprompt.data import cache as c
-m, k, d, t, classes = {m}, 8, 512, 1024, 10
-fingerprint = {{"format": c.CACHE_FORMAT, "views": k, "seed": 1, "num_classes": classes,
-               "num_train_images": m, "num_test_images": t, "num_val_images": 0}}
-plan = c.CachePlan(
-    path=sys.argv[1], fingerprint=fingerprint, classnames=[f"class {{i}}" for i in range(classes)],
-    train=[(f"/images/{{i:07d}}.jpg", i % classes) for i in range(m)],
-    noisy_labels=[(i * 7) % classes for i in range(m)],
-    test=[(f"/test/{{i:05d}}.jpg", i % classes) for i in range(t)], val=[],
-    preprocess_train=None, preprocess_val=None, add_flip=False, batch_size=256,
-    chunks=c._chunk_layout({{"train": m, "test": t, "val": 0}}, k, 256, 65536))
-# Every training chunk holds the same features (so one checksum serves them all): view v of
-# its i-th image is (7 v + i) mod 2048 in every column, exact in float16.
-per_chunk = plan.chunks[0].stop
-pattern = ((7 * torch.arange(k)[:, None] + torch.arange(per_chunk)) % 2048).half()
-train = {{"features": pattern[..., None].expand(-1, -1, d).contiguous()}}
-checksum = c.tensor_checksum(train)
-os.makedirs(plan.chunk_dir)
-for chunk in plan.chunks:
-    if chunk.split == "test":
-        train = {{"features": torch.ones(1, chunk.stop - chunk.start, d, dtype=torch.float16)}}
-        checksum = c.tensor_checksum(train)
-    c.save_file(train, plan.chunk_path(chunk.index),
-                metadata={{**c._chunk_metadata(plan, chunk), "fastprompt.checksum": checksum}})
-def peak():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
-with open("/proc/self/clear_refs", "w") as f:   # reset the peak to the current size
-    f.write("5")
-base = peak()
-start = time.perf_counter()
-cache = c.merge_cache_chunks(plan)
-seconds = time.perf_counter() - start
-size = os.path.getsize(sys.argv[1])
-rows = torch.tensor([0, 1, m - 1, m, 5 * m + 77, k * m - 1])
-expect = ((7 * (rows // m) + rows % m % per_chunk) % 2048).half()
-assert torch.equal(cache.train_features[rows, :].amin(1), expect)
-assert torch.equal(cache.train_features[rows, :].amax(1), expect)
-assert torch.equal(cache.test_features, torch.ones(t, d, dtype=torch.float16))
-assert cache.train_labels[m + 3] == (3 * 7) % classes and cache.train_paths[5] == "/images/0000005.jpg"
-print(size, peak() - base, seconds)
-"""
-
-
 def test_merge_memory_is_bounded(tmp_path):
     """The merge of a 1 GiB cache (131072 images x 8 views x 512 float16) raises the peak
-    resident memory of its process by less than 200 MiB: it streams the chunk files."""
-    script = textwrap.dedent(_MERGE_MEMORY.format(m=131072))
-    path = tmp_path / "big.st"
-    try:
-        result = _cli("-c", script, path, timeout=300)
-        assert result.returncode == 0, result.stderr
-        size, rise, seconds = result.stdout.split()
-        assert int(size) > 2**30
-        assert int(rise) < 200 * 2**20, f"peak RSS rose by {int(rise) / 2**20:.0f} MiB"
-        print(f"merge of {int(size) / 2**30:.2f} GiB: peak RSS +{int(rise) / 2**20:.1f} MiB, "
-              f"{float(seconds):.1f} s")
-    finally:
-        for leftover in tmp_path.glob("big.st*"):
-            if leftover.is_dir():
-                for f in leftover.iterdir():
-                    f.unlink()
-                leftover.rmdir()
-            else:
-                leftover.unlink()
+    resident memory of its process by less than 200 MiB: it streams the chunk files.
+    (``bench/bench_cache_merge.py`` writes the chunk files, merges in a fresh process, checks
+    rows of the result and removes everything.)"""
+    spec = importlib.util.spec_from_file_location("bench_cache_merge", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(str(tmp_path), 1.0, "streaming", timeout=300)
+    assert result["file_bytes"] > 2**30
+    rise = result["peak_rss_rise_bytes"]
+    assert rise < 200 * 2**20, f"peak RSS rose by {rise / 2**20:.0f} MiB"
+    assert os.listdir(tmp_path) == []
