@@ -73,8 +73,8 @@ def write_chunks(plan: cache_module.CachePlan) -> None:
 
 
 def _in_memory(plan: cache_module.CachePlan) -> None:
-    """The former way: every feature in one tensor, then ``save_file`` (of the features and the
-    labels: the rest of the file is small)."""
+    """The former way: every feature in one tensor, its checksum, then ``save_file`` (of the
+    features and the labels: the rest of the file is small)."""
     from safetensors.torch import load_file, save_file
     m = len(plan.train)
     train = torch.empty(VIEWS, m, DIM, dtype=torch.float16)
@@ -86,8 +86,10 @@ def _in_memory(plan: cache_module.CachePlan) -> None:
         else:
             test.append(features[0])
     labels = torch.tensor([y for _, y in plan.train])
-    save_file({"train_features": train.reshape(VIEWS * m, DIM), "test_features": torch.cat(test),
-               "train_labels": labels.repeat(VIEWS)}, plan.path)
+    tensors = {"train_features": train.reshape(VIEWS * m, DIM), "test_features": torch.cat(test),
+               "train_labels": labels.repeat(VIEWS)}
+    save_file(tensors, plan.path,
+              metadata={"fastprompt.checksum": cache_module.tensor_checksum(tensors)})
 
 
 def _peak_rise(fn) -> int:
