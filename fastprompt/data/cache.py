@@ -519,7 +519,8 @@ def _open_chunk(plan: CachePlan, chunk: CacheChunk) -> _ChunkFile:
     (``FileNotFoundError`` when there is none)."""
     path = plan.chunk_path(chunk.index)
     header, data_start = read_header(path)
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
     expected = _chunk_metadata(plan, chunk)
     for key in ("fastprompt.format", "fastprompt.fingerprint", "fastprompt.chunk"):
         if meta.get(key) != expected[key]:
@@ -528,8 +529,8 @@ def _open_chunk(plan: CachePlan, chunk: CacheChunk) -> _ChunkFile:
     shape = info.get("shape") if isinstance(info, dict) else None
     k, n = plan.split_views(chunk.split), chunk.stop - chunk.start
     if (not isinstance(info, dict) or info.get("dtype") != "F16" or not isinstance(shape, list)
-            or len(shape) != 3
-            or shape[:2] != [k, n] or not isinstance(shape[2], int) or shape[2] < 0):
+            or len(shape) != 3 or shape[:2] != [k, n] or not isinstance(shape[2], int)
+            or shape[2] < 0):
         raise ValueError(f"features are not ({k}, {n}, D) float16")
     nbytes = k * n * shape[2] * 2
     if info.get("data_offsets") != [0, nbytes] or os.path.getsize(path) != data_start + nbytes:
@@ -577,9 +578,9 @@ def encode_cache_chunks(plan: CachePlan, chunks, model: torch.nn.Module, *,
     Any process may encode any chunks: spread ``range(len(plan.chunks))`` over the workers
     (e.g. worker r of W takes ``r::W``), then call :func:`merge_cache_chunks` once.
     """
-    _check_run_args(plan.path, plan.batch_size, num_workers, progress)
     if not isinstance(plan, CachePlan):
         raise TypeError(f"plan: expected a CachePlan, got {type(plan).__name__}")
+    _check_run_args(plan.path, plan.batch_size, num_workers, progress)
     ids = list(chunks)
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(plan.chunks):

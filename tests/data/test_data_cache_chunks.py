@@ -168,6 +168,24 @@ def test_missing_chunks_are_named_and_any_process_can_encode_them(tmp_path, shap
         encode_cache_chunks(plan, [6], model)
 
 
+def test_bad_chunk_size_plan_and_launch_environment(tmp_path, shapes, tiny_clip, monkeypatch):
+    model, pre_train, pre_val, _ = tiny_clip
+    splits = load_image_folder(shapes)
+    with pytest.raises(ValueError, match="^chunk_size: must be >= 1"):
+        plan_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits,
+                           chunk_size=0)
+    with pytest.raises(TypeError, match="^plan: expected a CachePlan"):
+        encode_cache_chunks("plan", [0], model)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match=r"^RANK: 2 is not in \[0, WORLD_SIZE=2\)"):
+        build_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits, **SMALL)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="^RANK: environment variable is 'one'"):
+        cache_module.torchrun_rank()
+    assert os.listdir(tmp_path) == []
+
+
 def test_merge_memory_is_bounded(tmp_path):
     """The merge of a 1 GiB cache (131072 images x 8 views x 512 float16) raises the peak
     resident memory of its process by less than 200 MiB: it streams the chunk files.
