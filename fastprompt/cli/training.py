@@ -112,10 +112,21 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    g.add_argument("--text-chunk", type=int, default=0, metavar="K",
+    g.add_argument("--text-chunk", type=_text_chunk, default=0, metavar="K",
                    help="exact low-memory text backward: re-encode the class prompts K at a time "
                         "(one extra text forward; memory of K prompts, not all C); 0: plain "
-                        "backward (default). Not part of the run's identity")
+                        "backward (default); auto: the plain backward when all classes fit in "
+                        "half the free memory, else the largest K that does. Not part of the "
+                        "run's identity")
+
+
+def _text_chunk(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected classes per chunk or 'auto', got {value!r}")
 
 
 def _add_softcpt_args(parser: argparse.ArgumentParser) -> None:

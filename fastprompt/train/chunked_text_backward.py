@@ -15,6 +15,7 @@ projection is not linear) and are projected as ``fastprompt.prograd_backward`` d
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -24,12 +25,87 @@ from torch import Tensor
 import fastprompt
 
 
-def check_text_chunk(text_chunk) -> int:
-    """``text_chunk`` as an int >= 0 (0: the plain backward); ValueError naming it otherwise."""
+AUTO = "auto"
+# Share of the free memory the automatic K lets the chunks' activations fill: the rest is for
+# the backward's transient gradients, the optimiser and the allocator's fragmentation.
+AUTO_MEMORY_FRACTION = 0.5
+
+
+def check_text_chunk(text_chunk) -> int | str:
+    """``text_chunk`` as an int >= 0 (0: the plain backward) or ``"auto"``; ValueError naming
+    it otherwise."""
+    if text_chunk == AUTO:
+        return AUTO
     if isinstance(text_chunk, bool) or not isinstance(text_chunk, int) or text_chunk < 0:
         raise ValueError(f"text_chunk: expected classes per chunk, an int >= 0 (0: plain "
-                         f"backward), got {text_chunk!r}")
+                         f"backward), or 'auto', got {text_chunk!r}")
     return text_chunk
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process could still allocate on ``device``: CUDA's free memory plus what the
+    caching allocator holds unused; on CPU the host's available memory (Linux ``MemAvailable``)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _saved_bytes(encoding: "TextEncoding", classes: int, autocast: Callable) -> int:
+    """Bytes of the distinct storages autograd saves for backward in a forward over ``classes``
+    class prompts."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        encoding.encode(encoding.source(), 0, classes)
+    return sum(storages.values())
+
+
+def activation_bytes_per_class(encoding: "TextEncoding",
+                               autocast: Callable = contextlib.nullcontext) -> float:
+    """What one class prompt adds to the activations the text side keeps for backward, from two
+    small probe forwards (their difference cancels what does not grow with the classes: the
+    context, weights saved by reference)."""
+    large = min(encoding.num_classes, 4)
+    if large == 1:
+        return float(_saved_bytes(encoding, 1, autocast))
+    return (_saved_bytes(encoding, large, autocast)
+            - _saved_bytes(encoding, 1, autocast)) / (large - 1)
+
+
+def choose_text_chunk(bytes_per_class: float, free_bytes: int, num_classes: int) -> int:
+    """K for ``num_classes`` classes: 0 (the plain, faster backward) when all of their
+    activations fit in ``AUTO_MEMORY_FRACTION`` of ``free_bytes``, else the most classes that
+    fit, at least 1."""
+    budget = AUTO_MEMORY_FRACTION * free_bytes
+    if bytes_per_class * num_classes <= budget:
+        return 0
+    return max(1, min(num_classes, int(budget // max(bytes_per_class, 1.0))))
+
+
+def resolve_text_chunk(text_chunk: int | str, encoding: "TextEncoding", device: torch.device,
+                       autocast: Callable = contextlib.nullcontext,
+                       num_classes: int | None = None) -> int:
+    """``text_chunk``, with ``"auto"`` replaced by ``choose_text_chunk`` for this device's free
+    memory and ``encoding``'s measured activations per class, over ``num_classes`` classes (the
+    classes one step of this process encodes; default all of ``encoding``'s)."""
+    if text_chunk != AUTO:
+        return text_chunk
+    per_class = activation_bytes_per_class(encoding, autocast)
+    return choose_text_chunk(per_class, free_memory_bytes(device),
+                             encoding.num_classes if num_classes is None else num_classes)
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,16 @@ update, so every rank holds the same parameters.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastprompt.train.chunked_text_backward import (ChunkedTextBackward, TextEncoding,
-                                                    apply_gradients)
-from fastprompt.train.distributed import world, world_size
+from fastprompt.train.chunked_text_backward import (AUTO, ChunkedTextBackward, TextEncoding,
+                                                    apply_gradients, resolve_text_chunk)
+from fastprompt.train.distributed import is_writer, world, world_size
 
 
 def shard_bounds(num_classes: int, ranks: int) -> list[tuple[int, int]]:
@@ -116,6 +117,25 @@ class ShardedText:
                   for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
         n = len(self.params)
         apply_gradients(self.params, [summed[i:i + n] for i in range(0, len(summed), n)], lam)
+
+
+def local_text_chunk(text_chunk: int | str, encoding: TextEncoding, device: torch.device,
+                     autocast: Callable = contextlib.nullcontext) -> int:
+    """``text_chunk`` for this rank (``"auto"``: chosen for the classes it encodes per step, its
+    slice under several ranks, and its device's free memory; said on rank 0)."""
+    if text_chunk != AUTO:
+        return text_chunk
+    rank, ranks = world()
+    start, stop = shard_bounds(encoding.num_classes, ranks)[rank]
+    if start == stop:
+        return 0
+    chunk = resolve_text_chunk(AUTO, encoding.classes(start, stop), device, autocast)
+    if is_writer():
+        print(f"fastprompt: --text-chunk auto: "
+              f"{'K = %d classes per chunk' % chunk if chunk else 'the plain backward'} "
+              f"for {stop - start} classes{' per rank' if ranks > 1 else ''} on {device}",
+              file=sys.stderr)
+    return chunk
 
 
 def text_step(encoding: TextEncoding, chunk: int, autocast: Callable = contextlib.nullcontext):

@@ -12,10 +12,10 @@ import torch
 from fastprompt.data.cache import FeatureCache, model_weights_hash
 from fastprompt.train import rundir
 from fastprompt.train.chunked_text_backward import coop_encoding
-from fastprompt.train.class_sharding import sharded_text_features
+from fastprompt.train.class_sharding import local_text_chunk, sharded_text_features
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.distributed import world_size
-from fastprompt.train.loop import accuracy, logit_scale, make_targets, train_epoch
+from fastprompt.train.loop import _autocast, accuracy, logit_scale, make_targets, train_epoch
 
 FORMAT = "fastprompt-run-1"
 
@@ -35,9 +35,10 @@ class PromptLearnerRun:
                  compile: bool = False, text_chunk: int = 0):
         from fastprompt.models import zeroshot_text_features
         self.config, self.cache, self.model, self.device = config, cache, model, device
-        self.text_chunk = text_chunk
         torch.manual_seed(config.seed)  # the random context initialisation
         self.prompted = _prompted_model(model, tokenizer, cache.classnames, config).to(device)
+        self.text_chunk = local_text_chunk(text_chunk, coop_encoding(self.prompted), device,
+                                           lambda: _autocast(device, config.amp))
         self.ctx = self.prompted.prompt_learner.ctx
         self.optimizer = torch.optim.SGD([self.ctx], lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
@@ -101,8 +102,10 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     rounding, faster where Python overhead dominates. Not part of the run's identity (a run
     resumes with or without it); ``metrics["compile"]`` records the mode (None without).
     ``text_chunk`` K > 0 runs the text backward K classes at a time (exact, memory bounded by K
-    prompts; ``fastprompt.train.chunked_text_backward``); not part of the run's identity either,
-    so a run may resume with another K. The two do not combine.
+    prompts; ``fastprompt.train.chunked_text_backward``); ``"auto"`` measures the activations
+    per class prompt and takes the plain backward when all classes fit in half the device's free
+    memory, else the largest K that does (``metrics["text_chunk"]``). Not part of the run's
+    identity either, so a run may resume with another K. The two do not combine.
 
     Under a ``torch.distributed`` process group of several ranks (``torchrun``), every rank calls
     this with the same arguments: the classes are sharded over the ranks
@@ -117,7 +120,7 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
         raise ValueError("config: learner 'softcpt' trains several tasks: use "
                          "fastprompt.train.train_softcpt_run")
     text_chunk = check_text_chunk(text_chunk)
-    if compile and text_chunk:
+    if compile and text_chunk:  # "auto" too: it may choose chunks
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
                          "step; drop compile (--compile) or text_chunk (--text-chunk)")
     if compile and world_size() > 1:
@@ -148,7 +151,8 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
             "val_acc": accuracy(cache.val_features, cache.val_labels, text),
             "trainable_parameters": count_parameters(learner.prompted),
             "logit_scale": float(logit_scale(model)),
-            "text_chunk": text_chunk,
+            "text_chunk": learner.text_chunk,
+            "text_chunk_auto": text_chunk == "auto",
             "num_classes": cache.num_classes,
             "num_train_images": cache.num_train_images,
             "views": cache.views,

@@ -226,11 +226,16 @@ class SoftCPTRun:
     def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer, device,
                  text_chunk: int = 0):
         from fastprompt.models import zeroshot_text_features
+        from fastprompt.train.chunked_text_backward import softcpt_encoding
+        from fastprompt.train.class_sharding import local_text_chunk
         self.config, self.tasks, self.model, self.device = config, tasks, model, device
-        self.text_chunk = text_chunk
         torch.manual_seed(config.seed)  # the task context's and meta network's initialisation
         self.net = softcpt_model(model, tokenizer, [t.name for t in tasks],
                                  [t.cache.classnames for t in tasks], config).to(device)
+        # "auto": for a batch holding every task's classes, the most a step encodes.
+        self.text_chunk = local_text_chunk(text_chunk,
+                                           softcpt_encoding(self.net, list(range(len(tasks))))[0],
+                                           device, lambda: _autocast(device, config.amp))
         self.optimizer = torch.optim.SGD(self.net.trainable_parameters(), lr=config.lr,
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay)
@@ -327,7 +332,8 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
             "trainable_parameters": counts["total"],
             "parameters": counts,
             "logit_scale": float(logit_scale(model)),
-            "text_chunk": text_chunk,
+            "text_chunk": learner.text_chunk,
+            "text_chunk_auto": text_chunk == "auto",
             "num_tasks": len(tasks),
             "num_train_images": learner.images_per_epoch,
         }

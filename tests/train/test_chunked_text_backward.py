@@ -1,6 +1,7 @@
 """The exact two-pass text backward (--text-chunk): the same loss and parameter gradients as the
 plain backward for every method and target kind, uneven chunks included, the same trained prompt,
 resume across chunk sizes, and bad values refused."""
+import contextlib
 import json
 
 import pytest
@@ -16,7 +17,9 @@ from fastprompt.models.softcpt import SoftCPTModel
 from fastprompt.train import Task, TrainConfig, read_prompt, train_run, train_softcpt_run
 from fastprompt.train.rundir import read_prompt_file
 from fastprompt.train.run import PromptLearnerRun
-from fastprompt.train.chunked_text_backward import coop_chunked, softcpt_chunked
+from fastprompt.train import chunked_text_backward
+from fastprompt.train.chunked_text_backward import (activation_bytes_per_class, choose_text_chunk,
+                                                    coop_chunked, coop_encoding, softcpt_chunked)
 
 CLASSES = ["cat", "dog", "red fox", "sea turtle", "hot air balloon", "oak tree", "tram"]
 CHUNKS = [1, 3, 7, 50]  # K=1, uneven (7 = 3+3+1), one chunk, K > C
@@ -227,7 +230,53 @@ def test_softcpt_training_gives_the_same_prompt(setup, tmp_path):
     assert chunked["epochs"][-1]["loss"] == pytest.approx(plain["epochs"][-1]["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True])
+# The automatic K
+
+
+def test_choose_text_chunk():
+    mib = 2**20
+    assert choose_text_chunk(1 * mib, 100 * mib, 50) == 0        # all fit in half: plain
+    assert choose_text_chunk(1 * mib, 100 * mib, 51) == 50       # else the most that fit
+    assert choose_text_chunk(1 * mib, 100 * mib, 10**6) == 50
+    assert choose_text_chunk(300 * mib, 100 * mib, 7) == 1       # never less than one class
+    assert choose_text_chunk(0.0, 0, 7) == 0
+
+
+def test_activation_bytes_per_class_is_what_a_class_adds(tiny_text):
+    """The probe's bytes per class predict the saved activations of a forward over many
+    classes (context and weights do not grow with C)."""
+    model, tok = tiny_text
+    prompted = PromptedTextModel(model, tok, [f"class {i}" for i in range(40)], n_ctx=4)
+    encoding = coop_encoding(prompted)
+    per_class = activation_bytes_per_class(encoding)
+    one = chunked_text_backward._saved_bytes(encoding, 1, contextlib.nullcontext)
+    forty = chunked_text_backward._saved_bytes(encoding, 40, contextlib.nullcontext)
+    assert per_class > 0
+    assert one + 39 * per_class == pytest.approx(forty, rel=0.02)
+
+
+def test_auto_text_chunk_follows_free_memory(setup, tmp_path, monkeypatch):
+    """``text_chunk="auto"`` takes the plain backward when the classes fit and chunks when they
+    do not; either way the run trains the plain run's prompt."""
+    model, tok, cache, weights, _ = setup
+    cfg = config(weights, epochs=2)
+    per_class = activation_bytes_per_class(coop_encoding(
+        PromptedTextModel(model, tok, cache.classnames, n_ctx=cfg.n_ctx)))
+    plain = train_run(cfg, cache, model, tok, tmp_path / "plain", progress=False)
+    roomy = train_run(cfg, cache, model, tok, tmp_path / "roomy", progress=False,
+                      text_chunk="auto")
+    assert roomy["text_chunk"] == 0 and roomy["text_chunk_auto"] and not plain["text_chunk_auto"]
+    # Room for two classes' activations in half the free memory (5 classes in the cache).
+    monkeypatch.setattr(chunked_text_backward, "free_memory_bytes",
+                        lambda device: int(2 * 2.5 * per_class))
+    tight = train_run(cfg, cache, model, tok, tmp_path / "tight", progress=False,
+                      text_chunk="auto")
+    assert tight["text_chunk"] == 2
+    torch.testing.assert_close(read_prompt(tmp_path / "tight")[0],
+                               read_prompt(tmp_path / "plain")[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "automatic"])
 def test_bad_text_chunk_is_refused(setup, tmp_path, bad):
     model, tok, cache, weights, _ = setup
     with pytest.raises(ValueError, match="text_chunk"):
@@ -236,14 +285,20 @@ def test_bad_text_chunk_is_refused(setup, tmp_path, bad):
     assert not (tmp_path / "bad").exists()
 
 
-def test_cli_text_chunk_is_recorded(setup, tmp_path):
+def test_cli_text_chunk_is_recorded(setup, tmp_path, capsys):
     _, _, cache, weights, _ = setup
-    code = main(["train", "--pretrained", weights, "--cache", cache.path, "--out",
-                 str(tmp_path / "run"), "--epochs", "1", "--n-ctx", "2", "--text-chunk", "2",
-                 "--no-progress"])
-    assert code == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["text_chunk"] == 2
+    for value, expected in (("2", 2), ("auto", 0)):
+        out = tmp_path / f"run-{value}"
+        code = main(["train", "--pretrained", weights, "--cache", cache.path, "--out", str(out),
+                     "--epochs", "1", "--n-ctx", "2", "--text-chunk", value, "--no-progress"])
+        assert code == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["text_chunk"] == expected
+    assert "--text-chunk auto: the plain backward for 5 classes on cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--cache", cache.path, "--out", str(tmp_path / "x"), "--text-chunk", "k"])
+    assert e.value.code == 2
+    assert "--text-chunk: expected classes per chunk or 'auto', got 'k'" in capsys.readouterr().err
 
 
 def test_chunked_backward_and_compiled_step_do_not_combine(tiny_text, tmp_path):
