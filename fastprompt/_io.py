@@ -174,10 +174,15 @@ def exclusive_lock(lock_path: str, what: str, *, remove: bool = False) -> Iterat
         os.close(fd)
 
 
+def tensor_hash_prefix(name: str, dtype: torch.dtype, shape) -> bytes:
+    """What a tensor's hash feeds in before its bytes: its name, dtype and shape."""
+    return f"{name}|{dtype}|{tuple(shape)}|".encode()
+
+
 def update_tensor_hash(h, name: str, t: torch.Tensor) -> None:
     """Feed one named tensor (name, dtype, shape, bytes) into the hash ``h``."""
     t = t.detach()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(tensor_hash_prefix(name, t.dtype, t.shape))
     if t.numel():
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 

@@ -17,14 +17,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="open_clip model name, e.g. ViT-B-16 (default: %(default)s, random weights)")
     g.add_argument("--pretrained", metavar="FILE", default=None,
                    help="local checkpoint of that model (.safetensors/.bin/.pt); nothing is downloaded")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when present; cuda is cuda:LOCAL_RANK under "
+                   "torchrun)")
 
 
 def _device(name: str | None) -> str:
     """The ``--device`` value, checked: a torch device type this machine has."""
     import torch
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as e:
@@ -51,6 +55,7 @@ class _DataFolders(argparse.Action):
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
+    from fastprompt.data.cache import DEFAULT_CHUNK_SIZE
     from fastprompt.data.source import SUBSAMPLES
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR", action=_DataFolders,
@@ -69,6 +74,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="base-to-new protocol: train on the base half of the classes (labels "
                    "sorted, the first ceil(C/2)) or the new half (default: %(default)s)")
     g.add_argument("--batch-size-cache", type=int, default=128, help="images per encoder batch")
+    g.add_argument("--cache-chunk", type=int, default=DEFAULT_CHUNK_SIZE, metavar="VIEWS",
+                   help="views per chunk file of a cache build (whole encoder batches); a build "
+                   "resumes from the chunk files of an interrupted one with the same value "
+                   "(default: %(default)s)")
     g.add_argument("--workers", type=int, default=0, help="data loader workers while caching")
 
 
@@ -150,10 +159,11 @@ def _config_from(args, shots: int | None) -> "TrainConfig":
         amp=not args.no_amp)
 
 
-def _load_model(args):
+def _load_model(args, image_tower: bool = True):
     from fastprompt.models import create_model
     device = _device(args.device)
-    model, preprocess_train, preprocess_val, tokenizer = create_model(args.model, args.pretrained, device)
+    model, preprocess_train, preprocess_val, tokenizer = create_model(
+        args.model, args.pretrained, device, image_tower=image_tower)
     if args.pretrained is None and _is_writer():
         print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE; the same "
               "seeded draw in every process): accuracies mean little.", file=sys.stderr)
@@ -188,7 +198,7 @@ def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=N
                                views=args.views, shots=args.shots, noise_rate=args.noise_rate,
                                noise_type=args.noise_type, seed=args.seed,
                                batch_size=args.batch_size_cache, num_workers=args.workers,
-                               progress=progress)
+                               progress=progress, chunk_size=args.cache_chunk)
 
 
 def _is_writer() -> bool:
@@ -224,8 +234,12 @@ def _load_trained_cache(path: str, model, model_name: str):
 
 
 def cmd_cache(args) -> int:
+    """Under torchrun every rank encodes its share of the chunks; rank 0 merges and reports."""
+    from fastprompt.data.cache import torchrun_rank
     model, pt, pv, _, _ = _load_model(args)
     cache = _build_cache(args, args.out, model, pt, pv)
+    if torchrun_rank()[0] != 0:
+        return 0
     print(f"cache {cache.path}: {cache.num_classes} classes, {cache.num_train_images} training "
           f"images x {cache.views} views, {cache.test_features.shape[0]} test images, "
           f"feature dim {cache.feature_dim}")
@@ -253,15 +267,6 @@ def _print_ranks(classes: str) -> None:
         print(f"fastprompt: {ranks} ranks ({dist.get_backend()}), {classes}", file=sys.stderr)
 
 
-def _on_rank_zero_first(fn):
-    """``fn()`` on rank 0, then, once it succeeded, on the other ranks (a cache build: they load
-    the file rank 0 wrote instead of writing it too); one process: ``fn()``."""
-    from fastprompt.train.distributed import from_rank_zero, is_writer
-    held = []
-    from_rank_zero(lambda: held.append(fn()))
-    return held[0] if is_writer() else fn()
-
-
 def _cmd_train_coop(args) -> int:
     from fastprompt.train import train_run
     from fastprompt.train.class_sharding import shard_bounds
@@ -282,13 +287,14 @@ def _cmd_train_coop(args) -> int:
     else:
         shots = args.shots
     config = _config_from(args, shots)
-    model, pt, pv, tokenizer, device = _load_model(args)
+    # Training from a built cache never encodes an image: the image tower is not loaded.
+    model, pt, pv, tokenizer, device = _load_model(args, image_tower=not from_cache)
     if from_cache:
         cache = _load_trained_cache(args.cache, model, args.model)
     else:
-        cache = _on_rank_zero_first(lambda: _build_cache(
-            args, args.cache or os.path.join(args.out, "features.safetensors"), model, pt, pv,
-            progress=None if _is_writer() else False))
+        # Under torchrun every rank encodes its share of the cache's chunks (through files).
+        cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
+                             model, pt, pv, progress=None if _is_writer() else False)
     sizes = [b - a for a, b in shard_bounds(cache.num_classes, world_size())]
     _print_ranks(f"{cache.num_classes} classes: {' + '.join(map(str, sizes))} per rank")
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
@@ -372,11 +378,11 @@ def cmd_train_softcpt(args) -> int:
         path = os.path.join(args.out, "features", f"{i:02d}-{_slug(spec.name)}.safetensors")
         _check_cache_weights(path, model, args.rebuild_cache)
         _print_classes(split.classnames, f" in task {spec.name!r}")
-        cache = _on_rank_zero_first(lambda: build_or_load_cache(
-            path, model, args.model, pt, pv, split, views=args.views, shots=args.shots,
-            noise_rate=args.noise_rate, noise_type=args.noise_type, seed=args.seed,
-            batch_size=args.batch_size_cache, num_workers=args.workers,
-            progress=_progress(args)))
+        cache = build_or_load_cache(path, model, args.model, pt, pv, split, views=args.views,
+                                    shots=args.shots, noise_rate=args.noise_rate,
+                                    noise_type=args.noise_type, seed=args.seed,
+                                    batch_size=args.batch_size_cache, num_workers=args.workers,
+                                    progress=_progress(args), chunk_size=args.cache_chunk)
         tasks.append(Task(spec.name, cache))
     _print_ranks(f"each batch's classes (those of its tasks, up to "
                  f"{sum(t.cache.num_classes for t in tasks)}) split evenly over them")

@@ -11,9 +11,10 @@ Typical use::
     isl = instance_soft_labels(cache.train_features, cache.train_sample_index, text,
                                num_samples=cache.num_train_images)       # M x C
 """
-from fastprompt.data.cache import (CACHE_FORMAT, DEFAULT_VIEWS, FeatureCache, build_feature_cache,
-                                   build_or_load_cache, cache_fingerprint, load_cache,
-                                   model_weights_hash)
+from fastprompt.data.cache import (CACHE_FORMAT, DEFAULT_VIEWS, CacheChunk, CachePlan,
+                                   FeatureCache, build_feature_cache, build_or_load_cache,
+                                   cache_fingerprint, encode_cache_chunks, load_cache,
+                                   merge_cache_chunks, model_weights_hash, plan_feature_cache)
 from fastprompt.data.folders import (DEFAULT_TEST_FRACTION, IMAGE_EXTENSIONS, DatasetSplits,
                                      load_coop_split, load_dataset, load_image_folder)
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
@@ -23,9 +24,10 @@ from fastprompt.data.synthetic import make_shapes_dataset
 
 __all__ = [
     "CACHE_FORMAT", "DEFAULT_CSL_TEMPERATURE", "DEFAULT_ISL_SCALE",
-    "DEFAULT_TEST_FRACTION", "DEFAULT_VIEWS", "IMAGE_EXTENSIONS", "NOISE_TYPES", "DatasetSplits",
-    "FeatureCache", "add_label_noise", "build_feature_cache", "build_or_load_cache",
-    "cache_fingerprint", "class_soft_labels", "few_shot_subset", "instance_soft_labels",
-    "load_cache", "load_coop_split", "load_dataset", "load_image_folder", "make_shapes_dataset",
-    "model_weights_hash",
+    "DEFAULT_TEST_FRACTION", "DEFAULT_VIEWS", "IMAGE_EXTENSIONS", "NOISE_TYPES", "CacheChunk",
+    "CachePlan", "DatasetSplits", "FeatureCache", "add_label_noise", "build_feature_cache",
+    "build_or_load_cache", "cache_fingerprint", "class_soft_labels", "encode_cache_chunks",
+    "few_shot_subset", "instance_soft_labels", "load_cache", "load_coop_split", "load_dataset",
+    "load_image_folder", "make_shapes_dataset", "merge_cache_chunks", "model_weights_hash",
+    "plan_feature_cache",
 ]

@@ -14,12 +14,12 @@ import os
 from collections.abc import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fastprompt._io import atomic_path, tensor_checksum
+from fastprompt._io import atomic_write
 from fastprompt.data.cache import (CACHE_FORMAT, FeatureCache, cache_fingerprint, cache_lock,
                                    load_cache)
+from fastprompt.data.safetensors_stream import (TensorSource, file_sources, raw_bytes,
+                                                streaming_checksum, write_streaming)
 from fastprompt.data.folders import DatasetSplits
 from fastprompt.data.sampling import add_label_noise
 
@@ -53,14 +53,15 @@ def noisy_variant(clean: FeatureCache, path, model: torch.nn.Module, model_name:
     m = clean.num_train_images
     noisy = add_label_noise(clean.train_clean_labels[:m].tolist(), clean.num_classes, noise_rate,
                             noise_type, seed=fp["seed"])
+    labels = torch.tensor(noisy, dtype=torch.int64).repeat(fp["views"])
     with cache_lock(path):
-        with safe_open(clean.path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        tensors["train_labels"] = torch.tensor(noisy, dtype=torch.int64).repeat(fp["views"])
+        # Streamed from the clean file: no copy of the features in memory.
+        sources = [s for s in file_sources(clean.path) if s.name != "train_labels"]
+        sources.append(TensorSource("train_labels", torch.int64, tuple(labels.shape),
+                                    lambda: [raw_bytes(labels)]))
         metadata = {"fastprompt.format": CACHE_FORMAT,
                     "fastprompt.fingerprint": json.dumps(expected, sort_keys=True),
                     "fastprompt.classnames": json.dumps(list(clean.classnames)),
-                    "fastprompt.checksum": tensor_checksum(tensors)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+                    "fastprompt.checksum": streaming_checksum(sources)}
+        atomic_write(path, lambda f: write_streaming(f, sources, metadata))
     return load_cache(path, expected, verify=False)

@@ -11,6 +11,9 @@ features come from ``fastprompt.models.zeroshot_text_features``.
 """
 from __future__ import annotations
 
+import tempfile
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,9 +70,28 @@ def class_soft_labels(text_features: Tensor, *, temperature: float = DEFAULT_CSL
     return torch.softmax(logits, dim=1).float()
 
 
+def file_backed_table(rows: int, cols: int, folder: str | None = None) -> Tensor:
+    """A ``rows`` x ``cols`` float32 CPU tensor (zeros) mapped from an unlinked temporary file
+    in ``folder`` (the system's temporary folder when None or not writable).
+
+    For instance-wise tables too large to keep in memory (ImageNet: 1.28M x 1000 x 4 bytes =
+    5.1 GB): the kernel pages rows in and out as they are used. The file has no name, so it
+    disappears with the last reference to the tensor, even when the process is killed.
+    """
+    if rows * cols == 0:
+        return torch.zeros(rows, cols)
+    try:
+        f = tempfile.TemporaryFile(dir=folder, prefix=".fastprompt-table-")
+    except OSError:
+        f = tempfile.TemporaryFile(prefix=".fastprompt-table-")
+    with f:  # the mapping keeps its own handle on the file
+        array = np.memmap(f, dtype=np.float32, mode="w+", shape=(rows, cols))
+    return torch.from_numpy(array)
+
+
 def instance_soft_labels(image_features: Tensor, sample_index: Tensor, text_features: Tensor, *,
-                         scale: float = DEFAULT_ISL_SCALE,
-                         num_samples: int | None = None) -> Tensor:
+                         scale: float = DEFAULT_ISL_SCALE, num_samples: int | None = None,
+                         out: Tensor | None = None) -> Tensor:
     """Instance-wise soft labels (ISL): an M x C float32 table, one row per training image.
 
     Row ``m`` is the zero-shot prediction for image ``m``: ``softmax_c(scale * cos(x, t_c))``
@@ -81,6 +103,10 @@ def instance_soft_labels(image_features: Tensor, sample_index: Tensor, text_feat
     ``logit_scale.exp()`` (pass ``model.logit_scale.exp().clamp(max=100).item()`` for a model
     trained otherwise). ``num_samples``: M (default ``sample_index.max() + 1``); every image
     must have at least one view. Not published by ATLaS: averaging probabilities over views.
+
+    ``out``: an M x C float32 CPU tensor to write the table into (e.g.
+    :func:`file_backed_table`), returned; the work runs in blocks of images, so the memory used
+    besides ``out`` is that of a few thousand rows, whatever M.
     """
     check_tensor("image_features", image_features, ndim=2, floating=True)
     check_tensor("sample_index", sample_index, ndim=1, integer=True)
@@ -109,10 +135,26 @@ def instance_soft_labels(image_features: Tensor, sample_index: Tensor, text_feat
         missing = int((counts == 0).nonzero()[0])
         raise ValueError(f"sample_index: image {missing} has no rows in image_features (every "
                          f"one of the {num_samples} images needs at least one view)")
+    c = text_features.shape[0]
+    if out is None:
+        out = torch.empty(num_samples, c)
+    elif (not isinstance(out, Tensor) or out.dtype != torch.float32 or out.device.type != "cpu"
+          or tuple(out.shape) != (num_samples, c)):
+        raise ValueError(f"out: expected a ({num_samples}, {c}) float32 CPU tensor, got "
+                         f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+                         f" {getattr(out, 'dtype', '')} {getattr(out, 'device', '')}")
     t = _normalized("text_features", text_features.to(image_features.device)).double()
-    total = torch.zeros(num_samples, t.shape[0], dtype=torch.float64, device=image_features.device)
-    for start in range(0, r, _CHUNK_ROWS):  # bounded memory for many views x many classes
-        x = _normalized("image_features", image_features[start:start + _CHUNK_ROWS]).double()
+    # Rows grouped by image (stably: each image's views in row order), then blocks of about
+    # _CHUNK_ROWS rows of whole images: one block of the table is summed at a time.
+    order = torch.argsort(sample_index, stable=True)
+    ends = counts.cumsum(0)
+    per_block = max(1, _CHUNK_ROWS * num_samples // r)
+    for first in range(0, num_samples, per_block):
+        last = min(first + per_block, num_samples)
+        rows = order[int(ends[first - 1]) if first else 0:int(ends[last - 1])]
+        x = _normalized("image_features", image_features[rows]).double()
         probs = torch.softmax(scale * (x @ t.T), dim=1)
-        total.index_add_(0, sample_index[start:start + _CHUNK_ROWS], probs)
-    return (total / counts.unsqueeze(1).double()).float()
+        total = torch.zeros(last - first, c, dtype=torch.float64, device=image_features.device)
+        total.index_add_(0, sample_index[rows] - first, probs)
+        out[first:last] = (total / counts[first:last].unsqueeze(1).double()).float().cpu()
+    return out

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from fastprompt.ops.prograd_backward import projected_task_grads
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.loop import batch_losses, epoch_batches, epoch_result, set_epoch_lr
+from fastprompt.train.loop import (batch_losses, epoch_batches, epoch_result, set_epoch_lr,
+                                   with_batch_soft_labels)
 
 # torch.compile's backend. Tests of the graph capture set "aot_eager": the same dynamo graph and
 # AOT autograd, without inductor's minute of C++ compilation per graph on a small CPU.
@@ -115,9 +116,8 @@ class CompiledStep:
         self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, backend=BACKEND,
                                        **options)
 
-    def _step(self, images: Tensor, labels: Tensor, sample_index: Tensor | None) -> None:
-        options = (self.options if sample_index is None
-                   else {**self.options, "sample_index": sample_index})
+    def _step(self, images: Tensor, labels: Tensor, targets_rows: Tensor | None) -> None:
+        options = with_batch_soft_labels(self.options, targets_rows)
         loss, kl = batch_losses(self.prompted, images, labels, self.scale, self.config, options,
                                 self.zeroshot, self.device)
         if kl is None:
@@ -153,7 +153,7 @@ class CompiledStep:
     def run_epoch(self, epoch: int, num_rows: int, batch_inputs, scale: Tensor, options: dict,
                   bar=None) -> dict:
         """One epoch of compiled steps: ``batch_inputs(start, stop)`` gives a batch's
-        ``(images, labels, sample_index or None)`` on the device, ``options`` the loss's
+        ``(images, labels, instance-wise target rows or None)`` on the device, ``options`` the loss's
         options for the epoch. Returns what ``optimise_epoch`` returns."""
         lr = set_epoch_lr(self.config, self.optimizer, epoch)
         self._adopt_momentum_buffers()

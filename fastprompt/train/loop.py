@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,22 +52,49 @@ def epoch_order(config: TrainConfig, cache: FeatureCache, epoch: int) -> tuple[T
 
 @dataclass
 class Targets:
-    """The soft-label tables a run may need: ATLaS CSL (C x C) and ISL (M x C)."""
+    """The soft-label tables a run may need: ATLaS CSL (C x C, on the device) and ISL (M x C,
+    on the host, file-backed: each step gathers its batch's rows, see ``gather_soft_labels``)."""
     class_wise: Tensor | None = None
     instance_wise: Tensor | None = None
+
+    def to(self, device: torch.device) -> "Targets":
+        """The class-wise table on ``device``; the instance-wise one stays on the host."""
+        return Targets(None if self.class_wise is None else self.class_wise.to(device),
+                       self.instance_wise)
 
 
 def make_targets(config: TrainConfig, cache: FeatureCache, zeroshot: Tensor) -> Targets:
     """Compute the ATLaS soft-label table the config asks for, offline, from the zero-shot text
-    features (unit rows, C x E) and the cached training features."""
-    from fastprompt.data.soft_labels import class_soft_labels, instance_soft_labels
+    features (unit rows, C x E) and the cached training features. The instance-wise table goes
+    to an unlinked temporary file in the cache's folder, which has room for data of the cache's
+    size (the table is M x C float32: 5.1 GB for ImageNet), where a system temporary folder is
+    often small or in memory; the file vanishes with the table, even if the run is killed."""
+    from fastprompt.data.soft_labels import (class_soft_labels, file_backed_table,
+                                             instance_soft_labels)
     if config.targets == "csl":
         return Targets(class_wise=class_soft_labels(zeroshot, temperature=config.csl_temperature))
     if config.targets == "isl":
+        table = file_backed_table(cache.num_train_images, zeroshot.shape[0],
+                                  os.path.dirname(cache.path))
         return Targets(instance_wise=instance_soft_labels(
             cache.train_features, cache.train_sample_index, zeroshot,
-            num_samples=cache.num_train_images))
+            num_samples=cache.num_train_images, out=table))
     return Targets()
+
+
+def gather_soft_labels(table: Tensor, sample: Tensor, device: torch.device) -> Tensor:
+    """Rows ``sample`` of a host instance-wise table, on ``device``: a step moves its batch's
+    rows only, never the table."""
+    return table[sample.cpu()].to(device)
+
+
+def with_batch_soft_labels(options: dict, rows: Tensor | None) -> dict:
+    """The loss options of a batch whose instance-wise targets are ``rows`` (its own rows of the
+    table, from ``gather_soft_labels``; None: the options as they are)."""
+    if rows is None:
+        return options
+    return {**options, "soft_labels": rows,
+            "sample_index": torch.arange(rows.shape[0], device=rows.device)}
 
 
 def loss_options(config: TrainConfig, targets: Targets, epoch: int, sample: Tensor) -> dict:
@@ -193,21 +221,21 @@ def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targe
     text = text_step(coop_encoding(prompted), text_chunk, lambda: _autocast(device, config.amp))
 
     def batch_inputs(start, stop):
-        """``(images, labels, sample_index or None)`` of a batch, on the device."""
+        """``(images, labels, instance-wise target rows or None)`` of a batch, on the device."""
         labels = cache.train_labels[sample[start:stop]].to(device)
         images = cache.train_features[rows[start:stop]].to(device)
-        index = (sample_index_all[start:stop].to(device) if sample_index_all is not None
-                 else None)
-        return images, labels, index
+        targets_rows = (gather_soft_labels(options["soft_labels"], sample_index_all[start:stop],
+                                           device) if sample_index_all is not None else None)
+        return images, labels, targets_rows
 
     if compiled is not None:
         return compiled.run_epoch(epoch, len(rows), batch_inputs, scale, options, bar)
 
     def batch_loss(start, stop):
-        images, labels, index = batch_inputs(start, stop)
-        batch_options = options if index is None else {**options, "sample_index": index}
+        images, labels, targets_rows = batch_inputs(start, stop)
         return batch_losses(prompted if text is None else text.features, images, labels,
-                            scale, config, batch_options, zeroshot, device)
+                            scale, config, with_batch_soft_labels(options, targets_rows),
+                            zeroshot, device)
 
     return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar,
                           None if text is None else partial(text.backward, lam=config.lam))

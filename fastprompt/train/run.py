@@ -15,7 +15,7 @@ from fastprompt.train.chunked_text_backward import coop_encoding
 from fastprompt.train.class_sharding import sharded_text_features
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.distributed import world_size
-from fastprompt.train.loop import Targets, accuracy, logit_scale, make_targets, train_epoch
+from fastprompt.train.loop import accuracy, logit_scale, make_targets, train_epoch
 
 FORMAT = "fastprompt-run-1"
 
@@ -42,10 +42,7 @@ class PromptLearnerRun:
         self.optimizer = torch.optim.SGD([self.ctx], lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.zeroshot = zeroshot_text_features(model, tokenizer, cache.classnames).to(device)
-        targets = (make_targets(config, cache, self.zeroshot)
-                   if config.targets in ("csl", "isl") else Targets())
-        self.targets = Targets(*(t.to(device) if t is not None else None
-                                 for t in (targets.class_wise, targets.instance_wise)))
+        self.targets = make_targets(config, cache, self.zeroshot).to(device)
         self.images_per_epoch = cache.num_train_images
         self.compiled = None
         if compile:

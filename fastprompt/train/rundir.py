@@ -396,11 +396,12 @@ def method_summary(config: TrainConfig) -> dict:
     return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
-def _model_for(prompt: PromptFile, run_dir: str, device):
+def _model_for(prompt: PromptFile, run_dir: str, device, image_tower: bool):
     from fastprompt.data.cache import model_weights_hash
     from fastprompt.models import create_model
     config = prompt.config
-    model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device)
+    model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device,
+                                                       image_tower=image_tower)
     if prompt.metadata.get("model_weights") != model_weights_hash(model):
         raise ValueError(f"run: the weights of model {config.model!r} "
                          f"(pretrained={config.pretrained!r}) differ from those the prompt in "
@@ -426,17 +427,20 @@ def _select_tasks(run_dir: str, names: list[str] | None, task: str | None) -> li
     return matches[:1]
 
 
-def _load(run_dir: str, prompt: PromptFile, device, task: str | None) -> list[Run]:
+def _load(run_dir: str, prompt: PromptFile, device, task: str | None,
+          image_tower: bool = True) -> list[Run]:
     fmt = _FORMATS[prompt.format]
     tasks = _select_tasks(run_dir, fmt.tasks(prompt), task)
-    model, preprocess_val, tokenizer = _model_for(prompt, run_dir, device)
+    model, preprocess_val, tokenizer = _model_for(prompt, run_dir, device, image_tower)
     return fmt.load(prompt, run_dir, model, preprocess_val, tokenizer, device, tasks)
 
 
-def load_runs(run_dir, device: str | torch.device = "cpu", task: str | None = None) -> list[Run]:
-    """Every classifier of a finished run (SoftCPT: one per task, or the one ``task`` names)."""
+def load_runs(run_dir, device: str | torch.device = "cpu", task: str | None = None, *,
+              image_tower: bool = True) -> list[Run]:
+    """Every classifier of a finished run (SoftCPT: one per task, or the one ``task`` names).
+    ``image_tower=False``: for work on cached features only (``create_model``'s argument)."""
     run_dir = os.fspath(run_dir)
-    return _load(run_dir, read_prompt_file(run_dir), device, task)
+    return _load(run_dir, read_prompt_file(run_dir), device, task, image_tower)
 
 
 def load_run(run_dir, device: str | torch.device = "cpu", task: str | None = None) -> Run:
@@ -479,7 +483,7 @@ def evaluate_run(run_dir, cache=None, device: str | torch.device = "cpu",
     accuracies are their average)."""
     from fastprompt.data import FeatureCache, load_cache
     from fastprompt.train.loop import accuracy
-    runs = load_runs(run_dir, device, task)
+    runs = load_runs(run_dir, device, task, image_tower=False)
     softcpt = runs[0].task is not None
     if cache is not None and softcpt and len(runs) > 1:
         raise ValueError(f"task: {os.fspath(run_dir)!r} is a SoftCPT run over "

@@ -38,7 +38,8 @@ from fastprompt.data.cache import FeatureCache, model_weights_hash
 from fastprompt.train import rundir
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.loop import (_SHUFFLE_STREAM, _VIEW_STREAM, Targets, _autocast, accuracy,
-                                   logit_scale, loss_options, make_targets, optimise_epoch)
+                                   gather_soft_labels, logit_scale, loss_options, make_targets,
+                                   optimise_epoch, with_batch_soft_labels)
 
 SOFTCPT_FORMAT = "fastprompt-softcpt-1"
 SOFTCPT_EPOCHS = 50  # the official SoftCPT schedule
@@ -145,9 +146,10 @@ def multitask_loss(texts: list[Tensor], groups, tasks: list[Task], config: Train
         cache = tasks[t].cache
         images = cache.train_features[rows].to(device).to(text.dtype)
         labels = cache.train_labels[rows].to(device)
-        opts = dict(options[t])
-        if opts.pop("sample_index", None) is not None:
-            opts["sample_index"] = sample.to(device)
+        opts = options[t]
+        if "sample_index" in opts:  # the batch's rows of the task's host table
+            opts = with_batch_soft_labels(opts, gather_soft_labels(opts["soft_labels"], sample,
+                                                                   device))
         weight = len(sample) / n
         if config.prograd:
             task_loss, kl = fastprompt.prograd_losses(
@@ -175,7 +177,7 @@ def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targ
     task, sample, rows = multitask_epoch_order(config, tasks, epoch)
     scale = logit_scale(model).to(device)
     # Per task: its own soft-label tables. For ISL, "sample_index" only marks that the batch's
-    # own indices into the task's table must be passed (multitask_loss does).
+    # rows of the task's table must be gathered (multitask_loss does).
     options = [loss_options(config, targets[t], epoch, sample) for t in range(len(tasks))]
     per_task_total = torch.zeros(len(tasks), device=device)
     step = {}  # the batch's text side: ChunkedTextBackward or ShardedText
@@ -236,9 +238,7 @@ class SoftCPTRun:
                          for t in tasks]
         self.targets = []
         for t, z in zip(tasks, self.zeroshot):
-            tg = make_targets(config, t.cache, z) if config.targets in ("csl", "isl") else Targets()
-            self.targets.append(Targets(*(x.to(device) if x is not None else None
-                                          for x in (tg.class_wise, tg.instance_wise))))
+            self.targets.append(make_targets(config, t.cache, z).to(device))
         self.images_per_epoch = sum(t.cache.num_train_images for t in tasks)
 
     def trainable_state(self) -> dict:

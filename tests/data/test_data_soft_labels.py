@@ -109,3 +109,24 @@ def test_tables_feed_clip_cross_entropy(tmp_path, shapes_root, tiny_clip, monkey
         loss = fastprompt.clip_cross_entropy(feats, text, cache.train_labels, 10.0,
                                              smoothing=0.1, soft_labels=soft, sample_index=index)
         assert torch.isfinite(loss)
+
+
+def test_instance_soft_labels_into_a_file_backed_table(tmp_path, monkeypatch):
+    """Written block by block into an unlinked temporary file, the table equals the in-memory
+    one bit for bit, and the file has no name left in the folder."""
+    from fastprompt.data import soft_labels
+    seed, g = _generator()
+    m, views, c, d = 37, 3, 5, 8
+    index = torch.arange(m).repeat(views)  # the cache's view-major rows
+    feats = torch.randn(m * views, d, generator=g).half()
+    text = torch.randn(c, d, generator=g)
+    in_memory = instance_soft_labels(feats, index, text, num_samples=m)
+    monkeypatch.setattr(soft_labels, "_CHUNK_ROWS", 10)   # 3 images a block: 13 blocks
+    table = soft_labels.file_backed_table(m, c, str(tmp_path))
+    assert instance_soft_labels(feats, index, text, num_samples=m, out=table) is table
+    assert torch.equal(table, in_memory), f"seed={seed}"
+    assert os.listdir(tmp_path) == []
+    with open("/proc/self/maps") as f:
+        assert any(str(tmp_path) in line and "(deleted)" in line for line in f)
+    with pytest.raises(ValueError, match=r"^out: expected a \(37, 5\) float32 CPU tensor"):
+        instance_soft_labels(feats, index, text, out=torch.empty(37, 4))

@@ -1,0 +1,56 @@
+"""ATLaS instance-wise targets stay on the host (a file-backed M x C table) and each step
+gathers its batch's rows: on every loss backend this trains exactly as the whole table on the
+device indexed by ``sample_index`` did."""
+import pytest
+import torch
+
+from fastprompt.data import build_or_load_cache, instance_soft_labels, make_shapes_dataset
+from fastprompt.models import create_model
+from fastprompt.train import TrainConfig
+from fastprompt.train import loop
+from fastprompt.train import run as run_module
+from fastprompt.train.run import PromptLearnerRun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("isl")
+    splits = make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=5,
+                                 test_images_per_class=1, seed=4)
+    model, pt, pv, tok = create_model("fastprompt-tiny")
+    cache = build_or_load_cache(root / "cache.st", model, "fastprompt-tiny", pt, pv, splits,
+                                views=2, progress=False)
+    return model, tok, cache
+
+
+def _whole_table_on_the_device(config, cache, zeroshot):
+    """The former targets: the in-memory table, moved to the device with the class-wise one."""
+    return loop.Targets(instance_wise=instance_soft_labels(
+        cache.train_features, cache.train_sample_index, zeroshot,
+        num_samples=cache.num_train_images))
+
+
+def _epoch(setup, config):
+    model, tok, cache = setup
+    learner = PromptLearnerRun(config, cache, model, tok, torch.device("cpu"))
+    result = learner.train_epoch(epoch=0, bar=None)
+    return result, learner.ctx.detach().clone(), learner.targets.instance_wise
+
+
+@pytest.mark.parametrize("backend, prograd", [("reference", True), ("cpp", False),
+                                              ("cpp", True), ("triton", False)])
+def test_gathered_rows_train_as_the_whole_table(setup, monkeypatch, backend, prograd):
+    monkeypatch.setenv("FASTPROMPT_BACKEND", backend)
+    config = TrainConfig(model="fastprompt-tiny", epochs=2, batch_size=8, n_ctx=2,
+                         targets="isl", loss="dspt", prograd=prograd)
+    gathered, ctx, table = _epoch(setup, config)
+    assert table.device.type == "cpu"
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "make_targets", _whole_table_on_the_device)
+        m.setattr(loop, "gather_soft_labels", lambda table, sample, device: sample.to(device))
+        m.setattr(loop, "with_batch_soft_labels",
+                  lambda options, index: {**options, "sample_index": index})
+        whole, ctx_whole, whole_table = _epoch(setup, config)
+    assert torch.equal(table, whole_table)
+    assert gathered == whole
+    assert torch.equal(ctx, ctx_whole)
