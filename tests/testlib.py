@@ -178,3 +178,19 @@ def targets64(labels, c, kw):
     else:
         r = table.double()[labels]
     return (1 - eps) * onehot + eps * r
+
+
+def stop_training_at(learner_class, epoch: int, patch=setattr) -> None:
+    """From now on, training ``learner_class`` (a ``rundir.Learner``) raises KeyboardInterrupt
+    when it starts ``epoch`` (the epochs before are finished and checkpointed), as Ctrl-C would.
+    ``patch(learner_class, "train_epoch", replacement)``: pytest's ``monkeypatch.setattr`` to
+    undo it later."""
+    real_epoch = learner_class.train_epoch
+
+    def interrupted(self, *, epoch: int, bar):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch=epoch, bar=bar)
+
+    stop_at = epoch
+    patch(learner_class, "train_epoch", interrupted)

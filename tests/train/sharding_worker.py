@@ -152,15 +152,9 @@ def steps(out: str, seed: int, cache_path: str) -> None:
 def interrupt(epoch: int, argv: list[str]) -> int:
     from fastprompt.cli import main
     from fastprompt.train.run import PromptLearnerRun
-    real_epoch = PromptLearnerRun.train_epoch
-
-    def interrupted(self, *, epoch: int, bar):
-        if epoch == stop_at:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch=epoch, bar=bar)
-
-    stop_at = epoch
-    PromptLearnerRun.train_epoch = interrupted
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from testlib import stop_training_at
+    stop_training_at(PromptLearnerRun, epoch)
     return main(argv)
 
 

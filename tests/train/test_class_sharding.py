@@ -148,3 +148,13 @@ def test_bad_dist_timeout_is_refused(tmp_path, capsys, bad):
                  "--dist-timeout", bad]) == 2
     assert "--dist-timeout: expected seconds > 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_one_gpu_named_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    # torchrun's environment for rank 1 of 2: each rank takes cuda:LOCAL_RANK itself.
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                 "--device", "cuda:0"]) == 2
+    assert "--device: 'cuda:0' names one GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
