@@ -52,13 +52,16 @@ def run_state(job: Job) -> str:
 _MODELS: dict = {}
 
 
-def _model(name: str, pretrained: str | None, device: str):
-    """The frozen model of a process, created once per (name, weights, device)."""
+def _model(name: str, pretrained: str | None, device: str, image_tower: bool = True):
+    """The frozen model of a process, created once per (name, weights, device); without its
+    image tower when only cached features are needed and no full one is at hand."""
     from fastprompt.models import create_model
     key = (name, pretrained, device)
-    if key not in _MODELS:
-        _MODELS[key] = create_model(name, pretrained, device)
-    return _MODELS[key]
+    for tower in (True,) if image_tower else (True, False):
+        if (*key, tower) in _MODELS:
+            return _MODELS[(*key, tower)]
+    _MODELS[(*key, image_tower)] = create_model(name, pretrained, device, image_tower=image_tower)
+    return _MODELS[(*key, image_tower)]
 
 
 def train_job(job: Job, device: str, threads: int | None = None) -> dict:
@@ -71,7 +74,7 @@ def train_job(job: Job, device: str, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.from_dict(job.config)
-    model, _, _, tokenizer = _model(config.model, config.pretrained, device)
+    model, _, _, tokenizer = _model(config.model, config.pretrained, device, image_tower=False)
     cache = load_cache(job.cache)
     resume = run_state(job) == "interrupted"
     if config.learner == "softcpt":

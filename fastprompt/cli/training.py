@@ -159,11 +159,12 @@ def _config_from(args, shots: int | None) -> "TrainConfig":
         amp=not args.no_amp)
 
 
-def _load_model(args):
+def _load_model(args, image_tower: bool = True):
     from fastprompt.models import create_model
     device = _device(args.device)
-    model, preprocess_train, preprocess_val, tokenizer = create_model(args.model, args.pretrained, device)
-    if args.pretrained is None:
+    model, preprocess_train, preprocess_val, tokenizer = create_model(
+        args.model, args.pretrained, device, image_tower=image_tower)
+    if args.pretrained is None and _is_writer():
         print(f"fastprompt: {args.model} has RANDOM weights (no --pretrained FILE; the same "
               "seeded draw in every process): accuracies mean little.", file=sys.stderr)
     return model, preprocess_train, preprocess_val, tokenizer, device
@@ -200,7 +201,15 @@ def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=N
                                progress=progress, chunk_size=args.cache_chunk)
 
 
+def _is_writer() -> bool:
+    """Rank 0 of a torchrun run, or a single process: the one that prints and writes."""
+    from fastprompt.train.distributed import is_writer
+    return is_writer()
+
+
 def _print_classes(classnames, where: str = "") -> None:
+    if not _is_writer():
+        return
     shown = ", ".join(repr(c) for c in classnames[:5])
     more = f", ... ({len(classnames)} in all)" if len(classnames) > 5 else ""
     print(f"fastprompt: {len(classnames)} classes{where}: {shown}{more}", file=sys.stderr)
@@ -238,9 +247,30 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """``fastprompt train``; under ``torchrun`` with several processes, each one a rank of one
+    run with the classes sharded over them (``fastprompt.train.distributed``)."""
+    from fastprompt.train.distributed import torchrun_process_group
+    with torchrun_process_group(args.device, args.dist_timeout) as device:
+        args.device = device
+        if args.method == "softcpt" or args.tasks:
+            return cmd_train_softcpt(args)
+        return _cmd_train_coop(args)
+
+
+def _print_ranks(classes: str) -> None:
+    """Rank 0 says how many ranks it runs and how the classes are split over them."""
+    import torch.distributed as dist
+
+    from fastprompt.train.distributed import world
+    rank, ranks = world()
+    if ranks > 1 and rank == 0:
+        print(f"fastprompt: {ranks} ranks ({dist.get_backend()}), {classes}", file=sys.stderr)
+
+
+def _cmd_train_coop(args) -> int:
     from fastprompt.train import train_run
-    if args.method == "softcpt" or args.tasks:
-        return cmd_train_softcpt(args)
+    from fastprompt.train.class_sharding import shard_bounds
+    from fastprompt.train.distributed import world_size
     if len(getattr(args, "data_all", None) or []) > 1:
         raise ValueError("--data: given several times; several folders train together only "
                          "with --method softcpt")
@@ -257,16 +287,22 @@ def cmd_train(args) -> int:
     else:
         shots = args.shots
     config = _config_from(args, shots)
-    model, pt, pv, tokenizer, device = _load_model(args)
+    # Training from a built cache never encodes an image: the image tower is not loaded.
+    model, pt, pv, tokenizer, device = _load_model(args, image_tower=not from_cache)
     if from_cache:
         cache = _load_trained_cache(args.cache, model, args.model)
     else:
+        # Under torchrun every rank encodes its share of the cache's chunks (through files).
         cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
-                             model, pt, pv)
+                             model, pt, pv, progress=None if _is_writer() else False)
+    sizes = [b - a for a, b in shard_bounds(cache.num_classes, world_size())]
+    _print_ranks(f"{cache.num_classes} classes: {' + '.join(map(str, sizes))} per rank")
     metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
                         device=device, progress=_progress(args), compile=args.compile,
                         text_chunk=args.text_chunk,
                         data=None if from_cache else _data_source(args).to_dict())
+    if not _is_writer():
+        return 0
     _plot_curves(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
@@ -290,7 +326,7 @@ def _plot_curves(run_dir: str) -> None:
 
 
 def _progress(args) -> bool | None:
-    return False if args.no_progress else None
+    return False if args.no_progress or not _is_writer() else None
 
 
 def _slug(name: str) -> str:
@@ -348,9 +384,13 @@ def cmd_train_softcpt(args) -> int:
                                     batch_size=args.batch_size_cache, num_workers=args.workers,
                                     progress=_progress(args), chunk_size=args.cache_chunk)
         tasks.append(Task(spec.name, cache))
+    _print_ranks(f"each batch's classes (those of its tasks, up to "
+                 f"{sum(t.cache.num_classes for t in tasks)}) split evenly over them")
     metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
                                 device=device, progress=_progress(args),
                                 text_chunk=args.text_chunk)
+    if not _is_writer():
+        return 0
     _plot_curves(args.out)
     for t in metrics["tasks"]:
         print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
@@ -391,6 +431,7 @@ COMMANDS = ("cache", "train", "eval", "demo")
 def add_commands(sub) -> None:
     """Register cache, train, eval and demo on the ``fastprompt`` sub-parsers."""
     from fastprompt.cli import protocols
+    from fastprompt.train.distributed import DEFAULT_TIMEOUT_S
     p = sub.add_parser("cache", help="run the frozen image encoder once and cache its features")
     _add_model_args(p)
     _add_data_args(p)
@@ -414,6 +455,10 @@ def add_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild a cache file built with other model weights instead of refusing it")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun with several processes (the classes sharded over them): "
+                        "how long a rank waits for the others before it fails (default: "
+                        "%(default)s)")
     _add_softcpt_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -134,6 +134,8 @@ def _digest() -> "hashlib.blake2b":
 
 
 WEIGHTS_SOURCE_ATTR = "_fastprompt_weights_source"
+# Set on a model created without its image tower: the full model's hash, computed before.
+WEIGHTS_HASH_ATTR = "_fastprompt_weights_hash"
 
 
 def _hash_memo_path() -> str:
@@ -152,6 +154,19 @@ def _read_memo() -> dict:
         return {}
 
 
+def remembered_weights_hash(model: torch.nn.Module) -> str | None:
+    """``model_weights_hash(model)`` when it is known without hashing: set on a model created
+    without its image tower, or remembered for the file the model was loaded from; else None."""
+    digest = getattr(model, WEIGHTS_HASH_ATTR, None)
+    if digest is not None:
+        return digest
+    source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
+    if source is None:
+        return None
+    known = _read_memo().get(json.dumps(source))
+    return known if isinstance(known, str) else None
+
+
 def model_weights_hash(model: torch.nn.Module) -> str:
     """BLAKE2b of the image tower's state (every tensor's name, dtype, shape and bytes).
 
@@ -162,12 +177,11 @@ def model_weights_hash(model: torch.nn.Module) -> str:
     modification time, the model name and the precision, and computed again only when one of
     those changes. (Such a model is frozen; changing its weights in place is not noticed.)
     """
+    known = remembered_weights_hash(model)
+    if known is not None:
+        return known
     source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
     key = json.dumps(source) if source is not None else None
-    if key is not None:
-        known = _read_memo().get(key)
-        if isinstance(known, str):
-            return known
     tower = getattr(model, "visual", model)
     h = _digest()
     for name, t in sorted(tower.state_dict().items()):

@@ -9,6 +9,7 @@ are refused.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import traceback
@@ -18,7 +19,8 @@ import open_clip
 import torch
 from torch import nn
 
-from fastprompt.data.cache import WEIGHTS_SOURCE_ATTR
+from fastprompt.data.cache import (WEIGHTS_HASH_ATTR, WEIGHTS_SOURCE_ATTR, model_weights_hash,
+                                   remembered_weights_hash)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 TINY_MODEL = "fastprompt-tiny"
@@ -68,8 +70,36 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class SkippedImageTower(nn.Module):
+    """Stands in for ``model.visual`` in a model created with ``image_tower=False``: holds no
+    weights and refuses to encode images."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this model was created without its image tower "
+                           "(create_model(..., image_tower=False)), for work on cached image "
+                           "features only; create it with image_tower=True to encode images")
+
+
+_INIT_FUNCTIONS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_"))
+
+
+@contextlib.contextmanager
+def _without_random_init():
+    """Make ``torch.nn.init``'s in-place initialisers no-ops while a model whose every weight is
+    about to be loaded from a file is built: drawing a ViT-B's random weights costs seconds and
+    the draws are overwritten (the strict load refuses a file that misses any of them)."""
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS}
+    try:
+        for n in _INIT_FUNCTIONS:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu", *,
-                 precision: str = "fp32", weights_only: bool = True):
+                 precision: str = "fp32", weights_only: bool = True, image_tower: bool = True):
     """``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip model.
 
     The model is in eval mode with every parameter frozen (``requires_grad=False``).
@@ -87,6 +117,11 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         precision: open_clip's precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
         weights_only: passed to ``torch.load``; OpenAI's own TorchScript ``.pt`` archives need
             False, which runs code from the file: only for a file you trust.
+        image_tower: False for work on cached image features only (training from a cache,
+            evaluating on caches): ``model.visual`` is then a ``SkippedImageTower`` and the image
+            tower's weights are never held; ``model_weights_hash(model)`` still gives the full
+            model's hash (remembered from an earlier load of the same file, or computed once
+            here).
     """
     register_configs()
     if not isinstance(name, str):
@@ -110,7 +145,10 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         root.addFilter(quiet)
     seeded = pretrained is None and name == TINY_MODEL
     try:
-        with torch.random.fork_rng(devices=[], enabled=seeded):
+        # fork_rng: the caller's random state is untouched (open_clip draws a few small weights
+        # with torch.randn directly, with or without a file).
+        with torch.random.fork_rng(devices=[], enabled=seeded or pretrained is not None), (
+                _without_random_init() if pretrained is not None else contextlib.nullcontext()):
             if seeded:
                 torch.manual_seed(TINY_MODEL_SEED)
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
@@ -119,11 +157,24 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
         if quiet is not None:
             root.removeFilter(quiet)
     if pretrained is not None:
-        _load_checkpoint(model, pretrained, weights_only=weights_only)
         # Lets model_weights_hash remember this file's hash by its size and mtime.
         stat = os.stat(pretrained)
         setattr(model, WEIGHTS_SOURCE_ATTR, [name, precision, os.path.realpath(pretrained),
                                              stat.st_size, stat.st_mtime_ns])
+    if not image_tower:
+        # The hash covers the image tower: known from an earlier load of this file, or computed
+        # (once; then remembered) from the full model before the tower is dropped.
+        digest = remembered_weights_hash(model)
+        if digest is not None:
+            model.visual = SkippedImageTower()
+        if pretrained is not None:
+            _load_checkpoint(model, pretrained, weights_only=weights_only)
+        if digest is None:
+            digest = model_weights_hash(model)
+            model.visual = SkippedImageTower()
+        setattr(model, WEIGHTS_HASH_ATTR, digest)
+    elif pretrained is not None:
+        _load_checkpoint(model, pretrained, weights_only=weights_only)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -131,12 +182,21 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
 
 
 def _load_checkpoint(model: nn.Module, path: str, *, weights_only: bool = True) -> None:
-    """Load a local open_clip state-dict file into ``model`` strictly; ValueError naming the file
-    when it is missing, damaged or belongs to another model."""
+    """Load a local open_clip state-dict file into ``model`` strictly (a ``SkippedImageTower``
+    takes the file's image-tower weights and drops them); ValueError naming the file when it is
+    missing, damaged or belongs to another model."""
     if not os.path.isfile(path):
         raise ValueError(f"pretrained: {path!r} is not a file")
+    skipped = isinstance(getattr(model, "visual", None), SkippedImageTower)
     try:
-        open_clip.load_checkpoint(model, path, strict=True, weights_only=weights_only)
+        keys = open_clip.load_checkpoint(model, path, strict=not skipped,
+                                         weights_only=weights_only)
+        if skipped and (keys.missing_keys or not keys.unexpected_keys or any(
+                not k.startswith("visual.") for k in keys.unexpected_keys)):
+            unexpected = [k for k in keys.unexpected_keys if not k.startswith("visual.")]
+            raise RuntimeError(f"Error(s) in loading state_dict:\nmissing keys "
+                               f"{keys.missing_keys[:10]}, unexpected keys {unexpected[:10]}"
+                               + ("" if keys.unexpected_keys else ", no image tower"))
     except Exception as e:
         message = str(e)
         if _raised_while_reading(e):  # safetensors, pickle, zip or torch.load errors

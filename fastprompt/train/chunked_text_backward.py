@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -31,25 +32,60 @@ def check_text_chunk(text_chunk) -> int:
     return text_chunk
 
 
-class ChunkedTextBackward:
-    """One step's text side, chunked.
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a learner computes its C class text features, any range of classes at a time.
 
-    Args:
+    Attributes:
         source: () -> the tensor the text encoder consumes that carries the trainable
             parameters' graph (e.g. the prompt context); computed once per step, with grad.
         encode: (src, start, stop) -> text features of classes [start, stop), from ``src``.
         num_classes: C, the rows of the text features.
-        chunk: K >= 1, classes per chunk.
         params: the trainable parameters ``src`` depends on.
+    """
+    source: Callable[[], Tensor]
+    encode: Callable[[Tensor, int, int], Tensor]
+    num_classes: int
+    params: Sequence[Tensor]
+
+    def classes(self, start: int, stop: int) -> "TextEncoding":
+        """The same encoding restricted to classes [start, stop) (renumbered from 0)."""
+        return replace(self, encode=lambda src, a, b: self.encode(src, start + a, start + b),
+                       num_classes=stop - start)
+
+
+def apply_gradients(params: Sequence[Tensor], grads: list[list[Tensor]], lam: float) -> None:
+    """Accumulate the parameters' gradients of one loss (``grads[0]``) into their ``.grad``, or,
+    given those of ProGrad's task loss and KL loss (``grads[0]``, ``grads[1]``), the projected
+    task gradient exactly as ``fastprompt.prograd_backward`` computes it: through two linear
+    surrogates whose gradients they are."""
+    if len(grads) == 1:
+        for p, g in zip(params, grads[0]):
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        return
+    task, kl = (sum((p * g).sum() for p, g in zip(params, gs)) for gs in grads)
+    fastprompt.prograd_backward(task, kl, params, lam=lam)
+
+
+def _dense(grads, params) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+class ChunkedTextBackward:
+    """One step's text side, chunked.
+
+    Args:
+        encoding: the learner's ``TextEncoding``.
+        chunk: K >= 1, classes per chunk.
         autocast: () -> the context both text forwards run in (the run's autocast), so that the
             re-encoded chunks equal the first pass.
     """
 
-    def __init__(self, source: Callable[[], Tensor], encode: Callable[[Tensor, int, int], Tensor],
-                 num_classes: int, chunk: int, params: Sequence[Tensor],
+    def __init__(self, encoding: TextEncoding, chunk: int,
                  autocast: Callable = contextlib.nullcontext):
-        self.source, self._encode, self.autocast = source, encode, autocast
-        self.num_classes, self.chunk, self.params = num_classes, chunk, list(params)
+        self.source, self._encode, self.autocast = encoding.source, encoding.encode, autocast
+        self.num_classes, self.chunk = encoding.num_classes, chunk
+        self.params = list(encoding.params)
         self._src = self._src_leaf = self._text = None
 
     def encode(self, src: Tensor, start: int, stop: int) -> Tensor:
@@ -84,33 +120,31 @@ class ChunkedTextBackward:
                     totals[i] += grad
         return totals
 
-    def backward(self, loss: Tensor, kl_loss: Tensor | None = None, lam: float = 1.0) -> None:
-        """Accumulate the gradient of ``loss`` into the parameters' ``.grad`` (with ``kl_loss``:
-        ProGrad's projected gradient), as ``loss.backward()`` / ``fastprompt.prograd_backward``
-        on the unchunked graph would."""
+    def parameter_gradients(self, losses: list[Tensor]) -> list[list[Tensor]]:
+        """The parameters' gradients of each of ``losses`` (built from ``features()``), one list
+        per loss, as ``torch.autograd.grad`` on the unchunked graph would give them (zeros for a
+        parameter a loss does not reach)."""
         if self._text is None:
             raise RuntimeError("ChunkedTextBackward.backward: call features() first")
-        losses = [loss] if kl_loss is None else [loss, kl_loss]
         text_grads = [torch.autograd.grad(x, self._text, retain_graph=i + 1 < len(losses))[0]
                       for i, x in enumerate(losses)]
         src_grads = self._source_gradients(text_grads)
         src, self._src = self._src, None
         self._src_leaf = self._text = None
-        if kl_loss is None:
-            torch.autograd.backward(src, src_grads[0])
-            return
-        # The parameters' task and KL gradients, then the projection exactly as ProGrad's op
-        # applies it: through two linear surrogates whose gradients they are.
-        grads = [torch.autograd.grad(src, self.params, g, retain_graph=True, allow_unused=True)
-                 for g in src_grads]
-        task, kl = ((sum((p * (torch.zeros_like(p) if d is None else d)).sum()
-                         for p, d in zip(self.params, gs))) for gs in grads)
-        fastprompt.prograd_backward(task, kl, self.params, lam=lam)
+        return [_dense(torch.autograd.grad(src, self.params, g, retain_graph=i + 1 < len(src_grads),
+                                           allow_unused=True), self.params)
+                for i, g in enumerate(src_grads)]
+
+    def backward(self, loss: Tensor, kl_loss: Tensor | None = None, lam: float = 1.0) -> None:
+        """Accumulate the gradient of ``loss`` into the parameters' ``.grad`` (with ``kl_loss``:
+        ProGrad's projected gradient), as ``loss.backward()`` / ``fastprompt.prograd_backward``
+        on the unchunked graph would."""
+        losses = [loss] if kl_loss is None else [loss, kl_loss]
+        apply_gradients(self.params, self.parameter_gradients(losses), lam)
 
 
-def coop_chunked(prompted, chunk: int, autocast: Callable = contextlib.nullcontext
-                 ) -> ChunkedTextBackward:
-    """``ChunkedTextBackward`` for a ``PromptedTextModel`` (CoOp, DSPT; shared or class-specific
+def coop_encoding(prompted) -> TextEncoding:
+    """``TextEncoding`` of a ``PromptedTextModel`` (CoOp, DSPT; shared or class-specific
     context)."""
     learner = prompted.prompt_learner
 
@@ -118,15 +152,19 @@ def coop_chunked(prompted, chunk: int, autocast: Callable = contextlib.nullconte
         rows = slice(a, b)
         return prompted.text_encoder(learner(ctx, classes=rows), learner.tokenized_prompts[rows])
 
-    return ChunkedTextBackward(lambda: learner.ctx, encode, learner.n_cls, chunk, [learner.ctx],
-                               autocast)
+    return TextEncoding(lambda: learner.ctx, encode, learner.n_cls, [learner.ctx])
 
 
-def softcpt_chunked(net, tasks: list[int], chunk: int, autocast: Callable = contextlib.nullcontext
-                    ) -> tuple[ChunkedTextBackward, list[int]]:
-    """``ChunkedTextBackward`` for a ``SoftCPTModel`` over the class prompts of ``tasks`` (their
-    classes concatenated in that order), and each task's class count to split the features by.
-    Prompts are padded to the longest of these tasks', as ``SoftCPTModel.forward`` pads them."""
+def coop_chunked(prompted, chunk: int, autocast: Callable = contextlib.nullcontext
+                 ) -> ChunkedTextBackward:
+    """``ChunkedTextBackward`` for a ``PromptedTextModel``."""
+    return ChunkedTextBackward(coop_encoding(prompted), chunk, autocast)
+
+
+def softcpt_encoding(net, tasks: list[int]) -> tuple[TextEncoding, list[int]]:
+    """``TextEncoding`` of a ``SoftCPTModel`` over the class prompts of ``tasks`` (their classes
+    concatenated in that order), and each task's class count to split the features by. Prompts
+    are padded to the longest of these tasks', as ``SoftCPTModel.forward`` pads them."""
     learners = [net.class_prompts[t] for t in tasks]
     sizes = [lr.n_cls for lr in learners]
     offsets = [0]
@@ -146,5 +184,13 @@ def softcpt_chunked(net, tasks: list[int], chunk: int, autocast: Callable = cont
             tokens.append(torch.nn.functional.pad(k, (0, length - k.shape[1])))
         return net.text_encoder(torch.cat(embeds), torch.cat(tokens))
 
-    return (ChunkedTextBackward(lambda: net.contexts(tasks), encode, offsets[-1], chunk,
-                                net.trainable_parameters(), autocast), sizes)
+    return (TextEncoding(lambda: net.contexts(tasks), encode, offsets[-1],
+                         net.trainable_parameters()), sizes)
+
+
+def softcpt_chunked(net, tasks: list[int], chunk: int, autocast: Callable = contextlib.nullcontext
+                    ) -> tuple[ChunkedTextBackward, list[int]]:
+    """``ChunkedTextBackward`` for a ``SoftCPTModel`` over the class prompts of ``tasks``, and
+    each task's class count (``softcpt_encoding``)."""
+    encoding, sizes = softcpt_encoding(net, tasks)
+    return ChunkedTextBackward(encoding, chunk, autocast), sizes

@@ -166,7 +166,7 @@ def optimise_epoch(config: TrainConfig, optimizer: torch.optim.Optimizer, params
     for any learner: ``batch_loss(start, stop)`` returns the batch's ``(loss, kl_loss)`` (the
     KL term None without ProGrad), which is backpropagated (ProGrad: projected onto ``params``)
     and stepped; ``backward(loss, kl_loss)``, when given, does the backward instead (the chunked
-    text backward). Returns the epoch's mean loss(es), its learning rate and target kind."""
+    text backward, the class-sharded one). Returns the epoch's mean loss(es), its learning rate and target kind."""
     lr = set_epoch_lr(config, optimizer, epoch)
     # Sums stay on the device: no host synchronisation per step.
     total = torch.zeros((), device=device)
@@ -209,15 +209,16 @@ def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targe
     """One epoch of a CoOp-style prompt over the cached training set; returns the epoch's mean
     loss(es). ``compiled``: a ``fastprompt.train.compiled_step.CompiledStep`` that runs each
     step instead of the eager one. ``text_chunk`` K > 0: the exact two-pass text backward, K
-    classes at a time (``fastprompt.train.chunked_text_backward``)."""
-    from fastprompt.train.chunked_text_backward import coop_chunked
+    classes at a time (``fastprompt.train.chunked_text_backward``). Under a process group of
+    several ranks the classes are sharded over them (``fastprompt.train.class_sharding``)."""
+    from fastprompt.train.chunked_text_backward import coop_encoding
+    from fastprompt.train.class_sharding import text_step
     sample, rows = epoch_order(config, cache, epoch)
     scale = logit_scale(model).to(device)
     params = [p for p in prompted.parameters() if p.requires_grad]
     options = loss_options(config, targets, epoch, sample)
     sample_index_all = options.pop("sample_index", None)
-    chunked = (coop_chunked(prompted, text_chunk, lambda: _autocast(device, config.amp))
-               if text_chunk else None)
+    text = text_step(coop_encoding(prompted), text_chunk, lambda: _autocast(device, config.amp))
 
     def batch_inputs(start, stop):
         """``(images, labels, instance-wise target rows or None)`` of a batch, on the device."""
@@ -232,9 +233,9 @@ def train_epoch(prompted, model, cache: FeatureCache, config: TrainConfig, targe
 
     def batch_loss(start, stop):
         images, labels, targets_rows = batch_inputs(start, stop)
-        return batch_losses(prompted if chunked is None else chunked.features, images, labels,
+        return batch_losses(prompted if text is None else text.features, images, labels,
                             scale, config, with_batch_soft_labels(options, targets_rows),
                             zeroshot, device)
 
     return optimise_epoch(config, optimizer, params, epoch, len(rows), batch_loss, device, bar,
-                          None if chunked is None else partial(chunked.backward, lam=config.lam))
+                          None if text is None else partial(text.backward, lam=config.lam))

@@ -11,7 +11,10 @@ import torch
 
 from fastprompt.data.cache import FeatureCache, model_weights_hash
 from fastprompt.train import rundir
+from fastprompt.train.chunked_text_backward import coop_encoding
+from fastprompt.train.class_sharding import sharded_text_features
 from fastprompt.train.config import TrainConfig
+from fastprompt.train.distributed import world_size
 from fastprompt.train.loop import accuracy, logit_scale, make_targets, train_epoch
 
 FORMAT = "fastprompt-run-1"
@@ -62,6 +65,10 @@ class PromptLearnerRun:
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
+        """All C class text features, float32 (under several ranks each encodes its slice: every
+        rank calls this, as every rank computes the epoch's metrics)."""
+        if world_size() > 1:
+            return sharded_text_features(coop_encoding(self.prompted)).float()
         return self.prompted().float()
 
     def train_accuracy(self) -> dict:
@@ -96,6 +103,12 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     ``text_chunk`` K > 0 runs the text backward K classes at a time (exact, memory bounded by K
     prompts; ``fastprompt.train.chunked_text_backward``); not part of the run's identity either,
     so a run may resume with another K. The two do not combine.
+
+    Under a ``torch.distributed`` process group of several ranks (``torchrun``), every rank calls
+    this with the same arguments: the classes are sharded over the ranks
+    (``fastprompt.train.class_sharding``; ``compile`` is refused), rank 0 alone writes
+    ``out_dir``, and every rank returns the metrics. The number of ranks is not part of the
+    run's identity: a run resumes on any number of them.
     """
     from fastprompt.models import count_parameters
     from fastprompt.train.chunked_text_backward import check_text_chunk
@@ -107,6 +120,12 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     if compile and text_chunk:
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
                          "step; drop compile (--compile) or text_chunk (--text-chunk)")
+    if compile and world_size() > 1:
+        # The compiled step is one graph over all C classes, for small C where Python overhead
+        # dominates; sharding is for large C, where the text encoder dominates.
+        raise ValueError(f"compile: the compiled step (--compile) runs all classes in one "
+                         f"process; it does not combine with class sharding over "
+                         f"{world_size()} ranks (torchrun): drop --compile, or run one process")
     out_dir = os.fspath(out_dir)
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -20,6 +20,7 @@ the previous epoch's files whole. The prompt file's ``format`` picks its loader 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ from torch import Tensor
 import fastprompt
 from fastprompt._io import (atomic_write, exclusive_lock, progress_bar, read_json,
                             tensor_checksum, update_tensor_hash, write_json_atomic)
+from fastprompt.train import distributed
 from fastprompt.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -235,6 +237,7 @@ def read_prompt_file(run_dir) -> PromptFile:
 class Learner(Protocol):
     """What ``train_epochs`` needs from a learner (CoOp's prompt, SoftCPT's meta network)."""
     format: str
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     images_per_epoch: int
 
@@ -255,6 +258,20 @@ def _check_finite(learner: Learner, result: dict, epoch: int, run_dir: str) -> N
             f"in {run_dir!r}; {kept}. Lower --lr, or check the data and the features")
 
 
+def _prepare(run_dir: str, config: TrainConfig, learner: Learner, identity: dict, resume: bool,
+             stack: contextlib.ExitStack) -> dict | None:
+    """Create and lock ``run_dir`` (the lock held by ``stack``), read the checkpoint to resume
+    (only with ``resume``, only of the same identity) and write the config; returns the
+    checkpoint's state or None."""
+    os.makedirs(run_dir, exist_ok=True)
+    stack.enter_context(run_lock(run_dir))
+    state = None
+    if refuse_existing_run(run_dir, resume, learner.format):
+        state = load_checkpoint(os.path.join(run_dir, CHECKPOINT), learner.format, identity)
+    write_json_atomic(os.path.join(run_dir, CONFIG), config.to_dict())
+    return state
+
+
 def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: dict, *,
                  resume: bool, progress: bool | None, device: torch.device, desc: str,
                  finish: Callable[[list], dict]) -> dict:
@@ -262,21 +279,33 @@ def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: 
     a checkpoint there (only with ``resume``, only of the same identity), checkpoint after every
     epoch, stop with ``NonFiniteTrainingError`` (keeping the last good checkpoint) when the loss
     or the tensors turn non-finite, then write the prompt file (the learner's tensors and
-    ``prompt_fields``) and ``finish(history)``'s metrics. Returns the metrics."""
+    ``prompt_fields``) and ``finish(history)``'s metrics. Returns the metrics.
+
+    Under several ranks every rank runs this: they first check that they hold the same
+    identity (model weights' hashes, data, config); rank 0 alone takes the lock, reads the
+    checkpoint and writes files and the progress bar, and sends the others the state to resume
+    from; every rank trains and computes the metrics."""
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
-    os.makedirs(run_dir, exist_ok=True)
-    with run_lock(run_dir):
+    writer = distributed.is_writer()
+    if distributed.world_size() > 1:
+        # The identity's model_weights hashes the image tower only; each rank also encodes
+        # classes with its own text tower, so the whole model must agree.
+        distributed.check_same_on_all_ranks(
+            "model weights, data and config",
+            {**identity, "model_state": tensor_checksum(learner.model.state_dict())})
+    with contextlib.ExitStack() as stack:
+        state = distributed.from_rank_zero(
+            lambda: _prepare(run_dir, config, learner, identity, resume, stack))
         history: list = []
-        if refuse_existing_run(run_dir, resume, learner.format):
-            state = load_checkpoint(ckpt_path, learner.format, identity)
+        if state is not None:
             learner.load_trainable_state(state["params"])
             learner.optimizer.load_state_dict(state["optimizer"])
             history = list(state["history"])
-        write_json_atomic(os.path.join(run_dir, CONFIG), config.to_dict())
         images = learner.images_per_epoch
         first = len(history)
         # One bar per run, counting images over all epochs (progress=False hides it).
-        with progress_bar(config.epochs * images, desc, progress, initial=first * images) as bar:
+        with progress_bar(config.epochs * images, desc, progress if writer else False,
+                          initial=first * images) as bar:
             for epoch in range(first, config.epochs):
                 start = time.perf_counter()
                 result = learner.train_epoch(epoch=epoch, bar=bar)
@@ -287,14 +316,18 @@ def train_epochs(run_dir: str, config: TrainConfig, learner: Learner, identity: 
                 result.update(learner.train_accuracy())
                 result["epoch"] = epoch + 1
                 history.append(result)
-                save_checkpoint(ckpt_path, learner.format, learner.trainable_state(),
-                                learner.optimizer, epoch + 1, history, identity)
+                if writer:
+                    save_checkpoint(ckpt_path, learner.format, learner.trainable_state(),
+                                    learner.optimizer, epoch + 1, history, identity)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{result['loss']:.4f}",
                                 acc=f"{result['train_acc_noisy']:.3f}")
-        write_prompt(os.path.join(run_dir, PROMPT), learner.format, learner.trainable_state(),
-                     config, identity["model_weights"], **learner.prompt_fields())
+        if writer:
+            write_prompt(os.path.join(run_dir, PROMPT), learner.format,
+                         learner.trainable_state(), config, identity["model_weights"],
+                         **learner.prompt_fields())
         metrics = finish(history)
-        write_json_atomic(os.path.join(run_dir, METRICS), metrics)
+        if writer:
+            write_json_atomic(os.path.join(run_dir, METRICS), metrics)
     return metrics
 
 
@@ -304,7 +337,8 @@ def run_metrics(config: TrainConfig, history: list, device: torch.device) -> dic
     seconds = sorted(h["seconds"] for h in history)
     return {"method": config.describe(), "config": config.to_dict(), "seed": config.seed,
             "epochs": history, "epoch_seconds_median": seconds[len(seconds) // 2],
-            "device": device_name(device), "versions": versions(),
+            "device": device_name(device), "ranks": distributed.world_size(),
+            "versions": versions(),
             "backend": _backend.resolve(device)}
 
 
@@ -362,11 +396,12 @@ def method_summary(config: TrainConfig) -> dict:
     return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
-def _model_for(prompt: PromptFile, run_dir: str, device):
+def _model_for(prompt: PromptFile, run_dir: str, device, image_tower: bool):
     from fastprompt.data.cache import model_weights_hash
     from fastprompt.models import create_model
     config = prompt.config
-    model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device)
+    model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device,
+                                                       image_tower=image_tower)
     if prompt.metadata.get("model_weights") != model_weights_hash(model):
         raise ValueError(f"run: the weights of model {config.model!r} "
                          f"(pretrained={config.pretrained!r}) differ from those the prompt in "
@@ -392,17 +427,20 @@ def _select_tasks(run_dir: str, names: list[str] | None, task: str | None) -> li
     return matches[:1]
 
 
-def _load(run_dir: str, prompt: PromptFile, device, task: str | None) -> list[Run]:
+def _load(run_dir: str, prompt: PromptFile, device, task: str | None,
+          image_tower: bool = True) -> list[Run]:
     fmt = _FORMATS[prompt.format]
     tasks = _select_tasks(run_dir, fmt.tasks(prompt), task)
-    model, preprocess_val, tokenizer = _model_for(prompt, run_dir, device)
+    model, preprocess_val, tokenizer = _model_for(prompt, run_dir, device, image_tower)
     return fmt.load(prompt, run_dir, model, preprocess_val, tokenizer, device, tasks)
 
 
-def load_runs(run_dir, device: str | torch.device = "cpu", task: str | None = None) -> list[Run]:
-    """Every classifier of a finished run (SoftCPT: one per task, or the one ``task`` names)."""
+def load_runs(run_dir, device: str | torch.device = "cpu", task: str | None = None, *,
+              image_tower: bool = True) -> list[Run]:
+    """Every classifier of a finished run (SoftCPT: one per task, or the one ``task`` names).
+    ``image_tower=False``: for work on cached features only (``create_model``'s argument)."""
     run_dir = os.fspath(run_dir)
-    return _load(run_dir, read_prompt_file(run_dir), device, task)
+    return _load(run_dir, read_prompt_file(run_dir), device, task, image_tower)
 
 
 def load_run(run_dir, device: str | torch.device = "cpu", task: str | None = None) -> Run:
@@ -445,7 +483,7 @@ def evaluate_run(run_dir, cache=None, device: str | torch.device = "cpu",
     accuracies are their average)."""
     from fastprompt.data import FeatureCache, load_cache
     from fastprompt.train.loop import accuracy
-    runs = load_runs(run_dir, device, task)
+    runs = load_runs(run_dir, device, task, image_tower=False)
     softcpt = runs[0].task is not None
     if cache is not None and softcpt and len(runs) > 1:
         raise ValueError(f"task: {os.fspath(run_dir)!r} is a SoftCPT run over "

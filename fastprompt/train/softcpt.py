@@ -169,23 +169,27 @@ def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targ
                         text_chunk: int = 0) -> dict:
     """One epoch over every task's cached training set; returns the epoch's mean loss(es) and
     each task's mean loss (``task_loss``). ``text_chunk`` K > 0: the exact two-pass text
-    backward over the batch's tasks' class prompts, K at a time."""
-    from fastprompt.train.chunked_text_backward import softcpt_chunked
+    backward over the batch's tasks' class prompts, K at a time. Under a process group of several
+    ranks those class prompts are sharded over them (``fastprompt.train.class_sharding``)."""
+    from fastprompt.train.chunked_text_backward import softcpt_encoding
+    from fastprompt.train.class_sharding import text_step
+    from fastprompt.train.distributed import world_size
     task, sample, rows = multitask_epoch_order(config, tasks, epoch)
     scale = logit_scale(model).to(device)
     # Per task: its own soft-label tables. For ISL, "sample_index" only marks that the batch's
     # rows of the task's table must be gathered (multitask_loss does).
     options = [loss_options(config, targets[t], epoch, sample) for t in range(len(tasks))]
     per_task_total = torch.zeros(len(tasks), device=device)
-    step = {}  # the batch's ChunkedTextBackward
+    step = {}  # the batch's text side: ChunkedTextBackward or ShardedText
+    stepped = bool(text_chunk) or world_size() > 1
 
     def batch_loss(start, stop):
         groups = _group(task[start:stop], sample[start:stop], rows[start:stop])
         present = [t for t, _, _ in groups]
-        if text_chunk:
-            step["chunked"], sizes = softcpt_chunked(net, present, text_chunk,
-                                                     lambda: _autocast(device, config.amp))
-            texts = list(step["chunked"].features().split(sizes))
+        if stepped:
+            encoding, sizes = softcpt_encoding(net, present)
+            step["text"] = text_step(encoding, text_chunk, lambda: _autocast(device, config.amp))
+            texts = list(step["text"].features().split(sizes))
         else:
             with _autocast(device, config.amp):
                 texts = net(present)
@@ -197,8 +201,8 @@ def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targ
 
     result = optimise_epoch(config, optimizer, net.trainable_parameters(), epoch, len(rows),
                             batch_loss, device, bar,
-                            (lambda loss, kl: step["chunked"].backward(loss, kl, lam=config.lam))
-                            if text_chunk else None)
+                            (lambda loss, kl: step["text"].backward(loss, kl, lam=config.lam))
+                            if stepped else None)
     counts = torch.tensor([t.cache.num_train_images for t in tasks], dtype=torch.float32)
     result["task_loss"] = (per_task_total.cpu() / counts).tolist()
     return result
@@ -275,7 +279,8 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
     ``resume=True`` a checkpoint in ``out_dir`` is continued (same config, tasks, caches and
     model); without it a folder holding a checkpoint is refused. Nothing is written before the
     inputs are checked. ``text_chunk`` as in ``fastprompt.train.train_run`` (not part of the
-    run's identity).
+    run's identity), and so is training on several ranks: each batch's class prompts are
+    sharded over them.
     """
     from fastprompt.models.softcpt import softcpt_parameter_count
     from fastprompt.train.chunked_text_backward import check_text_chunk

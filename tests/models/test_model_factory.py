@@ -161,3 +161,86 @@ def test_default_tiny_weights_are_a_fixed_function_of_the_seed(seed):
             "print(model_weights_hash(create_model('fastprompt-tiny')[0]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == model_weights_hash(here)
+
+
+def test_a_model_loaded_from_a_file_draws_no_random_weights(tmp_path, monkeypatch, no_network,
+                                                             seed):
+    """Weights read from a file are not first drawn at random (seconds for a ViT-B, overwritten
+    anyway): torch.nn.init is not run, the caller's random state is untouched, and torch.nn.init
+    works again after."""
+    path = tmp_path / "tiny.safetensors"
+    save(create_model(TINY_MODEL)[0].state_dict(), path)
+    calls = []
+    original = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    create_model(TINY_MODEL)
+    drawn = len(calls)
+    torch.manual_seed(seed)
+    before = torch.random.get_rng_state()
+    create_model(TINY_MODEL, pretrained=str(path))
+    assert drawn > 0 and len(calls) == drawn
+    assert torch.equal(torch.random.get_rng_state(), before)
+    with pytest.raises(ValueError, match="^pretrained:"):  # the init functions come back on errors
+        create_model("ViT-B-32", pretrained=str(path))
+    w = torch.zeros(3, 4)
+    torch.nn.init.normal_(w)
+    assert w.abs().sum() > 0
+
+
+@pytest.mark.parametrize("memo", ["cold", "warm"])
+def test_a_model_without_its_image_tower(tmp_path, monkeypatch, no_network, seed, memo):
+    """image_tower=False (work on cached features): the text side and the weights' hash are the
+    full model's, the image tower holds no weights and refuses to encode, and the file is still
+    checked strictly outside the image tower (by shape inside it when the hash is computed)."""
+    from fastprompt.data import model_weights_hash
+    from fastprompt.models.factory import SkippedImageTower
+    monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
+    source = create_model(TINY_MODEL)[0]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    path = tmp_path / "tiny.safetensors"
+    state = source.state_dict()
+    save(state, path)
+    full, _, _, tokenizer = create_model(TINY_MODEL, pretrained=str(path))
+    if memo == "warm":
+        model_weights_hash(full)
+    text_only = create_model(TINY_MODEL, pretrained=str(path), image_tower=False)[0]
+    assert isinstance(text_only.visual, SkippedImageTower)
+    assert not any(k.startswith("visual.") for k in text_only.state_dict())
+    assert model_weights_hash(text_only) == model_weights_hash(full)
+    tokens = tokenizer(["a photo of a cat.", "a dog"])
+    with torch.no_grad():
+        assert torch.equal(text_only.encode_text(tokens), full.encode_text(tokens))
+        with pytest.raises(RuntimeError, match="without its image tower"):
+            text_only.encode_image(torch.zeros(1, 3, 64, 64))
+    # Without a file: the seeded draw's hash.
+    assert (model_weights_hash(create_model(TINY_MODEL, image_tower=False)[0])
+            == model_weights_hash(create_model(TINY_MODEL)[0]))
+
+    no_text = tmp_path / "no_text.safetensors"
+    save({k: v for k, v in state.items() if k != "token_embedding.weight"}, no_text)
+    with pytest.raises(ValueError, match="is not a checkpoint of this model.*token_embedding"):
+        create_model(TINY_MODEL, pretrained=str(no_text), image_tower=False)
+    no_image = tmp_path / "no_image.safetensors"
+    save({k: v for k, v in state.items() if not k.startswith("visual.")}, no_image)
+    with pytest.raises(ValueError, match=f"^pretrained: '{no_image}' is not a checkpoint"):
+        create_model(TINY_MODEL, pretrained=str(no_image), image_tower=False)
+
+
+def test_evaluating_a_run_on_caches_skips_the_image_tower(monkeypatch, tiny_weights):
+    """Commands that need cached features only (evaluate on caches, train from a cache, a sweep's
+    training jobs) ask for the model without its image tower."""
+    import fastprompt.models
+    from fastprompt.train.rundir import evaluate_run
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("image_tower", True))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(fastprompt.models, "create_model", recording)
+    fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "runs_v0_1_0", "coop-run")
+    with pytest.raises(RuntimeError, match="stop here"):
+        evaluate_run(fixture, "unused.safetensors")
+    assert calls == [False]
