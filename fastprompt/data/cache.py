@@ -620,16 +620,21 @@ def _encode_chunks(plan: CachePlan, ids: list[int], model, *, num_workers: int,
             todo.append(plan.chunks[i])
     if not todo:
         return []
-    logger.info("fastprompt: encoding %d cache chunks (%d already built)", len(todo),
-                len(ids) - len(todo))
+
+    def views(chunks):
+        return sum((c.stop - c.start) * plan.split_views(c.split) for c in chunks)
+    rank, world = torchrun_rank()
+    desc = "caching features" + (f" (rank {rank} of {world})" if world > 1 else "")
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    total = sum((c.stop - c.start) * plan.split_views(c.split) for c in todo)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), progress_bar(total, "caching features", progress) as bar:
+        # A resumed build's bar starts at the views its valid chunk files already hold.
+        with torch.inference_mode(), progress_bar(
+                views(plan.chunks[i] for i in ids), desc, progress,
+                initial=views(plan.chunks[i] for i in ids) - views(todo)) as bar:
             for split in ("train", "test", "val"):
                 mine = [c for c in todo if c.split == split]
                 if mine:

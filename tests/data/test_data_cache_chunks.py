@@ -164,6 +164,12 @@ def test_missing_chunks_are_named_and_any_process_can_encode_them(tmp_path, shap
         merge_cache_chunks(plan, timeout=0.2)
     assert encode_cache_chunks(plan, range(1, 6, 2), model, progress=False) == [1, 3, 5]
     _assert_same(merge_cache_chunks(plan), single)
+    # A chunk file of a build from other arguments is foreign: encoded again.
+    other = plan_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits,
+                               views=2, batch_size=4, chunk_size=8, seed=2)
+    assert encode_cache_chunks(plan, [0], model, progress=False) == [0]
+    assert encode_cache_chunks(other, [0], model, progress=False) == [0]
+    assert encode_cache_chunks(other, [0], model, progress=False) == []
     with pytest.raises(ValueError, match="^chunks: 6 is not a chunk index"):
         encode_cache_chunks(plan, [6], model)
 
