@@ -200,7 +200,8 @@ def matmul_config(m: int, k: int, d: int, dtype: torch.dtype) -> dict:
 
 def k_slices(m: int, k: int, d: int, blocks: dict) -> int:
     """Slices of the reduction over k: 1 unless the output tiles alone leave most of
-    ``SM_COUNT`` idle for a long reduction (``Gᵀ X̂`` at large N: C x D tiles, N deep)."""
+    ``SM_COUNT`` idle for a long reduction (``Gᵀ X̂`` at large N: C x D tiles, N deep; ``G T̂``
+    at small N, C deep)."""
     tiles = triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(d, blocks["BLOCK_D"])
     k_tiles = triton.cdiv(k, blocks["BLOCK_K"])
     wanted = triton.cdiv(K_SLICE_WAVES * SM_COUNT, tiles)

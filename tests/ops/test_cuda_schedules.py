@@ -330,7 +330,8 @@ def test_fused_logit_gradient_rows_are_padded(fused_split_paths, seed):
 
 def test_split_counts_follow_the_shape():
     # The documented rules at the GPU block sizes: class ranges only while the row blocks leave
-    # most of the notional 132 SMs idle, reduction slices only for a long reduction over N.
+    # most of the notional 132 SMs idle, reduction slices only for a reduction long next to the
+    # output tiles (Gᵀ X̂ at large N, G T̂ at small N).
     from fastprompt.kernels.clip_loss_backward import k_slices
     from fastprompt.kernels.clip_loss_forward import class_splits
 
@@ -342,3 +343,4 @@ def test_split_counts_follow_the_shape():
     assert k_slices(1000, 65536, 512, blocks) == 3  # 256 output tiles, 1024 tiles of k
     assert k_slices(1000, 256, 512, blocks) == 1
     assert k_slices(7, 65536, 512, blocks) == 32
+    assert k_slices(256, 1000, 512, blocks) == 2  # G T̂ at N = 256: 64 tiles, 16 tiles of k
