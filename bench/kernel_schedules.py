@@ -17,7 +17,9 @@ stages, dtypes, pointer alignment and every constexpr option stay distinct.
 ``--grid ci`` is the matrix of tests/kernels/test_compile_for_gpu.py (``--grid full``: more). Needs TRITON_INTERPRET
 unset (the interpreter replaces compilation). Registers, spills and stack come from the cubin
 (``cuobjdump``: spill bytes are the widths of its STL/LDL instructions), shared memory from
-triton's metadata; both work from triton's cache, so a second run is quick.
+triton's metadata; both work from triton's cache, so a second run is quick. ``grid y``: the
+largest second grid dimension among the launches of a row (the fused forward's class ranges, the
+products' slices of their reduction; 1 for one-dimensional grids).
 """
 from __future__ import annotations
 
@@ -60,11 +62,11 @@ OPTION_CHANGES = (dict(target="hard"), dict(target="uniform"), dict(target="clas
 @contextlib.contextmanager
 def recorded_launches():
     """Replace ``JITFunction.run`` by a recorder for the duration: yields the list of
-    ``(kernel, args, kwargs)`` launched."""
+    ``(kernel, args, kwargs, grid)`` launched."""
     launches = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, dict(kwargs)))
+        launches.append((self, args, dict(kwargs), tuple(grid)))
 
     original = JITFunction.run
     JITFunction.run = record
@@ -248,29 +250,32 @@ def collect_jobs(arches, scenario_list):
     """One job per schedule key over every scenario and arch (the least specialised launch)."""
     launches = {}
     for label, thunk in scenario_list:
-        for fn, args, kwargs in thunk():
-            entry = launches.setdefault(launch_identity(fn, args, kwargs), (fn, args, kwargs, []))
+        for fn, args, kwargs, grid in thunk():
+            entry = launches.setdefault(launch_identity(fn, args, kwargs),
+                                        (fn, args, kwargs, [], [1]))
             if label not in entry[3]:
                 entry[3].append(label)
+            entry[4][0] = max(entry[4][0], grid[1] if len(grid) > 1 else 1)
     jobs, index = [], {}
     for arch in arches:
         backend = make_backend(GPUTarget("cuda", arch, 32))
-        for fn, args, kwargs, labels in launches.values():
+        for fn, args, kwargs, labels, (grid_y,) in launches.values():
             signature, constexprs, attrs, options = bind(fn, args, kwargs, backend)
             key = schedule_key(arch, fn, signature, constexprs, attrs, options)
             job = dict(arch=arch, kernel=fn.__name__, fn=fn, signature=signature,
                        constexprs=constexprs, attrs=attrs, options=options,
                        config=describe_config(fn, constexprs, options), used_by=list(labels),
-                       rank=specialisation_rank(fn, constexprs, attrs))
+                       grid_y=grid_y, rank=specialisation_rank(fn, constexprs, attrs))
             if key not in index:
                 index[key] = len(jobs)
                 jobs.append(job)
                 continue
             kept = jobs[index[key]]
             used_by = kept["used_by"] + [x for x in labels if x not in kept["used_by"]]
+            grid_y = max(kept["grid_y"], grid_y)
             if job["rank"] < kept["rank"]:
                 jobs[index[key]] = job
-            jobs[index[key]]["used_by"] = used_by
+            jobs[index[key]].update(used_by=used_by, grid_y=grid_y)
     return jobs
 
 
@@ -307,7 +312,7 @@ def compile_job(i: int) -> dict:
     job = _JOBS[i]
     target = GPUTarget("cuda", job["arch"], 32)
     row = dict(arch=job["arch"], kernel=job["kernel"], config=job["config"],
-               used_by=job["used_by"])
+               used_by=job["used_by"], grid_y=job["grid_y"])
     start = time.perf_counter()
     try:
         kernel = triton.compile(ASTSource(job["fn"], job["signature"], job["constexprs"],
@@ -339,17 +344,19 @@ def compile_all(jobs, n_jobs: int) -> list[dict]:
 
 
 def render(rows) -> str:
-    head = ("| arch | kernel | config | launched for (first of) | regs | spill st/ld B | stack B | "
-            "shared B | mma | async copy | compile s |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| arch | kernel | config | launched for (first of) | grid y | regs | spill st/ld B | "
+            "stack B | shared B | mma | async copy | compile s |")
+    lines = [head, "|" + "---|" * 12]
     for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"], r["config"])):
         first = f"{r['used_by'][0]} ({len(r['used_by'])})"
         if r["error"]:
-            lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['config']} | {first} | ERROR: "
-                         f"{r['error'].splitlines()[0][:120]} | | | | | | |")
+            lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['config']} | {first} | "
+                         f"{r['grid_y']} | ERROR: {r['error'].splitlines()[0][:120]} "
+                         "| | | | | | |")
             continue
         lines.append(
-            f"| sm_{r['arch']} | {r['kernel']} | {r['config']} | {first} | {r['registers']} | "
+            f"| sm_{r['arch']} | {r['kernel']} | {r['config']} | {first} | {r['grid_y']} | "
+            f"{r['registers']} | "
             f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared']} | "
             f"{r['mma'] or '-'} | {r['cp_async'] or '-'} | {r['seconds']:.1f} |")
     return "\n".join(lines)

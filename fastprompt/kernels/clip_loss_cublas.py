@@ -136,7 +136,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
             grad[start:end] if compute_grad else labels,
             grad_kl[start:end] if compute_grad and has_kl else labels,
             end - start, c, 0, 1 if table is None else table.shape[0], smoothing,
-            float(temperature), TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax),
+            float(temperature), c, c, TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax),
             NORMALIZE=bool(normalize), HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad),
             BLOCK_D=16, CAST_FP32=False, PRECISION="ieee", xt_ptr=products[0],
             xt0_ptr=products[-1], PRODUCTS_STORED=True, **cfg)

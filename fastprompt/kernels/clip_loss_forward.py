@@ -3,10 +3,13 @@
 constexpr (the CUDA path; under ``TRITON_INTERPRET=1`` it also runs on CPU tensors, which is how
 CI tests it).
 
-Each program owns ``BLOCK_N`` rows and sweeps the classes in ``BLOCK_C`` tiles. The logits are
-recomputed from the features in every sweep rather than stored: a bf16 logit buffer would cost
-precision exactly where the softmax is sensitive. The normalisation is folded in as per-row and
-per-column factors, so no normalised copy exists. Sweeps and why: docs/kernels.md.
+Each program owns ``BLOCK_N`` rows and sweeps the classes in ``BLOCK_C`` tiles: all of them
+(large N), or for small N one range of them, the ranges' row statistics then merged through a
+small float32 workspace by the later passes of the same kernel. The logits are recomputed from
+the features in every sweep rather than stored: a bf16 logit buffer would cost precision exactly
+where the softmax is sensitive. The normalisation is folded in as per-row and per-column
+factors, so no normalised copy exists. The logit gradients are written into rows padded to 16
+elements. Sweeps, passes and why: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -16,26 +19,49 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.launch import (INTERPRET, dot_precision, mma,
+from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
+from fastprompt.kernels.schedules import logit_gradient_buffer, padded_columns
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
+# Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
+# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap) and sweep 2's sums
+# (Σ e^{p-1}, spread_q, spread_t, Σ t p).
+NUM_PARTIALS = 14
+# Each program of the split-class passes sweeps at least this many class tiles: its fixed work
+# (the row set-up, merging every range's statistics) stays small next to its sweeps.
+MIN_C_TILES_PER_SPLIT = 4
 
 
 def forward_config(n: int, c: int, d: int, dtype: torch.dtype, two_products: bool) -> dict:
-    """Block sizes and launch options of the forward kernel; deterministic, no autotuning."""
+    """Block sizes and launch options of the forward kernel, and ``C_SPLITS``, the number of
+    class ranges each row block is split into (``class_splits``); deterministic, no
+    autotuning."""
     if INTERPRET:  # interpreter cost grows with programs x iterations: few, large blocks
-        return dict(BLOCK_N=next_pow2_between(n, 16, 64), BLOCK_C=next_pow2_between(c, 16, 128),
-                    BLOCK_D=next_pow2_between(d, 16, 128))
-    # GPU (not yet timed on a device): the largest tiles that compile without register spills
-    # for sm_80 and sm_90 (tests/kernels/test_compile_for_gpu.py): 64 x 32 on 8 warps, 64 x 16 with
-    # ProGrad's second accumulator; the D step is one 128-byte row of half (64) or float32 (32)
-    # elements. Small batches get narrower row blocks so that more programs run.
-    block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)
-    block_c = next_pow2_between(c, 16, 16 if two_products else 32)
-    block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
-    return dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8, num_stages=3)
+        blocks = dict(BLOCK_N=next_pow2_between(n, 16, 64), BLOCK_C=next_pow2_between(c, 16, 128),
+                      BLOCK_D=next_pow2_between(d, 16, 128))
+    else:
+        # GPU (not yet timed on a device): the largest tiles that compile without register
+        # spills for sm_80 and sm_90 (tests/kernels/test_compile_for_gpu.py): 64 x 32 on 8
+        # warps, 64 x 16 with ProGrad's second accumulator; the D step is one 128-byte row of
+        # half (64) or float32 (32) elements. Small batches get narrower row blocks so that more
+        # programs run.
+        block_n = 64 if n >= 4096 else (32 if n >= 512 else 16)
+        block_c = next_pow2_between(c, 16, 16 if two_products else 32)
+        block_d = next_pow2_between(d, 16, 32 if dtype == torch.float32 else 64)
+        blocks = dict(BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8,
+                      num_stages=3)
+    return dict(blocks, C_SPLITS=class_splits(n, c, blocks["BLOCK_N"], blocks["BLOCK_C"]))
+
+
+def class_splits(n: int, c: int, block_n: int, block_c: int) -> int:
+    """Class ranges per row block: as many as fill ``SM_COUNT`` programs with the row blocks
+    (``SM_COUNT // row blocks``, so 1 from about 66 row blocks on: large N keeps one program per
+    row block), each of at least ``MIN_C_TILES_PER_SPLIT`` tiles. N=256, C=1000: 16 row blocks
+    x 8 ranges of 4 tiles of 32 classes."""
+    row_blocks = triton.cdiv(n, block_n)
+    return max(1, min(SM_COUNT // row_blocks, triton.cdiv(c, block_c) // MIN_C_TILES_PER_SPLIT))
 
 
 @triton.jit
@@ -111,20 +137,109 @@ def _online_lse(m, l, z):
 
 
 @triton.jit
+def _partial_offsets(stat, rows, N, splits, split):
+    """Where one partial statistic of the split-class passes lives: the float32 workspace is
+    ``NUM_PARTIALS x splits x N``."""
+    return (stat * splits + split).to(tl.int64) * N + rows
+
+
+@triton.jit
+def _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split):
+    return tl.load(partial_ptr + _partial_offsets(stat, rows, N, splits, split), mask=row_mask,
+                   other=0.0)
+
+
+@triton.jit
+def _merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.constexpr,
+                  HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sweep 1's statistics of whole rows from the ``splits`` partial ones (pass 1), merged
+    exactly: log-sum-exps by their maxima, each gap sum shifted from its split's max to the
+    row's; in split order, so every program merging a row gets the same bits.
+    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap)``."""
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    top = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for split in range(0, splits):
+        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
+        if DOUBLE_SOFTMAX:  # the first split holding the row's max, as one sweep picks it
+            top_s = _load_partial(partial_ptr, 4, rows, row_mask, N, splits, split)
+            top_s = top_s.to(tl.int32, bitcast=True)
+            top = tl.where(m_s > m, top_s, top)
+        m = tl.maximum(m, m_s)
+        if HAS_KL:
+            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
+            m_tau = tl.maximum(m_tau, m_tau_s)
+            m0 = tl.maximum(m0, _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split))
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(0, splits):
+        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
+        l += _load_partial(partial_ptr, 1, rows, row_mask, N, splits, split) * tl.exp(m_s - m)
+        if not DOUBLE_SOFTMAX:
+            # Σ_c t_c (m - z_c) = Σ_splits (gap_s + seen_s (m - m_s)): non-negative terms.
+            gap_s = _load_partial(partial_ptr, 2, rows, row_mask, N, splits, split)
+            seen_s = _load_partial(partial_ptr, 3, rows, row_mask, N, splits, split)
+            target_gap += gap_s + seen_s * (m - m_s)
+        if HAS_KL:
+            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
+            l_tau_s = _load_partial(partial_ptr, 6, rows, row_mask, N, splits, split)
+            l_tau += l_tau_s * tl.exp(m_tau_s - m_tau)
+            m0_s = _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split)
+            l0_s = _load_partial(partial_ptr, 8, rows, row_mask, N, splits, split)
+            kl_gap_s = _load_partial(partial_ptr, 9, rows, row_mask, N, splits, split)
+            # Σ_c e^{z0_c/τ - m0} (m_τ - z_c/τ), from each split's sum around its own maxima.
+            kl_gap += tl.exp(m0_s - m0) * (kl_gap_s + l0_s * (m_tau - m_tau_s))
+            l0 += l0_s * tl.exp(m0_s - m0)
+    # Rows past N (never stored) get sums of 1 rather than 0: no infinities downstream.
+    l = tl.where(row_mask, l, 1.0)
+    l_tau = tl.where(row_mask, l_tau, 1.0)
+    l0 = tl.where(row_mask, l0, 1.0)
+    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap
+
+
+@triton.jit
+def _summed_partial(partial_ptr, stat, rows, row_mask, N, splits, BLOCK_N: tl.constexpr):
+    """A plain sum over the splits (in split order) of one partial statistic (1 past N)."""
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(0, splits):
+        total += _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split)
+    return tl.where(row_mask, total, 1.0)
+
+
+@triton.jit
 def clip_loss_forward_kernel(
         x_ptr, t_ptr, t0_ptr, x_inv_norm_ptr, t_inv_norm_ptr, t0_inv_norm_ptr, scale_ptr,
         labels_ptr, table_row_ptr, table_ptr,
         loss_ptr, kl_ptr, grad_ptr, grad_kl_ptr,
-        N, C, D, R, smoothing, temperature,
+        N, C, D, R, smoothing, temperature, grad_stride, c_store,
         TARGET: tl.constexpr, DOUBLE_SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
         HAS_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
-        xt_ptr=None, xt0_ptr=None, PRODUCTS_STORED: tl.constexpr = False):
+        xt_ptr=None, xt0_ptr=None, PRODUCTS_STORED: tl.constexpr = False,
+        partial_ptr=None, c_per_split=0, splits=1, PASS: tl.constexpr = 0):
     # PRODUCTS_STORED: the row pass of the cuBLAS schedule (clip_loss_cublas.py), the same sweeps
     # over products a matmul stored; the factors turn them into logits as they do x_i · t_c.
+    # grad_stride: the row stride of the gradient outputs; c_store: the columns their stores
+    # cover (C, or the padded row, whose columns past C get zeros: whole-tile vector stores).
+    # PASS 0: each program sweeps every class of its BLOCK_N rows. PASS 1-3 split the classes
+    # into `splits` ranges of `c_per_split` (program_id(1)), for small N (docs/kernels.md):
+    # 1 writes each range's sweep-1 statistics to the float32 workspace at partial_ptr; 2 (double
+    # softmax) merges them and writes each range's sweep-2 sums; 3 merges everything, writes the
+    # losses (split 0) and its range's gradient.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    split = tl.program_id(1)
+    if PASS == 0:
+        c_begin = 0
+        c_end = C
+    else:
+        c_begin = split * c_per_split
+        c_end = tl.minimum(C, c_begin + c_per_split)
     # Index loads are clamped so that unchecked bad labels can never address outside the tables;
     # the rows they belong to get NaN task losses and gradients (validation off: docs/kernels.md).
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
@@ -144,149 +259,197 @@ def clip_loss_forward_kernel(
         row_coef = tl.zeros((BLOCK_N,), dtype=tl.float32) + s
     inv_temperature = 1.0 / temperature
 
-    # Sweep 1: lse(z) (running max m, l = Σ e^{z-m}); with the KL term also lse(z/τ) and
-    # lse(z⁰/τ). The losses are accumulated as sums of non-negative terms, so that a small loss
-    # (a well-fit row at scale 100) is not the difference of two O(100) numbers:
-    #   cross-entropy  lse(z) - Σ t z            = log l + Σ_c t_c (m - z_c)
-    #   KL term        -τ² Σ P0 log softmax(z/τ) = τ² (log l_τ + Σ_c P0_c (m_τ - z_c/τ))
-    # with each sum shifted whenever its running max grows.
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_seen = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    top = tl.zeros((BLOCK_N,), dtype=tl.int32)  # a column where z is largest (double softmax)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        z, z0 = _logit_tiles(
-            x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D, row_coef,
-            _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-            _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-            HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
-        z_in = tl.where(col_mask[None, :], z, 0.0)
-        z_lse = tl.where(col_mask[None, :], z, float("-inf"))
-        if DOUBLE_SOFTMAX:
-            top = tl.where(tl.max(z_lse, axis=1) > m, tl.argmax(z_lse, axis=1) + c0, top)
-        else:
-            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
-                              TARGET)
-            target = tl.where(col_mask[None, :], target, 0.0)
-            m_next = tl.maximum(m, tl.max(z_lse, axis=1))
-            shift = tl.where(target_seen > 0, m_next - m, 0.0)
-            target_gap += shift * target_seen + tl.sum(target * (m_next[:, None] - z_in), axis=1)
-            target_seen += tl.sum(target, axis=1)
-        m, l = _online_lse(m, l, z_lse)
-        if HAS_KL:
-            z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
-            z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
-            m_tau_next = tl.maximum(m_tau, tl.max(z_tau, axis=1))
-            m0_next = tl.maximum(m0, tl.max(z0_tau, axis=1))
-            alpha = tl.exp(m0 - m0_next)
-            e0 = tl.exp(z0_tau - m0_next[:, None])
-            shift = tl.where(l0 > 0, m_tau_next - m_tau, 0.0)
-            kl_gap = ((kl_gap + shift * l0) * alpha
-                      + tl.sum(e0 * (m_tau_next[:, None] - z_in * inv_temperature), axis=1))
-            l0 = l0 * alpha + tl.sum(e0, axis=1)
-            m0 = m0_next
-            m_tau, l_tau = _online_lse(m_tau, l_tau, z_tau)
-    # softmax as e^{z - m} / l rather than e^{z - lse}: z - m is exact near the top, while lse
-    # (up to ~100) carries an absolute rounding error of ~1e-5 into every probability.
-    inv_l = 1.0 / l
-
-    if DOUBLE_SOFTMAX:
-        # Sweep 2: p = softmax(z) lies in [0, 1], so a fixed shift of 1 replaces the running max
-        # (e^{p-1} in [1/e, 1]; exact 0 loss for C = 1). The gradient
-        #   ∂loss/∂z_c = p_c (q_c - t_c - Σ_k p_k (q_k - t_k)),   q = e^{p-1} / Σ e^{p-1},
-        # is tiny where p is nearly one-hot (DSPT's suppressed samples), and summing Σ p q and
-        # Σ p t separately would leave only rounding of 1. With j = argmax p (p_j = 1/l) and
-        # Σ p = 1 it is rewritten without cancellation as
-        #   p_c ((e^{p_c-1} - e^{p_j-1} + Σ_k p_k (e^{p_j-1} - e^{p_k-1})) / Σ e^{p-1}
-        #        - (t_c - t_j + Σ_k p_k (t_j - t_k))).
-        exp_p_top = tl.exp(inv_l - 1.0)
-        target_top = tl.sum(_targets(labels, table_base, top[:, None], top[:, None] < C,
-                                     smoothing, C, TARGET), axis=1)
-        sum_exp_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        spread_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        spread_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        target_dot_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+    if PASS <= 1:
+        # Sweep 1: lse(z) (running max m, l = Σ e^{z-m}); with the KL term also lse(z/τ) and
+        # lse(z⁰/τ). The losses are accumulated as sums of non-negative terms, so that a small
+        # loss (a well-fit row at scale 100) is not the difference of two O(100) numbers:
+        #   cross-entropy  lse(z) - Σ t z            = log l + Σ_c t_c (m - z_c)
+        #   KL term        -τ² Σ P0 log softmax(z/τ) = τ² (log l_τ + Σ_c P0_c (m_τ - z_c/τ))
+        # with each sum shifted whenever its running max grows.
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        target_seen = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        top = tl.zeros((BLOCK_N,), dtype=tl.int32)  # a column where z is largest (double softmax)
+        for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            col_mask = cols < C
-            z, _ = _logit_tiles(
-                x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
-                row_coef,
-                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
-                False, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
-            p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
-            exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
-            sum_exp_p += tl.sum(exp_p, axis=1)
-            spread_q += tl.sum(p * (exp_p_top[:, None] - exp_p), axis=1)
-            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
-                              TARGET)
-            spread_t += tl.sum(p * (target_top[:, None] - target), axis=1)
-            target_dot_p += tl.sum(target * p, axis=1)
-        loss = tl.log(sum_exp_p) + (1.0 - target_dot_p)
-        inv_sum_exp_p = 1.0 / sum_exp_p
-    else:
-        loss = tl.log(l) + target_gap
-    bad_index = tl.where(index_ok, 0.0, float("nan"))
-    tl.store(loss_ptr + rows, loss + bad_index, mask=row_mask)
-    if HAS_KL:
-        kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
-        tl.store(kl_ptr + rows, kl, mask=row_mask)
-        inv_l_tau = 1.0 / l_tau
-        inv_l0 = 1.0 / l0
-
-    if COMPUTE_GRAD:
-        # Sweep 3: recompute the tile, write ∂loss_i/∂z (and τ (softmax(z/τ) - softmax(z⁰/τ))).
-        out_offs = rows.to(tl.int64)[:, None] * C
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_mask = cols < C
+            col_mask = cols < c_end
             z, z0 = _logit_tiles(
                 x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
-                row_coef,
-                _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                row_coef, _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                 _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                 HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
-            target = _targets(labels, table_base, cols[None, :], col_mask[None, :], smoothing, C,
-                              TARGET)
-            # Padding columns get p = 0 (their z = 0 may lie far above m and overflow e^{p-1}).
-            p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
+            z_in = tl.where(col_mask[None, :], z, 0.0)
+            z_lse = tl.where(col_mask[None, :], z, float("-inf"))
             if DOUBLE_SOFTMAX:
-                dq = ((tl.exp(p - 1.0) - exp_p_top[:, None] + spread_q[:, None])
-                      * inv_sum_exp_p[:, None])
-                dt = target - target_top[:, None] + spread_t[:, None]
-                grad = p * (dq - dt)
+                top = tl.where(tl.max(z_lse, axis=1) > m, tl.argmax(z_lse, axis=1) + c0, top)
             else:
-                grad = p - target
-            grad = grad + bad_index[:, None]
-            out_mask = row_mask[:, None] & col_mask[None, :]
-            tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
-                     mask=out_mask)
+                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                                  smoothing, C, TARGET)
+                target = tl.where(col_mask[None, :], target, 0.0)
+                m_next = tl.maximum(m, tl.max(z_lse, axis=1))
+                shift = tl.where(target_seen > 0, m_next - m, 0.0)
+                target_gap += (shift * target_seen
+                               + tl.sum(target * (m_next[:, None] - z_in), axis=1))
+                target_seen += tl.sum(target, axis=1)
+            m, l = _online_lse(m, l, z_lse)
             if HAS_KL:
                 z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
                 z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
-                grad_kl = temperature * (tl.exp(z_tau - m_tau[:, None]) * inv_l_tau[:, None]
-                                         - tl.exp(z0_tau - m0[:, None]) * inv_l0[:, None])
-                tl.store(grad_kl_ptr + out_offs + cols[None, :],
-                         grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
+                m_tau_next = tl.maximum(m_tau, tl.max(z_tau, axis=1))
+                m0_next = tl.maximum(m0, tl.max(z0_tau, axis=1))
+                alpha = tl.exp(m0 - m0_next)
+                e0 = tl.exp(z0_tau - m0_next[:, None])
+                shift = tl.where(l0 > 0, m_tau_next - m_tau, 0.0)
+                kl_gap = ((kl_gap + shift * l0) * alpha
+                          + tl.sum(e0 * (m_tau_next[:, None] - z_in * inv_temperature), axis=1))
+                l0 = l0 * alpha + tl.sum(e0, axis=1)
+                m0 = m0_next
+                m_tau, l_tau = _online_lse(m_tau, l_tau, z_tau)
+        if PASS == 1:
+            at = partial_ptr + _partial_offsets(0, rows, N, splits, split)
+            step = N * splits  # from one statistic to the next (splits > 1 only for small N)
+            tl.store(at, m, mask=row_mask)
+            tl.store(at + step, l, mask=row_mask)
+            tl.store(at + 2 * step, target_gap, mask=row_mask)
+            tl.store(at + 3 * step, target_seen, mask=row_mask)
+            tl.store(at + 4 * step, top.to(tl.float32, bitcast=True), mask=row_mask)
+            tl.store(at + 5 * step, m_tau, mask=row_mask)
+            tl.store(at + 6 * step, l_tau, mask=row_mask)
+            tl.store(at + 7 * step, m0, mask=row_mask)
+            tl.store(at + 8 * step, l0, mask=row_mask)
+            tl.store(at + 9 * step, kl_gap, mask=row_mask)
+    else:
+        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap = _merged_stats(
+            partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX, HAS_KL, BLOCK_N)
+
+    if PASS != 1:
+        # softmax as e^{z - m} / l rather than e^{z - lse}: z - m is exact near the top, while
+        # lse (up to ~100) carries an absolute rounding error of ~1e-5 into every probability.
+        inv_l = 1.0 / l
+        if DOUBLE_SOFTMAX:
+            # Sweep 2: p = softmax(z) lies in [0, 1], so a fixed shift of 1 replaces the running
+            # max (e^{p-1} in [1/e, 1]; exact 0 loss for C = 1), and the sums of the class
+            # ranges simply add. The gradient
+            #   ∂loss/∂z_c = p_c (q_c - t_c - Σ_k p_k (q_k - t_k)),   q = e^{p-1} / Σ e^{p-1},
+            # is tiny where p is nearly one-hot (DSPT's suppressed samples), and summing Σ p q
+            # and Σ p t separately would leave only rounding of 1. With j = argmax p
+            # (p_j = 1/l) and Σ p = 1 it is rewritten without cancellation as
+            #   p_c ((e^{p_c-1} - e^{p_j-1} + Σ_k p_k (e^{p_j-1} - e^{p_k-1})) / Σ e^{p-1}
+            #        - (t_c - t_j + Σ_k p_k (t_j - t_k))).
+            exp_p_top = tl.exp(inv_l - 1.0)
+            target_top = tl.sum(_targets(labels, table_base, top[:, None], top[:, None] < C,
+                                         smoothing, C, TARGET), axis=1)
+            if PASS == 0 or PASS == 2:
+                sum_exp_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                spread_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                spread_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                target_dot_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for c0 in range(c_begin, c_end, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C)
+                    col_mask = cols < c_end
+                    z, _ = _logit_tiles(
+                        x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C,
+                        D, row_coef,
+                        _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                        _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                        False, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+                    p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
+                    exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
+                    sum_exp_p += tl.sum(exp_p, axis=1)
+                    spread_q += tl.sum(p * (exp_p_top[:, None] - exp_p), axis=1)
+                    target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                                      smoothing, C, TARGET)
+                    spread_t += tl.sum(p * (target_top[:, None] - target), axis=1)
+                    target_dot_p += tl.sum(target * p, axis=1)
+                if PASS == 2:
+                    at = partial_ptr + _partial_offsets(10, rows, N, splits, split)
+                    step = N * splits
+                    tl.store(at, sum_exp_p, mask=row_mask)
+                    tl.store(at + step, spread_q, mask=row_mask)
+                    tl.store(at + 2 * step, spread_t, mask=row_mask)
+                    tl.store(at + 3 * step, target_dot_p, mask=row_mask)
+            else:
+                sum_exp_p = _summed_partial(partial_ptr, 10, rows, row_mask, N, splits, BLOCK_N)
+                spread_q = _summed_partial(partial_ptr, 11, rows, row_mask, N, splits, BLOCK_N)
+                spread_t = _summed_partial(partial_ptr, 12, rows, row_mask, N, splits, BLOCK_N)
+                target_dot_p = _summed_partial(partial_ptr, 13, rows, row_mask, N, splits,
+                                               BLOCK_N)
+            loss = tl.log(sum_exp_p) + (1.0 - target_dot_p)
+            inv_sum_exp_p = 1.0 / sum_exp_p
+        else:
+            loss = tl.log(l) + target_gap
+
+    if PASS == 0 or PASS == 3:
+        bad_index = tl.where(index_ok, 0.0, float("nan"))
+        first = row_mask & (split == 0)  # the losses: once per row
+        tl.store(loss_ptr + rows, loss + bad_index, mask=first)
+        if HAS_KL:
+            kl = temperature * temperature * (tl.log(l_tau) + kl_gap / l0)
+            tl.store(kl_ptr + rows, kl, mask=first)
+            inv_l_tau = 1.0 / l_tau
+            inv_l0 = 1.0 / l0
+
+        if COMPUTE_GRAD:
+            # Sweep 3: recompute the tile, write ∂loss_i/∂z (and τ (softmax(z/τ) -
+            # softmax(z⁰/τ))); columns from C to c_store get zeros.
+            out_offs = rows.to(tl.int64)[:, None] * grad_stride
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_mask = cols < c_end
+                z, z0 = _logit_tiles(
+                    x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, col_mask, C, D,
+                    row_coef,
+                    _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                    _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
+                    HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
+                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                                  smoothing, C, TARGET)
+                # Padding columns get p = 0 (their z = 0 may lie far above m and overflow
+                # e^{p-1}).
+                p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
+                if DOUBLE_SOFTMAX:
+                    dq = ((tl.exp(p - 1.0) - exp_p_top[:, None] + spread_q[:, None])
+                          * inv_sum_exp_p[:, None])
+                    dt = target - target_top[:, None] + spread_t[:, None]
+                    grad = p * (dq - dt)
+                else:
+                    grad = p - target
+                grad = tl.where(col_mask[None, :], grad + bad_index[:, None], 0.0)
+                # Bounds that are multiples of 16 (c_store, the ranges' ends) keep the stores
+                # vectorised.
+                store_cols = cols < c_store
+                if PASS != 0:
+                    store_cols = store_cols & (cols < c_begin + c_per_split)
+                out_mask = row_mask[:, None] & store_cols[None, :]
+                tl.store(grad_ptr + out_offs + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                         mask=out_mask)
+                if HAS_KL:
+                    z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
+                    z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
+                    grad_kl = temperature * (tl.exp(z_tau - m_tau[:, None]) * inv_l_tau[:, None]
+                                             - tl.exp(z0_tau - m0[:, None]) * inv_l0[:, None])
+                    grad_kl = tl.where(col_mask[None, :], grad_kl, 0.0)
+                    tl.store(grad_kl_ptr + out_offs + cols[None, :],
+                             grad_kl.to(grad_kl_ptr.dtype.element_ty), mask=out_mask)
 
 
-def forward_outputs(x: torch.Tensor, c: int, has_kl: bool, compute_grad: bool):
+def forward_outputs(x: torch.Tensor, c: int, has_kl: bool, compute_grad: bool,
+                    padded: bool = False):
     """``(loss_rows, grad_logits, kl_rows, grad_kl_logits)`` of the forward ops, unfilled. They
-    never alias one another (custom ops forbid it), the empty ones included."""
+    never alias one another (custom ops forbid it), the empty ones included. ``padded``: the
+    gradients' rows padded to 16 elements (``schedules.logit_gradient_buffer``)."""
     n = x.shape[0]
     loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
     kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)
-    grad = x.new_empty((n, c) if compute_grad else (0,))
-    grad_kl = x.new_empty((n, c) if compute_grad and has_kl else (0,))
+    grad = logit_gradient_buffer(x, n, c, padded) if compute_grad else x.new_empty((0,))
+    grad_kl = (logit_gradient_buffer(x, n, c, padded) if compute_grad and has_kl
+               else x.new_empty((0,)))
     return loss_rows, grad, kl_rows, grad_kl
 
 
@@ -322,7 +485,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     n, d = x.shape
     c = t.shape[0]
     has_kl = t0 is not None
-    loss_rows, grad, kl_rows, grad_kl = forward_outputs(x, c, has_kl, compute_grad)
+    loss_rows, grad, kl_rows, grad_kl = forward_outputs(x, c, has_kl, compute_grad, padded=True)
 
     smoothing = float(smoothing)
     target, table, table_rows = target_arguments(labels, soft_labels, sample_index, smoothing)
@@ -336,13 +499,31 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
         return labels if tensor is None or tensor.numel() == 0 else tensor
 
     cfg = forward_config(n, c, d, x.dtype, has_kl)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    clip_loss_forward_kernel[grid](
-        x, t, ptr(t0), ptr(x_inv), ptr(t_inv), ptr(t0_inv), scale,
-        labels, ptr(table_rows), ptr(table),
-        loss_rows, ptr(kl_rows), ptr(grad), ptr(grad_kl),
-        n, c, d, 1 if table is None else table.shape[0], smoothing, float(temperature),
-        TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax), NORMALIZE=bool(normalize),
-        HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad), CAST_FP32=INTERPRET,
-        PRECISION=dot_precision(x.dtype), **cfg)
+    splits = cfg.pop("C_SPLITS")
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    padded_c = padded_columns(c)
+
+    def launch(grid, **pass_args):
+        clip_loss_forward_kernel[grid](
+            x, t, ptr(t0), ptr(x_inv), ptr(t_inv), ptr(t0_inv), scale,
+            labels, ptr(table_rows), ptr(table),
+            loss_rows, ptr(kl_rows), ptr(grad), ptr(grad_kl),
+            n, c, d, 1 if table is None else table.shape[0], smoothing, float(temperature),
+            padded_c, padded_c, TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax),
+            NORMALIZE=bool(normalize), HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad),
+            CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype), **cfg, **pass_args)
+
+    if splits == 1:
+        launch((row_blocks,))
+        return loss_rows, grad, kl_rows, grad_kl
+    # Small N: row blocks x class ranges, whole tiles per range (none empty), and the ranges'
+    # statistics merged through a float32 workspace.
+    c_per_split = triton.cdiv(triton.cdiv(c, cfg["BLOCK_C"]), splits) * cfg["BLOCK_C"]
+    splits = triton.cdiv(c, c_per_split)
+    partials = torch.empty((NUM_PARTIALS, splits, n), dtype=torch.float32, device=x.device)
+    split_args = dict(partial_ptr=partials, c_per_split=c_per_split, splits=splits)
+    launch((row_blocks, splits), PASS=1, **split_args)
+    if double_softmax:
+        launch((row_blocks, splits), PASS=2, **split_args)
+    launch((row_blocks, splits if compute_grad else 1), PASS=3, **split_args)
     return loss_rows, grad, kl_rows, grad_kl

@@ -1,5 +1,6 @@
-"""What every Triton kernel here shares: the interpreter switch, block-size rounding, the dot's
-input precision, the float32-accumulating dot, and the device guard around launches."""
+"""What every Triton kernel here shares: the interpreter switch, the notional SM count launch
+shapes are sized for, block-size rounding, the dot's input precision, the float32-accumulating
+dot, and the device guard around launches."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,12 @@ import triton.language as tl
 # The interpreter computes bf16/fp16 tl.dot wrongly: there the operands are cast to fp32 first
 # (read once, at import, as triton itself does when its decorator runs).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The notional GPU the launch shapes are sized for: H100 SXM's 132 SMs. A fixed number rather
+# than the device's, so that a shape always gets the same schedule (and bitwise the same result)
+# on any machine.
+SM_COUNT = 132
 
 
 def next_pow2_between(n: int, low: int, high: int) -> int:

@@ -63,6 +63,16 @@ def backend_for(device: torch.device) -> str:
     return backend
 
 
+def pads_logit_gradients(device: torch.device) -> bool:
+    """Whether the forward ops' logit gradients on ``device`` come from the fused CUDA schedule,
+    whose rows are padded to 16 elements (``kernels/schedules.py``): the fake implementations
+    give them the same strides, which torch.compile checks."""
+    from fastprompt.kernels import schedules
+
+    triton_serves = device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu is not None)
+    return triton_serves and schedules.schedule() == "fused"
+
+
 def refuse_float64(backend: str, dtype: torch.dtype) -> None:
     if dtype == torch.float64 and backend != "meta":
         raise TypeError(f"image_features: float64 has no fused {backend} kernel; use float32, "

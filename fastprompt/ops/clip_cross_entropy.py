@@ -15,7 +15,9 @@ import torch
 
 from fastprompt import reference
 from fastprompt._validation import check_clip_cross_entropy_args
-from fastprompt.ops._library import backend_for, define_op, refuse_float64, triton_kernel
+from fastprompt.kernels.schedules import logit_gradient_buffer
+from fastprompt.ops._library import (backend_for, define_op, pads_logit_gradients, refuse_float64,
+                                     triton_kernel)
 
 _EMPTY = (0,)
 
@@ -24,7 +26,9 @@ def _forward_fake(image_features, text_features, labels, scale, soft_labels, sam
                   smoothing, double_softmax, normalize, compute_grad):
     n, c = image_features.shape[0], text_features.shape[0]
     loss_rows = image_features.new_empty((n,), dtype=torch.float32)
-    grad_logits = image_features.new_empty((n, c) if compute_grad else _EMPTY)
+    grad_logits = (logit_gradient_buffer(image_features, n, c,
+                                         pads_logit_gradients(image_features.device))
+                   if compute_grad else image_features.new_empty(_EMPTY))
     return loss_rows, grad_logits
 
 

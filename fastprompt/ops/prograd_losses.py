@@ -18,7 +18,9 @@ from torch import Tensor
 
 from fastprompt import reference
 from fastprompt._validation import check_prograd_losses_args
-from fastprompt.ops._library import backend_for, define_op, refuse_float64, triton_kernel
+from fastprompt.kernels.schedules import logit_gradient_buffer, with_padded_rows
+from fastprompt.ops._library import (backend_for, define_op, pads_logit_gradients, refuse_float64,
+                                     triton_kernel)
 from fastprompt.ops.clip_cross_entropy import clip_cross_entropy_backward, fused_targets
 
 _EMPTY = (0,)
@@ -29,8 +31,12 @@ def _losses_fake(image_features, text_features, zeroshot_text_features, labels, 
     n, c = image_features.shape[0], text_features.shape[0]
     task_rows = image_features.new_empty((n,), dtype=torch.float32)
     kl_rows = image_features.new_empty((n,), dtype=torch.float32)
-    grad_shape = (n, c) if compute_grad else _EMPTY
-    return task_rows, kl_rows, image_features.new_empty(grad_shape), image_features.new_empty(grad_shape)
+    if not compute_grad:
+        return (task_rows, kl_rows, image_features.new_empty(_EMPTY),
+                image_features.new_empty(_EMPTY))
+    padded = pads_logit_gradients(image_features.device)
+    return (task_rows, kl_rows, logit_gradient_buffer(image_features, n, c, padded),
+            logit_gradient_buffer(image_features, n, c, padded))
 
 
 prograd_losses_forward = define_op(
@@ -75,10 +81,13 @@ class ProGradLossesFunction(torch.autograd.Function):
         else:
             # One N x C buffer for both losses, so the products run once. Not in place: the saved
             # gradients serve again when the graph is retained (the official two-backward
-            # procedure).
+            # procedure). It keeps the saved buffers' zero row padding, which the products read
+            # vectorised.
             grad_logits = torch.addcmul(grad_task_logits * grad_task_rows.float()[:, None],
                                         grad_kl_logits, grad_kl_rows.float()[:, None])
             grad_logits = grad_logits.to(grad_task_logits.dtype)
+            if grad_task_logits.stride(0) > grad_task_logits.shape[1]:
+                grad_logits = with_padded_rows(grad_logits)
             upstream = torch.ones_like(grad_task_rows, dtype=torch.float32)
         gx, gt, gs = clip_cross_entropy_backward(
             upstream, grad_logits, image_features, text_features, scale, True, need_x, need_t,

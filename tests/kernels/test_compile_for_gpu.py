@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,18 @@ def test_every_kernel_and_target_is_covered(compiled):
     for schedule, op, dtype in itertools.product(("cublas", "fused"), ("clip", "prograd"),
                                                  ("float32-tf32", "float16")):
         assert f"{schedule} {op} N=65536 C=21843 D=1024 {dtype}" in labels
+
+
+def test_fused_schedule_split_paths_are_compiled(compiled):
+    # The fused forward's passes (0: whole rows, large N; 1-3: class ranges and their merge, small
+    # N) and the products with their reduction over N split into slices (large N) are launched
+    # by the host code somewhere in the matrix, and compiled for both architectures.
+    for arch in (80, 90):
+        forward = [r for r in compiled
+                   if r["arch"] == arch and r["kernel"] == "clip_loss_forward_kernel"]
+        passes = {int(re.search(r"\bPASS=(\d)", r["config"]).group(1)) for r in forward}
+        assert passes == {0, 1, 2, 3}, f"sm_{arch}: forward passes compiled: {sorted(passes)}"
+        assert max(r["grid_y"] for r in forward) > 1
+        products = [r for r in compiled
+                    if r["arch"] == arch and r["kernel"] == "_grad_matmul_kernel"]
+        assert any(r["grid_y"] > 1 for r in products), f"sm_{arch}: no split over N compiled"

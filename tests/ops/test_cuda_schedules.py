@@ -1,7 +1,8 @@
 """Both CUDA schedules of the loss ops (``FASTPROMPT_CUDA_SCHEDULE=cublas|fused``) against the
 float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision,
-several chunks of the cuBLAS schedule, and the forward of one schedule with the backward of the
-other. On a machine without a GPU the Triton kernels run under the interpreter on CPU tensors."""
+several chunks of the cuBLAS schedule, the fused schedule's split paths forced at test sizes,
+and the forward of one schedule with the backward of the other. On a machine without a GPU the
+Triton kernels run under the interpreter on CPU tensors."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from test_clip_cross_entropy import (allowances, eager, logit_terms64, loss_and_
                                      truth)
 from test_prograd_losses import NAMES as PROGRAD_NAMES
 from test_prograd_losses import eager as prograd_eager
+from test_prograd_losses import half_precision_allowances as prograd_half_allowances
 from test_prograd_losses import losses_and_grads as prograd_losses_and_grads
 from test_prograd_losses import truth as prograd_truth
 from testlib import TARGETS, assert_close_to_truth, make_inputs, make_prograd_inputs
@@ -48,6 +50,14 @@ def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, *
                        row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream")),
                        normalize=opts.get("normalize", True), dtype=dtype)
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
+        assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
+
+
+def check_prograd(x, t, t0, labels, s, kw, rtol=1e-5, atol=1e-5, extra=(0.0,) * 5, **opts):
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
+    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
+    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    for what, a, b, e, x_atol in zip(PROGRAD_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
 
@@ -88,12 +98,8 @@ def test_odd_sizes(schedule, shape, seed):
 def test_prograd_losses_match_float64(schedule, target, double_softmax, seed):
     x, t, t0, labels, s, kw = make_prograd_inputs(13, 11, 19, target=target, device=DEVICE,
                                                   seed=seed)
-    opts = dict(double_softmax=double_softmax, temperature=1.6, weights=(0.7, -1.9))
-    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
-    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
-    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
-    for what, a, b, e in zip(PROGRAD_NAMES, got, want, base):
-        assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e)
+    check_prograd(x, t, t0, labels, s, kw, double_softmax=double_softmax, temperature=1.6,
+                  weights=(0.7, -1.9))
 
 
 @pytest.mark.parametrize("double_softmax", [False, True])
@@ -197,3 +203,144 @@ def test_schedule_names(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cutlass")
     with pytest.raises(ValueError, match="^FASTPROMPT_CUDA_SCHEDULE: must be one of"):
         schedules.schedule()
+
+
+# --- the fused schedule's split paths, forced at test sizes --------------------------------------
+
+class _LaunchLog:
+    """A Triton kernel stand-in that records the grid and keyword options of each launch, then
+    runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def fused_split_paths(monkeypatch):
+    """The fused schedule at tiles of 16 with the paths that its host code takes only at GPU
+    sizes forced at N=33, C=37, D=20: each row block's classes split into two ranges (the second
+    one partial, the first two tiles; passes 1-3 and the merges), both backward products' reductions
+    split into two slices (whole tiles, then a masked partial tile), and a GROUP_M=2 swizzle
+    over 3 x 2 output tiles (a partial group). Yields the launch logs."""
+    from fastprompt.kernels import clip_loss_backward, clip_loss_forward
+    from fastprompt.ops._library import backend_for
+
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "fused")
+    monkeypatch.setattr(clip_loss_forward, "forward_config", lambda *shape: dict(
+        BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, C_SPLITS=2))
+    monkeypatch.setattr(clip_loss_backward, "matmul_config", lambda *shape: dict(
+        BLOCK_M=16, BLOCK_K=16, BLOCK_D=16, GROUP_M=2, K_SLICES=2))
+    logs = dict(forward=_LaunchLog(clip_loss_forward.clip_loss_forward_kernel),
+                products=_LaunchLog(clip_loss_backward._grad_matmul_kernel))
+    monkeypatch.setattr(clip_loss_forward, "clip_loss_forward_kernel", logs["forward"])
+    monkeypatch.setattr(clip_loss_backward, "_grad_matmul_kernel", logs["products"])
+    backend_for(torch.device("cpu"))  # the Triton kernels on the CPU key, for direct op calls
+    yield logs
+    monkeypatch.delenv("FASTPROMPT_BACKEND")
+    backend_for(torch.device("cpu"))
+
+
+SPLIT_SHAPE = (33, 37, 20)
+
+
+def assert_split_paths_ran(logs, double_softmax, grad=True):
+    passes = [(grid, kwargs.get("PASS", 0)) for grid, kwargs in logs["forward"].launches]
+    wanted = ([((3, 2), 1)] + ([((3, 2), 2)] if double_softmax else [])
+              + [((3, 2 if grad else 1), 3)])
+    assert passes == wanted
+    if grad:  # every product launch: 3 x 2 output tiles (swizzled), 2 slices
+        assert logs["products"].launches
+        assert all(grid == (6, 2) for grid, _ in logs["products"].launches)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_fused_split_paths_match_float64(fused_split_paths, target, double_softmax, seed):
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target=target, device=DEVICE, seed=seed)
+    upstream = torch.rand(SPLIT_SHAPE[0], dtype=torch.float64)
+    check_clip(x, t, labels, s, kw, double_softmax=double_softmax, reduction="none",
+               upstream=upstream)
+    assert_split_paths_ran(fused_split_paths, double_softmax)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", ["hard", "instancewise"])
+def test_fused_split_paths_prograd_match_float64(fused_split_paths, target, double_softmax, seed):
+    # Both losses differentiated: the backward reads their combined, padded gradient buffer.
+    x, t, t0, labels, s, kw = make_prograd_inputs(*SPLIT_SHAPE, target=target, device=DEVICE,
+                                                  seed=seed)
+    check_prograd(x, t, t0, labels, s, kw, double_softmax=double_softmax, temperature=1.6,
+                  weights=(0.7, -1.9))
+    assert_split_paths_ran(fused_split_paths, double_softmax)
+
+
+def test_fused_split_paths_float16(fused_split_paths, seed):
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="classwise", device=DEVICE,
+                                      dtype=torch.float16, seed=seed)
+    check_clip(x, t, labels, s, kw, rtol=2e-2, atol=2e-2, dtype=torch.float16,
+               double_softmax=True)
+
+
+def test_fused_split_paths_prograd_bfloat16(fused_split_paths, seed):
+    x, t, t0, labels, s, kw = make_prograd_inputs(*SPLIT_SHAPE, target="classwise",
+                                                  device=DEVICE, dtype=torch.bfloat16, seed=seed)
+    check_prograd(x, t, t0, labels, s, kw, 2e-2, 2e-2, double_softmax=True,
+                  extra=prograd_half_allowances(x, t, t0, labels, s, kw, torch.bfloat16))
+
+
+def test_fused_split_paths_without_grad_and_unnormalized(fused_split_paths, seed):
+    # Without a gradient the last pass only merges (one program per row block).
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="uniform", device=DEVICE, seed=seed)
+    with torch.no_grad():
+        loss = fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, **kw)
+    assert_close_to_truth(loss, truth(x, t, labels, s, kw, double_softmax=True)[0], 1e-5, 1e-5,
+                          "no-grad loss")
+    assert_split_paths_ran(fused_split_paths, True, grad=False)
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="classwise", device=DEVICE, scale=0.3,
+                                      seed=seed)
+    check_clip(x, t, labels, s, kw, double_softmax=False, normalize=False)
+
+
+def test_fused_logit_gradient_rows_are_padded(fused_split_paths, seed):
+    # The forward op's logit gradient: rows of 48 elements for C = 37, the 11 padding columns
+    # written as zeros; the backward op reads it (and is bitwise reproducible run to run).
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="instancewise", device=DEVICE,
+                                      seed=seed)
+    args = (x, t, labels, s, kw["soft_labels"], kw["sample_index"], kw["smoothing"], True, True,
+            True)
+    loss_rows, grad_logits = torch.ops.fastprompt.clip_cross_entropy_forward(*args)
+    assert grad_logits.shape == (33, 37) and grad_logits.stride() == (48, 1)
+    rows = grad_logits.as_strided((33, 48), (48, 1))
+    assert torch.equal(rows[:, 37:], torch.zeros(33, 11))
+    _, want, _ = logit_terms64(x, t, labels, s, kw, True, torch.ones(33, dtype=torch.float64))
+    assert_close_to_truth(grad_logits, want, 1e-5, 1e-5, "grad logits")
+    grad_rows = torch.rand(33, generator=torch.Generator().manual_seed(seed))
+    backward = torch.ops.fastprompt.clip_cross_entropy_backward
+    first = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
+    again = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_split_counts_follow_the_shape():
+    # The documented rules at the GPU block sizes: class ranges only while the row blocks leave
+    # most of the notional 132 SMs idle, reduction slices only for a reduction long next to the
+    # output tiles (Gᵀ X̂ at large N, G T̂ at small N).
+    from fastprompt.kernels.clip_loss_backward import k_slices
+    from fastprompt.kernels.clip_loss_forward import class_splits
+
+    assert class_splits(256, 1000, 16, 32) == 8  # 16 row blocks x 8 ranges of 4 tiles
+    assert class_splits(1, 21843, 16, 32) == 132
+    assert class_splits(33, 7, 16, 32) == 1  # one tile of classes
+    assert class_splits(65536, 1000, 64, 32) == 1
+    blocks = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=32)
+    assert k_slices(1000, 65536, 512, blocks) == 3  # 256 output tiles, 1024 tiles of k
+    assert k_slices(1000, 256, 512, blocks) == 1
+    assert k_slices(7, 65536, 512, blocks) == 32
+    assert k_slices(256, 1000, 512, blocks) == 2  # G T̂ at N = 256: 64 tiles, 16 tiles of k
