@@ -213,9 +213,11 @@ def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=N
 
 
 def _is_writer() -> bool:
-    """Rank 0 of a torchrun run, or a single process: the one that prints and writes."""
-    from fastprompt.train.distributed import is_writer
-    return is_writer()
+    """Rank 0 of a torchrun launch, or a single process: the one that prints and writes. Read
+    from torchrun's environment, so it holds before a process group exists and for ``cache``,
+    which needs none."""
+    from fastprompt.data.cache import torchrun_rank
+    return torchrun_rank()[0] == 0
 
 
 def _print_classes(classnames, where: str = "") -> None:
@@ -246,10 +248,9 @@ def _load_trained_cache(path: str, model, model_name: str):
 
 def cmd_cache(args) -> int:
     """Under torchrun every rank encodes its share of the chunks; rank 0 merges and reports."""
-    from fastprompt.data.cache import torchrun_rank
     model, pt, pv, _, _ = _load_model(args)
     cache = _build_cache(args, args.out, model, pt, pv)
-    if torchrun_rank()[0] != 0:
+    if not _is_writer():
         return 0
     print(f"cache {cache.path}: {cache.num_classes} classes, {cache.num_train_images} training "
           f"images x {cache.views} views, {cache.test_features.shape[0]} test images, "

@@ -96,6 +96,8 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, shapes, single):
                "--out", tmp_path / "two.st")
     assert two.returncode == 0, two.stderr + two.stdout
     assert two.stdout.count("cache ") == 1  # rank 0 alone reports
+    assert two.stderr.count("4 classes") == 1 and two.stderr.count("RANDOM weights") == 1
+    assert "(rank 1 of 2)" in two.stderr   # every rank shows its progress
     with open(single.path, "rb") as f:
         assert (tmp_path / "two.st").read_bytes() == f.read()
     assert os.listdir(tmp_path) == ["two.st"]
