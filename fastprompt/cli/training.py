@@ -27,8 +27,8 @@ def _device(name: str | None) -> str:
     import torch
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    from fastprompt.train.distributed import rank_device
+    name = rank_device(name)  # torchrun: one GPU per process
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as e:

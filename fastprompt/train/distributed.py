@@ -98,6 +98,14 @@ def check_timeout(seconds) -> float:
     return float(seconds)
 
 
+def rank_device(name: str) -> str:
+    """``cuda`` as this ``torchrun`` process's own GPU, ``cuda:LOCAL_RANK`` (one GPU per
+    process); any other name, or outside torchrun, unchanged."""
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return name
+
+
 @contextlib.contextmanager
 def torchrun_process_group(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S):
     """Under ``torchrun`` with more than one process (``WORLD_SIZE`` > 1): initialise the
@@ -126,7 +134,7 @@ def torchrun_process_group(device: str | None, timeout_s: float = DEFAULT_TIMEOU
         if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
             raise ValueError(f"--device: rank {os.environ.get('RANK')} needs cuda:{local_rank}, "
                              f"but torch sees {torch.cuda.device_count()} CUDA device(s)")
-        name, backend = f"cuda:{local_rank}", "nccl"
+        name, backend = rank_device("cuda"), "nccl"
         torch.cuda.set_device(local_rank)
     elif kind.type == "cpu":
         backend = "gloo"
