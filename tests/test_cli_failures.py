@@ -299,3 +299,19 @@ def test_every_json_file_written_is_strict(world, softcpt_run):
     for f in files:
         with open(f, encoding="utf-8") as fh:
             strict_json(fh.read())
+
+
+@pytest.mark.parametrize("flag, value, low", [("--cache-chunk", "0", 1),
+                                              ("--batch-size-cache", "x", 1),
+                                              ("--workers", "-1", 0)])
+def test_cache_sizes_are_refused_by_their_flag(tmp_path, capsys, flag, value, low):
+    """The cache build's sizes are named by their flags, not by the library's parameter names
+    (batch_size, chunk_size, num_workers)."""
+    from fastprompt.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "--data", str(tmp_path), "--out", str(tmp_path / "c.safetensors"),
+              f"{flag}={value}"])
+    assert e.value.code == 2
+    assert (f"fastprompt cache: error: argument {flag}: expected an int >= {low}, got {value!r}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "c.safetensors").exists()

@@ -73,12 +73,30 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subsample", choices=SUBSAMPLES, default="all",
                    help="base-to-new protocol: train on the base half of the classes (labels "
                    "sorted, the first ceil(C/2)) or the new half (default: %(default)s)")
-    g.add_argument("--batch-size-cache", type=int, default=128, help="images per encoder batch")
-    g.add_argument("--cache-chunk", type=int, default=DEFAULT_CHUNK_SIZE, metavar="VIEWS",
+    # Checked here: the library's errors would name its parameters (batch_size, chunk_size,
+    # num_workers), not these flags.
+    g.add_argument("--batch-size-cache", type=_int_at_least(1), default=128,
+                   help="images per encoder batch")
+    g.add_argument("--cache-chunk", type=_int_at_least(1), default=DEFAULT_CHUNK_SIZE,
+                   metavar="VIEWS",
                    help="views per chunk file of a cache build (whole encoder batches); a build "
                    "resumes from the chunk files of an interrupted one with the same value "
                    "(default: %(default)s)")
-    g.add_argument("--workers", type=int, default=0, help="data loader workers while caching")
+    g.add_argument("--workers", type=_int_at_least(0), default=0,
+                   help="data loader workers while caching")
+
+
+def _int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}")
+        return number
+    parse.__name__ = f"int >= {low}"
+    return parse
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
