@@ -400,6 +400,16 @@ def _atomic_save(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]
 # The plan and its chunks
 
 
+def _split_views(split: str, views: int) -> int:
+    """Views per image of a split: the training images have ``views``, the others one."""
+    return views if split == "train" else 1
+
+
+def _images_per_batch(batch_size: int, views: int) -> int:
+    """Images per encoder batch: ``batch_size`` views rounded down to whole images."""
+    return max(1, batch_size // views)
+
+
 class CacheChunk(NamedTuple):
     """Images ``start`` to ``stop`` (exclusive) of one split, with all their views: the unit of
     work of a build, encoded into a file of its own."""
@@ -446,19 +456,18 @@ class CachePlan:
         return {"train": self.train, "test": self.test, "val": self.val}[split]
 
     def split_views(self, split: str) -> int:
-        return self.views if split == "train" else 1
+        return _split_views(split, self.views)
 
     def encoder_batch(self, split: str) -> int:
-        """Images per encoder batch: ``batch_size`` views rounded down to whole images."""
-        return max(1, self.batch_size // self.split_views(split))
+        return _images_per_batch(self.batch_size, self.split_views(split))
 
 
 def _chunk_layout(sizes: dict[str, int], views: int, batch_size: int,
                   chunk_size: int) -> tuple[CacheChunk, ...]:
     chunks = []
     for split, n in sizes.items():
-        k = views if split == "train" else 1
-        per_batch = max(1, batch_size // k)
+        k = _split_views(split, views)
+        per_batch = _images_per_batch(batch_size, k)
         # Whole encoder batches, so a chunk's batches are the ones a single pass would run.
         per_chunk = per_batch * max(1, chunk_size // (per_batch * k))
         for start in range(0, n, per_chunk):
