@@ -1,5 +1,5 @@
 """Safe file placement for everything fastprompt writes (caches, checkpoints, prompts, metrics,
-ONNX models, Triton configs).
+ONNX models, Triton configs). Needs no torch: serving imports it too.
 
 * Atomic: a file goes to a temporary name in the target folder and is renamed into place, so a
   reader sees the old file or the new one, never a half-written one. The temporary file gets the
@@ -11,7 +11,6 @@ ONNX models, Triton configs).
 * Locks: ``exclusive_lock`` (an ``flock`` on a lock file that names the holder's pid) keeps two
   processes from writing one run folder or one cache at the same time.
 * Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
-* Checksums: ``tensor_checksum`` (BLAKE2b of names, dtypes, shapes and bytes).
 * Progress: ``progress_bar`` is a tqdm bar on a terminal and plain log lines elsewhere (CI
   logs, scripts), so a long step never looks hung.
 """
@@ -21,7 +20,6 @@ import contextlib
 import errno
 import fcntl
 import glob
-import hashlib
 import json
 import math
 import os
@@ -31,7 +29,6 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
-import torch
 
 
 class LockedError(RuntimeError):
@@ -172,28 +169,6 @@ def exclusive_lock(lock_path: str, what: str, *, remove: bool = False) -> Iterat
                 remove_if_present(lock_path)
     finally:
         os.close(fd)
-
-
-def tensor_hash_prefix(name: str, dtype: torch.dtype, shape) -> bytes:
-    """What a tensor's hash feeds in before its bytes: its name, dtype and shape."""
-    return f"{name}|{dtype}|{tuple(shape)}|".encode()
-
-
-def update_tensor_hash(h, name: str, t: torch.Tensor) -> None:
-    """Feed one named tensor (name, dtype, shape, bytes) into the hash ``h``."""
-    t = t.detach()
-    h.update(tensor_hash_prefix(name, t.dtype, t.shape))
-    if t.numel():
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def tensor_checksum(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
-    """BLAKE2b (128 bits, hex) of the named tensors in name order, then ``extra``."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        update_tensor_hash(h, name, tensors[name])
-    h.update(extra.encode("utf-8"))
-    return h.hexdigest()
 
 
 def place_alias(source: str, path: str) -> str:

@@ -15,10 +15,10 @@ import hashlib
 import json
 import math
 import os
-import re
 
 import torch
 
+from fastprompt._checks import slug
 from fastprompt.data.folders import DatasetSplits
 from fastprompt.data.source import DataSource
 
@@ -32,16 +32,12 @@ def harmonic_mean(base: float, new: float) -> float:
     return 2.0 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "data"
-
-
 def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str:
     """Where the test-only cache of ``source`` goes in ``cache_dir``: named after the folder and
     the half, with a digest of everything that selects the images."""
     key = json.dumps({**source.to_dict(), "all_images": all_images}, sort_keys=True)
     digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
-    name = f"{_slug(os.path.basename(source.root))}-{source.subsample}-{digest}.safetensors"
+    name = f"{slug(os.path.basename(source.root), max_length=40, default='data')}-{source.subsample}-{digest}.safetensors"
     return os.path.join(cache_dir, name)
 
 

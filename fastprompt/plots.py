@@ -6,6 +6,8 @@ import math
 import os
 import re
 
+from fastprompt._checks import slug
+
 CURVES = "curves.png"
 
 
@@ -75,10 +77,6 @@ def _save(fig, path: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     _pyplot().close(fig)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
 def _numeric(columns: list[str]) -> list[float] | None:
@@ -154,12 +152,12 @@ def sweep_plots(spec, tables, out: str) -> list[tuple[str, str]]:
                 continue
             against_shots = table.columns[0].endswith("shots")
             name = ("accuracy-vs-shots" if against_shots else "accuracy-vs-noise") + \
-                f"-{_slug(table.title)}.png"
+                f"-{slug(table.title, lower=True, max_length=60)}.png"
             plot_lines(table, os.path.join(out, name),
                        "training images per class (shots)" if against_shots else
                        "label-noise rate", log2=against_shots)
         else:
-            name = f"bars-{_slug(table.title)}.png"
+            name = f"bars-{slug(table.title, lower=True, max_length=60)}.png"
             plot_bars(table, os.path.join(out, name))
         plots.append((table.title, name))
     return plots

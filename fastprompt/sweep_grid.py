@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from fastprompt._checks import slug
 from fastprompt.data.source import DataSource
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
@@ -183,7 +184,7 @@ def load_spec(path) -> SweepSpec:
     if not isinstance(methods, list) or not methods:
         raise ValueError("spec: 'methods' must be a non-empty list")
     methods = [parse_method(m, f"spec: methods[{i}]") for i, m in enumerate(methods)]
-    folders = [_slug(m.label) for m in methods]
+    folders = [_label_slug(m.label) for m in methods]
     if len(set(folders)) != len(folders):
         raise ValueError(f"spec: two methods have the same name (or folder name): "
                          f"{[m.label for m in methods]}")
@@ -250,8 +251,9 @@ def _number(x: float) -> str:
     return f"{x:g}"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text.replace("(", "-").replace(")", "")).strip("-")
+def _label_slug(text: str) -> str:
+    """A method label as a folder name ('softcpt(dspt)' -> 'softcpt-dspt')."""
+    return slug(text.replace("(", "-").replace(")", ""), keep=".+-")
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,7 @@ class Job:
 
 def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "none",
                noise_rate: float = 0.0) -> str:
-    name = (f"{_slug(os.path.basename(spec.data.root))}-{spec.data.subsample}-"
+    name = (f"{_label_slug(os.path.basename(spec.data.root))}-{spec.data.subsample}-"
             f"shots{shots or 'all'}-seed{seed}-views{spec.views}")
     if noise_rate > 0:
         name += f"-{noise_type}{_number(noise_rate)}"
@@ -298,7 +300,7 @@ def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
                     config = {"model": spec.model, "pretrained": spec.pretrained,
                               "epochs": coop_epochs(shots), **spec.train, **m.overrides,
                               "seed": seed}
-                    run_dir = os.path.join(out, "runs", _slug(m.label), f"shots-{shots or 'all'}",
+                    run_dir = os.path.join(out, "runs", _label_slug(m.label), f"shots-{shots or 'all'}",
                                            f"noise-{noise_type}-{_number(rate)}", f"seed-{seed}")
                     softcpt = m.overrides.get("learner") == "softcpt"
                     jobs.append(Job(m.label, shots, noise_type, rate, seed, run_dir,

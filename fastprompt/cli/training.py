@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
+
+from fastprompt._checks import slug
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +203,8 @@ def _load_model(args, image_tower: bool = True):
 def _check_cache_weights(path: str, model, rebuild: bool) -> None:
     """Refuse an existing cache file built with other weights than ``model``'s (unless
     ``rebuild``), before ``build_or_load_cache`` would silently rebuild it over."""
-    from fastprompt.data import load_cache, model_weights_hash
+    from fastprompt.data import load_cache
+    from fastprompt.models.weights import model_weights_hash
     if rebuild or not os.path.isfile(path):
         return
     try:
@@ -249,7 +251,8 @@ def _print_classes(classnames, where: str = "") -> None:
 def _load_trained_cache(path: str, model, model_name: str):
     """A cache given by ``--cache`` alone, checked against the model it must have been built
     with (name and weights)."""
-    from fastprompt.data import load_cache, model_weights_hash
+    from fastprompt.data import load_cache
+    from fastprompt.models.weights import model_weights_hash
     cache = load_cache(path)
     if cache.fingerprint.get("model_name") != model_name:
         raise ValueError(f"--cache: {path} was built with model "
@@ -359,10 +362,6 @@ def _progress(args) -> bool | None:
     return False if args.no_progress or not _is_writer() else None
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "task"
-
-
 def cmd_train_softcpt(args) -> int:
     """``fastprompt train --method softcpt``: read and check every task, then cache each task's
     features under ``OUT/features/`` and train. Bad input writes nothing."""
@@ -405,7 +404,7 @@ def cmd_train_softcpt(args) -> int:
     model, pt, pv, tokenizer, device = _load_model(args)
     tasks = []
     for i, (spec, split) in enumerate(zip(specs, splits)):
-        path = os.path.join(args.out, "features", f"{i:02d}-{_slug(spec.name)}.safetensors")
+        path = os.path.join(args.out, "features", f"{i:02d}-{slug(spec.name, lower=True, max_length=40, default='task')}.safetensors")
         _check_cache_weights(path, model, args.rebuild_cache)
         _print_classes(split.classnames, f" in task {spec.name!r}")
         cache = build_or_load_cache(path, model, args.model, pt, pv, split, views=args.views,

@@ -14,7 +14,7 @@ Typical use::
 from fastprompt.data.cache import (CACHE_FORMAT, DEFAULT_VIEWS, CacheChunk, CachePlan,
                                    FeatureCache, build_feature_cache, build_or_load_cache,
                                    cache_fingerprint, encode_cache_chunks, load_cache,
-                                   merge_cache_chunks, model_weights_hash, plan_feature_cache)
+                                   merge_cache_chunks, plan_feature_cache)
 from fastprompt.data.folders import (DEFAULT_TEST_FRACTION, IMAGE_EXTENSIONS, DatasetSplits,
                                      load_coop_split, load_dataset, load_image_folder)
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
@@ -28,6 +28,5 @@ __all__ = [
     "CachePlan", "DatasetSplits", "FeatureCache", "add_label_noise", "build_feature_cache",
     "build_or_load_cache", "cache_fingerprint", "class_soft_labels", "encode_cache_chunks",
     "few_shot_subset", "instance_soft_labels", "load_cache", "load_coop_split", "load_dataset",
-    "load_image_folder", "make_shapes_dataset", "merge_cache_chunks", "model_weights_hash",
-    "plan_feature_cache",
+    "load_image_folder", "make_shapes_dataset", "merge_cache_chunks", "plan_feature_cache",
 ]

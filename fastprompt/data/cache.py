@@ -59,13 +59,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fastprompt._checks import check_int, check_seed
+from fastprompt._hashing import new_digest, tensor_checksum
 from fastprompt._io import (atomic_path, atomic_write, exclusive_lock, progress_bar,
-                            remove_if_present, remove_stale_temporaries, tensor_checksum,
-                            update_tensor_hash, write_json_atomic)
-from fastprompt.data.folders import DatasetSplits, Sample, _check_seed
+                            remove_if_present, remove_stale_temporaries)
+from fastprompt.data.folders import DatasetSplits, Sample
 from fastprompt.data.safetensors_stream import (PIECE_BYTES, TensorSource, file_pieces, raw_bytes,
                                                 read_header, streaming_checksum, write_streaming)
 from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
+from fastprompt.models.weights import model_weights_hash
 
 CACHE_FORMAT = "fastprompt.feature_cache/1"
 CHUNK_FORMAT = "fastprompt.feature_cache_chunk/1"
@@ -129,74 +131,6 @@ class FeatureCache:
 # Fingerprint
 
 
-def _digest() -> "hashlib.blake2b":
-    return hashlib.blake2b(digest_size=16)
-
-
-WEIGHTS_SOURCE_ATTR = "_fastprompt_weights_source"
-# Set on a model created without its image tower: the full model's hash, computed before.
-WEIGHTS_HASH_ATTR = "_fastprompt_weights_hash"
-
-
-def _hash_memo_path() -> str:
-    base = os.environ.get("FASTPROMPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "fastprompt")
-    return os.path.join(base, "weights-hashes.json")
-
-
-def _read_memo() -> dict:
-    try:
-        with open(_hash_memo_path(), encoding="utf-8") as f:
-            memo = json.load(f)
-        return memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-
-
-def remembered_weights_hash(model: torch.nn.Module) -> str | None:
-    """``model_weights_hash(model)`` when it is known without hashing: set on a model created
-    without its image tower, or remembered for the file the model was loaded from; else None."""
-    digest = getattr(model, WEIGHTS_HASH_ATTR, None)
-    if digest is not None:
-        return digest
-    source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
-    if source is None:
-        return None
-    known = _read_memo().get(json.dumps(source))
-    return known if isinstance(known, str) else None
-
-
-def model_weights_hash(model: torch.nn.Module) -> str:
-    """BLAKE2b of the image tower's state (every tensor's name, dtype, shape and bytes).
-
-    Only ``model.visual`` (the whole model when it has none) is hashed: it alone determines the
-    image features. About a second per GB of weights, on CPU; so for a model that
-    ``fastprompt.models.create_model`` loaded from a file, the hash is remembered (in
-    ``$FASTPROMPT_CACHE_DIR`` or ``~/.cache/fastprompt``) by the file's path, size and
-    modification time, the model name and the precision, and computed again only when one of
-    those changes. (Such a model is frozen; changing its weights in place is not noticed.)
-    """
-    known = remembered_weights_hash(model)
-    if known is not None:
-        return known
-    source = getattr(model, WEIGHTS_SOURCE_ATTR, None)
-    key = json.dumps(source) if source is not None else None
-    tower = getattr(model, "visual", model)
-    h = _digest()
-    for name, t in sorted(tower.state_dict().items()):
-        update_tensor_hash(h, name, t)
-    digest = h.hexdigest()
-    if key is not None:
-        memo = _read_memo()
-        memo[key] = digest
-        try:  # a memo only: an unwritable cache folder costs the next call a second, no more
-            write_json_atomic(_hash_memo_path(), memo)
-        except OSError:
-            pass
-    return digest
-
-
 def _stable_repr(obj) -> str:
     # Drop memory addresses ("<function f at 0x7f...>") so a lambda in a transform does not make
     # every run look different.
@@ -211,7 +145,7 @@ def _has_flip(transform) -> bool:
 
 
 def _data_hash(classnames: list[str], parts: dict[str, list[tuple]]) -> str:
-    h = _digest()
+    h = new_digest()
     h.update(json.dumps(classnames).encode())
     for split, rows in parts.items():
         h.update(f"\n[{split}]".encode())
@@ -223,13 +157,6 @@ def _data_hash(classnames: list[str], parts: dict[str, list[tuple]]) -> str:
                                  f"{e.strerror}") from None
             h.update(f"{os.fsencode(path)!r}|{st.st_size}|{st.st_mtime_ns}|{labels}\n".encode())
     return h.hexdigest()
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -254,8 +181,8 @@ def _plan(model, model_name, preprocess_train, preprocess_val, splits, *, views,
     for name, t in (("preprocess_train", preprocess_train), ("preprocess_val", preprocess_val)):
         if not callable(t):
             raise TypeError(f"{name}: expected a callable image transform, got {type(t).__name__}")
-    _check_int("views", views, 1)
-    _check_seed(seed)
+    check_int("views", views, 1)
+    check_seed(seed)
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"noise_type: must be one of {NOISE_TYPES}, got {noise_type!r}")
     if not isinstance(add_flip, bool):
@@ -267,7 +194,7 @@ def _plan(model, model_name, preprocess_train, preprocess_val, splits, *, views,
     noisy = add_label_noise(clean, splits.num_classes, noise_rate, noise_type, seed=seed)
     flip = add_flip and not _has_flip(preprocess_train)
     image_size = getattr(getattr(model, "visual", None), "image_size", None)
-    transforms = _digest()
+    transforms = new_digest()
     transforms.update(f"{_stable_repr(preprocess_train)}|{_stable_repr(preprocess_val)}|"
                       f"flip_added={flip}".encode())
     fingerprint = {
@@ -492,7 +419,7 @@ def plan_feature_cache(path, model: torch.nn.Module, model_name: str,
     an interrupted build is reused by the next one with the same arguments.
     """
     _check_run_args(path, batch_size, 0, None)
-    _check_int("chunk_size", chunk_size, 1)
+    check_int("chunk_size", chunk_size, 1)
     p = _plan(model, model_name, preprocess_train, preprocess_val, splits, views=views,
               shots=shots, noise_rate=noise_rate, noise_type=noise_type, seed=seed,
               add_flip=add_flip)
@@ -922,8 +849,8 @@ def cache_lock(path):
 def _check_run_args(path, batch_size, num_workers, progress) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a path, got {type(path).__name__}")
-    _check_int("batch_size", batch_size, 1)
-    _check_int("num_workers", num_workers, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress: expected a bool or None, got {type(progress).__name__}")
 

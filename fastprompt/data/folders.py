@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from fastprompt._checks import check_seed
 from fastprompt._io import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -231,7 +232,7 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
         raise TypeError(f"test_fraction: expected a float, got {type(test_fraction).__name__}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction: must lie in [0, 1), got {test_fraction}")
-    _check_seed(seed)
+    check_seed(seed)
     split_dirs = _split_folders(root)
     skipped: list[str] = []
     if split_dirs:
@@ -293,11 +294,6 @@ def _check_every_class_kept(train: list[Sample], classnames: list[str], where: s
     if missing:
         raise ValueError(f"{arg}: class(es) {missing} in {where!r} have no readable training "
                          "images")
-
-
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
 
 
 def find_split_file(root) -> str | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastprompt._io import tensor_hash_prefix
+from fastprompt._hashing import tensor_hash_prefix
 
 _DTYPES = {torch.float16: "F16", torch.int64: "I64", torch.uint8: "U8"}
 # save_file's order: the dtypes by size, largest first.
@@ -102,7 +102,7 @@ def file_sources(path: str) -> list[TensorSource]:
 
 
 def streaming_checksum(sources: Iterable[TensorSource], extra: str = "") -> str:
-    """``fastprompt._io.tensor_checksum`` of the tensors the sources hold, reading each once."""
+    """``fastprompt._hashing.tensor_checksum`` of the tensors the sources hold, reading each once."""
     h = hashlib.blake2b(digest_size=16)
     for s in sorted(sources, key=lambda s: s.name):
         h.update(tensor_hash_prefix(s.name, s.dtype, s.shape))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from fastprompt.data.folders import Sample, _check_seed
+from fastprompt._checks import check_int, check_seed
+from fastprompt.data.folders import Sample
 
 NOISE_TYPES = ("symmetric", "pairflip")
 
@@ -22,11 +23,8 @@ def few_shot_subset(samples: Sequence[Sample], shots: int, *, seed: int = 1,
     ``ValueError`` if a class has fewer than ``shots`` samples; ``classnames`` (indexed by label)
     only makes that message name the class.
     """
-    if isinstance(shots, bool) or not isinstance(shots, int):
-        raise TypeError(f"shots: expected an int, got {type(shots).__name__}")
-    if shots < 1:
-        raise ValueError(f"shots: must be >= 1, got {shots}")
-    _check_seed(seed)
+    check_int("shots", shots, 1)
+    check_seed(seed)
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(samples):
         by_class.setdefault(label, []).append(i)
@@ -65,7 +63,7 @@ def add_label_noise(labels: Sequence[int], num_classes: int, rate: float,
         raise ValueError(f"rate: must lie in [0, 1], got {rate}")
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"noise_type: must be one of {NOISE_TYPES}, got {noise_type!r}")
-    _check_seed(seed)
+    check_seed(seed)
     labels = list(labels)
     bad = [y for y in labels if isinstance(y, bool) or not isinstance(y, int)
            or not 0 <= y < num_classes]

@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastprompt._io import dumps_json
-from fastprompt.data.folders import DatasetSplits, _check_seed, load_image_folder
+from fastprompt._checks import check_int, check_seed
+from fastprompt.data.folders import DatasetSplits, load_image_folder
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {
@@ -73,20 +74,14 @@ def make_shapes_dataset(root, num_classes: int = 6, images_per_class: int = 16, 
     """
     for name, value, low in (("num_classes", num_classes, 2),
                              ("images_per_class", images_per_class, 1), ("size", size, 16)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name}: must be >= {low}, got {value}")
+        check_int(name, value, low)
     if num_classes > MAX_CLASSES:
         raise ValueError(f"num_classes: at most {MAX_CLASSES} shape/colour classes, got "
                          f"{num_classes}")
     if test_images_per_class is None:
         test_images_per_class = images_per_class
-    if (isinstance(test_images_per_class, bool) or not isinstance(test_images_per_class, int)
-            or test_images_per_class < 1):
-        raise ValueError(f"test_images_per_class: must be an int >= 1, got "
-                         f"{test_images_per_class!r}")
-    _check_seed(seed)
+    check_int("test_images_per_class", test_images_per_class, 1)
+    check_seed(seed)
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root: expected a path, got {type(root).__name__}")
     root = os.path.abspath(os.fspath(root))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from fastprompt._checks import check_int
 from fastprompt._io import place_alias, remove_if_present, write_text_atomic
 
 LABELS_FILE = "labels.txt"
@@ -53,12 +54,6 @@ def check_model_name(name: str, what: str = "triton_name") -> None:
                          "start with '.' or '-'")
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class TritonSettings:
     """What ``config.pbtxt`` says beyond the graph's inputs and outputs."""
@@ -78,11 +73,11 @@ class TritonSettings:
                precision: str = "float32") -> "TritonSettings":
         """Checked settings; ``instances`` None means 2 per GPU, 1 on the CPU."""
         check_model_name(name)
-        _check_int("triton_max_batch_size", max_batch_size, 1)
-        _check_int("triton_queue_delay_us", queue_delay_us, 0)
+        check_int("triton_max_batch_size", max_batch_size, 1)
+        check_int("triton_queue_delay_us", queue_delay_us, 0)
         if not isinstance(gpu, bool):
             raise TypeError(f"triton_gpu: expected a bool, got {type(gpu).__name__}")
-        instances = _check_int("triton_instances", GPU_INSTANCES if gpu and instances is None
+        instances = check_int("triton_instances", GPU_INSTANCES if gpu and instances is None
                                else 1 if instances is None else instances, 1)
         if tensorrt and not gpu:
             raise ValueError("triton_tensorrt: TensorRT runs on GPU instances; export with fp16 "

@@ -4,6 +4,7 @@ from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS, PromptedText
 from fastprompt.models.softcpt import MetaNet, SoftCPTModel, softcpt_parameter_count  # SoftCPT
 from fastprompt.models.text_encoder import PromptTextEncoder, zeroshot_text_features
 from fastprompt.models.utils import count_parameters
+from fastprompt.models.weights import model_weights_hash
 
 __all__ = [
     "CLASS_TOKEN_POSITIONS",
@@ -16,6 +17,7 @@ __all__ = [
     "TINY_MODEL",
     "count_parameters",
     "create_model",
+    "model_weights_hash",
     "register_configs",
     "zeroshot_text_features",
 ]

@@ -19,8 +19,8 @@ import open_clip
 import torch
 from torch import nn
 
-from fastprompt.data.cache import (WEIGHTS_HASH_ATTR, WEIGHTS_SOURCE_ATTR, model_weights_hash,
-                                   remembered_weights_hash)
+from fastprompt.models.weights import (WEIGHTS_HASH_ATTR, WEIGHTS_SOURCE_ATTR, model_weights_hash,
+                                       remembered_weights_hash)
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 TINY_MODEL = "fastprompt-tiny"

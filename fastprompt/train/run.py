@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from fastprompt.data.cache import FeatureCache, model_weights_hash
+from fastprompt.data.cache import FeatureCache
+from fastprompt.models.weights import model_weights_hash
 from fastprompt.train import rundir
 from fastprompt.train.chunked_text_backward import coop_encoding
 from fastprompt.train.class_sharding import local_text_chunk, sharded_text_features

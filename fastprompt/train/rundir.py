@@ -21,7 +21,6 @@ the previous epoch's files whole. The prompt file's ``format`` picks its loader 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -35,8 +34,8 @@ import torch
 from torch import Tensor
 
 import fastprompt
-from fastprompt._io import (atomic_write, exclusive_lock, progress_bar, read_json,
-                            tensor_checksum, update_tensor_hash, write_json_atomic)
+from fastprompt._hashing import state_checksum, tensor_checksum
+from fastprompt._io import atomic_write, exclusive_lock, progress_bar, read_json, write_json_atomic
 from fastprompt.train import distributed
 from fastprompt.train.config import TrainConfig
 
@@ -82,28 +81,6 @@ def run_lock(run_dir: str):
 # Checkpoint
 
 
-def _hash_state(h, obj, key: str = "") -> None:
-    """Feed a checkpoint's nested dicts, lists, tensors and scalars into ``h`` in a fixed order."""
-    if isinstance(obj, Tensor):
-        update_tensor_hash(h, key, obj)
-    elif isinstance(obj, dict):
-        h.update(f"{key}{{{len(obj)}".encode())
-        for k in sorted(obj, key=str):
-            _hash_state(h, obj[k], f"{key}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{key}[{len(obj)}".encode())
-        for i, v in enumerate(obj):
-            _hash_state(h, v, f"{key}/{i}")
-    else:
-        h.update(f"{key}={obj!r};".encode())
-
-
-def _state_checksum(state: dict) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    _hash_state(h, {k: v for k, v in state.items() if k != "checksum"})
-    return h.hexdigest()
-
-
 def _comparable(identity: dict) -> dict:
     """``identity`` with its config in today's fields (checkpoints of 0.1.0 runs store the
     config as it was then)."""
@@ -121,7 +98,7 @@ def save_checkpoint(path: str, fmt: str, tensors: dict[str, Tensor], optimizer, 
     state = {"format": fmt, "epoch": epoch,
              "params": {k: v.detach().cpu() for k, v in tensors.items()},
              "optimizer": optimizer.state_dict(), "history": history, "identity": identity}
-    state["checksum"] = _state_checksum(state)
+    state["checksum"] = state_checksum(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
@@ -141,7 +118,7 @@ def read_checkpoint(path: str, fmt: str) -> dict:
                          f"{fmt!r}; use a new --out folder")
     if "params" not in state and "ctx" in state:  # CoOp checkpoints of 0.1.0
         state["params"] = {"ctx": state.pop("ctx")}
-    if "checksum" in state and state["checksum"] != _state_checksum(state):
+    if "checksum" in state and state["checksum"] != state_checksum(state):
         raise ValueError(f"resume: checkpoint {path!r} is damaged (checksum mismatch); delete "
                          "it to train from scratch, or restore it from a copy")
     return state
@@ -397,7 +374,7 @@ def method_summary(config: TrainConfig) -> dict:
 
 
 def _model_for(prompt: PromptFile, run_dir: str, device, image_tower: bool):
-    from fastprompt.data.cache import model_weights_hash
+    from fastprompt.models.weights import model_weights_hash
     from fastprompt.models import create_model
     config = prompt.config
     model, _, preprocess_val, tokenizer = create_model(config.model, config.pretrained, device,

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 import fastprompt
-from fastprompt.data.cache import FeatureCache, model_weights_hash
+from fastprompt.data.cache import FeatureCache
+from fastprompt.models.weights import model_weights_hash
 from fastprompt.train import rundir
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.loop import (_SHUFFLE_STREAM, _VIEW_STREAM, Targets, _autocast, accuracy,

@@ -217,7 +217,7 @@ def test_bad_arguments(tmp_path, shapes_root, tiny_clip):
     model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes_root)
     path = tmp_path / "c.st"
-    with pytest.raises(ValueError, match="^views: must be >= 1"):
+    with pytest.raises(ValueError, match="^views: expected an int >= 1"):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, views=0)
     with pytest.raises(ValueError, match="^shots: 6 per class requested"):
         build_feature_cache(path, model, NAME, pre_train, pre_val, splits, shots=6)
@@ -236,9 +236,8 @@ def test_weights_hash_is_remembered_by_file_size_and_mtime(tmp_path, tiny_weight
     a touched file is hashed again (issue 14, item 20)."""
     import shutil
 
-    from fastprompt.data import cache as cache_module
-    from fastprompt.data import model_weights_hash
-    from fastprompt.models import create_model
+    from fastprompt.models import create_model, model_weights_hash
+    from fastprompt.models import weights as weights_module
     monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
     weights = tmp_path / "w.safetensors"
     shutil.copy(tiny_weights, weights)
@@ -246,8 +245,8 @@ def test_weights_hash_is_remembered_by_file_size_and_mtime(tmp_path, tiny_weight
     first = model_weights_hash(model)
     assert (tmp_path / "memo" / "weights-hashes.json").exists()
     calls = []
-    real = cache_module.update_tensor_hash
-    monkeypatch.setattr(cache_module, "update_tensor_hash",
+    real = weights_module.update_tensor_hash
+    monkeypatch.setattr(weights_module, "update_tensor_hash",
                         lambda *a: (calls.append(1), real(*a)))
     again = create_model("fastprompt-tiny", str(weights))[0]
     assert model_weights_hash(again) == first and calls == []

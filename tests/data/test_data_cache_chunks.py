@@ -179,7 +179,7 @@ def test_missing_chunks_are_named_and_any_process_can_encode_them(tmp_path, shap
 def test_bad_chunk_size_plan_and_launch_environment(tmp_path, shapes, tiny_clip, monkeypatch):
     model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes)
-    with pytest.raises(ValueError, match="^chunk_size: must be >= 1"):
+    with pytest.raises(ValueError, match="^chunk_size: expected an int >= 1"):
         plan_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits,
                            chunk_size=0)
     with pytest.raises(TypeError, match="^plan: expected a CachePlan"):

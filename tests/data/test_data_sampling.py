@@ -28,7 +28,7 @@ def test_few_shot_too_many_shots_names_the_class():
     with pytest.raises(ValueError,
                        match=r"^shots: 3 per class .* class 'owl' \(label 1\) has only 2"):
         few_shot_subset(samples, 3, classnames=["cat", "owl"])
-    with pytest.raises(ValueError, match="^shots: must be >= 1"):
+    with pytest.raises(ValueError, match="^shots: expected an int >= 1"):
         few_shot_subset(samples, 0)
     with pytest.raises(TypeError, match="^shots"):
         few_shot_subset(samples, 2.0)

@@ -144,7 +144,7 @@ def test_default_tiny_weights_are_a_fixed_function_of_the_seed(seed):
     import subprocess
     import sys
 
-    from fastprompt.data import model_weights_hash
+    from fastprompt.models import model_weights_hash
     from fastprompt.models.factory import TINY_MODEL_SEED
     torch.manual_seed(seed)
     before = torch.random.get_rng_state()
@@ -157,7 +157,7 @@ def test_default_tiny_weights_are_a_fixed_function_of_the_seed(seed):
     for (name, a), (_, b) in zip(sorted(here.state_dict().items()), sorted(drawn.state_dict().items())):
         assert torch.equal(a, b), name
     code = ("import torch; torch.manual_seed(12345); from fastprompt.models import create_model; "
-            "from fastprompt.data import model_weights_hash; "
+            "from fastprompt.models import model_weights_hash; "
             "print(model_weights_hash(create_model('fastprompt-tiny')[0]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == model_weights_hash(here)
@@ -192,7 +192,7 @@ def test_a_model_without_its_image_tower(tmp_path, monkeypatch, no_network, seed
     """image_tower=False (work on cached features): the text side and the weights' hash are the
     full model's, the image tower holds no weights and refuses to encode, and the file is still
     checked strictly outside the image tower (by shape inside it when the hash is computed)."""
-    from fastprompt.data import model_weights_hash
+    from fastprompt.models import model_weights_hash
     from fastprompt.models.factory import SkippedImageTower
     monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
     source = create_model(TINY_MODEL)[0]

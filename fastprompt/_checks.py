@@ -1,0 +1,35 @@
+"""Argument checks and names shared by every layer, serving included (no torch): one integer
+check, one seed check, one way to turn a label into a file-name part."""
+from __future__ import annotations
+
+import re
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value``, an int (not a bool) >= ``low``; TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed``, an int (not a bool); TypeError naming ``name`` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
+    return seed
+
+
+def slug(text: str, *, keep: str = "", lower: bool = False, max_length: int | None = None,
+         default: str = "") -> str:
+    """``text`` as a file-name part: every run of characters other than ASCII letters, digits
+    and ``keep`` becomes one ``-`` (none at either end), lower-cased with ``lower``, cut to
+    ``max_length``; ``default`` when nothing is left. Names already on disk (sweep runs,
+    evaluation caches) depend on each caller's options, so they are the callers' to keep."""
+    if lower:
+        text = text.lower()
+    out = re.sub(f"[^A-Za-z0-9{re.escape(keep)}]+", "-", text).strip("-")
+    if max_length is not None:
+        out = out[:max_length]
+    return out or default
