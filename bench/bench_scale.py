@@ -39,7 +39,7 @@ import common  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt.models import PromptedTextModel, create_model  # noqa: E402
-from fastprompt.train.chunked_text_backward import coop_encoding  # noqa: E402
+from fastprompt.train.coop import coop_encoding  # noqa: E402
 from fastprompt.train.class_sharding import text_step  # noqa: E402
 from fastprompt.train.distributed import torchrun_process_group, world  # noqa: E402
 

@@ -29,11 +29,10 @@ import common  # noqa: E402
 
 from fastprompt import _backend  # noqa: E402
 from fastprompt.data.cache import FeatureCache  # noqa: E402
-from fastprompt.models import PromptedTextModel, create_model  # noqa: E402
+from fastprompt.models import create_model  # noqa: E402
 from fastprompt.models.softcpt import softcpt_parameter_count  # noqa: E402
 from fastprompt.train import Task, TrainConfig  # noqa: E402
-from fastprompt.train.loop import Targets, train_epoch  # noqa: E402
-from fastprompt.train.softcpt import softcpt_model, train_softcpt_epoch  # noqa: E402
+from fastprompt.train import CoOpLearner, SoftCPTLearner  # noqa: E402
 
 WORDS = ("red", "small", "river", "oak", "tabby", "cat", "airliner", "sports", "car", "rose",
          "golden", "retriever", "desert", "fox", "stone", "bridge", "tulip", "jet", "barn", "owl")
@@ -83,31 +82,15 @@ def bench_case(model_name, model, tokenizer, num_tasks, args, device) -> dict:
     soft_cfg = TrainConfig(learner="softcpt", **base)
     coop_cfg = TrainConfig(learner="coop", **base)
 
-    torch.manual_seed(1)
-    net = softcpt_model(model, tokenizer, [t.name for t in tasks], [c.classnames for c in caches],
-                        soft_cfg).to(device)
-    soft_opt = torch.optim.SGD(net.trainable_parameters(), lr=0.002, momentum=0.9,
-                               weight_decay=5e-4)
-    zeroshot = None
-    if args.prograd:
-        from fastprompt.models import zeroshot_text_features
-        zeroshot = [zeroshot_text_features(model, tokenizer, c.classnames).to(device)
-                    for c in caches]
-    targets = [Targets()] * num_tasks
-    coop = []
-    for c in caches:
-        prompted = PromptedTextModel(model, tokenizer, c.classnames, n_ctx=args.n_ctx).to(device)
-        opt = torch.optim.SGD([prompted.prompt_learner.ctx], lr=0.002, momentum=0.9,
-                              weight_decay=5e-4)
-        coop.append((prompted, opt))
+    soft = SoftCPTLearner(soft_cfg, tasks, model, tokenizer, device)
+    coop = [CoOpLearner(coop_cfg, c, model, tokenizer, device) for c in caches]
 
     def soft_epoch():
-        train_softcpt_epoch(net, model, tasks, soft_cfg, targets, soft_opt, EPOCH, zeroshot, device)
+        soft.train_epoch(epoch=EPOCH, bar=None)
 
     def coop_epochs():
-        for i, (c, (prompted, opt)) in enumerate(zip(caches, coop)):
-            train_epoch(prompted, model, c, coop_cfg, Targets(), opt, EPOCH,
-                        zeroshot[i] if zeroshot else None, device)
+        for learner in coop:
+            learner.train_epoch(epoch=EPOCH, bar=None)
 
     soft_epoch(), coop_epochs()  # warm-up
     soft_s, coop_s = [], []
@@ -120,7 +103,7 @@ def bench_case(model_name, model, tokenizer, num_tasks, args, device) -> dict:
     # Text-encoder rows per epoch (upper bound for SoftCPT: every task present in every batch).
     rows_soft = steps_soft * (num_tasks + num_tasks * args.classes)
     rows_coop = steps_coop * args.classes
-    counts = softcpt_parameter_count(net)
+    counts = softcpt_parameter_count(soft.net)
     soft_ms, coop_ms = statistics.median(soft_s) * 1e3, statistics.median(coop_s) * 1e3
     return {"model": model_name, "tasks": num_tasks, "classes_per_task": args.classes,
             "shots": args.shots, "batch_size": args.batch_size, "n_ctx": args.n_ctx,

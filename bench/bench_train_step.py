@@ -5,7 +5,7 @@
 
 Both sides run the training loop's own code on the same random-weight model (created offline
 with ``fastprompt.models.create_model``), C class prompts with 16 context tokens, N random image
-features, SGD with momentum and weight decay: eager is ``fastprompt.train.loop.optimise_epoch``
+features, SGD with momentum and weight decay: eager is ``fastprompt.train.epoch.optimise_epoch``
 (prompt learner, truncated text encoder, fused loss, ``backward``/``prograd_backward``,
 ``optimizer.step``), compiled is ``CompiledStep.run_epoch`` (the same step as one graph;
 CUDA graphs on CUDA). Each timed call is an epoch of ``--steps`` steps on fixed inputs, with
@@ -31,9 +31,17 @@ from fastprompt import _backend  # noqa: E402
 from fastprompt.models import PromptedTextModel, create_model  # noqa: E402
 from fastprompt.train import TrainConfig  # noqa: E402
 from fastprompt.train.compiled_step import CompiledStep  # noqa: E402
-from fastprompt.train.loop import batch_losses, loss_options, optimise_epoch, Targets  # noqa: E402
+from fastprompt.train.epoch import autocast, optimise_epoch  # noqa: E402
+from fastprompt.train.objective import Targets, fused_losses, loss_options  # noqa: E402
 
 METHODS = {"coop": {}, "dspt+ls": dict(loss="dspt", targets="ls"), "coop+prograd": dict(prograd=True)}
+
+
+def eager_losses(prompted, images, labels, scale, config, options, zeroshot, device):
+    """The eager step's losses, as the training loop computes them for a CoOp prompt."""
+    with autocast(device, config.amp):
+        text = prompted()
+    return fused_losses(images, text, labels, scale, config, options, zeroshot)
 
 
 def bench_case(model_name: str, method: str, n: int, classes: int, steps: int, device,
@@ -48,7 +56,7 @@ def bench_case(model_name: str, method: str, n: int, classes: int, steps: int, d
     zeroshot = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g), dim=-1).to(device)
     scale = model.logit_scale.detach().float().exp().to(device)
     epoch = config.warmup_epochs  # a soft epoch for soft targets; the schedule's second lr
-    options = loss_options(config, Targets(), epoch, torch.arange(n))
+    options = loss_options(config, Targets(), epoch)
     sides = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(config.seed)
@@ -61,7 +69,7 @@ def bench_case(model_name: str, method: str, n: int, classes: int, steps: int, d
             def run(prompted=prompted, optimizer=optimizer, params=params, kl_teacher=kl_teacher):
                 return optimise_epoch(
                     config, optimizer, params, epoch, steps * n,
-                    lambda start, stop: batch_losses(prompted, images, labels, scale, config,
+                    lambda start, stop: eager_losses(prompted, images, labels, scale, config,
                                                      options, kl_teacher, device), device)
         else:
             step = CompiledStep(prompted, optimizer, config, kl_teacher, device)

@@ -9,11 +9,27 @@ small label-noise sweep with its report and plots.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
 import torch
+from PIL import Image
+from safetensors.torch import save
+
+from fastprompt import _backend
+from fastprompt._io import atomic_write, write_text_atomic
+from fastprompt.data import build_or_load_cache, make_shapes_dataset
+from fastprompt.data.tasks import load_task_datasets, make_shapes_tasks, read_tasks_file
+from fastprompt.models import TINY_MODEL, create_model
+from fastprompt.pipeline import export_run
+from fastprompt.protocols.sweep import run_sweep
+from fastprompt.protocols.sweep_grid import load_spec
+from fastprompt.serve import OnnxClassifier
+from fastprompt.train import (RunMismatchError, Task, TrainConfig, load_run, train_run,
+                              train_softcpt_run)
+from fastprompt.train.files import RUN_FILES
 
 DEMO_CLASSES = 8
 DEMO_IMAGES_PER_CLASS = 24
@@ -48,10 +64,7 @@ DEMO_METHODS = (
 
 def _random_tiny_checkpoint(path: str) -> str:
     """Save a seeded random-initialised tiny model once, so every run rebuilds the same weights."""
-    from safetensors.torch import save
 
-    from fastprompt._io import atomic_write
-    from fastprompt.models import TINY_MODEL, create_model
     if not os.path.isfile(path):
         torch.manual_seed(0)
         model = create_model(TINY_MODEL)[0]
@@ -73,9 +86,7 @@ def _demo_folder(run_dir: str) -> None:
 def _clear_demo_run(run_dir: str) -> None:
     """Remove the run files of a demo run from other settings; anything else in the folder
     (which the demo did not write) makes it refuse instead."""
-    from fastprompt.train import rundir
-    ours = {rundir.CONFIG, rundir.CHECKPOINT, rundir.PROMPT, rundir.METRICS, rundir.LOCK,
-            DEMO_MARKER}
+    ours = {*RUN_FILES, DEMO_MARKER}
     foreign = sorted(set(os.listdir(run_dir)) - ours)
     if foreign:
         raise ValueError(f"out: {run_dir!r} holds a run from other settings and files the demo "
@@ -89,7 +100,6 @@ def _clear_demo_run(run_dir: str) -> None:
 def _train(train, run_dir: str, *args, progress: bool):
     """``train(*args, run_dir, ...)``, resuming the demo's earlier run of the same settings;
     a run from other settings (an earlier demo with other --epochs) is retrained."""
-    from fastprompt.train import RunMismatchError
     _demo_folder(run_dir)
     try:
         return train(*args, run_dir, resume=True, progress=progress)
@@ -99,12 +109,6 @@ def _train(train, run_dir: str, *args, progress: bool):
 
 
 def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True) -> int:
-    from fastprompt import _backend
-    from fastprompt.data import build_or_load_cache, make_shapes_dataset
-    from fastprompt.models import TINY_MODEL, create_model
-    from fastprompt.pipeline import export_run
-    from fastprompt.serve import OnnxClassifier
-    from fastprompt.train import TrainConfig, train_run
 
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -160,7 +164,6 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
     predictions = classifier.predict(images, top_k=1)
     x = torch.stack([preprocess_val(_rgb(p)) for p in images])
     with torch.no_grad():
-        from fastprompt.train import load_run
         run = load_run(first_run)
         feats = torch.nn.functional.normalize(run.model.encode_image(x).float(), dim=-1)
         text = torch.nn.functional.normalize(run.text_features, dim=-1)
@@ -184,10 +187,6 @@ def demo_multitask(out: str, model, preprocess_train, preprocess_val, tokenizer,
                    epochs: int, progress: bool = True) -> dict:
     """Generate a few shapes tasks with disjoint classes, train SoftCPT on all of them and one
     CoOp prompt per task, and print test accuracy per task."""
-    from fastprompt.data import build_or_load_cache
-    from fastprompt.data.tasks import load_task_datasets, make_shapes_tasks, read_tasks_file
-    from fastprompt.models import TINY_MODEL
-    from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
 
     print(f"\nmulti-task (SoftCPT): {DEMO_TASKS} generated tasks of {DEMO_CLASSES_PER_TASK} "
           "disjoint shape classes each")
@@ -236,11 +235,7 @@ def demo_sweep(out: str, data: str, weights: str, *, epochs: int) -> str:
     """A small noise sweep over the generated data (``fastprompt sweep``): a few methods x 2
     noise rates x 2 seeds, few-shot, at most ``DEMO_SWEEP_MAX_EPOCHS`` epochs; prints its table
     and where its report and plots are."""
-    import json
 
-    from fastprompt._io import write_text_atomic
-    from fastprompt.sweep import run_sweep
-    from fastprompt.sweep_grid import load_spec
     epochs = min(epochs, DEMO_SWEEP_MAX_EPOCHS)
     # One folder per epoch count: a rerun with the same count skips the finished runs.
     root = os.path.join(out, f"sweep-{epochs}-epochs")
@@ -274,6 +269,5 @@ def demo_sweep(out: str, data: str, weights: str, *, epochs: int) -> str:
 
 
 def _rgb(path):
-    from PIL import Image
     with Image.open(path) as im:
         return im.convert("RGB")

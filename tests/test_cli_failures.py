@@ -17,7 +17,7 @@ from fastprompt.data import build_or_load_cache, load_dataset, make_shapes_datas
 from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
 from fastprompt.models import create_model
 from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
-from fastprompt.train.rundir import run_lock
+from fastprompt.train.files import run_lock
 
 
 def fastprompt(*args, limit_file_size=None, check_rc=None):

@@ -181,7 +181,7 @@ def targets64(labels, c, kw):
 
 
 def stop_training_at(learner_class, epoch: int, patch=setattr) -> None:
-    """From now on, training ``learner_class`` (a ``rundir.Learner``) raises KeyboardInterrupt
+    """From now on, training ``learner_class`` (a ``fastprompt.train.Learner`` subclass) raises KeyboardInterrupt
     when it starts ``epoch`` (the epochs before are finished and checkpointed), as Ctrl-C would.
     ``patch(learner_class, "train_epoch", replacement)``: pytest's ``monkeypatch.setattr`` to
     undo it later."""

@@ -189,7 +189,7 @@ def _export_ensemble(args: argparse.Namespace):
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from fastprompt.train.rundir import METRICS
+    from fastprompt.train.files import METRICS
     path = os.path.join(run_dir, METRICS)
     try:
         with open(path, encoding="utf-8") as f:

@@ -42,8 +42,8 @@ def wants_eval_on_data(args) -> bool:
 
 def cmd_eval_on_data(args) -> int:
     from fastprompt._io import dumps_json
-    from fastprompt.evaluation import base_to_new, evaluate_on_data
-    from fastprompt.train.rundir import read_prompt_file
+    from fastprompt.protocols.evaluation import base_to_new, evaluate_on_data
+    from fastprompt.train.files import read_prompt_file
     from fastprompt.cli.training import _device
     if args.cache:
         raise ValueError("--cache: names a cache of the run's own classes; with --data or "
@@ -87,8 +87,8 @@ def cmd_eval_on_data(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from fastprompt.sweep import run_sweep
-    from fastprompt.sweep_grid import load_spec
+    from fastprompt.protocols.sweep import run_sweep
+    from fastprompt.protocols.sweep_grid import load_spec
     spec = load_spec(args.spec)
     result = run_sweep(spec, args.out, jobs=args.jobs,
                        progress=False if args.no_progress else None)
@@ -102,7 +102,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from fastprompt.report import redraw
+    from fastprompt.protocols.report import redraw
     for path in redraw(args.paths):
         print(path)
     return 0

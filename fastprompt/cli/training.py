@@ -354,7 +354,7 @@ def _data_source(args):
 
 def _plot_curves(run_dir: str) -> None:
     """RUN/curves.png (loss and train accuracy per epoch); `fastprompt plot RUN` redraws it."""
-    from fastprompt.plots import plot_curves
+    from fastprompt.protocols.plots import plot_curves
     plot_curves(run_dir)
 
 
@@ -368,8 +368,7 @@ def cmd_train_softcpt(args) -> int:
     from fastprompt.data import build_or_load_cache
     from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
     from fastprompt.train import Task, train_softcpt_run
-    from fastprompt.train.rundir import refuse_existing_run
-    from fastprompt.train.softcpt import SOFTCPT_FORMAT
+    from fastprompt.train.files import refuse_existing_run
     if args.method != "softcpt":
         raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
                          f"(got --method {args.method})")
@@ -400,7 +399,7 @@ def cmd_train_softcpt(args) -> int:
     splits = load_task_datasets(specs, test_fraction=args.test_fraction, seed=args.seed)
     config = _config_from(args, args.shots)
     # Checked before any cache is written: a damaged or CoOp checkpoint is refused here already.
-    refuse_existing_run(args.out, args.resume, SOFTCPT_FORMAT)
+    refuse_existing_run(args.out, args.resume, "softcpt")
     model, pt, pv, tokenizer, device = _load_model(args)
     tasks = []
     for i, (spec, split) in enumerate(zip(specs, splits)):
@@ -434,7 +433,7 @@ def cmd_train_softcpt(args) -> int:
 def cmd_eval(args) -> int:
     from fastprompt._io import dumps_json
     from fastprompt.cli import protocols
-    from fastprompt.train import evaluate_run
+    from fastprompt.protocols.evaluation import evaluate_run
     if protocols.wants_eval_on_data(args):
         return protocols.cmd_eval_on_data(args)
     result = evaluate_run(args.run, args.cache, device=_device(args.device or "cpu"),

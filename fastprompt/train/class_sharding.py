@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastprompt.train.chunked_text_backward import (AUTO, ChunkedTextBackward, TextEncoding,
+from fastprompt.train.text_backward import (AUTO, ChunkedTextBackward, TextEncoding,
                                                     apply_gradients, resolve_text_chunk)
 from fastprompt.train.distributed import is_writer, world, world_size
 

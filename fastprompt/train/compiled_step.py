@@ -32,8 +32,8 @@ from torch import Tensor
 
 from fastprompt.ops.prograd_backward import projected_task_grads
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.loop import (batch_losses, epoch_batches, epoch_result, set_epoch_lr,
-                                   with_batch_soft_labels)
+from fastprompt.train.epoch import autocast, epoch_batches, epoch_result, set_epoch_lr
+from fastprompt.train.objective import fused_losses, with_batch_soft_labels
 
 # torch.compile's backend. Tests of the graph capture set "aot_eager": the same dynamo graph and
 # AOT autograd, without inductor's minute of C++ compilation per graph on a small CPU.
@@ -86,7 +86,7 @@ def sgd_update_(params: list[Tensor], grads: list[Tensor | None], buffers: list[
 class CompiledStep:
     """The training step of a CoOp-style prompt (``prompted``: a ``PromptedTextModel``) with
     ``optimizer`` (SGD over its trainable parameters), compiled on first use; ``run_epoch``
-    replaces ``fastprompt.train.loop.optimise_epoch`` for one epoch.
+    replaces ``fastprompt.train.epoch.optimise_epoch`` for one epoch.
 
     One graph per batch size (a short last batch is a second) and target kind (ATLaS's hard and
     soft epochs): at most four, however many epochs; learning rates never recompile.
@@ -118,8 +118,10 @@ class CompiledStep:
 
     def _step(self, images: Tensor, labels: Tensor, targets_rows: Tensor | None) -> None:
         options = with_batch_soft_labels(self.options, targets_rows)
-        loss, kl = batch_losses(self.prompted, images, labels, self.scale, self.config, options,
-                                self.zeroshot, self.device)
+        with autocast(self.device, self.config.amp):
+            text = self.prompted()
+        loss, kl = fused_losses(images, text, labels, self.scale, self.config, options,
+                                self.zeroshot)
         if kl is None:
             grads = list(torch.autograd.grad(loss, self.params))
         else:

@@ -148,10 +148,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """The config of ``to_dict``, or of a run written before ``learner``/``loss`` replaced
-        ``method``/``softcpt_loss`` (fastprompt 0.1.0)."""
-        d = _upgrade(d)
+    def from_dict(cls, d: dict, *, format_version: int | None = None) -> "TrainConfig":
+        """The config of ``to_dict``, as a run folder stores it. A ``format_version`` entry of
+        ``d`` (config.json has one), else the argument (the version of the file the config
+        came from), else 1 says which fields to expect: version 1 configs (fastprompt 0.1) may
+        use ``method``/``softcpt_loss`` instead of ``learner``/``loss``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("format_version", format_version if format_version is not None else 1)
+        if version == 1:
+            d = _upgrade_v1(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -170,11 +177,9 @@ class TrainConfig:
         return name
 
 
-def _upgrade(d: dict) -> dict:
-    """A 0.1.0 config dict (``method`` coop|dspt|softcpt, ``softcpt_loss`` coop|dspt, an unused
-    ``extra``) in today's fields."""
-    if not isinstance(d, dict):
-        raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+def _upgrade_v1(d: dict) -> dict:
+    """A version 1 config dict in today's fields: 0.1.0 wrote ``method`` (coop|dspt|softcpt),
+    ``softcpt_loss`` (coop|dspt) and an unused ``extra``; later version 1 files have today's."""
     if "method" not in d and "softcpt_loss" not in d and "extra" not in d:
         return d
     d = dict(d)

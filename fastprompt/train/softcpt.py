@@ -1,15 +1,14 @@
-"""SoftCPT training: one meta network and task context tuned jointly on several few-shot tasks,
-over one feature cache per task.
+"""SoftCPT (Ding et al., "Prompt Tuning with Soft Context Sharing"): one meta network and task
+context tuned jointly on several few-shot tasks, over one feature cache per task.
 
 Per step, a batch of ``batch_size`` cached training rows is drawn from the concatenation of all
 tasks' training sets (so batches mix tasks, as the official code's joint data loader does). The
-text side runs once for the tasks present in the batch (``SoftCPTModel``: one call for the task
-prompts, one for all their class prompts); then each task's images are scored against its OWN
-C_t class text features only, with the fused loss op and the run's options (DSPT, ATLaS
-targets with that task's CSL/ISL table, ProGrad against that task's zero-shot classifier). The
-batch loss is the sum of the task losses weighted by each task's share of the batch,
-``sum_t (n_t / n) * mean loss_t`` — the official ``sum of per-task summed cross-entropies /
-batch size``.
+text side runs once for the tasks present in the batch (their generated contexts, then all their
+class prompts in one text-encoder call); then each task's images are scored against its OWN C_t
+class text features only, with the shared objective (DSPT, ATLaS targets with that task's
+CSL/ISL table, ProGrad against that task's zero-shot classifier). The batch loss is the sum of
+the task losses weighted by each task's share of the batch, ``sum_t (n_t / n) * mean loss_t``
+— the official ``sum of per-task summed cross-entropies / batch size``.
 
 ProGrad: the task and distillation losses are combined over tasks with the same weights, and
 the projection acts on the gradients of the combined losses, per parameter tensor (the task
@@ -18,31 +17,38 @@ task: the parameters are shared by all tasks, so one update direction is tested 
 
 Every random choice is a pure function of the seed and the epoch, and the learning rate of the
 epoch, so a resumed run equals an uninterrupted one. With a single task the data order is
-exactly CoOp's (``fastprompt.train.loop.epoch_order``).
+exactly CoOp's (``fastprompt.train.epoch.epoch_order``).
 
-The run folder is ``fastprompt.train.rundir``'s; SoftCPT's prompt file holds the trained
-tensors ("task_ctx", "meta_weight") and the task names and class names, and its metrics.json
-adds per epoch the loss and train accuracy per task, and per task and averaged the zero-shot,
-test and validation accuracy.
+The prompt file holds the trained tensors ("task_ctx", "meta_weight") and the task names and
+class names; metrics.json adds per epoch the loss and train accuracy per task, and per task and
+averaged the zero-shot, test and validation accuracy.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-import fastprompt
 from fastprompt.data.cache import FeatureCache
+from fastprompt.models import zeroshot_text_features
+from fastprompt.models.softcpt import SoftCPTModel, normalize_task_name, softcpt_parameter_count
 from fastprompt.models.weights import model_weights_hash
-from fastprompt.train import rundir
+from fastprompt.train.class_sharding import local_text_chunk
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.loop import (_SHUFFLE_STREAM, _VIEW_STREAM, Targets, _autocast, accuracy,
-                                   gather_soft_labels, logit_scale, loss_options, make_targets,
-                                   optimise_epoch, with_batch_soft_labels)
+from fastprompt.train.coop import classifier_metrics, method_summary, train_accuracy
+from fastprompt.train.epoch import SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale
+from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
+from fastprompt.train.fit import fit
+from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
+                                      register, resolve_device)
+from fastprompt.train.objective import Objective
+from fastprompt.train.runs import load_run
+from fastprompt.train.text_backward import TextEncoding, check_text_chunk
 
-SOFTCPT_FORMAT = "fastprompt-softcpt-1"
 SOFTCPT_EPOCHS = 50  # the official SoftCPT schedule
 
 
@@ -53,20 +59,44 @@ class Task:
     cache: FeatureCache
 
 
-# ---------------------------------------------------------------------------------------------
-# Model construction and checks
-
-
-def softcpt_model(model, tokenizer, task_names, task_classnames, config: TrainConfig):
+def softcpt_model(model, tokenizer, task_names, task_classnames,
+                  config: TrainConfig) -> SoftCPTModel:
     """``SoftCPTModel`` for ``config`` (n_ctx, n_task_ctx, task_ctx, class token position)."""
-    from fastprompt.models.softcpt import SoftCPTModel
     return SoftCPTModel(model, tokenizer, list(task_names), [list(c) for c in task_classnames],
                         n_ctx=config.n_ctx, n_task_ctx=config.n_task_ctx, task_ctx=config.task_ctx,
                         class_token_position=config.class_token_position)
 
 
-def _check_tasks(tasks) -> list[Task]:
-    from fastprompt.models.softcpt import normalize_task_name
+def softcpt_encoding(net: SoftCPTModel, tasks: list[int]) -> tuple[TextEncoding, list[int]]:
+    """``TextEncoding`` of a ``SoftCPTModel`` over the class prompts of ``tasks`` (their classes
+    concatenated in that order), and each task's class count to split the features by. Prompts
+    are padded to the longest of these tasks', as ``SoftCPTModel.forward`` pads them."""
+    learners = [net.class_prompts[t] for t in tasks]
+    sizes = [lr.n_cls for lr in learners]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    length = max(lr.prompt_length for lr in learners)
+
+    def encode(ctx, a, b):
+        embeds, tokens = [], []
+        for i, lr in enumerate(learners):
+            lo, hi = max(a, offsets[i]), min(b, offsets[i + 1])
+            if lo >= hi:
+                continue
+            rows = slice(lo - offsets[i], hi - offsets[i])
+            e, k = lr(ctx[i], classes=rows), lr.tokenized_prompts[rows]
+            embeds.append(torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])))
+            tokens.append(torch.nn.functional.pad(k, (0, length - k.shape[1])))
+        return net.text_encoder(torch.cat(embeds), torch.cat(tokens))
+
+    return (TextEncoding(lambda: net.contexts(tasks), encode, offsets[-1],
+                         net.trainable_parameters()), sizes)
+
+
+def check_tasks(tasks) -> list[Task]:
+    """``tasks`` as a list of ``Task`` with distinct names, at least two classes and some
+    training images each, and caches of one model; ValueError/TypeError naming ``tasks``."""
     if isinstance(tasks, Task) or not isinstance(tasks, (list, tuple)) or not tasks:
         raise ValueError("tasks: expected a non-empty list of Task(name, cache)")
     seen = {}
@@ -98,7 +128,7 @@ def _check_tasks(tasks) -> list[Task]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data order and one epoch
+# Data order and losses
 
 
 def multitask_epoch_order(config: TrainConfig, tasks: list[Task], epoch: int
@@ -111,9 +141,9 @@ def multitask_epoch_order(config: TrainConfig, tasks: list[Task], epoch: int
     ``fastprompt.train.epoch_order``.
     """
     sizes = [t.cache.num_train_images for t in tasks]
-    g = torch.Generator().manual_seed(config.seed * _SHUFFLE_STREAM + epoch)
+    g = torch.Generator().manual_seed(config.seed * SHUFFLE_STREAM + epoch)
     perm = torch.randperm(sum(sizes), generator=g)
-    g = torch.Generator().manual_seed(config.seed * _VIEW_STREAM + epoch)
+    g = torch.Generator().manual_seed(config.seed * VIEW_STREAM + epoch)
     views = [torch.randint(t.cache.views, (m,), generator=g) for t, m in zip(tasks, sizes)]
     task_of = torch.repeat_interleave(torch.arange(len(tasks)), torch.tensor(sizes))
     offsets = torch.tensor([0, *sizes]).cumsum(0)[:-1]
@@ -125,7 +155,7 @@ def multitask_epoch_order(config: TrainConfig, tasks: list[Task], epoch: int
     return task, sample, row
 
 
-def _group(task: Tensor, sample: Tensor, row: Tensor):
+def group_by_task(task: Tensor, sample: Tensor, row: Tensor):
     """``[(t, samples of task t, rows of task t)]`` for the tasks present, by task index."""
     out = []
     for t in torch.unique(task).tolist():
@@ -134,9 +164,8 @@ def _group(task: Tensor, sample: Tensor, row: Tensor):
     return out
 
 
-def multitask_loss(texts: list[Tensor], groups, tasks: list[Task], config: TrainConfig,
-                   options: list[dict], zeroshot: list[Tensor] | None, scale: Tensor,
-                   device: torch.device):
+def multitask_loss(texts: list[Tensor], groups, objectives: list[Objective],
+                   options: list[dict], scale: Tensor):
     """The batch loss from each present task's class text features (``texts[i]`` for the task
     of ``groups[i]``): ``(loss, kl_loss or None, per-task loss sums)``, weighted by each task's
     share of the batch. Task ``t``'s images meet only task ``t``'s classes."""
@@ -144,91 +173,59 @@ def multitask_loss(texts: list[Tensor], groups, tasks: list[Task], config: Train
     loss = kl_loss = None
     per_task = []
     for text, (t, sample, rows) in zip(texts, groups):
-        cache = tasks[t].cache
-        images = cache.train_features[rows].to(device).to(text.dtype)
-        labels = cache.train_labels[rows].to(device)
-        opts = options[t]
-        if "sample_index" in opts:  # the batch's rows of the task's host table
-            opts = with_batch_soft_labels(opts, gather_soft_labels(opts["soft_labels"], sample,
-                                                                   device))
+        task_loss, kl = objectives[t].losses(text, rows, sample, options[t], scale)
         weight = len(sample) / n
-        if config.prograd:
-            task_loss, kl = fastprompt.prograd_losses(
-                images, text, zeroshot[t].to(text.dtype), labels, scale,
-                temperature=config.temperature, **opts)
+        if kl is not None:
             kl_loss = kl * weight if kl_loss is None else kl_loss + kl * weight
-        else:
-            task_loss = fastprompt.clip_cross_entropy(images, text, labels, scale, **opts)
         loss = task_loss * weight if loss is None else loss + task_loss * weight
         per_task.append((t, task_loss.detach().float() * len(sample)))
     return loss, kl_loss, per_task
 
 
-def train_softcpt_epoch(net, model, tasks: list[Task], config: TrainConfig, targets: list[Targets],
-                        optimizer: torch.optim.Optimizer, epoch: int,
-                        zeroshot: list[Tensor] | None, device: torch.device, bar=None,
-                        text_chunk: int = 0) -> dict:
-    """One epoch over every task's cached training set; returns the epoch's mean loss(es) and
-    each task's mean loss (``task_loss``). ``text_chunk`` K > 0: the exact two-pass text
-    backward over the batch's tasks' class prompts, K at a time. Under a process group of several
-    ranks those class prompts are sharded over them (``fastprompt.train.class_sharding``)."""
-    from fastprompt.train.chunked_text_backward import softcpt_encoding
-    from fastprompt.train.class_sharding import text_step
-    from fastprompt.train.distributed import world_size
-    task, sample, rows = multitask_epoch_order(config, tasks, epoch)
-    scale = logit_scale(model).to(device)
-    # Per task: its own soft-label tables. For ISL, "sample_index" only marks that the batch's
-    # rows of the task's table must be gathered (multitask_loss does).
-    options = [loss_options(config, targets[t], epoch, sample) for t in range(len(tasks))]
-    per_task_total = torch.zeros(len(tasks), device=device)
-    step = {}  # the batch's text side: ChunkedTextBackward or ShardedText
-    stepped = bool(text_chunk) or world_size() > 1
-
-    def batch_loss(start, stop):
-        groups = _group(task[start:stop], sample[start:stop], rows[start:stop])
-        present = [t for t, _, _ in groups]
-        if stepped:
-            encoding, sizes = softcpt_encoding(net, present)
-            step["text"] = text_step(encoding, text_chunk, lambda: _autocast(device, config.amp))
-            texts = list(step["text"].features().split(sizes))
-        else:
-            with _autocast(device, config.amp):
-                texts = net(present)
-        loss, kl, per_task = multitask_loss(texts, groups, tasks, config, options, zeroshot,
-                                            scale, device)
-        for t, s in per_task:
-            per_task_total[t] += s
-        return loss, kl
-
-    result = optimise_epoch(config, optimizer, net.trainable_parameters(), epoch, len(rows),
-                            batch_loss, device, bar,
-                            (lambda loss, kl: step["text"].backward(loss, kl, lam=config.lam))
-                            if stepped else None)
-    counts = torch.tensor([t.cache.num_train_images for t in tasks], dtype=torch.float32)
-    result["task_loss"] = (per_task_total.cpu() / counts).tolist()
-    return result
+def task_mean(records: list[dict], key: str) -> float:
+    """The average of ``key`` over the tasks' records, leaving out NaN (a task without such
+    images); NaN when no task has a value."""
+    values = [r[key] for r in records if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else float("nan")
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
+class TaskBatch(NamedTuple):
+    """A batch's rows grouped by task (``group_by_task``), the epoch's options per task, and
+    the epoch's per-task loss sums (on the device), which the batch's losses add to."""
+    groups: list
+    options: list
+    task_totals: Tensor
 
 
-@torch.no_grad()
-def _task_text_features(net) -> list[Tensor]:
-    """Each task's class text features, one task per call (as ``load_softcpt_run`` computes
-    them for export), float32."""
-    return [net([t])[0].float() for t in range(net.num_tasks)]
+class MultitaskOrder(EpochOrder):
+    """An epoch over every task's cache; sums each task's loss for the epoch's record."""
+
+    def __init__(self, order: tuple[Tensor, Tensor, Tensor], options: list[dict],
+                 tasks: list[Task], device: torch.device):
+        self.task, self.sample, self.rows = order
+        self.options, self.tasks = options, tasks
+        self.per_task_total = torch.zeros(len(tasks), device=device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, start: int, stop: int) -> TaskBatch:
+        return TaskBatch(group_by_task(self.task[start:stop], self.sample[start:stop],
+                                       self.rows[start:stop]), self.options, self.per_task_total)
+
+    def summary(self) -> dict:
+        counts = torch.tensor([t.cache.num_train_images for t in self.tasks],
+                              dtype=torch.float32)
+        return {"task_loss": (self.per_task_total.cpu() / counts).tolist()}
 
 
-class SoftCPTRun:
-    """``rundir.Learner`` for SoftCPT's task context and meta network over several tasks."""
-    format = SOFTCPT_FORMAT
+@register
+class SoftCPTLearner(Learner):
+    """SoftCPT's task context and meta network over several tasks."""
+    name = "softcpt"
 
-    def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer, device,
-                 text_chunk: int = 0):
-        from fastprompt.models import zeroshot_text_features
-        from fastprompt.train.chunked_text_backward import softcpt_encoding
-        from fastprompt.train.class_sharding import local_text_chunk
+    def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer,
+                 device: torch.device, text_chunk: int | str = 0):
         self.config, self.tasks, self.model, self.device = config, tasks, model, device
         torch.manual_seed(config.seed)  # the task context's and meta network's initialisation
         self.net = softcpt_model(model, tokenizer, [t.name for t in tasks],
@@ -236,49 +233,128 @@ class SoftCPTRun:
         # "auto": for a batch holding every task's classes, the most a step encodes.
         self.text_chunk = local_text_chunk(text_chunk,
                                            softcpt_encoding(self.net, list(range(len(tasks))))[0],
-                                           device, lambda: _autocast(device, config.amp))
-        self.optimizer = torch.optim.SGD(self.net.trainable_parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+                                           device, lambda: autocast(device, config.amp))
+        self.optimizer = self.sgd()
         self.zeroshot = [zeroshot_text_features(model, tokenizer, t.cache.classnames).to(device)
                          for t in tasks]
-        self.targets = []
-        for t, z in zip(tasks, self.zeroshot):
-            self.targets.append(make_targets(config, t.cache, z).to(device))
+        self.objectives = [Objective(config, t.cache, z, device)
+                           for t, z in zip(tasks, self.zeroshot)]
+        self.scale = logit_scale(model).to(device)
         self.images_per_epoch = sum(t.cache.num_train_images for t in tasks)
 
-    def trainable_state(self) -> dict:
-        return self.net.trainable_state()
+    # -- what is trained, saved and loaded
 
-    def load_trainable_state(self, state: dict) -> None:
+    def trainable(self) -> dict:
+        return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight}
+
+    def load_trainable(self, state: dict) -> None:
         self.net.load_trainable_state(state)
 
-    def train_epoch(self, epoch: int, bar) -> dict:
-        return train_softcpt_epoch(self.net, self.model, self.tasks, self.config, self.targets,
-                                   self.optimizer, epoch,
-                                   self.zeroshot if self.config.prograd else None, self.device,
-                                   bar=bar, text_chunk=self.text_chunk)
-
-    @torch.no_grad()
-    def train_accuracy(self) -> dict:
-        noisy, clean = [], []
-        for t, text in zip(self.tasks, self.net()):
-            m = t.cache.num_train_images
-            first_view = t.cache.train_features[:m]
-            noisy.append(accuracy(first_view, t.cache.train_labels[:m], text.float()))
-            clean.append(accuracy(first_view, t.cache.train_clean_labels[:m], text.float()))
-        return {"task_train_acc_noisy": noisy, "task_train_acc_clean": clean,
-                "train_acc_noisy": sum(noisy) / len(noisy),
-                "train_acc_clean": sum(clean) / len(clean)}
+    def identity(self) -> dict:
+        return {"config": self.config.to_dict(),
+                "tasks": [{"name": t.name, "cache": t.cache.fingerprint} for t in self.tasks],
+                "model_weights": model_weights_hash(self.model)}
 
     def prompt_fields(self) -> dict:
         return {"tasks": [{"name": t.name, "classnames": list(t.cache.classnames)}
                           for t in self.tasks]}
 
+    @classmethod
+    def task_names(cls, prompt: PromptFile) -> list[str]:
+        return [t["name"] for t in prompt.field("tasks")]
+
+    @classmethod
+    def _net(cls, prompt: PromptFile, model, tokenizer, device) -> SoftCPTModel:
+        task_list = prompt.field("tasks")
+        # The initial draws are overwritten by the trained tensors: leave the caller's generator be.
+        with torch.random.fork_rng(devices=[]):
+            net = softcpt_model(model, tokenizer, [t["name"] for t in task_list],
+                                [t["classnames"] for t in task_list], prompt.config).to(device)
+        net.load_trainable_state(prompt.tensors)
+        return net
+
+    @classmethod
+    def load_classifiers(cls, prompt, run_dir, model, preprocess_val, tokenizer, device,
+                         tasks) -> list[TrainedClassifier]:
+        config, task_list = prompt.config, prompt.field("tasks")
+        names = [t["name"] for t in task_list]
+        net = cls._net(prompt, model, tokenizer, device)
+        out = []
+        for name in tasks:
+            index = names.index(name)
+            with torch.no_grad():
+                text = net([index])[0].float()
+            method = {**method_summary(config), "task": name, "tasks": names}
+            out.append(TrainedClassifier(run_dir, config, model, tokenizer, config.model,
+                                         list(task_list[index]["classnames"]), text,
+                                         float(logit_scale(model)), method, preprocess_val,
+                                         task=name))
+        return out
+
+    @classmethod
+    def shared_context(cls, prompt, classifier, device) -> Tensor:
+        net = cls._net(prompt, classifier.model, classifier.tokenizer, device)
+        with torch.no_grad():
+            return net.contexts([classifier.task])[0]
+
+    # -- one epoch
+
+    def epoch_order(self, epoch: int) -> MultitaskOrder:
+        options = [o.epoch_options(epoch) for o in self.objectives]
+        return MultitaskOrder(multitask_epoch_order(self.config, self.tasks, epoch), options,
+                              self.tasks, self.device)
+
+    def text_encoding(self, batch: TaskBatch) -> TextEncoding:
+        return softcpt_encoding(self.net, [t for t, _, _ in batch.groups])[0]
+
+    def batch_losses(self, text: Tensor, batch: TaskBatch):
+        sizes = [self.net.class_prompts[t].n_cls for t, _, _ in batch.groups]
+        loss, kl, per_task = multitask_loss(list(text.split(sizes)), batch.groups,
+                                            self.objectives, batch.options, self.scale)
+        for t, s in per_task:
+            batch.task_totals[t] += s
+        extra = self.extra_loss(text, batch)
+        return (loss if extra is None else loss + extra), kl
+
+    # -- metrics
+
+    @torch.no_grad()
+    def task_text_features(self) -> list[Tensor]:
+        """Each task's class text features, one task per call (as ``load_classifiers`` computes
+        them for export), float32."""
+        return [self.net([t])[0].float() for t in range(self.net.num_tasks)]
+
+    @torch.no_grad()
+    def train_accuracy(self) -> dict:
+        noisy, clean = zip(*(train_accuracy(t.cache, text.float())
+                             for t, text in zip(self.tasks, self.net())))
+        return {"task_train_acc_noisy": list(noisy), "task_train_acc_clean": list(clean),
+                "train_acc_noisy": sum(noisy) / len(noisy),
+                "train_acc_clean": sum(clean) / len(clean)}
+
+    def final_metrics(self) -> dict:
+        per_task = []
+        for t, text, z in zip(self.tasks, self.task_text_features(), self.zeroshot):
+            c = t.cache
+            per_task.append({
+                "name": t.name, "num_classes": c.num_classes, "classnames": list(c.classnames),
+                "num_train_images": c.num_train_images, "views": c.views,
+                **classifier_metrics(c, text, z),
+                "num_test_images": int(c.test_features.shape[0]), "cache": cache_record(c),
+            })
+
+        counts = softcpt_parameter_count(self.net)
+        return {"tasks": per_task, "test_acc": task_mean(per_task, "test_acc"),
+                "zeroshot_test_acc": task_mean(per_task, "zeroshot_test_acc"),
+                "val_acc": task_mean(per_task, "val_acc"),
+                "trainable_parameters": counts["total"], "parameters": counts,
+                "num_tasks": len(self.tasks), "num_train_images": self.images_per_epoch}
+
 
 def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, out_dir, *,
                       resume: bool = False, progress: bool | None = None,
-                      device: str | torch.device | None = None, text_chunk: int = 0) -> dict:
+                      device: str | torch.device | None = None,
+                      text_chunk: int | str = 0) -> dict:
     """Train SoftCPT on ``tasks`` into ``out_dir``; return the metrics (also in metrics.json).
 
     ``model`` is the frozen open_clip model every task's cache was built with. With
@@ -288,93 +364,24 @@ def train_softcpt_run(config: TrainConfig, tasks: list[Task], model, tokenizer, 
     run's identity), and so is training on several ranks: each batch's class prompts are
     sharded over them.
     """
-    from fastprompt.models.softcpt import softcpt_parameter_count
-    from fastprompt.train.chunked_text_backward import check_text_chunk
-
     if not isinstance(config, TrainConfig) or config.learner != "softcpt":
         raise ValueError("config: expected a TrainConfig with learner='softcpt'")
-    tasks = _check_tasks(tasks)
+    tasks = check_tasks(tasks)
     text_chunk = check_text_chunk(text_chunk)
     out_dir = os.fspath(out_dir)
-    device = torch.device(device if device is not None else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    identity = {"config": config.to_dict(),
-                "tasks": [{"name": t.name, "cache": t.cache.fingerprint} for t in tasks],
-                "model_weights": model_weights_hash(model)}
-    rundir.refuse_existing_run(out_dir, resume, SOFTCPT_FORMAT)  # before any work
-    model = model.to(device)
-    learner = SoftCPTRun(config, tasks, model, tokenizer, device, text_chunk)
-
-    def finish(history: list) -> dict:
-        per_task = []
-        for t, text, z in zip(tasks, _task_text_features(learner.net), learner.zeroshot):
-            c = t.cache
-            per_task.append({
-                "name": t.name, "num_classes": c.num_classes, "classnames": list(c.classnames),
-                "num_train_images": c.num_train_images, "views": c.views,
-                "zeroshot_test_acc": accuracy(c.test_features, c.test_labels, z),
-                "test_acc": accuracy(c.test_features, c.test_labels, text),
-                "val_acc": accuracy(c.val_features, c.val_labels, text),
-                "num_test_images": int(c.test_features.shape[0]),
-                "cache": {"path": os.path.abspath(c.path), "fingerprint": c.fingerprint},
-            })
-
-        def mean(key):
-            values = [p[key] for p in per_task if p[key] == p[key]]  # NaN: no such images
-            return sum(values) / len(values) if values else float("nan")
-
-        counts = softcpt_parameter_count(learner.net)
-        return {
-            **rundir.run_metrics(config, history, device),
-            "tasks": per_task,
-            "test_acc": mean("test_acc"),              # averages over the tasks
-            "zeroshot_test_acc": mean("zeroshot_test_acc"),
-            "val_acc": mean("val_acc"),
-            "trainable_parameters": counts["total"],
-            "parameters": counts,
-            "logit_scale": float(logit_scale(model)),
-            "text_chunk": learner.text_chunk,
-            "text_chunk_auto": text_chunk == "auto",
-            "num_tasks": len(tasks),
-            "num_train_images": learner.images_per_epoch,
-        }
-
-    return rundir.train_epochs(out_dir, config, learner, identity, resume=resume,
-                               progress=progress, device=device,
-                               desc=f"train {config.describe()} ({len(tasks)} tasks)",
-                               finish=finish)
-
-
-def _load(prompt: rundir.PromptFile, run_dir: str, model, preprocess_val, tokenizer, device,
-          tasks: list[str]) -> list[rundir.Run]:
-    config, task_list = prompt.config, prompt.field("tasks")
-    names = [t["name"] for t in task_list]
-    # The initial draws are overwritten by the trained tensors: leave the caller's generator be.
-    with torch.random.fork_rng(devices=[]):
-        net = softcpt_model(model, tokenizer, names, [t["classnames"] for t in task_list],
-                            config).to(device)
-    net.load_trainable_state(prompt.tensors)
-    runs = []
-    for name in tasks:
-        index = names.index(name)
-        with torch.no_grad():
-            text = net([index])[0].float()
-        method = {**rundir.method_summary(config), "task": name, "tasks": names}
-        runs.append(rundir.Run(run_dir, config, model, tokenizer, config.model,
-                               list(task_list[index]["classnames"]), text,
-                               float(logit_scale(model)), method, preprocess_val, task=name))
-    return runs
+    device = resolve_device(device)
+    refuse_existing_run(out_dir, resume, SoftCPTLearner.name)  # before any work
+    learner = SoftCPTLearner(config, tasks, model.to(device), tokenizer, device, text_chunk)
+    return fit(learner, out_dir, resume=resume, progress=progress,
+               text_chunk_auto=text_chunk == "auto",
+               desc=f"train {config.describe()} ({len(tasks)} tasks)")
 
 
 def load_softcpt_run(run_dir, task: str | None = None, device: str | torch.device = "cpu"):
-    """One task of a finished SoftCPT run as a ``fastprompt.train.Run``: the open_clip model,
-    that task's class names, and its class text features computed from the meta network's
-    context for that task (what ``fastprompt export RUN OUT --task NAME`` bakes)."""
-    if rundir.read_prompt_file(run_dir).format != SOFTCPT_FORMAT:
+    """One task of a finished SoftCPT run as a ``TrainedClassifier``: the open_clip model, that
+    task's class names, and its class text features computed from the meta network's context
+    for that task (what ``fastprompt export RUN OUT --task NAME`` bakes)."""
+    if read_prompt_file(run_dir).learner != SoftCPTLearner.name:
         raise ValueError(f"run: {os.fspath(run_dir)!r} is not a SoftCPT run; --task applies to "
                          "SoftCPT runs (trained with --method softcpt) only")
-    return rundir.load_run(run_dir, device, task)
-
-
-rundir.register_format(rundir.RunFormat(
-    SOFTCPT_FORMAT, tasks=lambda prompt: [t["name"] for t in prompt.field("tasks")], load=_load))
+    return load_run(run_dir, device, task)

@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from fastprompt.train import rundir
-from fastprompt.train.run import FORMAT as COOP_FORMAT
-from fastprompt.train.run import _prompted_model
-from fastprompt.train.softcpt import SOFTCPT_FORMAT, softcpt_model
+from fastprompt.train.coop import prompted_model
+from fastprompt.train.files import read_prompt_file
+from fastprompt.train.learner import TrainedClassifier, learner_class
+from fastprompt.train.runs import load_run
 
 
 def check_classnames(classnames, where: str = "classnames") -> list[str]:
@@ -46,48 +46,26 @@ def read_classnames_file(path) -> list[str]:
                             f"--classnames: {path}")
 
 
-def _shared_context(prompt: rundir.PromptFile, run: rundir.Run, device) -> torch.Tensor:
-    """The context a run puts in front of any class name (n_ctx x W)."""
-    config = prompt.config
-    if prompt.format == COOP_FORMAT:
-        if config.class_specific:
-            raise ValueError(f"run: {run.run_dir!r} learned one context per class "
-                             "(--class-specific); such contexts belong to the trained classes "
-                             "and cannot be applied to other class names (train with a shared "
-                             "context)")
-        return prompt.tensors["ctx"].to(device)
-    if prompt.format == SOFTCPT_FORMAT:
-        tasks = prompt.field("tasks")
-        with torch.random.fork_rng(devices=[]):  # the initial draws are overwritten
-            net = softcpt_model(run.model, run.tokenizer, [t["name"] for t in tasks],
-                                [t["classnames"] for t in tasks], config).to(device)
-        net.load_trainable_state(prompt.tensors)
-        with torch.no_grad():
-            return net.contexts([run.task])[0]
-    raise ValueError(f"run: {run.run_dir!r} is a {prompt.format!r} run, whose context cannot be "
-                     "applied to other class names")
-
-
-def with_classnames(run: rundir.Run, classnames, device: str | torch.device = "cpu") -> rundir.Run:
+def with_classnames(run: TrainedClassifier, classnames,
+                    device: str | torch.device = "cpu") -> TrainedClassifier:
     """``run`` (from ``load_run``) as a classifier over ``classnames``: its learned context in
     front of each of them, through the frozen text encoder. The run's own names give the run
     back unchanged (class-specific contexts included); other names need a shared context."""
     names = check_classnames(classnames)
     if names == list(run.class_names):
         return run
-    prompt = rundir.read_prompt_file(run.run_dir)
-    ctx = _shared_context(prompt, run, device)
+    prompt = read_prompt_file(run.run_dir)
+    ctx = learner_class(prompt.learner).shared_context(prompt, run, device)
     with torch.random.fork_rng(devices=[]):  # the prompt learner draws an unused initial context
-        prompted = _prompted_model(run.model, run.tokenizer, names,
-                                   dataclasses.replace(prompt.config, class_specific=False,
-                                                       ctx_init=None)).to(device)
+        prompted = prompted_model(run.model, run.tokenizer, names,
+                                  dataclasses.replace(prompt.config, class_specific=False,
+                                                      ctx_init=None)).to(device)
     with torch.no_grad():
         text = prompted(ctx.to(prompted.prompt_learner.ctx.dtype)).float()
-    return dataclasses.replace(run, class_names=names, text_features=text,
-                               method={**run.method, "classnames_transferred": True})
+    return run.with_class_names(names, text)
 
 
 def load_run_with_classnames(run_dir, classnames, *, task: str | None = None,
-                             device: str | torch.device = "cpu") -> rundir.Run:
+                             device: str | torch.device = "cpu") -> TrainedClassifier:
     """``load_run(run_dir, task=task)`` as a classifier over ``classnames``."""
-    return with_classnames(rundir.load_run(os.fspath(run_dir), device, task), classnames, device)
+    return with_classnames(load_run(os.fspath(run_dir), device, task), classnames, device)

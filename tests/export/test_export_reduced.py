@@ -161,7 +161,7 @@ def test_cli_int8_and_refusal(tiny, class_embeddings, tmp_path, monkeypatch, cap
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={"name": "coop"},
                                 run_dir=str(tmp_path / "run"))
-    import fastprompt.train.run  # noqa: F401  (the real run-folder module stays for its names)
+    import fastprompt.train.coop  # noqa: F401  (the real run-folder module stays for its names)
     fake = types.ModuleType("fastprompt.train")
     fake.load_run = lambda run_dir: run
     monkeypatch.setitem(sys.modules, "fastprompt.train", fake)

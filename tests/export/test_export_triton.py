@@ -116,7 +116,7 @@ def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble, seed):
 
 def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
     from test_export_serve import cli
-    import fastprompt.train.run  # noqa: F401  (the real run-folder module stays for its names)
+    import fastprompt.train.coop  # noqa: F401  (the real run-folder module stays for its names)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text('{"tasks": [{"name": "Pets & co"}, {"name": "cars"}]}')

@@ -232,14 +232,14 @@ def test_a_model_without_its_image_tower(tmp_path, monkeypatch, no_network, seed
 def test_evaluating_a_run_on_caches_skips_the_image_tower(monkeypatch, tiny_weights):
     """Commands that need cached features only (evaluate on caches, train from a cache, a sweep's
     training jobs) ask for the model without its image tower."""
-    import fastprompt.models
-    from fastprompt.train.rundir import evaluate_run
+    from fastprompt.protocols.evaluation import evaluate_run
+    from fastprompt.train import runs
     calls = []
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("image_tower", True))
         raise RuntimeError("stop here")
-    monkeypatch.setattr(fastprompt.models, "create_model", recording)
+    monkeypatch.setattr(runs, "create_model", recording)
     fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "runs_v0_1_0", "coop-run")
     with pytest.raises(RuntimeError, match="stop here"):
         evaluate_run(fixture, "unused.safetensors")

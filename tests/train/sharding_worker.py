@@ -18,7 +18,8 @@ import fastprompt
 from fastprompt.data.soft_labels import class_soft_labels
 from fastprompt.models import PromptedTextModel
 from fastprompt.models.softcpt import SoftCPTModel
-from fastprompt.train.chunked_text_backward import coop_encoding, softcpt_encoding
+from fastprompt.train.coop import coop_encoding
+from fastprompt.train.softcpt import softcpt_encoding
 from fastprompt.train.class_sharding import text_step
 
 CLASSES = ["cat", "dog", "red fox", "sea turtle", "hot air balloon", "oak tree", "tram"]
@@ -151,10 +152,10 @@ def steps(out: str, seed: int, cache_path: str) -> None:
 
 def interrupt(epoch: int, argv: list[str]) -> int:
     from fastprompt.cli import main
-    from fastprompt.train.run import PromptLearnerRun
+    from fastprompt.train import CoOpLearner
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from testlib import stop_training_at
-    stop_training_at(PromptLearnerRun, epoch)
+    stop_training_at(CoOpLearner, epoch)
     return main(argv)
 
 

@@ -23,7 +23,7 @@ from fastprompt.models import create_model
 from fastprompt.train import TrainConfig, read_prompt, train_run
 from fastprompt.train import compiled_step
 from fastprompt.train.compiled_step import check_sgd, compile_mode, sgd_update_
-from fastprompt.train.run import PromptLearnerRun
+from fastprompt.train import CoOpLearner
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +131,14 @@ def test_resume_across_compile(setup, tmp_path, monkeypatch, capture_only, first
     model, tok, cache, weights = setup
     cfg = config(weights, epochs=3, prograd=True)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
-    real_epoch = PromptLearnerRun.train_epoch
+    real_epoch = CoOpLearner.train_epoch
 
     def interrupted(self, *, epoch, bar):
         if epoch == 2:
             raise KeyboardInterrupt
         return real_epoch(self, epoch=epoch, bar=bar)
 
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
+    monkeypatch.setattr(CoOpLearner, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False, compile=first_compiled)
     monkeypatch.undo()

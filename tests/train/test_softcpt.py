@@ -18,7 +18,8 @@ from fastprompt.pipeline import export_run
 from fastprompt.train import (Task, TrainConfig, epoch_order, load_run, train_run,
                               train_softcpt_run)
 from fastprompt.train import softcpt as softcpt_module
-from fastprompt.train.rundir import read_prompt_file
+from fastprompt.train.files import read_prompt_file
+from fastprompt.train.objective import Objective
 
 
 def trained_tensors(run_dir):
@@ -80,6 +81,13 @@ def test_epoch_order_mixes_tasks_and_is_pure(setup):
     assert torch.equal(s1, s2) and torch.equal(r1, r2)
 
 
+def objectives(cfg, tasks, zeroshot=None):
+    """Each task's ``Objective`` (hard targets: the zero-shot features only feed ProGrad)."""
+    if zeroshot is None:
+        zeroshot = [torch.zeros(t.cache.num_classes, 64) for t in tasks]
+    return [Objective(cfg, t.cache, z, torch.device("cpu")) for t, z in zip(tasks, zeroshot)]
+
+
 def test_task_loss_sees_only_its_own_classes(setup):
     """Each task's images are scored against its own classes only: task A's loss is the
     cross-entropy over A's C_A logits, puts no gradient on task B's class features, and does
@@ -92,8 +100,8 @@ def test_task_loss_sees_only_its_own_classes(setup):
     groups = [(0, a_rows % 12, a_rows), (1, b_rows % 12, b_rows)]
     scale = torch.tensor(10.0)
     options = [{"double_softmax": False}] * 3
-    loss, kl, per_task = softcpt_module.multitask_loss(texts, groups, tasks, cfg, options, None,
-                                                       scale, torch.device("cpu"))
+    loss, kl, per_task = softcpt_module.multitask_loss(texts, groups, objectives(cfg, tasks),
+                                                       options, scale)
     assert kl is None and [t for t, _ in per_task] == [0, 1]
     expected = []
     for (t, _, rows), text in zip(groups, texts):
@@ -103,8 +111,8 @@ def test_task_loss_sees_only_its_own_classes(setup):
     torch.testing.assert_close(loss, (3 * expected[0] + 2 * expected[1]) / 5)
 
     # A batch of task A only: no gradient on task B's class features.
-    loss_a, _, _ = softcpt_module.multitask_loss(texts, groups[:1], tasks, cfg, options, None,
-                                                 scale, torch.device("cpu"))
+    loss_a, _, _ = softcpt_module.multitask_loss(texts, groups[:1], objectives(cfg, tasks),
+                                                 options, scale)
     grads = torch.autograd.grad(loss_a, texts, allow_unused=True)
     assert grads[0].abs().sum() > 0 and grads[1] is None
 
@@ -118,8 +126,9 @@ def test_prograd_per_task_uses_each_tasks_zeroshot(setup):
     rows = torch.tensor([1, 2, 3])
     groups = [(0, rows, rows), (2, rows, rows)]
     options = [{"double_softmax": False}] * 3
-    _, kl, _ = softcpt_module.multitask_loss([texts[0], texts[1]], groups, tasks, cfg, options,
-                                             zeroshot, torch.tensor(10.0), torch.device("cpu"))
+    _, kl, _ = softcpt_module.multitask_loss([texts[0], texts[1]], groups,
+                                             objectives(cfg, tasks, zeroshot), options,
+                                             torch.tensor(10.0))
     expected = 0
     for (t, _, r), text in zip(groups, texts):
         x = tasks[t].cache.train_features[r].float()
@@ -168,7 +177,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, interrupt_at_
     model, tok, tasks, weights, _ = setup
     cfg = config(weights, epochs=3, targets="ls", prograd=True)
     full = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "full", progress=False)
-    interrupt_at_epoch(softcpt_module.SoftCPTRun, 2)
+    interrupt_at_epoch(softcpt_module.SoftCPTLearner, 2)
     with pytest.raises(KeyboardInterrupt):
         train_softcpt_run(cfg, tasks, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
@@ -335,5 +344,5 @@ def test_cli_resume_into_a_coop_run_is_refused_before_caching(setup, tmp_path, c
     train_run(TrainConfig(model="fastprompt-tiny", pretrained=weights, epochs=1, n_ctx=4),
               tasks[0].cache, model, tok, out, progress=False)
     assert main(cli_args(setup, out, "--tasks", tasks_file, "--resume")) == 2
-    assert "is a 'fastprompt-run-1' run, not 'fastprompt-softcpt-1'" in capsys.readouterr().err
+    assert "is a 'coop' run, not 'softcpt'" in capsys.readouterr().err
     assert not (out / "features").exists()

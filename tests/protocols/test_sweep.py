@@ -12,8 +12,8 @@ import torch
 from fastprompt.cli import main
 from fastprompt.data import build_or_load_cache, load_cache, make_shapes_dataset
 from fastprompt.data.noisy_cache import noisy_variant
-from fastprompt.sweep import run_sweep
-from fastprompt.sweep_grid import load_spec, parse_method
+from fastprompt.protocols.sweep import run_sweep
+from fastprompt.protocols.sweep_grid import load_spec, parse_method
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +61,20 @@ def test_bad_specs_are_refused_by_name(world):
 def test_sweep_report_rerun_and_resume(world, tmp_path, capsys, monkeypatch):
     """A 2 methods x 2 seeds sweep; the last run is interrupted after its first epoch, the
     rerun resumes it and skips the others; one report cell is recomputed from the run folders."""
-    from fastprompt.train.run import PromptLearnerRun
+    from fastprompt.train import CoOpLearner
     spec_path = _spec(world, "sweep.json", methods=["coop", "dspt"], seeds=[1, 2])
     out = tmp_path / "sweep"
-    train_epoch = PromptLearnerRun.train_epoch
+    train_epoch = CoOpLearner.train_epoch
 
     def interrupted(self, epoch, bar):
         if self.config.seed == 2 and self.config.loss == "dspt" and epoch == 1:
             raise KeyboardInterrupt
         return train_epoch(self, epoch=epoch, bar=bar)
 
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", interrupted)
+    monkeypatch.setattr(CoOpLearner, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(load_spec(spec_path), out, log=lambda *_: None)
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", train_epoch)
+    monkeypatch.setattr(CoOpLearner, "train_epoch", train_epoch)
     runs = out / "runs"
     last = runs / "dspt" / "shots-all" / "noise-none-0" / "seed-2"
     assert not (last / "metrics.json").exists()
@@ -157,7 +157,7 @@ def _csv(out):
 
 
 def test_base_to_new_and_cross_dataset_sweeps(world, tmp_path, capsys):
-    from fastprompt.evaluation import harmonic_mean
+    from fastprompt.protocols.stats import harmonic_mean
     make_shapes_dataset(tmp_path / "target", num_classes=3, images_per_class=1,
                         test_images_per_class=2, seed=8)
     b2n = _spec(world, "b2n.json", methods=["coop"], seeds=[1, 2], protocol="base-to-new",

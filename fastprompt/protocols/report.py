@@ -17,8 +17,11 @@ import io
 import os
 from dataclasses import dataclass, field
 
-from fastprompt.sweep_grid import (EVALUATION, SPEC_COPY, Job, SweepSpec, _number, jobs_of,
-                                   mean_std)
+from fastprompt._io import read_json, write_text_atomic
+from fastprompt.protocols.plots import plot_curves, sweep_plots
+from fastprompt.protocols.stats import format_number, harmonic_mean, mean_std
+from fastprompt.protocols.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, jobs_of
+from fastprompt.train.files import METRICS, read_metrics
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -35,7 +38,6 @@ class Table:
 
     def stats(self, cells: list[list[float]], column: int) -> tuple[float, float]:
         """Mean and sample standard deviation of a row's cell (NaN where undefined)."""
-        from fastprompt.evaluation import harmonic_mean
         mean, std = mean_std(cells[column])
         if column in self.harmonic and cells[column]:
             b, n = self.harmonic[column]
@@ -45,12 +47,9 @@ class Table:
 
 def run_record(job: Job) -> dict | None:
     """The numbers of one finished run (accuracies in [0, 1]); None while it is not finished."""
-    from fastprompt._io import read_json
-    from fastprompt.train.rundir import METRICS
-    path = os.path.join(job.run_dir, METRICS)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(job.run_dir, METRICS)):
         return None
-    metrics = read_json(path, "run")
+    metrics = read_metrics(job.run_dir)
     record = {"test_acc": metrics.get("test_acc"), "zeroshot": metrics.get("zeroshot_test_acc")}
     evaluation_path = os.path.join(job.run_dir, EVALUATION)
     if os.path.isfile(evaluation_path):
@@ -98,7 +97,7 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
         return t
 
     def noise_title(noise) -> str:
-        return "no label noise" if noise[1] == 0 else f"{noise[0]} label noise {_number(noise[1])}"
+        return "no label noise" if noise[1] == 0 else f"{noise[0]} label noise {format_number(noise[1])}"
 
     def shots_title(shots) -> str:
         return f"{shots}-shot" if shots else "all training images"
@@ -112,7 +111,7 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
                     cols = [n for n in settings if n[0] in (kind, "none")]
                     tables.append(table(
                         f"Accuracy (%) against {kind} label-noise rate, {shots_title(shots)}",
-                        [_number(n[1]) for n in cols],
+                        [format_number(n[1]) for n in cols],
                         lambda m, i, zs, cols=cols, shots=shots: values(
                             m, shots, cols[i], "zeroshot" if zs else "test_acc", zs)))
         else:
@@ -201,8 +200,6 @@ def csv_text(tables: list[Table], spec: SweepSpec) -> str:
 def write_report(out, log=print) -> str:
     """Write ``out/report.md``, ``out/report.csv`` and the plots from the sweep folder ``out``
     (its sweep.json and run folders); returns the report's path."""
-    from fastprompt._io import read_json, write_text_atomic
-    from fastprompt.plots import sweep_plots
     out = os.path.abspath(os.fspath(out))
     spec_path = os.path.join(out, SPEC_COPY)
     if not os.path.isfile(spec_path):
@@ -220,12 +217,10 @@ def write_report(out, log=print) -> str:
 def redraw(paths) -> list[str]:
     """``fastprompt plot``: each path's plots again; a run folder's curves.png, a sweep
     folder's report and plots (and every run's curves.png in it)."""
-    from fastprompt.plots import plot_curves
     written = []
     for path in paths:
         path = os.fspath(path)
         if os.path.isfile(os.path.join(path, SPEC_COPY)):
-            from fastprompt.train.rundir import METRICS
             for folder, _, files in sorted(os.walk(os.path.join(path, "runs"))):
                 if METRICS in files:
                     written.append(plot_curves(folder))

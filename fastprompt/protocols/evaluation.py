@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 
 import torch
 
 from fastprompt._checks import slug
+from fastprompt.data import FeatureCache, build_or_load_cache, load_cache
 from fastprompt.data.folders import DatasetSplits
 from fastprompt.data.source import DataSource
+from fastprompt.models import zeroshot_text_features
+from fastprompt.protocols.stats import harmonic_mean
+from fastprompt.train import accuracy, load_run, load_runs
+from fastprompt.train.files import METRICS, read_metrics
+from fastprompt.train.runs import run_caches
+from fastprompt.train.softcpt import task_mean
+from fastprompt.train.transfer import with_classnames
 
 EVAL_CACHE_DIR = "eval"
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """H = 2·B·N / (B + N), the base-to-new summary (0 when both are 0; NaN if either is)."""
-    if math.isnan(base) or math.isnan(new):
-        return float("nan")
-    return 2.0 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str:
@@ -85,10 +85,6 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
     task whose context to use. Returns ``test_acc``, ``zeroshot_test_acc``,
     ``num_test_images``, ``num_classes``, ``per_class`` and ``data`` (the source).
     """
-    from fastprompt.data import build_or_load_cache
-    from fastprompt.models import zeroshot_text_features
-    from fastprompt.train import load_run
-    from fastprompt.train.transfer import with_classnames
     run_dir = os.fspath(run_dir)
     run = load_run(run_dir, device, task)
     splits = _test_split(source, all_images)
@@ -113,12 +109,8 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
 
 def trained_source(run_dir) -> DataSource:
     """The ``DataSource`` a run recorded in its metrics.json (runs trained from ``--data``)."""
-    from fastprompt._io import read_json
-    from fastprompt.train.rundir import METRICS
     path = os.path.join(os.fspath(run_dir), METRICS)
-    if not os.path.isfile(path):
-        raise ValueError(f"run: {os.fspath(run_dir)!r} has no {METRICS} (did training finish?)")
-    data = read_json(path, "run").get("data")
+    data = read_metrics(run_dir).get("data")
     if data is None:
         raise ValueError(f"run: {path} records no data folder (the run was trained from a "
                          "--cache alone, or by an older fastprompt); pass --data DIR")
@@ -144,3 +136,40 @@ def base_to_new(run_dir, *, cache_dir: str | None = None, device: str | torch.de
     return {"base_acc": b, "new_acc": n, "hm": harmonic_mean(b, n),
             "zeroshot": {"base_acc": zb, "new_acc": zn, "hm": harmonic_mean(zb, zn)},
             "base": base, "new": new}
+
+
+def evaluate_run(run_dir, cache=None, device: str | torch.device = "cpu",
+                 task: str | None = None) -> dict:
+    """Test (and validation) accuracy of a trained run on feature caches of the same classes.
+
+    ``cache``: a ``FeatureCache`` (or a path); None takes the caches the run was trained on
+    (from its metrics.json). A SoftCPT run is evaluated on every task, or on ``task``; a given
+    cache needs ``task`` unless the run has one task. Returns ``test_acc``, ``val_acc`` and
+    ``num_test_images``; for SoftCPT also ``tasks``, one such record per task (the top-level
+    accuracies are their average)."""
+    runs = load_runs(run_dir, device, task, image_tower=False)
+    softcpt = runs[0].task is not None
+    if cache is not None and softcpt and len(runs) > 1:
+        raise ValueError(f"task: {os.fspath(run_dir)!r} is a SoftCPT run over "
+                         f"{len(runs)} tasks; with --cache name the task it belongs to (--task)")
+    paths = run_caches(run_dir) if cache is None else None
+    results = []
+    for run in runs:
+        c = cache if cache is not None else paths.get(run.task)
+        if c is None:
+            raise ValueError(f"run: metrics.json names no cache for task {run.task!r}; pass "
+                             "--cache FILE")
+        if not isinstance(c, FeatureCache):
+            c = load_cache(c)
+        if list(c.classnames) != list(run.class_names):
+            raise ValueError(f"cache: its classes {c.classnames[:5]}... differ from the run's "
+                             f"{run.class_names[:5]}...")
+        result = {"test_acc": accuracy(c.test_features, c.test_labels, run.text_features),
+                  "val_acc": accuracy(c.val_features, c.val_labels, run.text_features),
+                  "num_test_images": int(c.test_features.shape[0])}
+        results.append(result if run.task is None else {"name": run.task, **result})
+    if not softcpt:
+        return results[0]
+    return {"tasks": results, "test_acc": task_mean(results, "test_acc"),
+            "val_acc": task_mean(results, "val_acc"),
+            "num_test_images": sum(r["num_test_images"] for r in results)}

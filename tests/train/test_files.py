@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fastprompt.data import load_cache
 from fastprompt.pipeline import export_run
-from fastprompt.train import TrainConfig, evaluate_run, load_run, load_runs
+from fastprompt.protocols.evaluation import evaluate_run
+from fastprompt.train import TrainConfig, load_run, load_runs
 
 FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "runs_v0_1_0")
 

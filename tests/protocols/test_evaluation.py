@@ -12,7 +12,7 @@ from PIL import Image
 from fastprompt.cli import main
 from fastprompt.data import DatasetSplits, few_shot_subset, load_dataset, make_shapes_dataset
 from fastprompt.data.source import DataSource, base_new_classes, subsample_classes
-from fastprompt.evaluation import harmonic_mean
+from fastprompt.protocols.stats import harmonic_mean
 
 RENAMED = {"red_circle": "crimson_disc", "green_square": "olive_box", "blue_triangle": "navy_wedge",
            "yellow_diamond": "amber_rhombus"}

@@ -1,16 +1,20 @@
 """A sweep's spec and its grid of runs: what ``fastprompt sweep`` reads (JSON, or YAML where
 PyYAML is installed), the run folders and caches it lays out, and the mean ± std its tables and
-plots report. No training here: ``fastprompt.sweep`` runs the grid, ``fastprompt.report`` tabulates it."""
+plots report. No training here: ``fastprompt.protocols.sweep`` runs the grid,
+``fastprompt.protocols.report`` tabulates it."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 
 from fastprompt._checks import slug
+from fastprompt._io import read_json
+from fastprompt.data import NOISE_TYPES
 from fastprompt.data.source import DataSource
+from fastprompt.protocols.stats import format_number
+from fastprompt.train import TrainConfig, coop_epochs
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
 DEFAULT_SEEDS = (1, 2, 3)
@@ -121,7 +125,7 @@ _SPEC_KEYS = {"data", "split_file", "test_fraction", "methods", "protocol", "mod
 def _read_spec_file(path: str) -> dict:
     if path.endswith((".yaml", ".yml")):
         try:
-            import yaml
+            import yaml  # optional: only YAML specs need PyYAML
         except ImportError:
             raise ValueError(f"spec: {path} is YAML, but PyYAML is not installed; install it "
                              "(pip install pyyaml) or write the spec as JSON") from None
@@ -130,7 +134,6 @@ def _read_spec_file(path: str) -> dict:
                 return yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ValueError(f"spec: {path} is not valid YAML ({e})") from None
-    from fastprompt._io import read_json
     return read_json(path, "spec")
 
 
@@ -152,8 +155,6 @@ def _list(d: dict, key: str, default: list, valid, what: str) -> list:
 def load_spec(path) -> SweepSpec:
     """Read and check a sweep spec (JSON; YAML when PyYAML is installed). Relative paths are
     relative to the spec file's folder. See docs/protocols.md for the fields."""
-    from fastprompt.data import NOISE_TYPES
-    from fastprompt.train import TrainConfig
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"spec: {path} is not a file")
@@ -247,10 +248,6 @@ def load_spec(path) -> SweepSpec:
 # The grid
 
 
-def _number(x: float) -> str:
-    return f"{x:g}"
-
-
 def _label_slug(text: str) -> str:
     """A method label as a folder name ('softcpt(dspt)' -> 'softcpt-dspt')."""
     return slug(text.replace("(", "-").replace(")", ""), keep=".+-")
@@ -275,7 +272,7 @@ class Job:
         return (self.method, self.shots, self.noise_type, self.noise_rate, self.seed)
 
     def describe(self) -> str:
-        noise = "clean" if self.noise_rate == 0 else f"{self.noise_type} {_number(self.noise_rate)}"
+        noise = "clean" if self.noise_rate == 0 else f"{self.noise_type} {format_number(self.noise_rate)}"
         return f"{self.method}, {self.shots or 'all'} shots, {noise}, seed {self.seed}"
 
 
@@ -284,14 +281,13 @@ def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "n
     name = (f"{_label_slug(os.path.basename(spec.data.root))}-{spec.data.subsample}-"
             f"shots{shots or 'all'}-seed{seed}-views{spec.views}")
     if noise_rate > 0:
-        name += f"-{noise_type}{_number(noise_rate)}"
+        name += f"-{noise_type}{format_number(noise_rate)}"
     return os.path.join(out, "features", name + ".safetensors")
 
 
 def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
     """Every run of the grid, in the order they are trained: by shots, seed, noise, method (so
     runs sharing a cache follow each other)."""
-    from fastprompt.train import coop_epochs
     jobs = []
     for shots in spec.shots:
         for seed in spec.seeds:
@@ -301,22 +297,10 @@ def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
                               "epochs": coop_epochs(shots), **spec.train, **m.overrides,
                               "seed": seed}
                     run_dir = os.path.join(out, "runs", _label_slug(m.label), f"shots-{shots or 'all'}",
-                                           f"noise-{noise_type}-{_number(rate)}", f"seed-{seed}")
+                                           f"noise-{noise_type}-{format_number(rate)}", f"seed-{seed}")
                     softcpt = m.overrides.get("learner") == "softcpt"
                     jobs.append(Job(m.label, shots, noise_type, rate, seed, run_dir,
                                     cache_path(out, spec, shots, seed, noise_type, rate), config,
                                     dataclasses.replace(spec.data, seed=seed).to_dict(),
                                     os.path.basename(spec.data.root) if softcpt else None))
     return jobs
-
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; NaN for a single value), NaNs left out."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))

@@ -10,7 +10,7 @@ import torch
 from fastprompt.data import build_or_load_cache, make_shapes_dataset
 from fastprompt.models import create_model
 from fastprompt.train import TrainConfig, epoch_order, learning_rate, load_run, read_prompt, train_run
-from fastprompt.train.run import PromptLearnerRun
+from fastprompt.train import CoOpLearner
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, interrupt_at_
     cfg = config(weights, epochs=4, **combo)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
 
-    interrupt_at_epoch(PromptLearnerRun, 2)
+    interrupt_at_epoch(CoOpLearner, 2)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()

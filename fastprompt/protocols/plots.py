@@ -7,11 +7,16 @@ import os
 import re
 
 from fastprompt._checks import slug
+from fastprompt._io import atomic_path
+from fastprompt.protocols.stats import mean_std
+from fastprompt.train.files import METRICS, read_metrics
 
 CURVES = "curves.png"
 
 
 def _pyplot():
+    # Imported when a plot is drawn: pyplot takes about half a second to load, and the backend
+    # must be chosen before it loads.
     import matplotlib
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
@@ -21,16 +26,11 @@ def _pyplot():
 def plot_curves(run_dir) -> str:
     """``RUN/curves.png``: the loss (and ProGrad's KL term) and the train accuracy on the noisy
     labels trained on and on the clean labels, per epoch, from the run's metrics.json."""
-    from fastprompt._io import read_json
-    from fastprompt.train.rundir import METRICS
     run_dir = os.fspath(run_dir)
-    path = os.path.join(run_dir, METRICS)
-    if not os.path.isfile(path):
-        raise ValueError(f"plot: {run_dir!r} has no {METRICS} (not a finished run folder)")
-    metrics = read_json(path, "plot")
+    metrics = read_metrics(run_dir, "plot", missing="not a finished run folder")
     history = metrics.get("epochs") or []
     if not history:
-        raise ValueError(f"plot: {path} records no epochs")
+        raise ValueError(f"plot: {os.path.join(run_dir, METRICS)} records no epochs")
     epochs = [h["epoch"] for h in history]
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -47,10 +47,9 @@ def plot_curves(run_dir) -> str:
     right.set(xlabel="epoch", ylabel="train accuracy (%)", title="Train accuracy")
     right.set_ylim(0, 100)
     right.legend(fontsize="small")
-    from matplotlib.ticker import MaxNLocator
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.suptitle(f"{_run_title(metrics)}: test accuracy "
                  f"{100 * (metrics.get('test_acc') or math.nan):.1f}%", fontsize="medium")
     out = os.path.join(run_dir, CURVES)
@@ -73,7 +72,6 @@ def _run_title(metrics: dict) -> str:
 
 
 def _save(fig, path: str) -> None:
-    from fastprompt._io import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     _pyplot().close(fig)
@@ -93,7 +91,6 @@ def _numeric(columns: list[str]) -> list[float] | None:
 def plot_lines(table, path: str, xlabel: str, log2: bool) -> None:
     """Accuracy against the table's numeric columns, one line per method (mean, with the
     seeds' standard deviation as error bars); zero-shot as a dashed line."""
-    from fastprompt.sweep_grid import mean_std
     plt = _pyplot()
     xs = _numeric(table.columns)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)

@@ -14,12 +14,13 @@ from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
 from fastprompt.data.soft_labels import class_soft_labels
 from fastprompt.models import PromptedTextModel, create_model
 from fastprompt.models.softcpt import SoftCPTModel
-from fastprompt.train import Task, TrainConfig, read_prompt, train_run, train_softcpt_run
-from fastprompt.train.rundir import read_prompt_file
-from fastprompt.train.run import PromptLearnerRun
-from fastprompt.train import chunked_text_backward
-from fastprompt.train.chunked_text_backward import (activation_bytes_per_class, choose_text_chunk,
-                                                    coop_chunked, coop_encoding, softcpt_chunked)
+from fastprompt.train import (CoOpLearner, Task, TrainConfig, read_prompt, text_backward,
+                              train_run, train_softcpt_run)
+from fastprompt.train.coop import coop_encoding
+from fastprompt.train.files import read_prompt_file
+from fastprompt.train.softcpt import softcpt_encoding
+from fastprompt.train.text_backward import (ChunkedTextBackward, activation_bytes_per_class,
+                                            choose_text_chunk)
 
 CLASSES = ["cat", "dog", "red fox", "sea turtle", "hot air balloon", "oak tree", "tram"]
 CHUNKS = [1, 3, 7, 50]  # K=1, uneven (7 = 3+3+1), one chunk, K > C
@@ -59,7 +60,7 @@ def plain_and_chunked(prompted, chunk, loss_of_text, prograd=False):
     """(loss, grad) of the plain backward, then of the chunked one, for the prompt context."""
     ctx = prompted.prompt_learner.ctx
     out = []
-    for chunked in (None, coop_chunked(prompted, chunk)):
+    for chunked in (None, ChunkedTextBackward(coop_encoding(prompted), chunk)):
         ctx.grad = None
         text = prompted() if chunked is None else chunked.features()
         loss, kl = loss_of_text(text)
@@ -144,7 +145,8 @@ def test_softcpt_step_equals_plain(tiny_text, seed, chunk, prograd):
     g0 = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    chunked, sizes = softcpt_chunked(net, present, chunk)
+    encoding, sizes = softcpt_encoding(net, present)
+    chunked = ChunkedTextBackward(encoding, chunk)
     l1, kl1 = losses(chunked.features().split(sizes))
     chunked.backward(l1, kl1, lam=1.0)
     torch.testing.assert_close(l1.detach(), l0.detach(), rtol=1e-5, atol=1e-6)
@@ -154,7 +156,7 @@ def test_softcpt_step_equals_plain(tiny_text, seed, chunk, prograd):
 
 def test_backward_before_features_is_refused(tiny_text):
     model, tok = tiny_text
-    chunked = coop_chunked(PromptedTextModel(model, tok, CLASSES, n_ctx=2), 2)
+    chunked = ChunkedTextBackward(coop_encoding(PromptedTextModel(model, tok, CLASSES, n_ctx=2)), 2)
     with pytest.raises(RuntimeError, match="features"):
         chunked.backward(torch.zeros((), requires_grad=True))
 
@@ -200,7 +202,7 @@ def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch,
     model, tok, cache, weights, _ = setup
     cfg = config(weights, epochs=4)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
-    interrupt_at_epoch(PromptLearnerRun, 2)
+    interrupt_at_epoch(CoOpLearner, 2)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, cache, model, tok, tmp_path / "cut", progress=False, text_chunk=3)
     monkeypatch.undo()
@@ -249,8 +251,8 @@ def test_activation_bytes_per_class_is_what_a_class_adds(tiny_text):
     prompted = PromptedTextModel(model, tok, [f"class {i}" for i in range(40)], n_ctx=4)
     encoding = coop_encoding(prompted)
     per_class = activation_bytes_per_class(encoding)
-    one = chunked_text_backward._saved_bytes(encoding, 1, contextlib.nullcontext)
-    forty = chunked_text_backward._saved_bytes(encoding, 40, contextlib.nullcontext)
+    one = text_backward._saved_bytes(encoding, 1, contextlib.nullcontext)
+    forty = text_backward._saved_bytes(encoding, 40, contextlib.nullcontext)
     assert per_class > 0
     assert one + 39 * per_class == pytest.approx(forty, rel=0.02)
 
@@ -267,7 +269,7 @@ def test_auto_text_chunk_follows_free_memory(setup, tmp_path, monkeypatch):
                       text_chunk="auto")
     assert roomy["text_chunk"] == 0 and roomy["text_chunk_auto"] and not plain["text_chunk_auto"]
     # Room for two classes' activations in half the free memory (5 classes in the cache).
-    monkeypatch.setattr(chunked_text_backward, "free_memory_bytes",
+    monkeypatch.setattr(text_backward, "free_memory_bytes",
                         lambda device: int(2 * 2.5 * per_class))
     tight = train_run(cfg, cache, model, tok, tmp_path / "tight", progress=False,
                       text_chunk="auto")

@@ -1,7 +1,7 @@
 """Sweeps: a grid of ordinary training runs over methods and plug-ins, shots, label-noise rates
 and types, and seeds, under one protocol (few-shot, base-to-new or cross-dataset), then the
-paper-style report (``fastprompt.report``). The spec and the grid it expands to are
-``fastprompt.sweep_grid``.
+paper-style report (``fastprompt.protocols.report``). The spec and the grid it expands to are
+``fastprompt.protocols.sweep_grid``.
 
 Layout of the sweep folder ``OUT``::
 
@@ -27,7 +27,19 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from fastprompt.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, cache_path, jobs_of
+import torch
+
+from fastprompt._io import write_json_atomic
+from fastprompt.data import build_or_load_cache, load_cache
+from fastprompt.data.noisy_cache import noisy_variant
+from fastprompt.models import create_model
+from fastprompt.protocols.evaluation import base_to_new, evaluate_on_data
+from fastprompt.protocols.plots import CURVES, plot_curves
+from fastprompt.protocols.report import write_report
+from fastprompt.protocols.sweep_grid import (EVALUATION, SPEC_COPY, Job, SweepSpec, cache_path,
+                                             jobs_of)
+from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
+from fastprompt.train.files import CHECKPOINT, METRICS, read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # Running
@@ -36,12 +48,8 @@ from fastprompt.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, cache_p
 def run_state(job: Job) -> str:
     """``"finished"`` (metrics of the same config), ``"interrupted"`` (a checkpoint, no
     metrics), ``"new"``; a folder holding a run of other settings raises ValueError."""
-    from fastprompt.train import TrainConfig
-    from fastprompt.train.rundir import CHECKPOINT, METRICS
-    metrics_path = os.path.join(job.run_dir, METRICS)
-    if os.path.isfile(metrics_path):
-        from fastprompt._io import read_json
-        recorded = read_json(metrics_path, "run").get("config")
+    if os.path.isfile(os.path.join(job.run_dir, METRICS)):
+        recorded = read_metrics(job.run_dir).get("config")
         if recorded != TrainConfig.from_dict(job.config).to_dict():
             raise ValueError(f"sweep: {job.run_dir} holds a finished run of other settings than "
                              "the spec asks for; remove it, or sweep into another --out")
@@ -55,7 +63,6 @@ _MODELS: dict = {}
 def _model(name: str, pretrained: str | None, device: str, image_tower: bool = True):
     """The frozen model of a process, created once per (name, weights, device); without its
     image tower when only cached features are needed and no full one is at hand."""
-    from fastprompt.models import create_model
     key = (name, pretrained, device)
     for tower in (True,) if image_tower else (True, False):
         if (*key, tower) in _MODELS:
@@ -67,10 +74,7 @@ def _model(name: str, pretrained: str | None, device: str, image_tower: bool = T
 def train_job(job: Job, device: str, threads: int | None = None) -> dict:
     """Train one run of the grid (resuming its checkpoint when there is one) on its cache;
     returns its metrics. Runs in a worker process with ``--jobs`` > 1."""
-    import torch
 
-    from fastprompt.data import load_cache
-    from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.from_dict(job.config)
@@ -86,8 +90,6 @@ def train_job(job: Job, device: str, threads: int | None = None) -> dict:
 
 def evaluate_job(job: Job, spec: SweepSpec, out: str, device: str) -> dict:
     """The protocol's evaluation of a finished run, written to ``RUN/evaluation.json``."""
-    from fastprompt._io import write_json_atomic
-    from fastprompt.evaluation import base_to_new, evaluate_on_data
     cache_dir = os.path.join(out, "features", "eval")
     if spec.protocol == "base-to-new":
         result = {"base_to_new": base_to_new(job.run_dir, cache_dir=cache_dir, device=device,
@@ -109,8 +111,6 @@ def _evaluated(job: Job, spec: SweepSpec) -> bool:
 
 def build_caches(spec: SweepSpec, out: str, device: str, progress: bool | None, log) -> None:
     """Encode every (shots, seed) once; derive its label-noise variants from it."""
-    from fastprompt.data import build_or_load_cache
-    from fastprompt.data.noisy_cache import noisy_variant
     model, pt, pv, _ = _model(spec.model, spec.pretrained, device)
     for shots in spec.shots:
         for seed in spec.seeds:
@@ -142,11 +142,7 @@ def run_sweep(spec: SweepSpec, out, *, jobs: int = 1, progress: bool | None = No
     """Run every job of ``spec`` into ``out`` (``jobs`` at once, in worker processes when more
     than one), evaluate each by the protocol, and write the report. A failing run is reported
     and the others go on."""
-    import torch
 
-    from fastprompt._io import write_json_atomic
-    from fastprompt.report import write_report
-    from fastprompt.plots import CURVES, plot_curves
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: expected an int >= 1, got {jobs!r}")
     out = os.path.abspath(os.fspath(out))

@@ -14,8 +14,8 @@ from fastprompt._io import LockedError, atomic_write, exclusive_lock, write_json
 from fastprompt.data import build_or_load_cache, make_shapes_dataset
 from fastprompt.data.cache import cache_lock
 from fastprompt.train import NonFiniteTrainingError, TrainConfig, load_run, train_run
-from fastprompt.train.run import PromptLearnerRun
-from fastprompt.train.rundir import LOCK, read_checkpoint, run_lock
+from fastprompt.train import CoOpLearner
+from fastprompt.train.files import LOCK, read_checkpoint, run_lock
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_damaged_prompt_and_checkpoint_are_refused_by_name(world, tmp_path):
     train_run(config(), cache, model, tok, run, progress=False)
     ctx = load_run(run).text_features  # loads while intact
     assert ctx is not None
-    state = read_checkpoint(str(run / "checkpoint.pt"), "fastprompt-run-1")
+    state = read_checkpoint(str(run / "checkpoint.pt"), "coop")
     raw = state["params"]["ctx"].numpy().tobytes()
     _flip_byte_inside(run / "checkpoint.pt", raw)
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.pt.* is damaged \(checksum"):
@@ -145,7 +145,7 @@ def test_non_finite_hyper_parameters_are_refused(name, value):
 def test_non_finite_prompt_stops_the_run_keeping_the_last_good_checkpoint(world, tmp_path,
                                                                         monkeypatch):
     model, tok, cache = world
-    real_epoch = PromptLearnerRun.train_epoch
+    real_epoch = CoOpLearner.train_epoch
 
     def poisoned(self, *, epoch, bar):
         result = real_epoch(self, epoch=epoch, bar=bar)
@@ -154,12 +154,12 @@ def test_non_finite_prompt_stops_the_run_keeping_the_last_good_checkpoint(world,
                 self.ctx[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(PromptLearnerRun, "train_epoch", poisoned)
+    monkeypatch.setattr(CoOpLearner, "train_epoch", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteTrainingError, match=r"ctx became NaN or infinite in epoch 2 .*"
                                                      r"checkpoint.pt keeps epoch 1"):
         train_run(config(epochs=3), cache, model, tok, run, progress=False)
-    state = read_checkpoint(str(run / "checkpoint.pt"), "fastprompt-run-1")
+    state = read_checkpoint(str(run / "checkpoint.pt"), "coop")
     assert state["epoch"] == 1 and torch.isfinite(state["params"]["ctx"]).all()
     assert not (run / "prompt.safetensors").exists() and not (run / "metrics.json").exists()
     monkeypatch.undo()

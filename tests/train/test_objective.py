@@ -6,10 +6,7 @@ import torch
 
 from fastprompt.data import build_or_load_cache, instance_soft_labels, make_shapes_dataset
 from fastprompt.models import create_model
-from fastprompt.train import TrainConfig
-from fastprompt.train import loop
-from fastprompt.train import run as run_module
-from fastprompt.train.run import PromptLearnerRun
+from fastprompt.train import CoOpLearner, TrainConfig, objective
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +22,16 @@ def setup(tmp_path_factory):
 
 def _whole_table_on_the_device(config, cache, zeroshot):
     """The former targets: the in-memory table, moved to the device with the class-wise one."""
-    return loop.Targets(instance_wise=instance_soft_labels(
+    return objective.Targets(instance_wise=instance_soft_labels(
         cache.train_features, cache.train_sample_index, zeroshot,
         num_samples=cache.num_train_images))
 
 
 def _epoch(setup, config):
     model, tok, cache = setup
-    learner = PromptLearnerRun(config, cache, model, tok, torch.device("cpu"))
+    learner = CoOpLearner(config, cache, model, tok, torch.device("cpu"))
     result = learner.train_epoch(epoch=0, bar=None)
-    return result, learner.ctx.detach().clone(), learner.targets.instance_wise
+    return result, learner.ctx.detach().clone(), learner.objective.targets.instance_wise
 
 
 @pytest.mark.parametrize("backend, prograd", [("reference", True), ("cpp", False),
@@ -46,9 +43,9 @@ def test_gathered_rows_train_as_the_whole_table(setup, monkeypatch, backend, pro
     gathered, ctx, table = _epoch(setup, config)
     assert table.device.type == "cpu"
     with monkeypatch.context() as m:
-        m.setattr(run_module, "make_targets", _whole_table_on_the_device)
-        m.setattr(loop, "gather_soft_labels", lambda table, sample, device: sample.to(device))
-        m.setattr(loop, "with_batch_soft_labels",
+        m.setattr(objective, "make_targets", _whole_table_on_the_device)
+        m.setattr(objective, "gather_soft_labels", lambda table, sample, device: sample.to(device))
+        m.setattr(objective, "with_batch_soft_labels",
                   lambda options, index: {**options, "sample_index": index})
         whole, ctx_whole, whole_table = _epoch(setup, config)
     assert torch.equal(table, whole_table)

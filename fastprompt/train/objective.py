@@ -1,0 +1,128 @@
+"""The training objective every learner shares: the fused loss with its plug-ins.
+
+For one label space (one feature cache's classes) and the class text features a learner
+produced, the loss is cross-entropy or DSPT's double softmax (``config.loss``) on the epoch's
+targets (ATLaS: one-hot labels in its hard epochs, else label smoothing, the class-wise table
+or the instance-wise table), and with ProGrad also the distillation term towards the zero-shot
+classifier, both from one fused op (``fastprompt.prograd_losses``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import fastprompt
+from fastprompt.data.cache import FeatureCache
+from fastprompt.data.soft_labels import class_soft_labels, file_backed_table, instance_soft_labels
+from fastprompt.train.config import TrainConfig
+
+
+@dataclass
+class Targets:
+    """The soft-label tables a run may need: ATLaS CSL (C x C, on the device) and ISL (M x C,
+    on the host, file-backed: each step gathers its batch's rows, see ``gather_soft_labels``)."""
+    class_wise: Tensor | None = None
+    instance_wise: Tensor | None = None
+
+    def to(self, device: torch.device) -> "Targets":
+        """The class-wise table on ``device``; the instance-wise one stays on the host."""
+        return Targets(None if self.class_wise is None else self.class_wise.to(device),
+                       self.instance_wise)
+
+
+def make_targets(config: TrainConfig, cache: FeatureCache, zeroshot: Tensor) -> Targets:
+    """Compute the ATLaS soft-label table the config asks for, offline, from the zero-shot text
+    features (unit rows, C x E) and the cached training features. The instance-wise table goes
+    to an unlinked temporary file in the cache's folder, which has room for data of the cache's
+    size (the table is M x C float32: 5.1 GB for ImageNet), where a system temporary folder is
+    often small or in memory; the file vanishes with the table, even if the run is killed."""
+    if config.targets == "csl":
+        return Targets(class_wise=class_soft_labels(zeroshot, temperature=config.csl_temperature))
+    if config.targets == "isl":
+        table = file_backed_table(cache.num_train_images, zeroshot.shape[0],
+                                  os.path.dirname(cache.path))
+        return Targets(instance_wise=instance_soft_labels(
+            cache.train_features, cache.train_sample_index, zeroshot,
+            num_samples=cache.num_train_images, out=table))
+    return Targets()
+
+
+def gather_soft_labels(table: Tensor, sample: Tensor, device: torch.device) -> Tensor:
+    """Rows ``sample`` of a host instance-wise table, on ``device``: a step moves its batch's
+    rows only, never the table."""
+    return table[sample.cpu()].to(device)
+
+
+def with_batch_soft_labels(options: dict, rows: Tensor | None) -> dict:
+    """The loss options of a batch whose instance-wise targets are ``rows`` (its own rows of the
+    table, from ``gather_soft_labels``; None: the options as they are)."""
+    if rows is None:
+        return options
+    return {**options, "soft_labels": rows,
+            "sample_index": torch.arange(rows.shape[0], device=rows.device)}
+
+
+def loss_options(config: TrainConfig, targets: Targets, epoch: int) -> dict:
+    """Keyword arguments of the loss op for this epoch's targets (hard in ATLaS's hard epochs).
+    For instance-wise targets ``soft_labels`` is the host table, whose rows each batch gathers
+    (``Objective.batch_options``)."""
+    options = {"double_softmax": config.double_softmax}
+    if not config.soft_epoch(epoch):
+        return options
+    options["smoothing"] = config.smoothing
+    if config.targets == "csl":
+        options["soft_labels"] = targets.class_wise
+    elif config.targets == "isl":
+        options["soft_labels"] = targets.instance_wise
+    return options
+
+
+def fused_losses(images: Tensor, text: Tensor, labels: Tensor, scale: Tensor,
+                 config: TrainConfig, options: dict, zeroshot: Tensor | None):
+    """A batch's ``(loss, kl_loss)`` (the KL term None without ProGrad) from its image features
+    and the class text features, with the batch's loss ``options``."""
+    images = images.to(text.dtype)
+    if config.prograd:
+        return fastprompt.prograd_losses(images, text, zeroshot.to(text.dtype), labels, scale,
+                                         temperature=config.temperature, **options)
+    return fastprompt.clip_cross_entropy(images, text, labels, scale, **options), None
+
+
+class Objective:
+    """The loss over one cache's classes: its soft-label tables (computed once, offline) and
+    its zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``)."""
+
+    def __init__(self, config: TrainConfig, cache: FeatureCache, zeroshot: Tensor,
+                 device: torch.device):
+        self.config, self.cache, self.zeroshot, self.device = config, cache, zeroshot, device
+        self.targets = make_targets(config, cache, zeroshot).to(device)
+
+    def epoch_options(self, epoch: int) -> dict:
+        return loss_options(self.config, self.targets, epoch)
+
+    def instance_wise(self, options: dict) -> bool:
+        """Whether ``options`` (of ``epoch_options``) take each batch's rows of the ISL table."""
+        return self.config.targets == "isl" and "soft_labels" in options
+
+    def batch_rows(self, options: dict, samples: Tensor) -> Tensor | None:
+        """The ISL rows of a batch of training images (``samples``), on the device; None when
+        the epoch's targets need none."""
+        if not self.instance_wise(options):
+            return None
+        return gather_soft_labels(options["soft_labels"], samples, self.device)
+
+    def batch_options(self, options: dict, samples: Tensor) -> dict:
+        return with_batch_soft_labels(options, self.batch_rows(options, samples))
+
+    def losses(self, text: Tensor, rows: Tensor, samples: Tensor, options: dict, scale: Tensor):
+        """``(loss, kl_loss or None)`` of the cached training ``rows`` (their images ``samples``)
+        against ``text`` (C x E) with the epoch's ``options``."""
+        cache = self.cache
+        images = cache.train_features[rows].to(self.device)
+        labels = cache.train_labels[rows].to(self.device)
+        return fused_losses(images, text, labels, scale, self.config,
+                            self.batch_options(options, samples),
+                            self.zeroshot if self.config.prograd else None)
