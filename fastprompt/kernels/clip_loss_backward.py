@@ -19,8 +19,8 @@ import triton.language as tl
 
 from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
+from fastprompt.kernels.logit_gradient_layout import padded_columns
 from fastprompt.kernels.row_norms import power_of_two_below, row_inv_norms
-from fastprompt.kernels.schedules import padded_columns
 
 __all__ = ["clip_cross_entropy_backward"]
 

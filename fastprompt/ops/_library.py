@@ -65,12 +65,12 @@ def backend_for(device: torch.device) -> str:
 
 def pads_logit_gradients(device: torch.device) -> bool:
     """Whether the forward ops' logit gradients on ``device`` come from the fused CUDA schedule,
-    whose rows are padded to 16 elements (``kernels/schedules.py``): the fake implementations
-    give them the same strides, which torch.compile checks."""
-    from fastprompt.kernels import schedules
+    whose rows are padded to 16 elements (``kernels/logit_gradient_layout.py``): the fake
+    implementations give them the same strides, which torch.compile checks."""
+    from fastprompt.kernels import schedule_choice
 
     triton_serves = device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu is not None)
-    return triton_serves and schedules.schedule() == "fused"
+    return triton_serves and schedule_choice.schedule() == "fused"
 
 
 def refuse_float64(backend: str, dtype: torch.dtype) -> None:

@@ -12,7 +12,7 @@ import torch
 
 import fastprompt
 from fastprompt import _backend
-from fastprompt.kernels import schedules
+from fastprompt.kernels import schedule_choice
 from test_clip_cross_entropy import (allowances, eager, logit_terms64, loss_and_grads, row_weights,
                                      truth)
 from test_prograd_losses import NAMES as PROGRAD_NAMES
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 CLIP_NAMES = ("loss", "grad image", "grad text", "grad scale")
 
 
-@pytest.fixture(params=sorted(schedules.SCHEDULES))
+@pytest.fixture(params=sorted(schedule_choice.SCHEDULES))
 def schedule(request, monkeypatch):
     """The Triton backend under one schedule; afterwards the CPU key gets its C++ kernels back."""
     from fastprompt.ops._library import backend_for
@@ -197,12 +197,12 @@ def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
 
 def test_schedule_names(monkeypatch):
     monkeypatch.delenv("FASTPROMPT_CUDA_SCHEDULE", raising=False)
-    assert schedules.schedule() == "cublas"
+    assert schedule_choice.schedule() == "cublas"
     monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", " Fused ")
-    assert schedules.schedule() == "fused"
+    assert schedule_choice.schedule() == "fused"
     monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cutlass")
     with pytest.raises(ValueError, match="^FASTPROMPT_CUDA_SCHEDULE: must be one of"):
-        schedules.schedule()
+        schedule_choice.schedule()
 
 
 # --- the fused schedule's split paths, forced at test sizes --------------------------------------
