@@ -13,14 +13,10 @@ import torch
 import fastprompt
 from fastprompt import _backend
 from fastprompt.kernels import schedule_choice
-from test_clip_cross_entropy import (allowances, eager, logit_terms64, loss_and_grads, row_weights,
-                                     truth)
-from test_prograd_losses import NAMES as PROGRAD_NAMES
-from test_prograd_losses import eager as prograd_eager
-from test_prograd_losses import half_precision_allowances as prograd_half_allowances
-from test_prograd_losses import losses_and_grads as prograd_losses_and_grads
-from test_prograd_losses import truth as prograd_truth
-from testlib import TARGETS, assert_close_to_truth, make_inputs, make_prograd_inputs
+from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, clip_allowances, clip_eager,
+                     clip_loss_and_grads, clip_truth, logit_terms64, make_inputs,
+                     make_prograd_inputs, prograd_eager, prograd_half_allowances,
+                     prograd_losses_and_grads, prograd_truth, row_weights)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -43,12 +39,12 @@ def schedule(request, monkeypatch):
 
 
 def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, **opts):
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
-    extra = allowances(x, t, labels, s, kw, opts.get("double_softmax", False),
-                       row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream")),
-                       normalize=opts.get("normalize", True), dtype=dtype)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
+    weights = row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream"))
+    extra = clip_allowances(x, t, labels, s, kw, opts.get("double_softmax", False), weights,
+                            normalize=opts.get("normalize", True), dtype=dtype)
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
@@ -128,12 +124,12 @@ def test_cublas_half_precision_with_tiny_row_weights(monkeypatch, dtype, seed):
     weight = 1e-6
     upstream = weight * (0.5 + torch.rand(16, dtype=torch.float64))
     opts = dict(double_softmax=True, reduction="none", upstream=upstream)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
     # The logit gradient is stored unweighted: its rounding bound (allowances) is taken at
     # weights of order 1 and scaled by the weight, which the tolerance is then relative to.
-    extra = allowances(x, t, labels, s, kw, True, upstream / weight, dtype=dtype)
+    extra = clip_allowances(x, t, labels, s, kw, True, upstream / weight, dtype=dtype)
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
         if what != "loss":
             x_atol = x_atol * weight
@@ -178,7 +174,7 @@ def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
 
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
     x, t, labels, s, kw = make_inputs(13, 11, 19, target="classwise", device=DEVICE, seed=seed)
-    want = truth(x, t, labels, s, kw, double_softmax=True)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=True)
     try:
         for first, second in (("fused", "cublas"), ("cublas", "fused")):
             monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", first)
@@ -300,8 +296,8 @@ def test_fused_split_paths_without_grad_and_unnormalized(fused_split_paths, seed
     x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="uniform", device=DEVICE, seed=seed)
     with torch.no_grad():
         loss = fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, **kw)
-    assert_close_to_truth(loss, truth(x, t, labels, s, kw, double_softmax=True)[0], 1e-5, 1e-5,
-                          "no-grad loss")
+    assert_close_to_truth(loss, clip_truth(x, t, labels, s, kw, double_softmax=True)[0], 1e-5,
+                          1e-5, "no-grad loss")
     assert_split_paths_ran(fused_split_paths, True, grad=False)
     x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="classwise", device=DEVICE, scale=0.3,
                                       seed=seed)
