@@ -1,8 +1,9 @@
 """Both CUDA schedules of the loss ops (``FASTPROMPT_CUDA_SCHEDULE=cublas|fused``) against the
-float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision,
-several chunks of the cuBLAS schedule, the fused schedule's split paths forced at test sizes,
-and the forward of one schedule with the backward of the other. On a machine without a GPU the
-Triton kernels run under the interpreter on CPU tensors."""
+float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision, the
+fused schedule's split paths forced at test sizes, and the forward of one schedule with the
+backward of the other. On a machine without a GPU the Triton kernels run under the interpreter
+on CPU tensors. The schedules' own modules (the choice, the cuBLAS forward's chunks, the split
+counts, the gradient buffers' layout) are tested in tests/kernels/."""
 from __future__ import annotations
 
 import os
@@ -138,35 +139,6 @@ def test_cublas_half_precision_with_tiny_row_weights(monkeypatch, dtype, seed):
     backend_for(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("prograd", [False, True])
-@pytest.mark.parametrize("chunk_rows", [1, 5])
-def test_cublas_chunks_match_float64(chunk_rows, prograd, seed):
-    # Several chunks of the cuBLAS schedule (the last one partial) give the per-row losses and
-    # logit gradients of the float64 formulas.
-    from fastprompt.kernels.clip_loss_cublas import clip_loss_forward
-
-    x, t, t0, labels, s, kw = make_prograd_inputs(13, 11, 19, target="instancewise",
-                                                  device=DEVICE, seed=seed)
-    outputs = clip_loss_forward(x, t, t0 if prograd else None, labels, s, kw["soft_labels"],
-                                kw["sample_index"], kw["smoothing"], True, True, 1.0, True,
-                                chunk_rows=chunk_rows)
-    z, grad, _ = logit_terms64(x, t, labels, s, kw, True, torch.ones(13, dtype=torch.float64))
-    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw.items()}
-    want_rows = fastprompt.reference.clip_cross_entropy(
-        x.double(), t.double(), labels, s.double(), double_softmax=True, reduction="none", **kw64)
-    assert_close_to_truth(outputs[0], want_rows, 1e-5, 1e-5, "loss rows")
-    assert_close_to_truth(outputs[1], grad, 1e-5, 1e-5, "grad logits")
-    if prograd:
-        z0 = fastprompt.reference.clip_logits(x.double().cpu(), t0.double().cpu(),
-                                              s.double().cpu())
-        p0 = torch.softmax(z0, dim=1)
-        want_kl = -(p0 * torch.log_softmax(z, dim=1)).sum(dim=1)
-        assert_close_to_truth(outputs[2], want_kl, 1e-5, 1e-5, "kl rows")
-        assert_close_to_truth(outputs[3], torch.softmax(z, dim=1) - p0, 1e-5, 1e-5,
-                              "grad kl logits")
-
-
 def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
     # The schedule is read at every call and both keep the ops' contracts: the saved logit
     # gradient of either forward serves either backward.
@@ -189,16 +161,6 @@ def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
     finally:
         monkeypatch.delenv("FASTPROMPT_BACKEND")
         backend_for(torch.device("cpu"))
-
-
-def test_schedule_names(monkeypatch):
-    monkeypatch.delenv("FASTPROMPT_CUDA_SCHEDULE", raising=False)
-    assert schedule_choice.schedule() == "cublas"
-    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", " Fused ")
-    assert schedule_choice.schedule() == "fused"
-    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cutlass")
-    with pytest.raises(ValueError, match="^FASTPROMPT_CUDA_SCHEDULE: must be one of"):
-        schedule_choice.schedule()
 
 
 # --- the fused schedule's split paths, forced at test sizes --------------------------------------
@@ -322,21 +284,3 @@ def test_fused_logit_gradient_rows_are_padded(fused_split_paths, seed):
     first = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     again = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-
-
-def test_split_counts_follow_the_shape():
-    # The documented rules at the GPU block sizes: class ranges only while the row blocks leave
-    # most of the notional 132 SMs idle, reduction slices only for a reduction long next to the
-    # output tiles (Gᵀ X̂ at large N, G T̂ at small N).
-    from fastprompt.kernels.clip_loss_backward import k_slices
-    from fastprompt.kernels.clip_loss_forward import class_splits
-
-    assert class_splits(256, 1000, 16, 32) == 8  # 16 row blocks x 8 ranges of 4 tiles
-    assert class_splits(1, 21843, 16, 32) == 132
-    assert class_splits(33, 7, 16, 32) == 1  # one tile of classes
-    assert class_splits(65536, 1000, 64, 32) == 1
-    blocks = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=32)
-    assert k_slices(1000, 65536, 512, blocks) == 3  # 256 output tiles, 1024 tiles of k
-    assert k_slices(1000, 256, 512, blocks) == 1
-    assert k_slices(7, 65536, 512, blocks) == 32
-    assert k_slices(256, 1000, 512, blocks) == 2  # G T̂ at N = 256: 64 tiles, 16 tiles of k
