@@ -48,7 +48,7 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         pass
     if device.type == "cuda":
-        from fastprompt.kernels.schedules import schedule
+        from fastprompt.kernels.schedule_choice import schedule
         env["cuda"] = torch.version.cuda
         env["cuda_schedule"] = schedule()  # FASTPROMPT_CUDA_SCHEDULE: which loss kernels ran
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory

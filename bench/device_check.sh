@@ -64,6 +64,10 @@ step environment 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print
 # The Triton kernels on the GPU against float64 truth, bad input, torch.compile with inductor:
 # the default schedule, then the fused one (test_cuda_schedules.py ran both already).
 step ops_tests 240 python3 -m pytest -q -p no:cacheprovider tests/ops -k cuda --maxfail 50
+# The kernels' own tests (the cuBLAS forward's chunks, split counts, launch helpers) on the GPU;
+# test_compile_for_gpu compiles offline and needs none.
+step kernel_tests 60 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+  --ignore=tests/kernels/test_compile_for_gpu.py --maxfail 50
 step ops_tests_fused 150 env FASTPROMPT_CUDA_SCHEDULE=fused python3 -m pytest -q \
   -p no:cacheprovider tests/ops -k "cuda and not test_cuda_schedules" --maxfail 50
 # The issue's target points under each schedule: N=256 (fp32, bf16, against eager and

@@ -122,7 +122,7 @@ def loss_step_launches(schedule, op, n, c, d, dtype_name, target="instancewise",
                        double_softmax=True, normalize=True, grad=True):
     """The launches of one forward (and, with ``grad``, one backward) of ``op`` ("clip" or
     "prograd") through the ops' CUDA entry points under ``schedule``."""
-    from fastprompt.kernels import schedules
+    from fastprompt.kernels import loss_entry_points
 
     dtype = DTYPES[dtype_name]
     x, t, t0, labels, s, table, sample_index, smoothing = loss_inputs(
@@ -130,14 +130,14 @@ def loss_step_launches(schedule, op, n, c, d, dtype_name, target="instancewise",
     with (float32_precision(dtype_name.split("-")[-1]), cuda_schedule(schedule),
           recorded_launches() as launches):
         if op == "prograd":
-            _, _, grad_logits, _ = schedules.prograd_losses_forward(
+            _, _, grad_logits, _ = loss_entry_points.prograd_losses_forward(
                 x, t, t0, labels, s, table, sample_index, smoothing, double_softmax, 2.0, grad)
         else:
-            _, grad_logits = schedules.clip_cross_entropy_forward(
+            _, grad_logits = loss_entry_points.clip_cross_entropy_forward(
                 x, t, labels, s, table, sample_index, smoothing, double_softmax, normalize, grad)
         if grad:
             grad_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-            schedules.clip_cross_entropy_backward(
+            loss_entry_points.clip_cross_entropy_backward(
                 grad_rows, grad_logits, x, t, s, normalize or op == "prograd", True, True, True)
     return launches
 

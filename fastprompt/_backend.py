@@ -30,6 +30,7 @@ def cpp_error() -> str | None:
 
 def triton_available() -> bool:
     try:
+        # Deliberately here, not at the top: CPU-only use (the C++ kernels) never imports triton.
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001
         return False

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastprompt._validation import check_clip_cross_entropy_args
+from fastprompt._validation import (check_clip_cross_entropy_args, check_prograd_backward_args,
+                                    check_prograd_losses_args, check_project_conflicting_args,
+                                    finiteness_checks, run_value_checks)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,8 +99,6 @@ def prograd_losses(image_features, text_features, zeroshot_text_features, labels
     ``kl_loss = -τ² Σ_c softmax(z⁰/τ)_c log softmax(z/τ)_c`` with the zero-shot logits
     ``z⁰ = s x̂ t̂₀ᵀ`` a fixed teacher (no gradient flows through them).
     """
-    from fastprompt._validation import check_prograd_losses_args
-
     s, temperature = check_prograd_losses_args(
         image_features, text_features, zeroshot_text_features, labels, scale,
         temperature=temperature, smoothing=smoothing, soft_labels=soft_labels,
@@ -128,9 +128,6 @@ def project_conflicting_(grads, ref_grads, lam=1.0):
 
     The per-parameter loop of the official code; the sign test stays on the device.
     """
-    from fastprompt._validation import (check_project_conflicting_args, finiteness_checks,
-                                        run_value_checks)
-
     lam = check_project_conflicting_args(grads, ref_grads, lam)
     run_value_checks(finiteness_checks("grads", grads) + finiteness_checks("ref_grads", ref_grads))
     project_conflicting_unchecked_(grads, ref_grads, lam)
@@ -154,8 +151,6 @@ def prograd_backward(task_loss, kl_loss, params, lam=1.0):
     gives ``g``; project each ``g`` against its ``h``; then add the result to whatever
     ``param.grad`` held before, as ``backward()`` would.
     """
-    from fastprompt._validation import check_prograd_backward_args, finiteness_checks, run_value_checks
-
     params, lam = check_prograd_backward_args(task_loss, kl_loss, params, lam)
     previous = [p.grad for p in params]
     for p in params:

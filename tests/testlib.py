@@ -1,5 +1,6 @@
-"""Shared test utilities: backend/device parametrisation, the ops' random inputs, and float64
-comparison."""
+"""Shared test utilities: backend/device parametrisation, the ops' random inputs, float64
+comparison, and the loss ops' results with gradients next to their float64 truth and error
+allowances."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastprompt
-from fastprompt import _backend
+from fastprompt import _backend, reference
 
 # The package root loads the ops on first use; tests also call torch.ops.fastprompt.* directly.
 (fastprompt.clip_cross_entropy, fastprompt.prograd_losses,  # noqa: B018
@@ -194,3 +195,139 @@ def stop_training_at(learner_class, epoch: int, patch=setattr) -> None:
 
     stop_at = epoch
     patch(learner_class, "train_epoch", interrupted)
+
+
+# --- the loss ops' results with gradients, their float64 truth and the error allowances -------
+
+def clip_loss_and_grads(fn, x, t, labels, s, kw, *, reduction="mean", grad_image=True,
+                        grad_scale=True, upstream=None, **opts):
+    """``(loss, grad image, grad text, grad scale)`` of ``fn`` (``clip_cross_entropy`` or the
+    reference's), the loss reduced by ``reduction`` (``"none"``: weighted by ``upstream``)."""
+    x = x.detach().clone().requires_grad_(grad_image)
+    t = t.detach().clone().requires_grad_(True)
+    s = s.detach().clone().requires_grad_(grad_scale)
+    loss = fn(x, t, labels, s, reduction=reduction, **kw, **opts)
+    objective = loss if loss.dim() == 0 else (loss * upstream.to(loss)).sum()
+    objective.backward()
+    return loss, x.grad, t.grad, s.grad
+
+
+def clip_truth(x, t, labels, s, kw, **opts):
+    """``clip_loss_and_grads`` of the reference in float64."""
+    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kw.items()}
+    return clip_loss_and_grads(reference.clip_cross_entropy, x.double(), t.double(), labels,
+                               s.double(), kw64, **opts)
+
+
+def clip_eager(x, t, labels, s, kw, **opts):
+    """The eager reference in the inputs' own precision: the baseline of the error rule."""
+    return clip_loss_and_grads(reference.clip_cross_entropy, x, t, labels, s, kw, **opts)
+
+
+def row_weights(n, reduction="mean", upstream=None):
+    """∂(reduced loss)/∂(row loss): 1/N, 1, or the upstream gradient of ``reduction="none"``."""
+    if reduction == "mean":
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if reduction == "sum":
+        return torch.ones(n, dtype=torch.float64)
+    return upstream.double().cpu()
+
+
+def logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize=True):
+    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of docs/math.md, rows weighted
+    by ``weights``) and ``M``, the magnitudes of the terms that cancel in ``G``."""
+    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), normalize)
+    table = kw.get("soft_labels")
+    target = reference.soft_targets(labels.cpu(), z.shape[1], kw.get("smoothing", 0.0),
+                                    None if table is None else table.double(),
+                                    kw.get("sample_index"), torch.float64)
+    p = torch.softmax(z, dim=1)
+    if double_softmax:
+        q = torch.softmax(p, dim=1)
+        pq, tp = (p * q).sum(1, keepdim=True), (target * p).sum(1, keepdim=True)
+        grad, mag = p * (q - target - pq + tp), p * (q + target + pq + tp)
+    else:
+        grad, mag = p - target, p + target
+    w = weights[:, None]
+    return z, grad * w, mag * w.abs()
+
+
+def clip_allowances(x, t, labels, s, kw, double_softmax, weights, normalize=True,
+                    dtype=torch.float32):
+    """Extra absolute allowances for (loss, grad image, grad text, grad scale): float32
+    cancellation in ``G`` plus, in half precision, the rounding of ``G`` stored in that dtype,
+    carried through the closed-form gradients."""
+    z, grad, mag = logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize)
+    error = float32_logit_error(mag)
+    if dtype in (torch.float16, torch.bfloat16):
+        error = error + half_storage_error([grad], dtype)
+    return (0.0, *propagate_logit_error(error, x, t, s, normalize))
+
+
+def float64_target_options(kw):
+    """Float64 copies of the target options ``kw``; soft-label rows renormalised so they sum to 1
+    in float64 too."""
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+          for k, v in kw.items()}
+    if "soft_labels" in kw:
+        kw["soft_labels"] = kw["soft_labels"] / kw["soft_labels"].sum(dim=1, keepdim=True)
+    return kw
+
+
+def prograd_formula_rows(z, z0, labels, kw, double_softmax, tau):
+    """Per-row task and distillation losses from the formulas of docs/math.md, in float64."""
+    target = targets64(labels, z.shape[1], kw)
+    student = torch.softmax(z, dim=1) if double_softmax else z
+    task = torch.logsumexp(student, dim=1) - (target * student).sum(dim=1)
+    # -τ² Σ p0 log q = τ² (KL(p0 ‖ q) + H(p0)), written through torch's kl_div
+    p0 = torch.softmax(z0 / tau, dim=1)
+    kl = tau**2 * (F.kl_div(torch.log_softmax(z / tau, dim=1), p0, reduction="none").sum(1)
+                   - (p0 * torch.log(p0)).sum(1))
+    return task, kl
+
+
+def prograd_losses_and_grads(fn, x, t, t0, labels, s, kw, *, weights=(1.0, 1.0), grad_image=True,
+                             grad_scale=True, **opts):
+    """``(task loss, kl loss, grad image, grad text, grad scale)`` of ``fn`` (``prograd_losses``
+    or the reference's), the gradients those of ``weights[0] task + weights[1] kl``."""
+    x = x.detach().clone().requires_grad_(grad_image)
+    t = t.detach().clone().requires_grad_(True)
+    s = s.detach().clone().requires_grad_(grad_scale)
+    task, kl = fn(x, t, t0, labels, s, **kw, **opts)
+    (weights[0] * task + weights[1] * kl).backward()
+    return task, kl, x.grad, t.grad, s.grad
+
+
+def prograd_truth(x, t, t0, labels, s, kw, **opts):
+    """``prograd_losses_and_grads`` of the reference in float64."""
+    return prograd_losses_and_grads(reference.prograd_losses, x.double(), t.double(), t0.double(),
+                                    labels, s.double(), float64_target_options(kw), **opts)
+
+
+def prograd_eager(x, t, t0, labels, s, kw, **opts):
+    """The eager reference in the inputs' own precision: the baseline of the error rule."""
+    return prograd_losses_and_grads(reference.prograd_losses, x, t, t0, labels, s, kw, **opts)
+
+
+# What each of prograd_losses_and_grads's results is, for messages.
+PROGRAD_NAMES = ("task loss", "kl loss", "grad image", "grad text", "grad scale")
+
+
+def prograd_half_allowances(x, t, t0, labels, s, kw, dtype, double_softmax=True):
+    """Extra allowances for (task, kl, grad image, grad text, grad scale) of the mean losses in
+    half precision: the fused kernels store both logit gradients in the input dtype and round
+    their weighted sum once more, so the scale's gradient, a sum that cancels, gets that
+    rounding bound on top."""
+    z = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t.double(), dim=1).T).cpu()
+    z0 = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t0.double(), dim=1).T).cpu()
+    z.requires_grad_()
+    kw_cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    task_rows, kl_rows = prograd_formula_rows(z, z0, labels.cpu(), float64_target_options(kw_cpu),
+                                              double_softmax, 1.0)
+    n = x.shape[0]
+    terms = [torch.autograd.grad(task_rows.sum(), z)[0] / n,
+             torch.autograd.grad(kl_rows.sum(), z)[0] / n]
+    _, _, scale_allowance = propagate_logit_error(half_storage_error(terms, dtype), x, t, s)
+    return 0.0, 0.0, 0.0, 0.0, scale_allowance

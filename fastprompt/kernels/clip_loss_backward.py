@@ -19,10 +19,10 @@ import triton.language as tl
 
 from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
+from fastprompt.kernels.logit_gradient_layout import padded_columns
 from fastprompt.kernels.row_norms import power_of_two_below, row_inv_norms
-from fastprompt.kernels.schedules import padded_columns
 
-__all__ = ["clip_cross_entropy_backward"]
+__all__ = ["clip_cross_entropy_backward", "grad_epilogue"]
 
 
 @triton.jit
@@ -245,9 +245,15 @@ def _allocated_rows(g: torch.Tensor) -> int:
     return elements // g.stride(0)
 
 
-def _epilogue(product: torch.Tensor, features: torch.Tensor, inv_norm: Optional[torch.Tensor],
-              m_scale: Optional[torch.Tensor], scale: torch.Tensor, write_out: bool,
-              write_dot: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def grad_epilogue(product: torch.Tensor, features: torch.Tensor,
+                  inv_norm: Optional[torch.Tensor], m_scale: Optional[torch.Tensor],
+                  scale: torch.Tensor, write_out: bool,
+                  write_dot: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The row epilogue both schedules' backward end with. ``product``: A or B (M x D float32, or
+    ``K_SLICES`` x M x D partial products, added in order); with ``P = m_scale ⊙ product``,
+    ``out_m = s (P_m − dot_m f̂_m) / ‖f_m‖`` (``s P_m`` without ``inv_norm``) in ``features``'
+    dtype, and ``row_dot``: ``dot_m = P_m · f̂_m``, whose sum is ``∂L/∂s``. ``(out, row_dot)``;
+    an empty (0,) ``out`` unless ``write_out``, ``row_dot`` None unless ``write_dot``."""
     slices = product.shape[0] if product.dim() == 3 else 1
     m, d = product.shape[-2:]
     out = torch.empty_like(features) if write_out else features.new_empty((0,))
@@ -281,11 +287,12 @@ def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tens
     if need_text_grad or need_scale_grad:
         # A = Gᵀ X̂: grad_rows_i / ‖x_i‖ folded into the X rows as they are loaded.
         a = _product(grad_logits, x, True, grad_rows, x_inv)
-        grad_text, row_dot = _epilogue(a, t, t_inv, None, scale, need_text_grad, need_scale_grad)
+        grad_text, row_dot = grad_epilogue(a, t, t_inv, None, scale, need_text_grad,
+                                           need_scale_grad)
     if need_image_grad:
         # B = G T̂ = diag(grad_rows) (grad_logits T̂): grad_rows applied in the epilogue.
         b = _product(grad_logits, t, False, None, t_inv)
-        grad_image, _ = _epilogue(b, x, x_inv, grad_rows, scale, True, False)
+        grad_image, _ = grad_epilogue(b, x, x_inv, grad_rows, scale, True, False)
     if need_scale_grad:
         grad_scale = row_dot.to(scale.dtype).sum()  # in the scale's dtype, as autograd expects
     return grad_image, grad_text, grad_scale

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprompt.kernels.clip_loss_backward import _epilogue
+from fastprompt.kernels.clip_loss_backward import grad_epilogue
 from fastprompt.kernels.clip_loss_forward import (clip_loss_forward_kernel, forward_outputs,
                                                   target_arguments)
 from fastprompt.kernels.launch import INTERPRET, next_pow2_between
@@ -163,11 +163,12 @@ def clip_cross_entropy_backward(grad_rows: torch.Tensor, grad_logits: torch.Tens
         weights = grad_rows / peak_pow2
         a = matmul_float32(grad_logits.T, scale_rows(x, weights if x_inv is None else weights * x_inv))
         a.mul_(peak_pow2)
-        grad_text, row_dot = _epilogue(a, t, t_inv, None, scale, need_text_grad, need_scale_grad)
+        grad_text, row_dot = grad_epilogue(a, t, t_inv, None, scale, need_text_grad,
+                                           need_scale_grad)
         if need_scale_grad:
             grad_scale = row_dot.to(scale.dtype).sum()  # in the scale's dtype, as autograd expects
     if need_image_grad:
         # B = diag(grad_rows) G T̂: grad_rows applied in the epilogue.
         b = matmul_float32(grad_logits, t if t_inv is None else scale_rows(t, t_inv))
-        grad_image, _ = _epilogue(b, x, x_inv, grad_rows, scale, True, False)
+        grad_image, _ = grad_epilogue(b, x, x_inv, grad_rows, scale, True, False)
     return grad_image, grad_text, grad_scale

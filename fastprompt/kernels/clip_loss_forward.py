@@ -21,8 +21,8 @@ import triton.language as tl
 
 from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
+from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, padded_columns
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
-from fastprompt.kernels.schedules import logit_gradient_buffer, padded_columns
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
 # Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
@@ -443,7 +443,7 @@ def forward_outputs(x: torch.Tensor, c: int, has_kl: bool, compute_grad: bool,
                     padded: bool = False):
     """``(loss_rows, grad_logits, kl_rows, grad_kl_logits)`` of the forward ops, unfilled. They
     never alias one another (custom ops forbid it), the empty ones included. ``padded``: the
-    gradients' rows padded to 16 elements (``schedules.logit_gradient_buffer``)."""
+    gradients' rows padded to 16 elements (``logit_gradient_layout.logit_gradient_buffer``)."""
     n = x.shape[0]
     loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
     kl_rows = torch.empty(n if has_kl else 0, dtype=torch.float32, device=x.device)

@@ -19,6 +19,7 @@ import importlib
 import torch
 
 from fastprompt import _backend
+from fastprompt.kernels import schedule_choice  # imports no triton
 
 _LIB = torch.library.Library("fastprompt", "DEF")
 _TRITON_IMPLS: dict[str, object] = {}
@@ -40,6 +41,7 @@ def triton_kernel(module: str, function: str):
     """A kernel entry point of ``fastprompt.kernels.<module>``, imported on its first call (so
     that importing fastprompt does not import triton)."""
     def call(*args):
+        # Deliberately lazy: the kernel modules import triton, which CPU-only use never needs.
         return getattr(importlib.import_module(f"fastprompt.kernels.{module}"), function)(*args)
     call.__name__ = function
     return call
@@ -65,12 +67,10 @@ def backend_for(device: torch.device) -> str:
 
 def pads_logit_gradients(device: torch.device) -> bool:
     """Whether the forward ops' logit gradients on ``device`` come from the fused CUDA schedule,
-    whose rows are padded to 16 elements (``kernels/schedules.py``): the fake implementations
-    give them the same strides, which torch.compile checks."""
-    from fastprompt.kernels import schedules
-
+    whose rows are padded to 16 elements (``kernels/logit_gradient_layout.py``): the fake
+    implementations give them the same strides, which torch.compile checks."""
     triton_serves = device.type == "cuda" or (device.type == "cpu" and _triton_on_cpu is not None)
-    return triton_serves and schedules.schedule() == "fused"
+    return triton_serves and schedule_choice.schedule() == "fused"
 
 
 def refuse_float64(backend: str, dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from fastprompt import reference
 from fastprompt._validation import check_clip_cross_entropy_args
-from fastprompt.kernels.schedules import logit_gradient_buffer
+from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer
 from fastprompt.ops._library import (backend_for, define_op, pads_logit_gradients, refuse_float64,
                                      triton_kernel)
 
@@ -36,7 +36,7 @@ clip_cross_entropy_forward = define_op(
     "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
     "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, bool double_softmax, "
     "bool normalize, bool compute_grad) -> (Tensor, Tensor)",
-    _forward_fake, triton_kernel("schedules", "clip_cross_entropy_forward"))
+    _forward_fake, triton_kernel("loss_entry_points", "clip_cross_entropy_forward"))
 
 
 def _backward_fake(grad_rows, grad_logits, image_features, text_features, scale, normalize,
@@ -51,7 +51,7 @@ clip_cross_entropy_backward = define_op(
     "clip_cross_entropy_backward(Tensor grad_rows, Tensor grad_logits, Tensor image_features, "
     "Tensor text_features, Tensor scale, bool normalize, bool need_image_grad, "
     "bool need_text_grad, bool need_scale_grad) -> (Tensor, Tensor, Tensor)",
-    _backward_fake, triton_kernel("schedules", "clip_cross_entropy_backward"))
+    _backward_fake, triton_kernel("loss_entry_points", "clip_cross_entropy_backward"))
 
 
 def _backward_vmap(info, in_dims, *args):

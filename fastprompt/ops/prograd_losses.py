@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastprompt import reference
 from fastprompt._validation import check_prograd_losses_args
-from fastprompt.kernels.schedules import logit_gradient_buffer, with_padded_rows
+from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, with_padded_rows
 from fastprompt.ops._library import (backend_for, define_op, pads_logit_gradients, refuse_float64,
                                      triton_kernel)
 from fastprompt.ops.clip_cross_entropy import clip_cross_entropy_backward, fused_targets
@@ -44,7 +44,7 @@ prograd_losses_forward = define_op(
     "Tensor zeroshot_text_features, Tensor labels, Tensor scale, Tensor? soft_labels, "
     "Tensor? sample_index, float smoothing, bool double_softmax, float temperature, "
     "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-    _losses_fake, triton_kernel("schedules", "prograd_losses_forward"))
+    _losses_fake, triton_kernel("loss_entry_points", "prograd_losses_forward"))
 
 
 class ProGradLossesFunction(torch.autograd.Function):

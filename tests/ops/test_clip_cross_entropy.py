@@ -8,69 +8,9 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import _backend, reference
-from testlib import (TARGETS, assert_close_to_truth, backend, float32_logit_error,  # noqa: F401
-                     half_storage_error, make_inputs, propagate_logit_error)
-
-def loss_and_grads(fn, x, t, labels, s, kw, *, reduction="mean", grad_image=True, grad_scale=True,
-                   upstream=None, **opts):
-    x = x.detach().clone().requires_grad_(grad_image)
-    t = t.detach().clone().requires_grad_(True)
-    s = s.detach().clone().requires_grad_(grad_scale)
-    loss = fn(x, t, labels, s, reduction=reduction, **kw, **opts)
-    objective = loss if loss.dim() == 0 else (loss * upstream.to(loss)).sum()
-    objective.backward()
-    return loss, x.grad, t.grad, s.grad
-
-
-def truth(x, t, labels, s, kw, **opts):
-    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-    return loss_and_grads(reference.clip_cross_entropy, x.double(), t.double(), labels, s.double(),
-                          kw64, **opts)
-
-
-def eager(x, t, labels, s, kw, **opts):
-    """The eager reference in the inputs' own precision: the baseline of the error rule."""
-    return loss_and_grads(reference.clip_cross_entropy, x, t, labels, s, kw, **opts)
-
-
-def row_weights(n, reduction="mean", upstream=None):
-    """∂(reduced loss)/∂(row loss): 1/N, 1, or the upstream gradient of ``reduction="none"``."""
-    if reduction == "mean":
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if reduction == "sum":
-        return torch.ones(n, dtype=torch.float64)
-    return upstream.double().cpu()
-
-
-def logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize=True):
-    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of docs/math.md, rows weighted by
-    ``weights``) and ``M``, the magnitudes of the terms that cancel in ``G``."""
-    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
-    z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), normalize)
-    table = kw.get("soft_labels")
-    target = reference.soft_targets(labels.cpu(), z.shape[1], kw.get("smoothing", 0.0),
-                                    None if table is None else table.double(),
-                                    kw.get("sample_index"), torch.float64)
-    p = torch.softmax(z, dim=1)
-    if double_softmax:
-        q = torch.softmax(p, dim=1)
-        pq, tp = (p * q).sum(1, keepdim=True), (target * p).sum(1, keepdim=True)
-        grad, mag = p * (q - target - pq + tp), p * (q + target + pq + tp)
-    else:
-        grad, mag = p - target, p + target
-    w = weights[:, None]
-    return z, grad * w, mag * w.abs()
-
-
-def allowances(x, t, labels, s, kw, double_softmax, weights, normalize=True, dtype=torch.float32):
-    """Extra absolute allowances for (loss, grad image, grad text, grad scale): float32
-    cancellation in ``G`` plus, in half precision, the rounding of ``G`` stored in that dtype,
-    carried through the closed-form gradients (testlib)."""
-    z, grad, mag = logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize)
-    error = float32_logit_error(mag)
-    if dtype in (torch.float16, torch.bfloat16):
-        error = error + half_storage_error([grad], dtype)
-    return (0.0, *propagate_logit_error(error, x, t, s, normalize))
+from testlib import (TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
+                     clip_allowances, clip_eager, clip_loss_and_grads, clip_truth, logit_terms64,
+                     make_inputs, propagate_logit_error, row_weights)
 
 
 def tolerance(dtype, backend_name):
@@ -131,12 +71,12 @@ def test_backend_matches_float64(backend, target, double_softmax, reduction, see
     x, t, labels, s, kw = make_inputs(n, c, d, target=target, device=device, seed=seed)
     upstream = torch.rand(n, dtype=torch.float64)
     opts = dict(double_softmax=double_softmax, reduction=reduction, upstream=upstream)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
     rtol, atol = tolerance(torch.float32, name)
-    extra = allowances(x, t, labels, s, kw, double_softmax,
-                       row_weights(n, reduction, upstream))
+    extra = clip_allowances(x, t, labels, s, kw, double_softmax,
+                            row_weights(n, reduction, upstream))
     for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
                                      base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
@@ -147,11 +87,12 @@ def test_backend_matches_float64(backend, target, double_softmax, reduction, see
 def test_backend_odd_sizes(backend, shape, double_softmax, seed):
     name, device = backend
     x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=device, seed=seed)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
-    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
-    base = eager(x, t, labels, s, kw, double_softmax=double_softmax)
-    extra = allowances(x, t, labels, s, kw, double_softmax,
-                       row_weights(shape[0]))
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                              double_softmax=double_softmax)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    base = clip_eager(x, t, labels, s, kw, double_softmax=double_softmax)
+    extra = clip_allowances(x, t, labels, s, kw, double_softmax,
+                            row_weights(shape[0]))
     for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
                                      base, extra):
         assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e, extra_atol=x_atol)
@@ -163,11 +104,11 @@ def test_backend_unnormalized_features(backend, double_softmax, seed):
     x, t, labels, s, kw = make_inputs(9, 6, 10, target="classwise", device=device, scale=0.3,
                                       seed=seed)
     opts = dict(double_softmax=double_softmax, normalize=False)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
-    extra = allowances(x, t, labels, s, kw, double_softmax,
-                       row_weights(9), normalize=False)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
+    extra = clip_allowances(x, t, labels, s, kw, double_softmax,
+                            row_weights(9), normalize=False)
     for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
                                      base, extra):
         assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e, extra_atol=x_atol)
@@ -181,11 +122,12 @@ def test_backend_extreme_logits(backend, double_softmax, seed):
                                       seed=seed)
     x = t[labels].clone()
     x[::2] = -x[::2]  # half the samples point away from their class: huge loss, tiny softmax
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
-    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
-    base = eager(x, t, labels, s, kw, double_softmax=double_softmax)
-    extra = allowances(x, t, labels, s, kw, double_softmax,
-                       row_weights(12))
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                              double_softmax=double_softmax)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    base = clip_eager(x, t, labels, s, kw, double_softmax=double_softmax)
+    extra = clip_allowances(x, t, labels, s, kw, double_softmax,
+                            row_weights(12))
     for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
                                      base, extra):
         assert_close_to_truth(a, b, 1e-4, 1e-5, what, baseline=e, extra_atol=x_atol)
@@ -197,15 +139,16 @@ def test_backend_half_precision(backend, dtype, double_softmax, seed):
     name, device = backend
     x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device, dtype=dtype,
                                       seed=seed)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, double_softmax=double_softmax)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                              double_softmax=double_softmax)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == dtype and got[2].dtype == dtype
-    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
-    base = eager(x, t, labels, s, kw, double_softmax=double_softmax)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    base = clip_eager(x, t, labels, s, kw, double_softmax=double_softmax)
     # The fused kernels store the logit gradient in the input dtype; the scale's gradient, a sum
     # that cancels, gets the rounding bound of that storage on top of the relative tolerance.
-    extra = allowances(x, t, labels, s, kw, double_softmax,
-                       row_weights(16), dtype=dtype)
+    extra = clip_allowances(x, t, labels, s, kw, double_softmax,
+                            row_weights(16), dtype=dtype)
     for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
                                      base, extra):
         assert_close_to_truth(a, b, 2e-2, 2e-2, what, baseline=e, extra_atol=x_atol)
@@ -220,7 +163,7 @@ def test_backend_frozen_image_features_and_no_grad(backend, seed):
     assert t_req.grad is not None and x.grad is None
     with torch.no_grad():
         again = fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, **kw)
-    want = truth(x, t, labels, s, kw, double_softmax=True)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=True)
     assert_close_to_truth(again, want[0], 1e-5, 1e-5, "no-grad loss")
     assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, "grad text")
 
@@ -244,7 +187,7 @@ def test_backend_float64_scale(backend, double_softmax, seed):
     loss = fastprompt.clip_cross_entropy(x, t_req, labels, s64, double_softmax=double_softmax)
     loss.backward()
     assert s64.grad.dtype == torch.float64
-    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=double_softmax)
     assert_close_to_truth(s64.grad, want[3], 1e-4, 1e-5, "grad scale")
     if name != "reference":
         _, grad_logits = torch.ops.fastprompt.clip_cross_entropy_forward(
@@ -349,7 +292,7 @@ def test_torch_compile_fullgraph(backend, seed):
     t_req = t.clone().requires_grad_()
     loss = step(x, t_req, labels, s, kw["soft_labels"])
     loss.backward()
-    want = truth(x, t, labels, s, kw, double_softmax=True)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=True)
     assert_close_to_truth(loss, want[0], 1e-5, 1e-5, "compiled loss")
     assert_close_to_truth(t_req.grad, want[2], 1e-5, 1e-5, "compiled grad text")
 
@@ -370,7 +313,7 @@ def test_missing_extension_falls_back_to_reference(monkeypatch, seed):
     x, t, labels, s, kw = make_inputs(5, 4, 6, target="uniform", seed=seed)
     with pytest.warns(RuntimeWarning, match="falling back to the plain-torch reference"):
         got = fastprompt.clip_cross_entropy(x, t, labels, s, **kw)
-    assert_close_to_truth(got, truth(x, t, labels, s, kw)[0], 1e-5, 1e-5, "fallback loss")
+    assert_close_to_truth(got, clip_truth(x, t, labels, s, kw)[0], 1e-5, 1e-5, "fallback loss")
 
 
 def test_unknown_backend_is_refused(monkeypatch, seed):
@@ -391,13 +334,13 @@ def test_backend_extreme_feature_magnitudes(backend, x_scale, t_scale, double_so
     name, device = backend
     x, t, labels, s, kw = make_inputs(9, 7, 12, target="uniform", device=device, seed=seed)
     x, t = x * x_scale, t * t_scale
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
-                         double_softmax=double_softmax)
-    want = truth(x, t, labels, s, kw, double_softmax=double_softmax)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw,
+                              double_softmax=double_softmax)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=double_softmax)
     # The allowances of the same problem at ordinary magnitudes: there the loss and the scale's
     # gradient are the same, and the feature gradients larger by the magnitude.
-    eager_base = eager(x / x_scale, t / t_scale, labels, s, kw, double_softmax=double_softmax)
-    extra = allowances(x / x_scale, t / t_scale, labels, s, kw, double_softmax, row_weights(9))
+    eager_base = clip_eager(x / x_scale, t / t_scale, labels, s, kw, double_softmax=double_softmax)
+    extra = clip_allowances(x / x_scale, t / t_scale, labels, s, kw, double_softmax, row_weights(9))
     for what, a, b, e, x_atol, k in zip(("loss", "grad image", "grad text", "grad scale"), got,
                                         want, eager_base, extra, (1.0, x_scale, t_scale, 1.0)):
         # Compared at ordinary magnitudes (float64 rescaling is exact up to rounding).
@@ -458,7 +401,7 @@ def test_backend_half_precision_large_batch(backend, dtype, cuda_schedule, seed,
     s = torch.tensor(20.0, device=device)
     t_req = t.clone().requires_grad_()
     fastprompt.clip_cross_entropy(x, t_req, labels, s).backward()
-    _, _, want, _ = truth(x, t, labels, s, {}, grad_image=False)
+    _, _, want, _ = clip_truth(x, t, labels, s, {}, grad_image=False)
     # Allowance: G stored in the dtype and the operand x̂ rounded to a normal number of the dtype
     # (half an ulp each, a few ulps of |G|ᵀ|X̂| carried through), and the gradient itself rounded
     # once to the dtype (half an ulp, or a subnormal step).

@@ -1,8 +1,9 @@
 """Both CUDA schedules of the loss ops (``FASTPROMPT_CUDA_SCHEDULE=cublas|fused``) against the
-float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision,
-several chunks of the cuBLAS schedule, the fused schedule's split paths forced at test sizes,
-and the forward of one schedule with the backward of the other. On a machine without a GPU the
-Triton kernels run under the interpreter on CPU tensors."""
+float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision, the
+fused schedule's split paths forced at test sizes, and the forward of one schedule with the
+backward of the other. On a machine without a GPU the Triton kernels run under the interpreter
+on CPU tensors. The schedules' own modules (the choice, the cuBLAS forward's chunks, the split
+counts, the gradient buffers' layout) are tested in tests/kernels/."""
 from __future__ import annotations
 
 import os
@@ -12,15 +13,11 @@ import torch
 
 import fastprompt
 from fastprompt import _backend
-from fastprompt.kernels import schedules
-from test_clip_cross_entropy import (allowances, eager, logit_terms64, loss_and_grads, row_weights,
-                                     truth)
-from test_prograd_losses import NAMES as PROGRAD_NAMES
-from test_prograd_losses import eager as prograd_eager
-from test_prograd_losses import half_precision_allowances as prograd_half_allowances
-from test_prograd_losses import losses_and_grads as prograd_losses_and_grads
-from test_prograd_losses import truth as prograd_truth
-from testlib import TARGETS, assert_close_to_truth, make_inputs, make_prograd_inputs
+from fastprompt.kernels import schedule_choice
+from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, clip_allowances, clip_eager,
+                     clip_loss_and_grads, clip_truth, logit_terms64, make_inputs,
+                     make_prograd_inputs, prograd_eager, prograd_half_allowances,
+                     prograd_losses_and_grads, prograd_truth, row_weights)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -30,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 CLIP_NAMES = ("loss", "grad image", "grad text", "grad scale")
 
 
-@pytest.fixture(params=sorted(schedules.SCHEDULES))
+@pytest.fixture(params=sorted(schedule_choice.SCHEDULES))
 def schedule(request, monkeypatch):
     """The Triton backend under one schedule; afterwards the CPU key gets its C++ kernels back."""
     from fastprompt.ops._library import backend_for
@@ -43,12 +40,12 @@ def schedule(request, monkeypatch):
 
 
 def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, **opts):
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
-    extra = allowances(x, t, labels, s, kw, opts.get("double_softmax", False),
-                       row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream")),
-                       normalize=opts.get("normalize", True), dtype=dtype)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
+    weights = row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream"))
+    extra = clip_allowances(x, t, labels, s, kw, opts.get("double_softmax", False), weights,
+                            normalize=opts.get("normalize", True), dtype=dtype)
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
@@ -128,47 +125,18 @@ def test_cublas_half_precision_with_tiny_row_weights(monkeypatch, dtype, seed):
     weight = 1e-6
     upstream = weight * (0.5 + torch.rand(16, dtype=torch.float64))
     opts = dict(double_softmax=True, reduction="none", upstream=upstream)
-    got = loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
-    want = truth(x, t, labels, s, kw, **opts)
-    base = eager(x, t, labels, s, kw, **opts)
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
     # The logit gradient is stored unweighted: its rounding bound (allowances) is taken at
     # weights of order 1 and scaled by the weight, which the tolerance is then relative to.
-    extra = allowances(x, t, labels, s, kw, True, upstream / weight, dtype=dtype)
+    extra = clip_allowances(x, t, labels, s, kw, True, upstream / weight, dtype=dtype)
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
         if what != "loss":
             x_atol = x_atol * weight
         assert_close_to_truth(a, b, 2e-2, 2e-2, what, baseline=e, extra_atol=x_atol)
     monkeypatch.delenv("FASTPROMPT_BACKEND")
     backend_for(torch.device("cpu"))
-
-
-@pytest.mark.parametrize("prograd", [False, True])
-@pytest.mark.parametrize("chunk_rows", [1, 5])
-def test_cublas_chunks_match_float64(chunk_rows, prograd, seed):
-    # Several chunks of the cuBLAS schedule (the last one partial) give the per-row losses and
-    # logit gradients of the float64 formulas.
-    from fastprompt.kernels.clip_loss_cublas import clip_loss_forward
-
-    x, t, t0, labels, s, kw = make_prograd_inputs(13, 11, 19, target="instancewise",
-                                                  device=DEVICE, seed=seed)
-    outputs = clip_loss_forward(x, t, t0 if prograd else None, labels, s, kw["soft_labels"],
-                                kw["sample_index"], kw["smoothing"], True, True, 1.0, True,
-                                chunk_rows=chunk_rows)
-    z, grad, _ = logit_terms64(x, t, labels, s, kw, True, torch.ones(13, dtype=torch.float64))
-    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw.items()}
-    want_rows = fastprompt.reference.clip_cross_entropy(
-        x.double(), t.double(), labels, s.double(), double_softmax=True, reduction="none", **kw64)
-    assert_close_to_truth(outputs[0], want_rows, 1e-5, 1e-5, "loss rows")
-    assert_close_to_truth(outputs[1], grad, 1e-5, 1e-5, "grad logits")
-    if prograd:
-        z0 = fastprompt.reference.clip_logits(x.double().cpu(), t0.double().cpu(),
-                                              s.double().cpu())
-        p0 = torch.softmax(z0, dim=1)
-        want_kl = -(p0 * torch.log_softmax(z, dim=1)).sum(dim=1)
-        assert_close_to_truth(outputs[2], want_kl, 1e-5, 1e-5, "kl rows")
-        assert_close_to_truth(outputs[3], torch.softmax(z, dim=1) - p0, 1e-5, 1e-5,
-                              "grad kl logits")
 
 
 def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
@@ -178,7 +146,7 @@ def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
 
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
     x, t, labels, s, kw = make_inputs(13, 11, 19, target="classwise", device=DEVICE, seed=seed)
-    want = truth(x, t, labels, s, kw, double_softmax=True)
+    want = clip_truth(x, t, labels, s, kw, double_softmax=True)
     try:
         for first, second in (("fused", "cublas"), ("cublas", "fused")):
             monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", first)
@@ -193,16 +161,6 @@ def test_forward_of_one_schedule_backward_of_the_other(monkeypatch, seed):
     finally:
         monkeypatch.delenv("FASTPROMPT_BACKEND")
         backend_for(torch.device("cpu"))
-
-
-def test_schedule_names(monkeypatch):
-    monkeypatch.delenv("FASTPROMPT_CUDA_SCHEDULE", raising=False)
-    assert schedules.schedule() == "cublas"
-    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", " Fused ")
-    assert schedules.schedule() == "fused"
-    monkeypatch.setenv("FASTPROMPT_CUDA_SCHEDULE", "cutlass")
-    with pytest.raises(ValueError, match="^FASTPROMPT_CUDA_SCHEDULE: must be one of"):
-        schedules.schedule()
 
 
 # --- the fused schedule's split paths, forced at test sizes --------------------------------------
@@ -300,8 +258,8 @@ def test_fused_split_paths_without_grad_and_unnormalized(fused_split_paths, seed
     x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="uniform", device=DEVICE, seed=seed)
     with torch.no_grad():
         loss = fastprompt.clip_cross_entropy(x, t, labels, s, double_softmax=True, **kw)
-    assert_close_to_truth(loss, truth(x, t, labels, s, kw, double_softmax=True)[0], 1e-5, 1e-5,
-                          "no-grad loss")
+    assert_close_to_truth(loss, clip_truth(x, t, labels, s, kw, double_softmax=True)[0], 1e-5,
+                          1e-5, "no-grad loss")
     assert_split_paths_ran(fused_split_paths, True, grad=False)
     x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="classwise", device=DEVICE, scale=0.3,
                                       seed=seed)
@@ -326,21 +284,3 @@ def test_fused_logit_gradient_rows_are_padded(fused_split_paths, seed):
     first = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     again = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-
-
-def test_split_counts_follow_the_shape():
-    # The documented rules at the GPU block sizes: class ranges only while the row blocks leave
-    # most of the notional 132 SMs idle, reduction slices only for a reduction long next to the
-    # output tiles (Gᵀ X̂ at large N, G T̂ at small N).
-    from fastprompt.kernels.clip_loss_backward import k_slices
-    from fastprompt.kernels.clip_loss_forward import class_splits
-
-    assert class_splits(256, 1000, 16, 32) == 8  # 16 row blocks x 8 ranges of 4 tiles
-    assert class_splits(1, 21843, 16, 32) == 132
-    assert class_splits(33, 7, 16, 32) == 1  # one tile of classes
-    assert class_splits(65536, 1000, 64, 32) == 1
-    blocks = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=32)
-    assert k_slices(1000, 65536, 512, blocks) == 3  # 256 output tiles, 1024 tiles of k
-    assert k_slices(1000, 256, 512, blocks) == 1
-    assert k_slices(7, 65536, 512, blocks) == 32
-    assert k_slices(256, 1000, 512, blocks) == 2  # G T̂ at N = 256: 64 tiles, 16 tiles of k

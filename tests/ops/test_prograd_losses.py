@@ -9,51 +9,10 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt import reference
-from testlib import (TARGETS, targets64, assert_close_to_truth, backend,  # noqa: F401 (fixture)
-                     half_storage_error, make_prograd_inputs, propagate_logit_error)
-
-
-def _double(kw):
-    """Float64 copies; soft-label rows renormalised so they sum to 1 in float64 too."""
-    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-    if "soft_labels" in kw:
-        kw["soft_labels"] = kw["soft_labels"] / kw["soft_labels"].sum(dim=1, keepdim=True)
-    return kw
-
-
-def formula_rows(z, z0, labels, kw, double_softmax, tau):
-    """Per-row task and distillation losses from the formulas of docs/math.md, in float64."""
-    target = targets64(labels, z.shape[1], kw)
-    student = torch.softmax(z, dim=1) if double_softmax else z
-    task = torch.logsumexp(student, dim=1) - (target * student).sum(dim=1)
-    # -τ² Σ p0 log q = τ² (KL(p0 ‖ q) + H(p0)), written through torch's kl_div
-    p0 = torch.softmax(z0 / tau, dim=1)
-    kl = tau**2 * (F.kl_div(torch.log_softmax(z / tau, dim=1), p0, reduction="none").sum(1)
-                   - (p0 * torch.log(p0)).sum(1))
-    return task, kl
-
-
-def losses_and_grads(fn, x, t, t0, labels, s, kw, *, weights=(1.0, 1.0), grad_image=True,
-                     grad_scale=True, **opts):
-    x = x.detach().clone().requires_grad_(grad_image)
-    t = t.detach().clone().requires_grad_(True)
-    s = s.detach().clone().requires_grad_(grad_scale)
-    task, kl = fn(x, t, t0, labels, s, **kw, **opts)
-    (weights[0] * task + weights[1] * kl).backward()
-    return task, kl, x.grad, t.grad, s.grad
-
-
-def truth(x, t, t0, labels, s, kw, **opts):
-    return losses_and_grads(reference.prograd_losses, x.double(), t.double(), t0.double(), labels,
-                            s.double(), _double(kw), **opts)
-
-
-def eager(x, t, t0, labels, s, kw, **opts):
-    """The eager reference in the inputs' own precision: the baseline of the error rule."""
-    return losses_and_grads(reference.prograd_losses, x, t, t0, labels, s, kw, **opts)
-
-
-NAMES = ("task loss", "kl loss", "grad image", "grad text", "grad scale")
+from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
+                     float64_target_options, make_prograd_inputs, prograd_eager,
+                     prograd_formula_rows, prograd_half_allowances, prograd_losses_and_grads,
+                     prograd_truth)
 
 
 # --- the reference against independent formulas ------------------------------------------------
@@ -63,10 +22,10 @@ NAMES = ("task loss", "kl loss", "grad image", "grad text", "grad scale")
 def test_reference_losses_match_formulas(target, double_softmax, seed):
     x, t, t0, labels, s, kw = make_prograd_inputs(13, 7, 10, target=target, dtype=torch.float64,
                                                   seed=seed)
-    kw, s, tau = _double(kw), s.double(), 1.7
+    kw, s, tau = float64_target_options(kw), s.double(), 1.7
     z = s * F.normalize(x, dim=1) @ F.normalize(t, dim=1).T
     z0 = s * F.normalize(x, dim=1) @ F.normalize(t0, dim=1).T
-    task_rows, kl_rows = formula_rows(z, z0, labels, kw, double_softmax, tau)
+    task_rows, kl_rows = prograd_formula_rows(z, z0, labels, kw, double_softmax, tau)
     task, kl = reference.prograd_losses(x, t, t0, labels, s, temperature=tau,
                                         double_softmax=double_softmax, **kw)
     torch.testing.assert_close(task, task_rows.mean(), rtol=1e-12, atol=1e-12)
@@ -93,7 +52,7 @@ def test_reference_kl_gradient_is_tau_times_softmax_difference(seed):
 @pytest.mark.parametrize("target", ["hard", "instancewise"])
 def test_reference_gradcheck(target, double_softmax, seed):
     x, t, t0, labels, s, kw = make_prograd_inputs(5, 4, 3, target=target, seed=seed)
-    kw = _double(kw)
+    kw = float64_target_options(kw)
     t0 = t0.double()
     x, t, s = (v.double().requires_grad_() for v in (x, t, s))
 
@@ -133,7 +92,8 @@ def test_backend_logit_gradients_match_formulas(backend, target, double_softmax,
     task_rows, kl_rows, grad_task, grad_kl = outputs
     z = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t.double(), dim=1).T).requires_grad_()
     z0 = s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t0.double(), dim=1).T
-    want_task, want_kl = formula_rows(z, z0, labels.cpu(), _double(kw), double_softmax, tau)
+    want_task, want_kl = prograd_formula_rows(z, z0, labels.cpu(), float64_target_options(kw),
+                                              double_softmax, tau)
     (want_grad_task,) = torch.autograd.grad(want_task.sum(), z)
     (want_grad_kl,) = torch.autograd.grad(want_kl.sum(), z)
     assert task_rows.dtype == kl_rows.dtype == torch.float32
@@ -152,10 +112,10 @@ def test_backend_matches_float64(backend, target, double_softmax, seed):
     x, t, t0, labels, s, kw = make_prograd_inputs(n, c, d, target=target, device=device, seed=seed)
     # Distinct weights, so the backward's combination of the two logit gradients is checked.
     opts = dict(double_softmax=double_softmax, temperature=1.6, weights=(0.7, -1.9))
-    got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
-    want = truth(x, t, t0, labels, s, kw, **opts)
-    base = eager(x, t, t0, labels, s, kw, **opts)
-    for what, a, b, e in zip(NAMES, got, want, base):
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
+    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
+    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    for what, a, b, e in zip(PROGRAD_NAMES, got, want, base):
         assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e)
 
 
@@ -168,14 +128,15 @@ def test_backend_one_loss_differentiated(backend, which, seed):
     x, t, t0, labels, s, kw = make_prograd_inputs(n, c, d, target="uniform", device=device,
                                                   seed=seed)
     weights = (1.0, 0.0) if which == 0 else (0.0, 1.0)
-    want = truth(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
+    want = prograd_truth(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
     x_req = x.clone().requires_grad_()
     t_req = t.clone().requires_grad_()
     s_req = s.clone().requires_grad_()
     losses = fastprompt.prograd_losses(x_req, t_req, t0, labels, s_req, double_softmax=True, **kw)
     losses[which].backward()
-    base = eager(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
-    for what, a, b, e in zip(NAMES[2:], (x_req.grad, t_req.grad, s_req.grad), want[2:], base[2:]):
+    base = prograd_eager(x, t, t0, labels, s, kw, double_softmax=True, weights=weights)
+    for what, a, b, e in zip(PROGRAD_NAMES[2:], (x_req.grad, t_req.grad, s_req.grad), want[2:],
+                             base[2:]):
         assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e)
 
 
@@ -184,9 +145,10 @@ def test_backend_odd_sizes(backend, shape, seed):
     name, device = backend
     x, t, t0, labels, s, kw = make_prograd_inputs(*shape, target="uniform", device=device,
                                                   seed=seed)
-    got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, double_softmax=True)
-    want = truth(x, t, t0, labels, s, kw, double_softmax=True)
-    for what, a, b in zip(NAMES, got, want):
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw,
+                                   double_softmax=True)
+    want = prograd_truth(x, t, t0, labels, s, kw, double_softmax=True)
+    for what, a, b in zip(PROGRAD_NAMES, got, want):
         # Tiny shapes give results near 0 by cancellation (C = 1: both losses are exactly 0;
         # N = 1: small image and scale gradients), where float32 keeps an absolute error of
         # ~eps · s from O(s) intermediates: an absolute floor instead of one relative to the truth.
@@ -202,10 +164,10 @@ def test_backend_extreme_logits(backend, seed):
     x = t0[labels].clone()
     x[::2] = -x[::2]
     opts = dict(temperature=0.5, weights=(1.0, 0.5))
-    got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
-    want = truth(x, t, t0, labels, s, kw, **opts)
-    base = eager(x, t, t0, labels, s, kw, **opts)
-    for what, a, b, e in zip(NAMES, got, want, base):
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
+    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
+    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    for what, a, b, e in zip(PROGRAD_NAMES, got, want, base):
         assert_close_to_truth(a, b, 1e-4, 1e-5, what, baseline=e)
 
 
@@ -214,31 +176,15 @@ def test_backend_half_precision(backend, dtype, seed):
     name, device = backend
     x, t, t0, labels, s, kw = make_prograd_inputs(16, 10, 24, target="classwise", device=device, dtype=dtype,
                                                   seed=seed)
-    got = losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, double_softmax=True)
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw,
+                                   double_softmax=True)
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == dtype
-    want = truth(x, t, t0, labels, s, kw, double_softmax=True)
-    base = eager(x, t, t0, labels, s, kw, double_softmax=True)
-    extra = half_precision_allowances(x, t, t0, labels, s, kw, dtype)
-    for what, a, b, e, x_atol in zip(NAMES, got, want, base, extra):
+    want = prograd_truth(x, t, t0, labels, s, kw, double_softmax=True)
+    base = prograd_eager(x, t, t0, labels, s, kw, double_softmax=True)
+    extra = prograd_half_allowances(x, t, t0, labels, s, kw, dtype)
+    for what, a, b, e, x_atol in zip(PROGRAD_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, 2e-2, 2e-2, what, baseline=e, extra_atol=x_atol)
-
-
-def half_precision_allowances(x, t, t0, labels, s, kw, dtype, double_softmax=True):
-    """Extra allowances for (task, kl, grad image, grad text, grad scale) of the mean losses in
-    half precision: the fused kernels store both logit gradients in the input dtype and round
-    their weighted sum once more, so the scale's gradient, a sum that cancels, gets that
-    rounding bound on top."""
-    z = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t.double(), dim=1).T).cpu()
-    z0 = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t0.double(), dim=1).T).cpu()
-    z.requires_grad_()
-    task_rows, kl_rows = formula_rows(z, z0, labels.cpu(), _double({k: v.cpu() if torch.is_tensor(v)
-                                                                    else v for k, v in kw.items()}),
-                                      double_softmax, 1.0)
-    n = x.shape[0]
-    terms = [torch.autograd.grad(task_rows.sum(), z)[0] / n, torch.autograd.grad(kl_rows.sum(), z)[0] / n]
-    _, _, scale_allowance = propagate_logit_error(half_storage_error(terms, dtype), x, t, s)
-    return 0.0, 0.0, 0.0, 0.0, scale_allowance
 
 
 def test_backend_frozen_image_features_and_no_grad(backend, seed):
@@ -252,7 +198,7 @@ def test_backend_frozen_image_features_and_no_grad(backend, seed):
     assert x.grad is None and t0_req.grad is None
     with torch.no_grad():
         again = fastprompt.prograd_losses(x, t, t0, labels, s, **kw)
-    want = truth(x, t, t0, labels, s, kw, grad_image=False, grad_scale=False)
+    want = prograd_truth(x, t, t0, labels, s, kw, grad_image=False, grad_scale=False)
     assert_close_to_truth(again[0], want[0], 1e-5, 1e-5, "no-grad task loss")
     assert_close_to_truth(again[1], want[1], 1e-5, 1e-5, "no-grad kl loss")
     assert_close_to_truth(t_req.grad, want[3], 1e-5, 1e-5, "grad text")
@@ -315,7 +261,8 @@ def test_torch_compile_fullgraph(backend, seed):
     t_req = t.clone().requires_grad_()
     loss = step(x, t_req, t0, labels, s, kw["soft_labels"])
     loss.backward()
-    want = truth(x, t, t0, labels, s, kw, double_softmax=True, temperature=2.0, weights=(1.0, 0.5))
+    want = prograd_truth(x, t, t0, labels, s, kw, double_softmax=True, temperature=2.0,
+                         weights=(1.0, 0.5))
     assert_close_to_truth(loss, want[0] + 0.5 * want[1], 1e-5, 1e-5, "compiled loss")
     assert_close_to_truth(t_req.grad, want[3], 1e-5, 1e-5, "compiled grad text")
 

@@ -1,11 +1,8 @@
 """The ops' value checks: at most one host synchronisation per call, switched off by
 set_validation / FASTPROMPT_VALIDATION, and what an unchecked bad input gives (a NaN loss, never a
-fault); plus the launch helpers every Triton kernel goes through."""
+fault); plus the ops launching on their tensors' device (the launch helpers themselves:
+tests/kernels/test_launch.py)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -102,32 +99,6 @@ def test_unchecked_bad_label_gives_nan_loss_never_a_fault(backend, validation_of
                 smoothing=kw["smoothing"], soft_labels=kw["soft_labels"],
                 sample_index=kw["sample_index"][good])
         torch.testing.assert_close(rows[good], want, rtol=1e-5, atol=1e-5)
-
-
-def _run_python(code: str) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
-        + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip()
-
-
-@pytest.mark.parametrize("setting,expected", [
-    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),
-    ("torch.backends.fp32_precision = 'tf32'", "tf32"),
-    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
-    ("torch.set_float32_matmul_precision('high')", "tf32"),
-    ("pass", "ieee"),
-])
-def test_dot_precision_under_either_matmul_precision_api(setting, expected):
-    # After the newer fp32_precision API was used, reading the legacy allow_tf32 flag raises, which
-    # made every float32 CUDA call fail; a fresh process per setting (they are process-wide).
-    out = _run_python("import torch\n" + setting + "\n"
-                      "from fastprompt.kernels.launch import dot_precision\n"
-                      "print(dot_precision(torch.float32), dot_precision(torch.bfloat16))")
-    assert out == f"{expected} tf32"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
