@@ -110,7 +110,7 @@ def _evaluated(job: Job, spec: SweepSpec) -> bool:
 def build_caches(spec: SweepSpec, out: str, device: str, progress: bool | None, log) -> None:
     """Encode every (shots, seed) once; derive its label-noise variants from it."""
     from fastprompt.data import build_or_load_cache
-    from fastprompt.data.noisy_cache import noisy_variant
+    from fastprompt.data.cache import noisy_variant
     model, pt, pv, _ = _model(spec.model, spec.pretrained, device)
     for shots in spec.shots:
         for seed in spec.seeds:

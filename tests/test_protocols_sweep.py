@@ -11,7 +11,7 @@ import torch
 
 from fastprompt.cli import main
 from fastprompt.data import build_or_load_cache, load_cache, make_shapes_dataset
-from fastprompt.data.noisy_cache import noisy_variant
+from fastprompt.data.cache import noisy_variant
 from fastprompt.sweep import run_sweep
 from fastprompt.sweep_grid import load_spec, parse_method
 
