@@ -12,33 +12,34 @@ import torch
 from safetensors.torch import load_file
 
 from fastprompt.data import (build_feature_cache, encode_cache_chunks, load_cache,
-                             load_image_folder, make_shapes_dataset, merge_cache_chunks,
-                             plan_feature_cache)
+                             load_image_folder, merge_cache_chunks, plan_feature_cache)
 from fastprompt.data.cache import encode as encode_module
 from fastprompt.data.cache import torchrun_rank
 from fastprompt.data.cache.stream import read_header
 
 NAME = "fastprompt-tiny"
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_cache_merge.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "bench",
+                     "bench_cache_merge.py")
 # 20 training images x 2 views in encoder batches of 2 images: 5 chunks of 4 images (8 views),
 # and the 8 test images in one chunk.
 SMALL = dict(views=2, batch_size=4, chunk_size=8, progress=False)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chunks") / "shapes"
-    make_shapes_dataset(root, num_classes=4, images_per_class=5, test_images_per_class=2, seed=5)
-    return root
+def shared(cached_shapes):
+    """The shared 4-class shapes set (5 training, 2 test images per class) and its cache, built
+    by one process with ``SMALL``."""
+    return cached_shapes(4, **{k: v for k, v in SMALL.items() if k != "progress"})
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, shapes, tiny_clip):
-    """The cache of ``shapes`` built by one process with ``SMALL``."""
-    model, pre_train, pre_val, _ = tiny_clip
-    path = tmp_path_factory.mktemp("single") / "single.st"
-    return build_feature_cache(path, model, NAME, pre_train, pre_val, load_image_folder(shapes),
-                               **SMALL)
+def shapes(shared):
+    return shared.root
+
+
+@pytest.fixture(scope="module")
+def single(shared):
+    return shared.cache
 
 
 def _assert_same(a, b):
@@ -65,7 +66,7 @@ def test_chunks_align_with_encoder_batches_and_change_nothing(tmp_path, shapes, 
     _assert_same(single, whole)
     assert load_cache(single.path).fingerprint == whole.fingerprint   # checksum verified
     assert os.listdir(tmp_path) == ["whole.st"]                       # chunk folder removed
-    assert os.listdir(os.path.dirname(single.path)) == ["single.st"]
+    assert os.listdir(os.path.dirname(single.path)) == [os.path.basename(single.path)]
 
 
 def test_merged_file_is_a_plain_safetensors_file(single):
