@@ -57,8 +57,9 @@ The modules, each depending only on those above it:
 * ``spec``: :class:`CacheSpec`, the fingerprint and what goes into it (the data hash, the
   transforms' hash), the seeds of the views, the checks of a build's other arguments.
 * ``plan``: :class:`CachePlan` and :class:`CacheChunk` (the chunk layout), which rank encodes
-  which chunks (:func:`torchrun_rank`).
-* ``load``: :class:`FeatureCache`, :func:`load_cache` and its layout checks.
+  which chunks (:func:`torchrun_rank`), where a SoftCPT run's task caches go.
+* ``load``: :class:`FeatureCache`, :func:`load_cache` and its layout checks, and the checks of a
+  cache against the model it is used with.
 * ``chunks``: chunk files: their metadata, writing, opening and checking, removal.
 * ``encode``: the image views data set and the encoding of chunks.
 * ``merge``: the chunk files streamed into the cache file.
@@ -71,9 +72,11 @@ from fastprompt.data.cache.build import (CHUNK_WAIT_SECONDS, build_feature_cache
                                          build_or_load_cache, cache_lock, merge_cache_chunks)
 from fastprompt.data.cache.chunks import CHUNK_FORMAT
 from fastprompt.data.cache.encode import encode_cache_chunks
-from fastprompt.data.cache.load import FeatureCache, load_cache
+from fastprompt.data.cache.load import (FeatureCache, check_cache_weights, load_cache,
+                                        load_cache_for)
 from fastprompt.data.cache.noisy import noisy_variant
-from fastprompt.data.cache.plan import CacheChunk, CachePlan, plan_feature_cache, torchrun_rank
+from fastprompt.data.cache.plan import (CacheChunk, CachePlan, plan_feature_cache,
+                                        task_cache_path, torchrun_rank)
 from fastprompt.data.cache.spec import (CACHE_FORMAT, DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_SIZE,
                                         DEFAULT_VIEWS, CacheSpec, cache_fingerprint)
 
@@ -81,6 +84,7 @@ __all__ = [
     "CACHE_FORMAT", "CHUNK_FORMAT", "CHUNK_WAIT_SECONDS", "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHUNK_SIZE", "DEFAULT_VIEWS", "CacheChunk", "CachePlan", "CacheSpec",
     "FeatureCache", "build_feature_cache", "build_or_load_cache", "cache_fingerprint",
-    "cache_lock", "encode_cache_chunks", "load_cache", "merge_cache_chunks", "noisy_variant",
-    "plan_feature_cache", "torchrun_rank",
+    "cache_lock", "check_cache_weights", "encode_cache_chunks", "load_cache", "load_cache_for",
+    "merge_cache_chunks", "noisy_variant", "plan_feature_cache", "task_cache_path",
+    "torchrun_rank",
 ]

@@ -1,5 +1,6 @@
-"""Reading a cache file: :class:`FeatureCache` (tensors memory-mapped), and :func:`load_cache`
-with its checks of the file's layout and checksum."""
+"""Reading a cache file: :class:`FeatureCache` (tensors memory-mapped), :func:`load_cache` with
+its checks of the file's layout and checksum, and the checks of a cache against the model it is
+used with (:func:`check_cache_weights`, :func:`load_cache_for`)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from fastprompt._hashing import tensor_checksum
 from fastprompt.data.cache.spec import CACHE_FORMAT, check_path
+from fastprompt.models.weights import model_weights_hash
 
 INDEX_KEYS = ("train_labels", "train_clean_labels", "train_sample_index", "train_view_index",
               "test_labels", "val_labels")
@@ -166,3 +168,38 @@ def check_layout(path: str, t: dict[str, Tensor], fp: dict, classnames) -> None:
     for key in PATH_KEYS:
         if t[key].dtype != torch.uint8 or t[key].dim() != 1:
             raise corrupt(path, f"{key} is not a 1-D uint8 tensor")
+
+
+# ----------------------------------------------------------------------------------------------
+# A cache against the model it is used with. The messages name the command line's flags
+# (--cache, --rebuild-cache, ...): the command line is where these files are named.
+
+
+def check_cache_weights(path, model: torch.nn.Module, rebuild: bool) -> None:
+    """Refuse an existing cache file built with other weights than ``model``'s (unless
+    ``rebuild``), before :func:`~fastprompt.data.cache.build_or_load_cache` would silently
+    rebuild it over. A missing or damaged file passes (it is built, or rebuilt with a warning
+    that says why)."""
+    if rebuild or not os.path.isfile(path):
+        return
+    try:
+        cached = load_cache(path, verify=False).fingerprint.get("model_weights")
+    except ValueError:
+        return  # damaged: rebuilt, with a warning that says why
+    if cached != model_weights_hash(model):
+        raise ValueError(f"--cache: {path} was built with other model weights than "
+                         "--model/--pretrained give; pass --rebuild-cache to rebuild it, or "
+                         "another --cache file")
+
+
+def load_cache_for(path, model: torch.nn.Module, model_name: str) -> FeatureCache:
+    """The cache file ``path`` (checksum verified), refused unless it was built with the model
+    ``model_name`` and ``model``'s weights: a cache named alone, to train on without data."""
+    cache = load_cache(path)
+    if cache.fingerprint.get("model_name") != model_name:
+        raise ValueError(f"--cache: {path} was built with model "
+                         f"{cache.fingerprint.get('model_name')!r}, not {model_name!r}")
+    if cache.fingerprint.get("model_weights") != model_weights_hash(model):
+        raise ValueError(f"--cache: {path} was built with other weights of {model_name!r} than "
+                         "--pretrained gives; rebuild it with --data DIR --rebuild-cache")
+    return cache

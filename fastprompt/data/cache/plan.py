@@ -1,6 +1,6 @@
 """The plan of a cache build (:class:`CachePlan`): the file, its fingerprint, the images of each
 split and the chunks they are cut into; which process encodes which chunks
-(:func:`torchrun_rank`).
+(:func:`torchrun_rank`); and where the files of a cache go.
 
 A chunk is whole encoder batches of one split, so a chunk boundary is a batch boundary and the
 features do not depend on how the chunks are spread over processes.
@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastprompt._checks import slug
 from fastprompt.data.cache.spec import CacheSpec, as_spec, check_path
 from fastprompt.data.folders import Sample
 
@@ -140,3 +141,10 @@ def torchrun_rank() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK: {rank} is not in [0, WORLD_SIZE={world})")
     return rank, world
+
+
+def task_cache_path(out_dir, index: int, name: str) -> str:
+    """The cache file of task ``index`` (from 0) named ``name`` of a SoftCPT run in
+    ``out_dir``: ``OUT/features/NN-<slug of the name>.safetensors``."""
+    part = slug(name, lower=True, max_length=40, default="task")
+    return os.path.join(out_dir, "features", f"{index:02d}-{part}.safetensors")
