@@ -27,7 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import environment, markdown_table, write_results  # noqa: E402
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from fastprompt._hashing import tensor_checksum  # noqa: E402
 from fastprompt.data import cache as cache_module  # noqa: E402
+from fastprompt.data.cache.chunks import chunk_metadata  # noqa: E402
+from fastprompt.data.cache.plan import chunk_layout  # noqa: E402
 
 VIEWS, DIM, TEST_IMAGES, CLASSES, CHUNK_VIEWS = 8, 512, 1024, 10, 65536
 WAYS = ("streaming", "in-memory")
@@ -46,7 +51,7 @@ def synthetic_plan(path: str, images: int) -> cache_module.CachePlan:
         noisy_labels=[(i * 7) % CLASSES for i in range(images)],
         test=[(f"/test/{i:05d}.jpg", i % CLASSES) for i in range(TEST_IMAGES)], val=[],
         preprocess_train=None, preprocess_val=None, add_flip=False, batch_size=256,
-        chunks=cache_module._chunk_layout(sizes, VIEWS, 256, CHUNK_VIEWS))
+        chunks=chunk_layout(sizes, VIEWS, 256, CHUNK_VIEWS))
 
 
 def pattern(plan: cache_module.CachePlan) -> torch.Tensor:
@@ -67,15 +72,14 @@ def write_chunks(plan: cache_module.CachePlan) -> None:
         else:
             features = torch.ones(k, chunk.stop - chunk.start, DIM, dtype=torch.float16)
         tensors = {"features": features.contiguous()}
-        metadata = {**cache_module._chunk_metadata(plan, chunk),
-                    "fastprompt.checksum": cache_module.tensor_checksum(tensors)}
-        cache_module.save_file(tensors, plan.chunk_path(chunk.index), metadata=metadata)
+        metadata = {**chunk_metadata(plan, chunk),
+                    "fastprompt.checksum": tensor_checksum(tensors)}
+        save_file(tensors, plan.chunk_path(chunk.index), metadata=metadata)
 
 
 def _in_memory(plan: cache_module.CachePlan) -> None:
     """The former way: every feature in one tensor, its checksum, then ``save_file`` (of the
     features and the labels: the rest of the file is small)."""
-    from safetensors.torch import load_file, save_file
     m = len(plan.train)
     train = torch.empty(VIEWS, m, DIM, dtype=torch.float16)
     test = []
@@ -89,7 +93,7 @@ def _in_memory(plan: cache_module.CachePlan) -> None:
     tensors = {"train_features": train.reshape(VIEWS * m, DIM), "test_features": torch.cat(test),
                "train_labels": labels.repeat(VIEWS)}
     save_file(tensors, plan.path,
-              metadata={"fastprompt.checksum": cache_module.tensor_checksum(tensors)})
+              metadata={"fastprompt.checksum": tensor_checksum(tensors)})
 
 
 def _peak_rise(fn) -> int:

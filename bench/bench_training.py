@@ -279,8 +279,8 @@ def _with_flip(transform):
     """``transform`` followed by a random horizontal flip (CoOp's ``random_flip``); the feature
     cache adds the same flip to a training transform that has none."""
     from torchvision import transforms as T
-    from fastprompt.data.cache import _has_flip
-    return transform if _has_flip(transform) else T.Compose([transform, T.RandomHorizontalFlip()])
+    from fastprompt.data.cache.spec import has_flip
+    return transform if has_flip(transform) else T.Compose([transform, T.RandomHorizontalFlip()])
 
 
 def bench_model(name: str, args, device, workdir: str) -> dict:

@@ -8,9 +8,13 @@
   ``FASTPROMPT_TEST_SEED=N`` replays one.
 * ``tiny_clip``, ``tiny_text``, ``tiny_weights``: the tiny open_clip model (its seeded default
   weights), and those weights saved as a checkpoint file (so runs can name ``--pretrained``).
+* ``shapes_data``, ``cached_shapes``: generated shapes data sets, and feature caches of them
+  built with the tiny model, each made once per session for each distinct set of arguments.
 """
+import dataclasses
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +95,97 @@ def tiny_weights(tiny_clip, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_clip[0].state_dict().items()}, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """``shapes_data(classes=4, images_per_class=5, test_images_per_class=2, size=64,
+    data_seed=3)``: a generated shapes data set (``make_shapes_dataset``: class folders under
+    ``train/`` and ``test/``) and its ``DatasetSplits``, made once per session for each distinct
+    set of arguments and shared. Returns ``(root, splits)``, ``root`` a ``Path``.
+
+    Shared: a test must not change, add or remove files there (one that does makes its own
+    data set with ``make_shapes_dataset`` in its ``tmp_path``)."""
+    from fastprompt.data import make_shapes_dataset
+    base = tmp_path_factory.mktemp("shapes_data")
+    made: dict = {}
+
+    def make(classes=4, *, images_per_class=5, test_images_per_class=2, size=64, data_seed=3):
+        key = (classes, images_per_class, test_images_per_class, size, data_seed)
+        if key not in made:
+            root = base / f"shapes-{len(made)}"
+            splits = make_shapes_dataset(root, num_classes=classes,
+                                         images_per_class=images_per_class,
+                                         test_images_per_class=test_images_per_class, size=size,
+                                         seed=data_seed)
+            made[key] = (root, splits)
+        return made[key]
+    return make
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedShapes:
+    """What ``cached_shapes`` gives: the data set (``root``, ``splits``), the ``CacheSpec`` the
+    cache was built from, the cache, the tiny model it was built with (``tiny_clip``: ``model``,
+    ``preprocess_train``, ``preprocess_val``, ``tokenizer``) and ``weights``, the path of a
+    checkpoint file holding that model's weights (``tiny_weights``: for ``--pretrained`` and
+    ``TrainConfig(pretrained=...)``; a model loaded from it has the same weights hash, so the
+    cache is valid for it too)."""
+    root: Path
+    splits: object
+    spec: object
+    cache: object
+    model: object
+    preprocess_train: object
+    preprocess_val: object
+    tokenizer: object
+    weights: str
+
+
+@pytest.fixture(scope="session")
+def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
+    """``cached_shapes(classes=4, *, views=2, shots=None, noise_rate=0.0,
+    noise_type="symmetric", seed=1, batch_size=128, chunk_size=DEFAULT_CHUNK_SIZE,
+    images_per_class=5, test_images_per_class=2, size=64, data_seed=3)``: a shapes data set
+    (as ``shapes_data`` makes it, from ``classes`` ... ``data_seed``) and its feature cache
+    built with ``tiny_clip``'s model (from ``views`` ... ``chunk_size``, the ``CacheSpec``
+    arguments; ``seed`` draws the shots, the label noise and the views), as a
+    :class:`CachedShapes` record (``.root``, ``.splits``, ``.spec``, ``.cache``, ``.model``,
+    ``.preprocess_train``, ``.preprocess_val``, ``.tokenizer``, ``.weights``).
+
+    Made once per session for each distinct set of arguments, in a session folder (the cache
+    alone in its own folder: ``cache.path``'s folder holds nothing else), and shared by every
+    test that asks for the same arguments: a test must not write to the data set, the cache
+    file or its folder, nor change the model. A test of building itself (killed builds, damaged
+    files, rebuilds, workers, ...) builds its own cache in its ``tmp_path``.
+
+    For a module-scoped ``setup``/``world`` fixture that built its own, e.g.::
+
+        shared = cached_shapes(4, images_per_class=6, test_images_per_class=3, data_seed=5,
+                               views=3, noise_rate=0.25, seed=2)
+        return shared.model, shared.tokenizer, shared.cache, shared.weights
+    """
+    from fastprompt.data.cache import DEFAULT_CHUNK_SIZE, CacheSpec, build_feature_cache
+    model, preprocess_train, preprocess_val, tokenizer = tiny_clip
+    base = tmp_path_factory.mktemp("cached_shapes")
+    built: dict = {}
+
+    def make(classes=4, *, views=2, shots=None, noise_rate=0.0, noise_type="symmetric", seed=1,
+             batch_size=128, chunk_size=DEFAULT_CHUNK_SIZE, images_per_class=5,
+             test_images_per_class=2, size=64, data_seed=3) -> CachedShapes:
+        data = dict(images_per_class=images_per_class,
+                    test_images_per_class=test_images_per_class, size=size, data_seed=data_seed)
+        options = dict(views=views, shots=shots, noise_rate=noise_rate, noise_type=noise_type,
+                       seed=seed, batch_size=batch_size, chunk_size=chunk_size)
+        key = (classes, tuple(sorted(data.items())), tuple(sorted(options.items())))
+        if key not in built:
+            root, splits = shapes_data(classes, **data)
+            spec = CacheSpec(model, "fastprompt-tiny", preprocess_train, preprocess_val, splits,
+                             **options)
+            folder = base / f"cache-{len(built)}"
+            folder.mkdir()
+            cache = build_feature_cache(folder / "cache.safetensors", spec, progress=False)
+            built[key] = CachedShapes(root, splits, spec, cache, model, preprocess_train,
+                                      preprocess_val, tokenizer, tiny_weights)
+        return built[key]
+    return make

@@ -5,8 +5,6 @@ import argparse
 import os
 import sys
 
-from fastprompt._checks import slug
-
 
 # ---------------------------------------------------------------------------------------------
 # Arguments shared by several commands
@@ -200,28 +198,11 @@ def _load_model(args, image_tower: bool = True):
     return model, preprocess_train, preprocess_val, tokenizer, device
 
 
-def _check_cache_weights(path: str, model, rebuild: bool) -> None:
-    """Refuse an existing cache file built with other weights than ``model``'s (unless
-    ``rebuild``), before ``build_or_load_cache`` would silently rebuild it over."""
-    from fastprompt.data import load_cache
-    from fastprompt.models.weights import model_weights_hash
-    if rebuild or not os.path.isfile(path):
-        return
-    try:
-        cached = load_cache(path, verify=False).fingerprint.get("model_weights")
-    except ValueError:
-        return  # damaged: rebuilt, with a warning that says why
-    if cached != model_weights_hash(model):
-        raise ValueError(f"--cache: {path} was built with other model weights than "
-                         "--model/--pretrained give; pass --rebuild-cache to rebuild it, or "
-                         "another --cache file")
-
-
 def _build_cache(args, path, model, preprocess_train, preprocess_val, progress=None):
-    from fastprompt.data import build_or_load_cache
+    from fastprompt.data.cache import build_or_load_cache, check_cache_weights
     if not args.data:
         raise ValueError("--data: a data folder is required (or --cache FILE of a built cache)")
-    _check_cache_weights(path, model, args.rebuild_cache)
+    check_cache_weights(path, model, args.rebuild_cache)
     # Unreadable images are skipped with a warning that counts and names them.
     splits = _data_source(args).load(shots=args.shots)
     _print_classes(splits.classnames, "" if args.subsample == "all" else f" ({args.subsample} half)")
@@ -246,21 +227,6 @@ def _print_classes(classnames, where: str = "") -> None:
     shown = ", ".join(repr(c) for c in classnames[:5])
     more = f", ... ({len(classnames)} in all)" if len(classnames) > 5 else ""
     print(f"fastprompt: {len(classnames)} classes{where}: {shown}{more}", file=sys.stderr)
-
-
-def _load_trained_cache(path: str, model, model_name: str):
-    """A cache given by ``--cache`` alone, checked against the model it must have been built
-    with (name and weights)."""
-    from fastprompt.data import load_cache
-    from fastprompt.models.weights import model_weights_hash
-    cache = load_cache(path)
-    if cache.fingerprint.get("model_name") != model_name:
-        raise ValueError(f"--cache: {path} was built with model "
-                         f"{cache.fingerprint.get('model_name')!r}, not {model_name!r}")
-    if cache.fingerprint.get("model_weights") != model_weights_hash(model):
-        raise ValueError(f"--cache: {path} was built with other weights of {model_name!r} than "
-                         "--pretrained gives; rebuild it with --data DIR --rebuild-cache")
-    return cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +267,7 @@ def _print_ranks(classes: str) -> None:
 
 
 def _cmd_train_coop(args) -> int:
+    from fastprompt.data.cache import load_cache_for
     from fastprompt.train import train_run
     from fastprompt.train.class_sharding import shard_bounds
     from fastprompt.train.distributed import world_size
@@ -323,7 +290,7 @@ def _cmd_train_coop(args) -> int:
     # Training from a built cache never encodes an image: the image tower is not loaded.
     model, pt, pv, tokenizer, device = _load_model(args, image_tower=not from_cache)
     if from_cache:
-        cache = _load_trained_cache(args.cache, model, args.model)
+        cache = load_cache_for(args.cache, model, args.model)
     else:
         # Under torchrun every rank encodes its share of the cache's chunks (through files).
         cache = _build_cache(args, args.cache or os.path.join(args.out, "features.safetensors"),
@@ -365,7 +332,7 @@ def _progress(args) -> bool | None:
 def cmd_train_softcpt(args) -> int:
     """``fastprompt train --method softcpt``: read and check every task, then cache each task's
     features under ``OUT/features/`` and train. Bad input writes nothing."""
-    from fastprompt.data import build_or_load_cache
+    from fastprompt.data.cache import build_or_load_cache, check_cache_weights, task_cache_path
     from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
     from fastprompt.train import Task, train_softcpt_run
     from fastprompt.train.files import refuse_existing_run
@@ -403,8 +370,8 @@ def cmd_train_softcpt(args) -> int:
     model, pt, pv, tokenizer, device = _load_model(args)
     tasks = []
     for i, (spec, split) in enumerate(zip(specs, splits)):
-        path = os.path.join(args.out, "features", f"{i:02d}-{slug(spec.name, lower=True, max_length=40, default='task')}.safetensors")
-        _check_cache_weights(path, model, args.rebuild_cache)
+        path = task_cache_path(args.out, i, spec.name)
+        check_cache_weights(path, model, args.rebuild_cache)
         _print_classes(split.classnames, f" in task {spec.name!r}")
         cache = build_or_load_cache(path, model, args.model, pt, pv, split, views=args.views,
                                     shots=args.shots, noise_rate=args.noise_rate,

@@ -31,7 +31,7 @@ import torch
 
 from fastprompt._io import write_json_atomic
 from fastprompt.data import build_or_load_cache, load_cache
-from fastprompt.data.noisy_cache import noisy_variant
+from fastprompt.data.cache import noisy_variant
 from fastprompt.models import create_model
 from fastprompt.protocols.evaluation import base_to_new, evaluate_on_data
 from fastprompt.protocols.plots import CURVES, plot_curves

@@ -4,15 +4,12 @@ import os
 import pytest
 from PIL import Image
 
-from fastprompt.data import make_shapes_dataset
-
 
 @pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory):
-    """A generated 4-class shapes data set: 5 train and 2 test images per class."""
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    make_shapes_dataset(root, num_classes=4, images_per_class=5, test_images_per_class=2, seed=3)
-    return root
+def shapes_root(shapes_data):
+    """A generated 4-class shapes data set: 5 train and 2 test images per class (the default
+    data set of ``shapes_data`` and ``cached_shapes``; shared, not to be changed)."""
+    return shapes_data(4, images_per_class=5, test_images_per_class=2, data_seed=3)[0]
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import fastprompt
-from fastprompt.data import (build_feature_cache, class_soft_labels, instance_soft_labels,
-                             load_image_folder)
+from fastprompt.data import class_soft_labels, instance_soft_labels
 from fastprompt.models import zeroshot_text_features
 
 
@@ -94,11 +93,10 @@ def test_instance_soft_labels_bad_input():
         instance_soft_labels(feats, torch.tensor([0, 1, 1, 0]), text, scale=-1.0)
 
 
-def test_tables_feed_clip_cross_entropy(tmp_path, shapes_root, tiny_clip, monkeypatch):
+def test_tables_feed_clip_cross_entropy(cached_shapes, monkeypatch):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "reference")
-    model, pre_train, pre_val, tokenizer = tiny_clip
-    cache = build_feature_cache(tmp_path / "c.st", model, "fastprompt-tiny", pre_train, pre_val,
-                                load_image_folder(shapes_root), views=2, shots=2, progress=False)
+    shared = cached_shapes()
+    model, tokenizer, cache = shared.model, shared.tokenizer, shared.cache
     text = zeroshot_text_features(model, tokenizer, cache.classnames)
     isl = instance_soft_labels(cache.train_features, cache.train_sample_index, text,
                                scale=model.logit_scale.exp().item(),

@@ -11,7 +11,7 @@ import torch
 
 from fastprompt.cli import main
 from fastprompt.data import build_or_load_cache, load_cache, make_shapes_dataset
-from fastprompt.data.noisy_cache import noisy_variant
+from fastprompt.data.cache import noisy_variant
 from fastprompt.protocols.sweep import run_sweep
 from fastprompt.protocols.sweep_grid import load_spec, parse_method
 

@@ -12,31 +12,34 @@ import torch
 from safetensors.torch import load_file
 
 from fastprompt.data import (build_feature_cache, encode_cache_chunks, load_cache,
-                             load_image_folder, make_shapes_dataset, merge_cache_chunks,
-                             plan_feature_cache)
-from fastprompt.data import cache as cache_module
+                             load_image_folder, merge_cache_chunks, plan_feature_cache)
+from fastprompt.data.cache import encode as encode_module
+from fastprompt.data.cache import torchrun_rank
+from fastprompt.data.cache.stream import read_header
 
 NAME = "fastprompt-tiny"
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_cache_merge.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "..", "bench",
+                     "bench_cache_merge.py")
 # 20 training images x 2 views in encoder batches of 2 images: 5 chunks of 4 images (8 views),
 # and the 8 test images in one chunk.
 SMALL = dict(views=2, batch_size=4, chunk_size=8, progress=False)
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chunks") / "shapes"
-    make_shapes_dataset(root, num_classes=4, images_per_class=5, test_images_per_class=2, seed=5)
-    return root
+def shared(cached_shapes):
+    """The shared 4-class shapes set (5 training, 2 test images per class) and its cache, built
+    by one process with ``SMALL``."""
+    return cached_shapes(4, **{k: v for k, v in SMALL.items() if k != "progress"})
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, shapes, tiny_clip):
-    """The cache of ``shapes`` built by one process with ``SMALL``."""
-    model, pre_train, pre_val, _ = tiny_clip
-    path = tmp_path_factory.mktemp("single") / "single.st"
-    return build_feature_cache(path, model, NAME, pre_train, pre_val, load_image_folder(shapes),
-                               **SMALL)
+def shapes(shared):
+    return shared.root
+
+
+@pytest.fixture(scope="module")
+def single(shared):
+    return shared.cache
 
 
 def _assert_same(a, b):
@@ -63,7 +66,7 @@ def test_chunks_align_with_encoder_batches_and_change_nothing(tmp_path, shapes, 
     _assert_same(single, whole)
     assert load_cache(single.path).fingerprint == whole.fingerprint   # checksum verified
     assert os.listdir(tmp_path) == ["whole.st"]                       # chunk folder removed
-    assert os.listdir(os.path.dirname(single.path)) == ["single.st"]
+    assert os.listdir(os.path.dirname(single.path)) == [os.path.basename(single.path)]
 
 
 def test_merged_file_is_a_plain_safetensors_file(single):
@@ -76,7 +79,7 @@ def test_merged_file_is_a_plain_safetensors_file(single):
     blob = b"\0".join(os.fsencode(p) for p in cache.train_paths)
     assert tensors["train_paths"].numpy().tobytes() == blob
     # Every tensor starts at a multiple of its element size, as save_file lays them out.
-    header, start = cache_module.read_header(cache.path)
+    header, start = read_header(cache.path)
     for name, info in header.items():
         if name != "__metadata__":
             assert (start + info["data_offsets"][0]) % tensors[name].element_size() == 0, name
@@ -105,16 +108,16 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, shapes, single):
 
 _KILLED_BUILD = """
 import os, signal, sys
-import fastprompt.data.cache as cache
+import fastprompt.data.cache.encode as encode
 from fastprompt.data import build_feature_cache, load_image_folder
 from fastprompt.models import TINY_MODEL, create_model
-real, written = cache._write_chunk, []
+real, written = encode.write_chunk, []
 def write_then_die(plan, chunk, features):
     real(plan, chunk, features)
     written.append(chunk.index)
     if len(written) == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)   # no clean-up of any kind
-cache._write_chunk = write_then_die
+encode.write_chunk = write_then_die
 model, pre_train, pre_val, _ = create_model(TINY_MODEL)
 build_feature_cache(sys.argv[2], model, "fastprompt-tiny", pre_train, pre_val,
                     load_image_folder(sys.argv[1]), **{kwargs})
@@ -143,8 +146,8 @@ def test_killed_build_resumes_with_the_missing_and_damaged_chunks(tmp_path, shap
         f.truncate(os.path.getsize(plan.chunk_path(truncated)) - 2)
 
     encoded = []
-    real = cache_module._write_chunk
-    monkeypatch.setattr(cache_module, "_write_chunk",
+    real = encode_module.write_chunk
+    monkeypatch.setattr(encode_module, "write_chunk",
                         lambda plan, chunk, f: (encoded.append(chunk.index), real(plan, chunk, f)))
     resumed = build_feature_cache(path, model, NAME, pre_train, pre_val, splits, **SMALL)
     missing = set(range(len(plan.chunks))) - set(present)
@@ -190,7 +193,7 @@ def test_bad_chunk_size_plan_and_launch_environment(tmp_path, shapes, tiny_clip,
         build_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits, **SMALL)
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(ValueError, match="^RANK: environment variable is 'one'"):
-        cache_module.torchrun_rank()
+        torchrun_rank()
     assert os.listdir(tmp_path) == []
 
 

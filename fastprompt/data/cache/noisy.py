@@ -9,41 +9,46 @@ command line reuse it as their own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable
 
 import torch
 
 from fastprompt._io import atomic_write
-from fastprompt.data.cache import (CACHE_FORMAT, FeatureCache, cache_fingerprint, cache_lock,
-                                   load_cache)
-from fastprompt.data.safetensors_stream import (TensorSource, file_sources, raw_bytes,
-                                                streaming_checksum, write_streaming)
-from fastprompt.data.folders import DatasetSplits
+from fastprompt.data.cache.build import cache_lock
+from fastprompt.data.cache.load import FeatureCache, load_cache
+from fastprompt.data.cache.spec import CACHE_FORMAT, CacheSpec, as_spec
+from fastprompt.data.cache.stream import (TensorSource, file_sources, raw_bytes,
+                                          streaming_checksum, write_streaming)
 from fastprompt.data.sampling import add_label_noise
 
 
-def noisy_variant(clean: FeatureCache, path, model: torch.nn.Module, model_name: str,
-                  preprocess_train: Callable, preprocess_val: Callable, splits: DatasetSplits, *,
-                  noise_rate: float, noise_type: str = "symmetric") -> FeatureCache:
-    """The cache ``build_or_load_cache(path, ..., noise_rate=, noise_type=)`` would give, derived
-    from ``clean`` (built from the same model, transforms, ``splits``, shots, seed and views
-    with no label noise) instead of encoding the images again. An existing valid file at
-    ``path`` is loaded as it is."""
+def noisy_variant(clean: FeatureCache, path, spec: CacheSpec | torch.nn.Module | None = None,
+                  *args, **spec_args) -> FeatureCache:
+    """The cache ``build_or_load_cache(path, spec)`` would give, derived from ``clean`` (built
+    from ``spec`` with no label noise) instead of encoding the images again. An existing valid
+    file at ``path`` is loaded as it is.
+
+    As in 0.1, ``noisy_variant(clean, path, model, model_name, preprocess_train,
+    preprocess_val, splits, noise_rate=..., noise_type=...)`` works too: the views, shots and
+    seed are then ``clean``'s.
+    """
+    if not isinstance(spec, CacheSpec):
+        if "noise_rate" not in spec_args:
+            raise TypeError("noisy_variant() missing the keyword argument 'noise_rate'")
+        fp = clean.fingerprint
+        spec_args = {"views": fp["views"], "shots": fp["shots"], "seed": fp["seed"],
+                     **spec_args}
+    spec = as_spec(spec, args, spec_args)
     fp = clean.fingerprint
     if fp.get("noise_rate") != 0.0:
         raise ValueError(f"clean: {clean.path!r} holds noisy labels (rate {fp.get('noise_rate')}); "
                          "derive variants from a cache without label noise")
-    def fingerprint(rate, kind):
-        return cache_fingerprint(model, model_name, preprocess_train, preprocess_val, splits,
-                                 views=fp["views"], shots=fp["shots"], noise_rate=rate,
-                                 noise_type=kind, seed=fp["seed"])
-
-    if fingerprint(0.0, fp["noise_type"]) != fp:
+    if dataclasses.replace(spec, noise_rate=0.0, noise_type=fp["noise_type"]).fingerprint() != fp:
         raise ValueError(f"clean: {clean.path!r} was not built from these model, transforms, "
                          "splits and settings")
-    expected = fingerprint(noise_rate, noise_type)
+    expected = spec.fingerprint()
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(path):
         try:
@@ -51,9 +56,9 @@ def noisy_variant(clean: FeatureCache, path, model: torch.nn.Module, model_name:
         except ValueError:
             pass  # stale or damaged: written again below
     m = clean.num_train_images
-    noisy = add_label_noise(clean.train_clean_labels[:m].tolist(), clean.num_classes, noise_rate,
-                            noise_type, seed=fp["seed"])
-    labels = torch.tensor(noisy, dtype=torch.int64).repeat(fp["views"])
+    noisy = add_label_noise(clean.train_clean_labels[:m].tolist(), clean.num_classes,
+                            spec.noise_rate, spec.noise_type, seed=spec.seed)
+    labels = torch.tensor(noisy, dtype=torch.int64).repeat(spec.views)
     with cache_lock(path):
         # Streamed from the clean file: no copy of the features in memory.
         sources = [s for s in file_sources(clean.path) if s.name != "train_labels"]

@@ -1,5 +1,6 @@
-"""The feature cache: contents against a direct encoder run, reproducibility, fingerprints,
-rebuilds, and damaged files. Uses fastprompt-tiny (64x64 images, D = 64)."""
+"""Building a feature cache (fastprompt.data.cache.build, encode): contents against a direct
+encoder run, views and flips, reproducibility, fingerprint mismatches rebuilt, undecodable
+images. Uses fastprompt-tiny (64x64 images, D = 64)."""
 import copy
 import logging
 import os
@@ -12,6 +13,7 @@ from PIL import Image
 from fastprompt.data import (DatasetSplits, add_label_noise, build_feature_cache,
                              build_or_load_cache, cache_fingerprint, load_cache,
                              load_image_folder, make_shapes_dataset)
+from fastprompt.data.cache import CacheSpec
 
 NAME = "fastprompt-tiny"
 
@@ -40,9 +42,9 @@ def test_layout_labels_and_features(tmp_path, shapes_root, tiny_clip):
     splits = load_image_folder(shapes_root)
     seed, views = _seed(), 3
     path = tmp_path / "cache.safetensors"
-    cache = build_feature_cache(path, model, NAME, pre_train, pre_val, splits, views=views,
-                                shots=3, noise_rate=0.5, noise_type="pairflip", seed=seed,
-                                progress=False)
+    spec = CacheSpec(model, NAME, pre_train, pre_val, splits, views=views, shots=3,
+                     noise_rate=0.5, noise_type="pairflip", seed=seed)
+    cache = build_feature_cache(path, spec, progress=False)
     m, c = 12, 4
     assert cache.num_train_images == m and cache.views == views and cache.feature_dim == 64
     assert cache.classnames == splits.classnames
@@ -157,49 +159,6 @@ def test_fingerprint_mismatch_refused_and_rebuilt(tmp_path, tiny_clip, caplog):
                for r in caplog.records)
 
 
-def _data_offset(path):
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
-def test_damaged_files_are_named(tmp_path, tiny_clip, caplog):
-    model, pre_train, pre_val, _ = tiny_clip
-    splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
-                                 test_images_per_class=1)
-    path = tmp_path / "c.st"
-    good = build_feature_cache(path, model, NAME, pre_train, pre_val, splits, views=2,
-                               progress=False).train_features.clone()
-    content = path.read_bytes()  # the file is rewritten in place below: keep no mapping of it
-    damaged = "^path: feature cache .*c\\.st.* truncated or corrupt"
-
-    path.write_bytes(content[: len(content) - 37])
-    with pytest.raises(ValueError, match=damaged):
-        load_cache(path)
-    start = _data_offset(path)
-    flipped = bytearray(content)
-    flipped[(start + len(content)) // 2] ^= 0x40
-    path.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match=damaged + ".*checksum"):
-        load_cache(path)
-    assert load_cache(path, verify=False).train_features.shape == good.shape
-    path.write_bytes(b"\x00" * 5)
-    with pytest.raises(ValueError, match=damaged):
-        load_cache(path)
-    from safetensors.torch import save_file
-    save_file({"x": torch.zeros(2)}, str(path))
-    with pytest.raises(ValueError, match=damaged + ".*format"):
-        load_cache(path)
-    with pytest.raises(FileNotFoundError, match="^path: no feature cache"):
-        load_cache(tmp_path / "missing.st")
-
-    path.write_bytes(content[:100])
-    with caplog.at_level(logging.WARNING, logger="fastprompt.data"):
-        rebuilt = build_or_load_cache(path, model, NAME, pre_train, pre_val, splits, views=2,
-                                      progress=False)
-    assert torch.equal(rebuilt.train_features, good)
-    assert any("truncated or corrupt" in r.getMessage() for r in caplog.records)
-
-
 def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_clip):
     model, pre_train, pre_val, _ = tiny_clip
     splits = make_shapes_dataset(tmp_path / "d", num_classes=2, images_per_class=2,
@@ -211,48 +170,3 @@ def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_clip):
         build_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits, views=1,
                             progress=False)
     assert not os.path.exists(tmp_path / "c.st")
-
-
-def test_bad_arguments(tmp_path, shapes_root, tiny_clip):
-    model, pre_train, pre_val, _ = tiny_clip
-    splits = load_image_folder(shapes_root)
-    path = tmp_path / "c.st"
-    with pytest.raises(ValueError, match="^views: expected an int >= 1"):
-        build_feature_cache(path, model, NAME, pre_train, pre_val, splits, views=0)
-    with pytest.raises(ValueError, match="^shots: 6 per class requested"):
-        build_feature_cache(path, model, NAME, pre_train, pre_val, splits, shots=6)
-    with pytest.raises(TypeError, match="^model: expected an open_clip model"):
-        build_feature_cache(path, torch.nn.Linear(2, 2), NAME, pre_train, pre_val, splits)
-    with pytest.raises(TypeError, match="^splits: expected a DatasetSplits"):
-        build_feature_cache(path, model, NAME, pre_train, pre_val, splits.train)
-    with pytest.raises(ValueError, match="^noise_type"):
-        build_feature_cache(path, model, NAME, pre_train, pre_val, splits, noise_type="x")
-    with pytest.raises(ValueError, match="^batch_size"):
-        build_feature_cache(path, model, NAME, pre_train, pre_val, splits, batch_size=0)
-
-
-def test_weights_hash_is_remembered_by_file_size_and_mtime(tmp_path, tiny_weights, monkeypatch):
-    """A model loaded from a file is hashed once per (file, size, mtime, name, precision);
-    a touched file is hashed again (issue 14, item 20)."""
-    import shutil
-
-    from fastprompt.models import create_model, model_weights_hash
-    from fastprompt.models import weights as weights_module
-    monkeypatch.setenv("FASTPROMPT_CACHE_DIR", str(tmp_path / "memo"))
-    weights = tmp_path / "w.safetensors"
-    shutil.copy(tiny_weights, weights)
-    model = create_model("fastprompt-tiny", str(weights))[0]
-    first = model_weights_hash(model)
-    assert (tmp_path / "memo" / "weights-hashes.json").exists()
-    calls = []
-    real = weights_module.update_tensor_hash
-    monkeypatch.setattr(weights_module, "update_tensor_hash",
-                        lambda *a: (calls.append(1), real(*a)))
-    again = create_model("fastprompt-tiny", str(weights))[0]
-    assert model_weights_hash(again) == first and calls == []
-    os.utime(weights, ns=(1, 1))
-    touched = create_model("fastprompt-tiny", str(weights))[0]
-    assert model_weights_hash(touched) == first and calls  # recomputed, same weights
-    plain = create_model("fastprompt-tiny")[0]   # no file: always computed
-    calls.clear()
-    assert model_weights_hash(plain) == first and calls
