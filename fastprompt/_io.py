@@ -11,6 +11,7 @@ ONNX models, Triton configs). Needs no torch: serving imports it too.
 * Locks: ``exclusive_lock`` (an ``flock`` on a lock file that names the holder's pid) keeps two
   processes from writing one run folder or one cache at the same time.
 * Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
+* ``IMAGE_EXTENSIONS``: the file names read as images, for data sets and serving alike.
 * Progress: ``progress_bar`` is a tqdm bar on a terminal and plain log lines elsewhere (CI
   logs, scripts), so a long step never looks hung.
 """
@@ -29,6 +30,9 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
+# File names read as images, by data-set readers and by ``fastprompt predict`` on folders alike.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm")
 
 
 class LockedError(RuntimeError):

@@ -1,7 +1,7 @@
 """ONNX export with the text side baked in (torch, onnx), and the Triton model repository.
 
-Names are imported on first use (PEP 562), so ``fastprompt.export.metadata`` and
-``fastprompt.serve`` load without torch.
+Names are imported on first use (PEP 562): ``fastprompt.export.ModelInfo`` (which lives in
+``fastprompt.serve.metadata``) and ``OnnxClassifier`` load without torch.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ _LAZY = {
     "EvaluationSet": "fastprompt.export.agreement",
     "EnsembleReport": "fastprompt.export.ensemble",
     "export_ensemble": "fastprompt.export.ensemble",
-    "ModelInfo": "fastprompt.export.metadata",
-    "read_metadata_props": "fastprompt.export.metadata",
+    "ModelInfo": "fastprompt.serve.metadata",
+    "read_metadata_props": "fastprompt.serve.metadata",
     "OnnxClassifier": "fastprompt.serve",
 }
 

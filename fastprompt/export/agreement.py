@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from fastprompt.export.metadata import ModelInfo
+from fastprompt.serve.metadata import ModelInfo
 from fastprompt.serve import CPU, ImagePreprocessor, cpu_description, create_session
 
 AGREEMENT_FILE = "agreement.json"

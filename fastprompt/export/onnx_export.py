@@ -34,7 +34,7 @@ from fastprompt.export import triton
 from fastprompt.export.agreement import (AGREEMENT_FILE, DEFAULT_MIN_AGREEMENT, AgreementReport,
                                          EvaluationSet, check_min_agreement, head_nodes,
                                          measure_agreement, quantize_int8)
-from fastprompt.export.metadata import PREFIX, ModelInfo
+from fastprompt.serve.metadata import PREFIX, ModelInfo
 from fastprompt.serve import CPU, create_session, default_providers
 
 MODEL_FILE = "model.onnx"

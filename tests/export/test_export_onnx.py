@@ -18,7 +18,7 @@ import fastprompt
 from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
 from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
 from fastprompt.export import onnx_export
-from fastprompt.export.metadata import read_metadata_props
+from fastprompt.serve.metadata import read_metadata_props
 
 
 def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, seed):

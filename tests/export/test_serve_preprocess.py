@@ -9,7 +9,7 @@ import pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from exportlib import random_image
-from fastprompt.export.metadata import ModelInfo
+from fastprompt.serve.metadata import ModelInfo
 from fastprompt.serve import ImagePreprocessor
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
