@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-import time
+
+from fastprompt._io import Progress
 
 DEFAULT_AGREEMENT_LIMIT = 512
 
@@ -245,30 +246,6 @@ def evaluation_set(run_dir: str, task: str | None, head_only: bool, limit: int):
 # predict (onnxruntime, numpy and Pillow only)
 
 
-class Progress:
-    """``done/total`` and images/s on stderr: redrawn in place on a terminal, else a line every
-    ``interval`` seconds, so logs of long runs show that work goes on."""
-
-    def __init__(self, total: int, enabled: bool, interval: float = 10.0):
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.interval = 0.2 if self.tty else interval
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.interval or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            text = f"predict: {self.done}/{self.total} images ({rate:.1f} img/s)"
-            if self.tty:
-                end = "\n" if self.done == self.total else ""
-                print(f"\r{text}", end=end, file=sys.stderr, flush=True)
-            else:
-                print(text, file=sys.stderr, flush=True)
-
-
 def run_predict(args: argparse.Namespace) -> int:
     from fastprompt.serve import CPU, CUDA, OnnxClassifier, list_images, read_image_list
     providers = {"auto": None, "cpu": [CPU], "cuda": [CUDA, CPU]}[args.provider]
@@ -281,24 +258,26 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError("images: name image files or folders, or --list FILE")
         paths = list_images(sources)
         classifier = OnnxClassifier(args.model, providers, batch_size=args.batch_size)
-        progress = Progress(len(paths), sys.stderr.isatty() if args.progress is None else args.progress)
+        tty = sys.stderr.isatty()
         results = []
-        for image, top, error in classifier.iter_predict(paths, top_k=args.top_k,
-                                                         skip_unreadable=args.skip_unreadable):
-            progress.update()
-            failed += error is not None
-            entry = ({"image": image, "error": error} if error is not None else
-                     {"image": image, "top_k": [{"class": c, "prob": p} for c, p in top]})
-            if args.jsonl:
-                print(json.dumps(entry, ensure_ascii=False), flush=True)
-            elif args.json:
-                results.append(entry)
-            elif error is not None:
-                print(f"{image}\n  error: {error}")
-            else:
-                print(image)
-                for c, p in top:
-                    print(f"  {p:.4f}  {c}")
+        with Progress(len(paths), "predict", "images", rate="img/s", redraw=tty,
+                      enabled=tty if args.progress is None else args.progress) as progress:
+            for image, top, error in classifier.iter_predict(paths, top_k=args.top_k,
+                                                             skip_unreadable=args.skip_unreadable):
+                progress.update()
+                failed += error is not None
+                entry = ({"image": image, "error": error} if error is not None else
+                         {"image": image, "top_k": [{"class": c, "prob": p} for c, p in top]})
+                if args.jsonl:
+                    print(json.dumps(entry, ensure_ascii=False), flush=True)
+                elif args.json:
+                    results.append(entry)
+                elif error is not None:
+                    print(f"{image}\n  error: {error}")
+                else:
+                    print(image)
+                    for c, p in top:
+                        print(f"  {p:.4f}  {c}")
         if args.json:
             print(json.dumps(results, ensure_ascii=False))
     except (ValueError, TypeError, RuntimeError) as e:
