@@ -17,7 +17,7 @@ import torch
 import fastprompt
 from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
 from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
-from fastprompt.export import onnx_export
+from fastprompt.export import graph, verify
 from fastprompt.serve.metadata import read_metadata_props
 
 
@@ -35,7 +35,7 @@ def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, se
 @pytest.mark.parametrize("batch_sizes", [(1, 3, 7, 8)])
 def test_tiny_parity_dynamic_batch(tiny, class_embeddings, tiny_export, batch_sizes, seed):
     out, report = tiny_export
-    assert report.verified and report.max_abs_diff_probs <= onnx_export.FP32_PROBS_ATOL
+    assert report.verified and report.max_abs_diff_probs <= verify.FP32_PROBS_ATOL
     clf = OnnxClassifier(out / "model.onnx", batch_size=5)  # 7 and 8 also cross a chunk boundary
     check_parity(clf, tiny[0].visual, class_embeddings, SCALE, (3, 64, 64), batch_sizes, seed)
 
@@ -127,7 +127,7 @@ def test_fp16(tiny, class_embeddings, tmp_path, seed):
 
 
 def test_external_data(class_embeddings, tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     report = export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                          model_name="fastprompt-tiny", head_only=True)
     assert report.external_data
@@ -138,7 +138,7 @@ def test_external_data(class_embeddings, tmp_path, monkeypatch, seed):
         check_parity(OnnxClassifier(path), None, class_embeddings, SCALE, (64,), (1, 3),
                      seed)
     # Exporting again under the limit removes the data files the earlier export left.
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2**31)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 2**31)
     assert not export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                            model_name="fastprompt-tiny", head_only=True).external_data
     assert not data.exists() and not repo_data.exists()
@@ -148,7 +148,7 @@ def test_failed_verification_keeps_previous_export(class_embeddings, tiny_export
                                                    monkeypatch):
     shutil.copytree(tiny_export[0], tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "model.onnx").read_bytes()
-    monkeypatch.setattr(onnx_export, "FP32_PROBS_ATOL", -1.0)  # nothing can pass
+    monkeypatch.setattr(verify, "FP32_PROBS_ATOL", -1.0)  # nothing can pass
     with pytest.raises(ExportVerificationError, match="probs atol -1") as e:
         export_onnx(None, class_embeddings[:3], CLASS_NAMES[:3], tmp_path, scale=2.0,
                     model_name="m", head_only=True)
@@ -161,14 +161,14 @@ def test_failed_verification_keeps_previous_export(class_embeddings, tiny_export
 
 def test_export_leaves_the_callers_model_alone(tiny):
     visual = tiny[0].visual
-    assert onnx_export._plain_fp32_cpu(visual) is visual  # eval, fp32, CPU: used as is
+    assert graph.plain_fp32_cpu(visual) is visual  # eval, fp32, CPU: used as is
     visual.train()
     try:
-        exported = onnx_export._plain_fp32_cpu(visual)
+        exported = graph.plain_fp32_cpu(visual)
         assert exported is not visual and not exported.training and visual.training
     finally:
         visual.eval()
-    half = onnx_export._plain_fp32_cpu(torch.nn.Linear(3, 2).half())
+    half = graph.plain_fp32_cpu(torch.nn.Linear(3, 2).half())
     assert half.weight.dtype == torch.float32
 
 
