@@ -284,6 +284,7 @@ def progress_bar(total: int, desc: str, progress: bool | None, *, unit: str = "i
     nothing, ``True`` forces the bar."""
     if progress is None and not sys.stderr.isatty():
         return Progress(total, desc, unit, initial)
-    from tqdm.auto import tqdm  # here: tqdm is not installed with serving, which imports this module
+    # Imported here: serving imports this module and has no tqdm.
+    from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=progress is False,
                 dynamic_ncols=True)

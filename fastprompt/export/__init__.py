@@ -21,6 +21,7 @@ _LAZY = {
     "AgreementError": "fastprompt.export.agreement",
     "AgreementReport": "fastprompt.export.agreement",
     "EvaluationSet": "fastprompt.export.agreement",
+    "TritonSettings": "fastprompt.export.triton",
     "EnsembleReport": "fastprompt.export.ensemble",
     "export_ensemble": "fastprompt.export.ensemble",
     "ModelInfo": "fastprompt.serve.metadata",

@@ -15,17 +15,18 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 import torch
 import torch.nn as nn
 
-from fastprompt.export import triton
 from fastprompt.export.checks import check_image_model
 from fastprompt.export.graph import (MODEL_FILE, io_graph, plain_fp32_cpu, preprocess_fields,
                                      save_checked, set_producer, to_onnx)
 from fastprompt.export.onnx_export import export_onnx
+from fastprompt.export.triton import (DEFAULT_MODEL_NAME, TritonSettings, check_not_linked,
+                                      settings_or_default, write_ensemble, write_model_repository)
 from fastprompt.export.verify import encoder_parity
 
 ENCODER = "image_encoder"
@@ -76,22 +77,28 @@ def model_name_for(task: str, taken: set[str]) -> str:
 
 def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[str]]],
                     out_dir: str | os.PathLike, *, scale: float, model_name: str,
-                    method: dict | None = None, triton_max_batch_size: int = 64,
-                    triton_gpu: bool = False, triton_instances: int | None = None,
-                    triton_queue_delay_us: int = triton.DEFAULT_QUEUE_DELAY_US,
+                    method: dict | None = None, triton: TritonSettings | None = None,
                     verify: bool = True, opset: int | None = None,
                     seed: int | None = None) -> EnsembleReport:
     """Write the ensemble repository for ``tasks`` (task name -> (C x E class embeddings, C class
     names)) into ``out_dir``. Every model is built and checked in a staging folder first; the
-    folders it replaces are swapped only when all of them are ready."""
+    folders it replaces are swapped only when all of them are ready.
+
+    ``triton``: batch size, instances and queue delay of every model (``TritonSettings``; None:
+    the defaults, CPU instances). The ensemble names its models itself and runs them in float32
+    without TensorRT, so ``name`` and ``tensorrt`` keep their defaults."""
     start = time.perf_counter()
     if not isinstance(tasks, dict) or not tasks:
         raise ValueError("tasks: expected a non-empty dict of task name -> (class embeddings, "
                          "class names)")
     check_image_model(model)
-    settings = dict(max_batch_size=triton_max_batch_size, gpu=triton_gpu,
-                    instances=triton_instances, queue_delay_us=triton_queue_delay_us)
-    encoder_settings = triton.TritonSettings.create(name=ENCODER, **settings)
+    settings = settings_or_default(triton)
+    if settings.name != DEFAULT_MODEL_NAME:
+        raise ValueError(f"triton_name: the ensemble names its models itself ({ENCODER}, "
+                         f"<task>_head, <task>), got {settings.name!r}")
+    if settings.tensorrt:
+        raise ValueError("triton_tensorrt: the ensemble's models run without TensorRT")
+    encoder_settings = replace(settings, name=ENCODER).for_model("float32")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     names, taken = {}, set()
@@ -101,7 +108,7 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
     for name in [ENCODER, *names.values(), *(n + "_head" for n in names.values())]:
-        triton.check_not_linked(out_dir, name)
+        check_not_linked(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".ensemble-")
     try:
@@ -114,17 +121,17 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
             head_reports[task] = (name, export_onnx(
                 model, embeddings, class_names, work, scale=scale, model_name=model_name,
                 method={**(method or {}), "task": task}, head_only=True,
-                triton_name=f"{name}_head", verify=verify, opset=opset, seed=seed, **{
-                    f"triton_{k}": v for k, v in settings.items()}))
+                triton=replace(settings, name=f"{name}_head"), verify=verify, opset=opset,
+                seed=seed))
             os.replace(os.path.join(work, f"{name}_head"), os.path.join(repo, f"{name}_head"))
         encoder, diff = _export_encoder(model, os.path.join(staging, "encoder"), opset, seed, verify)
         encoder_graph = io_graph(onnx.load(encoder).graph)
-        triton.write_model_repository(repo, encoder_settings, encoder, None, encoder_graph, None)
+        write_model_repository(repo, encoder_settings, encoder, None, encoder_graph, None)
         for task, (name, head) in head_reports.items():
             head_graph = io_graph(onnx.load(os.path.join(repo, f"{name}_head", "1",
                                                          MODEL_FILE)).graph)
-            triton.write_ensemble(repo, name, triton_max_batch_size, ENCODER, f"{name}_head",
-                                  encoder_graph, head_graph, tasks[task][1])
+            write_ensemble(repo, name, settings.max_batch_size, ENCODER, f"{name}_head",
+                           encoder_graph, head_graph, tasks[task][1])
         for folder in sorted(os.listdir(repo)):  # swap each model folder into place
             _replace_folder(os.path.join(repo, folder), os.path.join(out_dir, folder), staging)
     finally:

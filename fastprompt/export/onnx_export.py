@@ -23,7 +23,6 @@ import torch.nn as nn
 
 import fastprompt
 from fastprompt._io import remove_if_present, write_text_atomic
-from fastprompt.export import triton
 from fastprompt.export.agreement import (AGREEMENT_FILE, DEFAULT_MIN_AGREEMENT, AgreementReport,
                                          EvaluationSet, check_min_agreement, head_nodes,
                                          measure_agreement, quantize_int8)
@@ -34,6 +33,8 @@ from fastprompt.export.graph import (DATA_FILE, MODEL_FILE, BakedClassifier, bak
                                      check_file, io_graph, needs_external_data, plain_fp32_cpu,
                                      preprocess_fields, save_checked, set_metadata, set_producer,
                                      to_fp16, to_onnx)
+from fastprompt.export.triton import (TritonSettings, check_not_linked, settings_or_default,
+                                      write_model_repository)
 from fastprompt.export.verify import ExportVerificationError, Parity, classifier_parity
 from fastprompt.serve import CPU, default_providers
 from fastprompt.serve.metadata import ModelInfo
@@ -102,11 +103,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
                 out_dir: str | os.PathLike, *, scale: float, model_name: str,
                 method: dict | None = None, head_only: bool = False, fp16: bool = False,
                 int8: bool = False, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                evaluation: EvaluationSet | None = None,
-                triton_name: str = "fastprompt_classifier", triton_max_batch_size: int = 64,
-                triton_gpu: bool | None = None, triton_instances: int | None = None,
-                triton_tensorrt: bool = False,
-                triton_queue_delay_us: int = triton.DEFAULT_QUEUE_DELAY_US,
+                evaluation: EvaluationSet | None = None, triton: TritonSettings | None = None,
                 verify: bool = True, opset: int | None = None,
                 seed: int | None = None) -> ExportReport:
     """Export ``model``'s image tower with a baked classifier to ``out_dir/model.onnx``.
@@ -128,23 +125,21 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
             below this is refused (``AgreementError``, nothing written).
         evaluation: inputs for that comparison (``EvaluationSet``: the run's test images or
             features, with labels for accuracy); None: seeded random inputs.
-        triton_name: folder and model name in the Triton repository.
-        triton_max_batch_size: ``max_batch_size`` of the Triton config.
-        triton_gpu: KIND_GPU instances (None: when ``fp16``); else KIND_CPU.
-        triton_instances: instances per device (None: 2 per GPU, 1 on the CPU).
-        triton_tensorrt: ask Triton's onnxruntime backend for its TensorRT accelerator (GPU).
-        triton_queue_delay_us: how long Triton may hold a request to form a larger batch.
+        triton: the Triton model folder's name and config (``TritonSettings``: name, batch
+            size, GPU or CPU instances and how many, TensorRT, queue delay); None: the defaults
+            (``fastprompt_classifier``; GPU instances for fp16, else CPU).
         verify: run onnxruntime against torch before putting the file in place.
         opset: ONNX opset (None: the exporter's default).
         seed: seed of the random verification inputs (None: drawn, and reported).
 
     Returns an ``ExportReport``. Raises ``ExportVerificationError`` if the float32 graph disagrees
     with torch beyond the tolerance and ``AgreementError`` if the reduced model agrees too little
-    (both RuntimeErrors, both carrying the numbers in ``report``); either way any earlier export in ``out_dir`` is left untouched.
+    (both RuntimeErrors, both carrying the numbers in ``report``); either way any earlier export
+    in ``out_dir`` is left untouched.
     """
     start = time.perf_counter()
     for name, value in (("head_only", head_only), ("fp16", fp16), ("int8", int8),
-                        ("verify", verify), ("triton_tensorrt", triton_tensorrt)):
+                        ("verify", verify)):
         check_flag(name, value)
     if fp16 and int8:
         raise ValueError("fp16, int8: pick one reduced precision")
@@ -156,11 +151,8 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
         raise TypeError(f"evaluation: expected an EvaluationSet or None, got "
                         f"{type(evaluation).__name__}")
     check_model_name(model_name)
-    triton_settings = triton.TritonSettings.create(
-        name=triton_name, max_batch_size=triton_max_batch_size,
-        gpu=fp16 if triton_gpu is None else triton_gpu, instances=triton_instances,
-        tensorrt=triton_tensorrt, queue_delay_us=triton_queue_delay_us,
-        precision="float16" if fp16 else "int8" if int8 else "float32")
+    triton_settings = settings_or_default(triton).for_model(
+        "float16" if fp16 else "int8" if int8 else "float32")
     check_opset(opset)
     method = check_method(method)
     scale = check_scale(scale)
@@ -191,7 +183,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
-    triton.check_not_linked(out_dir, triton_settings.name)  # before any work, nothing written
+    check_not_linked(out_dir, triton_settings.name)  # before any work, nothing written
 
     proto = to_onnx(module, per_item, info.input_name, opset)
     set_metadata(proto, info)
@@ -210,7 +202,8 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
         os.mkdir(fp32_dir)
         fp32_path = save_checked(proto, os.path.join(fp32_dir, MODEL_FILE), external)
         report = ExportReport(
-            path=os.path.join(out_dir, MODEL_FILE), triton_model_dir=os.path.join(out_dir, triton_name),
+            path=os.path.join(out_dir, MODEL_FILE),
+            triton_model_dir=os.path.join(out_dir, triton_settings.name),
             model_name=model_name, num_classes=len(class_names), embed_dim=embed_dim,
             input_kind=info.input_kind, precision=reduced_info.precision,
             opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
@@ -247,7 +240,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
             write_text_atomic(agreement_path, report.agreement.to_json())
         else:
             remove_if_present(agreement_path)  # an earlier reduced export's report
-        report.link_mode = triton.write_model_repository(
+        report.link_mode = write_model_repository(
             out_dir, triton_settings, report.path, final_data if external else None,
             io_graph(graph), class_names)
     except BaseException:

@@ -23,6 +23,6 @@ from fastprompt.serve.session import (CPU, CUDA, ISA_FLAGS, available_cpus, cpu_
 
 # IMAGE_EXTENSIONS, ISA_FLAGS, ModelInfo and read_metadata_props are importable from here as they
 # were from the single module, but (as then) not part of ``import *``.
-__all__ = ["CPU", "CUDA", "ImagePreprocessor", "OnnxClassifier", "available_cpus", "cpu_description",
-           "create_session", "default_providers", "list_images", "read_image_list",
-           "resolve_model_path", "session_options"]
+__all__ = ["CPU", "CUDA", "ImagePreprocessor", "OnnxClassifier", "available_cpus",
+           "cpu_description", "create_session", "default_providers", "list_images",
+           "read_image_list", "resolve_model_path", "session_options"]

@@ -26,10 +26,11 @@ def class_embeddings():
 @pytest.fixture(scope="session")
 def tiny_export(tiny, class_embeddings, tmp_path_factory):
     """An fp32 export of the tiny model; ``(out_dir, report)``. Tests must not modify it."""
-    from fastprompt.export import export_onnx
+    from fastprompt.export import TritonSettings, export_onnx
     out = tmp_path_factory.mktemp("tiny_export")
     report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, out, scale=SCALE,
-                         model_name="fastprompt-tiny", method=METHOD, triton_name="tiny_clf")
+                         model_name="fastprompt-tiny", method=METHOD,
+                         triton=TritonSettings(name="tiny_clf"))
     return out, report
 
 

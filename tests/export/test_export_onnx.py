@@ -16,7 +16,8 @@ import torch
 
 import fastprompt
 from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
-from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
+from fastprompt.export import (ExportVerificationError, ModelInfo, OnnxClassifier, TritonSettings,
+                               export_onnx)
 from fastprompt.export import graph, verify
 from fastprompt.serve.metadata import read_metadata_props
 
@@ -186,7 +187,8 @@ def test_export_leaves_the_callers_model_alone(tiny):
     (dict(class_embeddings=torch.ones(7, 64, dtype=torch.int64)), r"class_embeddings: expected a float"),
     (dict(method={"lr": object()}), r"method: settings must be JSON-serialisable"),
     (dict(method=["coop"]), r"method: expected a dict"),
-    (dict(triton_name="../evil"), r"triton_name: '../evil' must be"),
+    (dict(triton=dict(name="../evil")), r"triton_name: '../evil' must be"),
+    (dict(triton="tiny_clf"), r"triton: expected TritonSettings or None, got str"),
     (dict(model=None), r"model: None; only a head-only export"),
     (dict(model=torch.nn.Linear(2, 2)), r"model: expected an open_clip model"),
     (dict(opset=9), r"opset: expected an int from 18"),
@@ -195,10 +197,12 @@ def test_export_leaves_the_callers_model_alone(tiny):
     (dict(fp16=True, int8=True), r"fp16, int8: pick one"),
     (dict(int8=True, head_only=True), r"int8: a head-only model holds nothing to quantise"),
     (dict(int8=True, min_agreement=1.5), r"min_agreement: expected a number in \[0, 1\]"),
-    (dict(triton_tensorrt=True), r"triton_tensorrt: TensorRT runs on GPU instances"),
-    (dict(int8=True, triton_gpu=True, triton_tensorrt=True), r"triton_tensorrt: TensorRT cannot"),
-    (dict(triton_instances=0), r"triton_instances: expected an int >= 1"),
-    (dict(triton_queue_delay_us=-1), r"triton_queue_delay_us: expected an int >= 0"),
+    (dict(triton=dict(tensorrt=True)), r"triton_tensorrt: TensorRT runs on GPU instances"),
+    (dict(int8=True, triton=dict(gpu=True, tensorrt=True)), r"triton_tensorrt: TensorRT cannot"),
+    (dict(triton=dict(instances=0)), r"triton_instances: expected an int >= 1"),
+    (dict(triton=dict(queue_delay_us=-1)), r"triton_queue_delay_us: expected an int >= 0"),
+    (dict(triton=dict(max_batch_size=0)), r"triton_max_batch_size: expected an int >= 1"),
+    (dict(triton=dict(gpu=1)), r"triton_gpu: expected a bool"),
     (dict(evaluation=[1, 2]), r"evaluation: expected an EvaluationSet"),
 ])
 def test_bad_arguments(tiny, class_embeddings, tmp_path, change, match):
@@ -206,6 +210,8 @@ def test_bad_arguments(tiny, class_embeddings, tmp_path, change, match):
                   out_dir=tmp_path, scale=SCALE, model_name="fastprompt-tiny")
     kwargs.update(change)
     with pytest.raises((ValueError, TypeError), match=match):
+        if isinstance(kwargs.get("triton"), dict):  # TritonSettings checks what it can when made
+            kwargs["triton"] = TritonSettings(**kwargs["triton"])
         export_onnx(**kwargs)
     assert not (tmp_path / "model.onnx").exists()
 

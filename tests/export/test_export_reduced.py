@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from exportlib import CLASS_NAMES, SCALE
-from fastprompt.export import AgreementError, EvaluationSet, OnnxClassifier, export_onnx
+from fastprompt.export import AgreementError, EvaluationSet, OnnxClassifier, TritonSettings, export_onnx
 from fastprompt.export import agreement
 
 
@@ -121,7 +121,7 @@ def test_low_agreement_keeps_the_previous_export(tiny, class_embeddings, tiny_ex
     permuting_quantiser(monkeypatch)
     with pytest.raises(AgreementError):
         export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
-                    model_name="fastprompt-tiny", int8=True, triton_name="tiny_clf")
+                    model_name="fastprompt-tiny", int8=True, triton=TritonSettings(name="tiny_clf"))
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # no agreement.json, no staging folder, nothing replaced
 
@@ -154,17 +154,14 @@ def test_evaluation_from_image_files(tiny, class_embeddings, tmp_path, image_fil
 
 
 def test_cli_int8_and_refusal(tiny, class_embeddings, tmp_path, monkeypatch, capsys):
-    import sys
     import types
 
+    from fastprompt import pipeline
     from test_export_serve import cli
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={"name": "coop"},
                                 run_dir=str(tmp_path / "run"))
-    import fastprompt.train.run  # noqa: F401  (the real run-folder module stays for its names)
-    fake = types.ModuleType("fastprompt.train")
-    fake.load_run = lambda run_dir: run
-    monkeypatch.setitem(sys.modules, "fastprompt.train", fake)
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run
     out = tmp_path / "export"
     assert cli(["export", run.run_dir, str(out), "--int8", "--min-agreement", "0"]) == 0
     captured = capsys.readouterr()

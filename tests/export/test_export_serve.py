@@ -183,12 +183,11 @@ def test_cli_predict_damaged_model(tmp_path, image_files, capsys):
 
 def test_cli_export_from_run(class_embeddings, tiny, tmp_path, monkeypatch, capsys):
     # fastprompt.train.load_run is written elsewhere; stand in for it with the documented fields.
+    from fastprompt import pipeline
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method=METHOD,
                                 run_dir=str(tmp_path / "run"))
-    fake = types.ModuleType("fastprompt.train")
-    fake.load_run = lambda run_dir: run
-    monkeypatch.setitem(sys.modules, "fastprompt.train", fake)
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)
     out = tmp_path / "export"
     assert cli(["export", run.run_dir, str(out), "--head-only", "--triton-name", "clf"]) == 0
     stdout = capsys.readouterr().out
@@ -200,7 +199,7 @@ def test_cli_export_from_run(class_embeddings, tiny, tmp_path, monkeypatch, caps
     def missing_run(run_dir):
         raise ValueError(f"run_dir: {run_dir} has no checkpoint")
 
-    monkeypatch.setattr(fake, "load_run", missing_run)
+    monkeypatch.setattr(pipeline, "load_run", missing_run)
     assert cli(["export", "nowhere", str(out)]) == 2
     assert "run_dir: nowhere has no checkpoint" in capsys.readouterr().err
 
