@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import fastprompt
-from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
+from exportlib import check_triton_repository
 from fastprompt.export import (ExportVerificationError, ModelInfo, OnnxClassifier, TritonSettings,
                                export_onnx)
 from fastprompt.export import graph, verify
 from fastprompt.serve.metadata import read_metadata_props
+from onnxlib import CLASS_NAMES, METHOD, SCALE, cosine_rows, truth
 
 
 def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, seed):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import numpy as np
 import onnx
 import pytest
 
-from exportlib import CLASS_NAMES, SCALE
-from fastprompt.export import AgreementError, EvaluationSet, OnnxClassifier, TritonSettings, export_onnx
-from fastprompt.export import agreement
+from fastprompt import pipeline
+from fastprompt.export import (AgreementError, EvaluationSet, OnnxClassifier, TritonSettings,
+                               agreement, export_onnx, onnx_export)
+from onnxlib import CLASS_NAMES, SCALE
 
 
 def evaluation_inputs(seed, n=40):
@@ -100,7 +102,6 @@ def permuting_quantiser(monkeypatch):
         onnx.save(model, out_path)
 
     monkeypatch.setattr(agreement, "quantize_int8", broken)
-    from fastprompt.export import onnx_export
     monkeypatch.setattr(onnx_export, "quantize_int8", broken)
 
 
@@ -153,11 +154,7 @@ def test_evaluation_from_image_files(tiny, class_embeddings, tmp_path, image_fil
     assert fp32.predict_proba([str(p) for p in image_files]).shape == (5, len(CLASS_NAMES))
 
 
-def test_cli_int8_and_refusal(tiny, class_embeddings, tmp_path, monkeypatch, capsys):
-    import types
-
-    from fastprompt import pipeline
-    from test_export_serve import cli
+def test_cli_int8_and_refusal(cli, tiny, class_embeddings, tmp_path, monkeypatch, capsys):
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={"name": "coop"},
                                 run_dir=str(tmp_path / "run"))

@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exportlib import CLASS_NAMES, SCALE, check_io, check_triton_repository, parse_model_config, truth
+from exportlib import check_io, check_triton_repository, parse_model_config
+from fastprompt import pipeline
 from fastprompt.export import TritonSettings, export_onnx
 from fastprompt.export.ensemble import ENCODER, export_ensemble
+from onnxlib import CLASS_NAMES, SCALE, truth
 
 
 def accelerator(config):
@@ -115,8 +117,7 @@ def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble, seed):
         assert np.abs(logits - logits_true.numpy()).max() <= 1e-4 * SCALE
 
 
-def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
-    from test_export_serve import cli
+def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
     import fastprompt.train.run  # noqa: F401  (the real run-folder module stays for its names)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -143,13 +144,12 @@ def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
     assert "--triton-ensemble: exports every task in float32" in capsys.readouterr().err
 
 
-def test_cli_triton_flags_become_the_settings(class_embeddings, tiny, tmp_path, monkeypatch, capsys):
-    import fastprompt.pipeline
-    from test_export_serve import cli
+def test_cli_triton_flags_become_the_settings(cli, class_embeddings, tiny, tmp_path, monkeypatch,
+                                              capsys):
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={},
                                 run_dir=str(tmp_path / "run"))
-    monkeypatch.setattr(fastprompt.pipeline, "load_run", lambda run_dir: run)
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run
     out = tmp_path / "export"
     assert cli(["export", run.run_dir, str(out), "--head-only", "--triton-name", "clf",
                 "--triton-gpu", "--triton-instances", "3", "--triton-tensorrt",
