@@ -44,7 +44,7 @@ import common  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt.export import BakedClassifier, bake_classifier, export_onnx  # noqa: E402
-from fastprompt.export.metadata import ModelInfo, read_metadata_props  # noqa: E402
+from fastprompt.serve.metadata import ModelInfo, read_metadata_props  # noqa: E402
 from fastprompt.models.factory import create_model  # noqa: E402
 from fastprompt.serve import (CPU, CUDA, OnnxClassifier, available_cpus,  # noqa: E402
                               cpu_description, create_session)

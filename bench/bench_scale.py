@@ -45,7 +45,7 @@ from fastprompt.train.distributed import torchrun_process_group, world  # noqa: 
 
 
 def make_step(model_name: str, num_classes: int, chunk: int, batch: int, device):
-    """One training step as ``fastprompt train`` runs it (``fastprompt.train.loop``): plain,
+    """One training step as ``fastprompt train`` runs it (``fastprompt.train.epoch``): plain,
     chunked (``chunk`` K > 0) and/or sharded over the process group's ranks."""
     model, _, _, tokenizer = create_model(model_name, device=device)
     torch.manual_seed(0)

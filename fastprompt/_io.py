@@ -11,8 +11,10 @@ ONNX models, Triton configs). Needs no torch: serving imports it too.
 * Locks: ``exclusive_lock`` (an ``flock`` on a lock file that names the holder's pid) keeps two
   processes from writing one run folder or one cache at the same time.
 * Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
-* Progress: ``progress_bar`` is a tqdm bar on a terminal and plain log lines elsewhere (CI
-  logs, scripts), so a long step never looks hung.
+* ``IMAGE_EXTENSIONS``: the file names read as images, for data sets and serving alike.
+* Progress, the one display: ``progress_bar`` is a tqdm bar on a terminal and plain log lines
+  (``Progress``) elsewhere (CI logs, scripts), so a long step never looks hung; ``Progress`` with
+  ``rate`` is predict's images-per-second count, redrawn on a terminal (serving has no tqdm).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
+# File names read as images, by data-set readers and by ``fastprompt predict`` on folders alike.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm")
 
 
 class LockedError(RuntimeError):
@@ -205,30 +210,59 @@ def remove_if_present(path: str) -> None:
         pass
 
 
-# Off a terminal: one line at the start, then at most one every this many seconds, and the end.
+# Off a terminal: a plain line at most every this many seconds (and the last one).
 PROGRESS_LINE_SECONDS = 10.0
+# On a terminal, the one line redrawn in place: at most this often.
+PROGRESS_REDRAW_SECONDS = 0.2
 
 
-class _ProgressLines:
-    """tqdm's ``update``/``set_postfix`` interface, printing plain lines to stderr."""
+class Progress:
+    """Progress of ``total`` items on stderr without tqdm (serving has no tqdm), with tqdm's
+    ``update``/``set_postfix`` interface; use it as a context manager.
 
-    def __init__(self, total: int, desc: str, unit: str, initial: int = 0):
+    Off a terminal it prints plain lines, at most one every ``PROGRESS_LINE_SECONDS``, so the
+    log of a long step shows that work goes on; with ``redraw`` (a terminal) it rewrites one line
+    in place, at most every ``PROGRESS_REDRAW_SECONDS``. The last state is shown when the
+    ``with`` block ends without an error (a redrawn line is ended either way).
+
+    Two formats: ``desc: n/total unit (p%), t s[, postfix]``, with a first line at the start
+    (training, caching); with ``rate`` (the rate's unit, e.g. ``"img/s"``),
+    ``desc: n/total unit (r img/s)`` and no first line, a rate needing items done (predict).
+    ``enabled=False`` shows nothing.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "img", initial: int = 0, *,
+                 rate: str | None = None, redraw: bool = False, enabled: bool = True):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.rate, self.redraw, self.enabled = rate, redraw, enabled
+        self.interval = PROGRESS_REDRAW_SECONDS if redraw else PROGRESS_LINE_SECONDS
         self.start = self.last = time.monotonic()
         self.postfix = ""
-        self._line()
+        self._line_open = False  # a redrawn line that has no newline yet
+        if rate is None:
+            self._show()
 
-    def _line(self) -> None:
+    def _text(self) -> str:
         elapsed = time.monotonic() - self.start
+        if self.rate is not None:
+            return (f"{self.desc}: {self.n}/{self.total} {self.unit} "
+                    f"({self.n / max(elapsed, 1e-9):.1f} {self.rate})")
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed:.1f} s"
-              f"{self.postfix}", file=sys.stderr, flush=True)
+        return f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}, {elapsed:.1f} s{self.postfix}"
+
+    def _show(self, final: bool = False) -> None:
+        if self.enabled:
+            if self.redraw:
+                print(f"\r{self._text()}", end="\n" if final else "", file=sys.stderr, flush=True)
+                self._line_open = not final
+            else:
+                print(self._text(), file=sys.stderr, flush=True)
         self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.monotonic() - self.last >= PROGRESS_LINE_SECONDS:
-            self._line()
+        if time.monotonic() - self.last >= self.interval:
+            self._show()
 
     def set_postfix(self, **values) -> None:
         self.postfix = "".join(f", {k} {v}" for k, v in values.items())
@@ -238,16 +272,19 @@ class _ProgressLines:
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
-            self._line()
+            self._show(final=True)
+        elif self._line_open:  # an error message follows: start it on a line of its own
+            print(file=sys.stderr, flush=True)
 
 
 def progress_bar(total: int, desc: str, progress: bool | None, *, unit: str = "img",
                  initial: int = 0):
-    """A progress display for ``total`` items: a tqdm bar when stderr is a terminal, else plain
-    lines (start, every ``PROGRESS_LINE_SECONDS``, end); ``progress=False`` shows nothing,
-    ``True`` forces the bar."""
-    from tqdm.auto import tqdm
+    """A progress display for ``total`` items: a tqdm bar when stderr is a terminal, else
+    ``Progress`` lines (start, every ``PROGRESS_LINE_SECONDS``, end); ``progress=False`` shows
+    nothing, ``True`` forces the bar."""
     if progress is None and not sys.stderr.isatty():
-        return _ProgressLines(total, desc, unit, initial)
+        return Progress(total, desc, unit, initial)
+    # Imported here: serving imports this module and has no tqdm.
+    from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=progress is False,
                 dynamic_ncols=True)

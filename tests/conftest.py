@@ -10,14 +10,20 @@
   weights), and those weights saved as a checkpoint file (so runs can name ``--pretrained``).
 * ``shapes_data``, ``cached_shapes``: generated shapes data sets, and feature caches of them
   built with the tiny model, each made once per session for each distinct set of arguments.
+* ``tiny``, ``class_embeddings``, ``tiny_export``, ``image_files``: one float32 ONNX export of the
+  tiny model and images to classify, shared by tests/export and tests/serve (their helpers are
+  in tests/onnxlib.py).
 """
 import dataclasses
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from onnxlib import CLASS_NAMES, METHOD, SCALE, random_image
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -189,3 +195,43 @@ def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
                                       preprocess_val, tokenizer, tiny_weights)
         return built[key]
     return make
+# ----- exported classifiers (tests/export, tests/serve) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_clip):
+    """(model, preprocess_val) of ``tiny_clip``."""
+    return tiny_clip[0], tiny_clip[2]
+
+
+@pytest.fixture(scope="session")
+def class_embeddings():
+    """Unnormalised C x 64 text features (rows of different norms, as a text tower gives)."""
+    g = torch.Generator().manual_seed(1234)
+    t = torch.randn(len(CLASS_NAMES), 64, generator=g)
+    return t * torch.linspace(0.3, 5.0, len(CLASS_NAMES))[:, None]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny, class_embeddings, tmp_path_factory):
+    """An fp32 export of the tiny model; ``(out_dir, report)``. Tests must not modify it."""
+    from fastprompt.export import TritonSettings, export_onnx  # loads onnx: only when asked for
+    out = tmp_path_factory.mktemp("tiny_export")
+    report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, out, scale=SCALE,
+                         model_name="fastprompt-tiny", method=METHOD,
+                         triton=TritonSettings(name="tiny_clf"))
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory, session_seed):
+    """Five images of odd sizes and modes (RGB, grayscale, RGBA, palette), as PNG and JPEG."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(session_seed)
+    paths = []
+    for i, (size, mode, ext) in enumerate([((50, 80), "RGB", "png"), ((97, 31), "L", "png"),
+                                           ((64, 64), "RGBA", "png"), ((120, 90), "RGB", "jpg"),
+                                           ((33, 65), "P", "png")]):
+        paths.append(folder / f"img{i}.{ext}")
+        random_image(rng, *size, mode).save(paths[-1])
+    return paths

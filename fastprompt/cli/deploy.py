@@ -5,7 +5,10 @@ and returns the exit code: 0 on success, 2 for bad input (a message naming the f
 on stderr), 1 when an export fails its own verification or agreement check.
 
 ``predict`` imports onnxruntime, numpy and Pillow only (``fastprompt[serve]``); ``export`` needs
-the ``train`` extra.
+the ``train`` extra. This module is imported for every command, so both import their libraries
+inside their functions: the export side (torch, open_clip, onnx) so that ``predict`` and the
+other commands do not load it, ``fastprompt.serve`` (onnxruntime, not part of the ``train``
+extra) so that the training commands do not need it.
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import argparse
 import json
 import os
 import sys
-import time
+
+import numpy as np
+
+from fastprompt._io import Progress
 
 DEFAULT_AGREEMENT_LIMIT = 512
 
@@ -115,8 +121,9 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    # The export side imports torch: inside the export functions (see the module docstring).
     from fastprompt.export.agreement import AgreementError
-    from fastprompt.export.onnx_export import ExportVerificationError
+    from fastprompt.export.verify import ExportVerificationError
     try:
         if args.triton_ensemble:
             report = _export_ensemble(args)
@@ -135,8 +142,21 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton_settings(args: argparse.Namespace, *, ensemble: bool = False):
+    """The ``--triton-*`` options as ``TritonSettings`` (the ensemble names its models itself and
+    has no TensorRT option)."""
+    from fastprompt.export.triton import TritonSettings  # onnx: the export side (see above)
+    names = {} if ensemble else {"name": args.triton_name, "tensorrt": args.triton_tensorrt}
+    return TritonSettings(max_batch_size=args.triton_max_batch_size, gpu=args.triton_gpu,
+                          instances=args.triton_instances,
+                          queue_delay_us=args.triton_queue_delay_us, **names)
+
+
 def _export_one(args: argparse.Namespace):
+    # The export side imports torch: inside the export functions (see the module docstring).
+    from fastprompt.export.agreement import EvaluationSet
     from fastprompt.pipeline import export_run
+    from fastprompt.train.transfer import read_classnames_file
     evaluation = None
     if args.int8 or args.fp16:
         if args.agreement_limit < 0:
@@ -144,24 +164,18 @@ def _export_one(args: argparse.Namespace):
         evaluation = evaluation_set(args.run_dir, args.task, args.head_only, args.agreement_limit)
     classnames = None
     if args.classnames is not None:
-        from fastprompt.export.agreement import EvaluationSet
-        from fastprompt.train.transfer import read_classnames_file
         classnames = read_classnames_file(args.classnames)
         if evaluation is not None:  # the run's labels name its own classes, not these
             evaluation = EvaluationSet(evaluation.inputs, None,
                                        f"{evaluation.source} (unlabelled: other class names)")
     return export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                       int8=args.int8, min_agreement=args.min_agreement, evaluation=evaluation,
-                      triton_name=args.triton_name,
-                      triton_max_batch_size=args.triton_max_batch_size,
-                      triton_gpu=args.triton_gpu, triton_instances=args.triton_instances,
-                      triton_tensorrt=args.triton_tensorrt,
-                      triton_queue_delay_us=args.triton_queue_delay_us, opset=args.opset,
-                      seed=args.seed, verify=not args.no_verify, task=args.task,
-                      classnames=classnames)
+                      triton=_triton_settings(args), opset=args.opset, seed=args.seed,
+                      verify=not args.no_verify, task=args.task, classnames=classnames)
 
 
 def _export_ensemble(args: argparse.Namespace):
+    # The export side imports torch: inside the export functions (see the module docstring).
     from fastprompt.export.ensemble import export_ensemble
     from fastprompt.train import load_softcpt_run
     for flag in ("fp16", "int8", "head_only", "triton_tensorrt"):
@@ -183,13 +197,12 @@ def _export_ensemble(args: argparse.Namespace):
         first.model, {name: (run.text_features, list(run.class_names)) for name, run in runs.items()},
         args.out_dir, scale=float(first.scale), model_name=first.model_name,
         method={k: v for k, v in first.method.items() if k != "task"},
-        triton_max_batch_size=args.triton_max_batch_size, triton_gpu=bool(args.triton_gpu),
-        triton_instances=args.triton_instances, triton_queue_delay_us=args.triton_queue_delay_us,
-        verify=not args.no_verify, opset=args.opset, seed=args.seed)
+        triton=_triton_settings(args, ensemble=True), verify=not args.no_verify, opset=args.opset,
+        seed=args.seed)
 
 
 def _run_metrics(run_dir: str) -> dict:
-    from fastprompt.train.files import METRICS
+    from fastprompt.train.files import METRICS  # fastprompt.train imports torch (see above)
     path = os.path.join(run_dir, METRICS)
     try:
         with open(path, encoding="utf-8") as f:
@@ -206,8 +219,7 @@ def evaluation_set(run_dir: str, task: str | None, head_only: bool, limit: int):
     head-only, test features) with their labels, at most ``limit`` of them spread evenly over the
     test set (0: all). None, with a note on stderr, when the cache is gone or has no test split:
     the export then compares on random inputs."""
-    import numpy as np
-
+    # The export side imports torch: inside the export functions (see the module docstring).
     from fastprompt.data import load_cache
     from fastprompt.export.agreement import EvaluationSet
     metrics = _run_metrics(run_dir)
@@ -245,31 +257,8 @@ def evaluation_set(run_dir: str, task: str | None, head_only: bool, limit: int):
 # predict (onnxruntime, numpy and Pillow only)
 
 
-class Progress:
-    """``done/total`` and images/s on stderr: redrawn in place on a terminal, else a line every
-    ``interval`` seconds, so logs of long runs show that work goes on."""
-
-    def __init__(self, total: int, enabled: bool, interval: float = 10.0):
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.interval = 0.2 if self.tty else interval
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.interval or self.done == self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            text = f"predict: {self.done}/{self.total} images ({rate:.1f} img/s)"
-            if self.tty:
-                end = "\n" if self.done == self.total else ""
-                print(f"\r{text}", end=end, file=sys.stderr, flush=True)
-            else:
-                print(text, file=sys.stderr, flush=True)
-
-
 def run_predict(args: argparse.Namespace) -> int:
+    # onnxruntime only here: the train extra does not install it (see the module docstring).
     from fastprompt.serve import CPU, CUDA, OnnxClassifier, list_images, read_image_list
     providers = {"auto": None, "cpu": [CPU], "cuda": [CUDA, CPU]}[args.provider]
     failed = 0
@@ -281,24 +270,26 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError("images: name image files or folders, or --list FILE")
         paths = list_images(sources)
         classifier = OnnxClassifier(args.model, providers, batch_size=args.batch_size)
-        progress = Progress(len(paths), sys.stderr.isatty() if args.progress is None else args.progress)
+        tty = sys.stderr.isatty()
         results = []
-        for image, top, error in classifier.iter_predict(paths, top_k=args.top_k,
-                                                         skip_unreadable=args.skip_unreadable):
-            progress.update()
-            failed += error is not None
-            entry = ({"image": image, "error": error} if error is not None else
-                     {"image": image, "top_k": [{"class": c, "prob": p} for c, p in top]})
-            if args.jsonl:
-                print(json.dumps(entry, ensure_ascii=False), flush=True)
-            elif args.json:
-                results.append(entry)
-            elif error is not None:
-                print(f"{image}\n  error: {error}")
-            else:
-                print(image)
-                for c, p in top:
-                    print(f"  {p:.4f}  {c}")
+        with Progress(len(paths), "predict", "images", rate="img/s", redraw=tty,
+                      enabled=tty if args.progress is None else args.progress) as progress:
+            for image, top, error in classifier.iter_predict(paths, top_k=args.top_k,
+                                                             skip_unreadable=args.skip_unreadable):
+                progress.update()
+                failed += error is not None
+                entry = ({"image": image, "error": error} if error is not None else
+                         {"image": image, "top_k": [{"class": c, "prob": p} for c, p in top]})
+                if args.jsonl:
+                    print(json.dumps(entry, ensure_ascii=False), flush=True)
+                elif args.json:
+                    results.append(entry)
+                elif error is not None:
+                    print(f"{image}\n  error: {error}")
+                else:
+                    print(image)
+                    for c, p in top:
+                        print(f"  {p:.4f}  {c}")
         if args.json:
             print(json.dumps(results, ensure_ascii=False))
     except (ValueError, TypeError, RuntimeError) as e:

@@ -31,10 +31,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from fastprompt._checks import check_seed
-from fastprompt._io import read_json
+from fastprompt._io import IMAGE_EXTENSIONS, read_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm")
 DEFAULT_TEST_FRACTION = 0.2
 
 Sample = tuple[str, int]

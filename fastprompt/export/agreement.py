@@ -15,13 +15,14 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from fastprompt.export.metadata import ModelInfo
 from fastprompt.serve import CPU, ImagePreprocessor, cpu_description, create_session
+from fastprompt.serve.metadata import ModelInfo
 
 AGREEMENT_FILE = "agreement.json"
 DEFAULT_MIN_AGREEMENT = 0.99
@@ -133,7 +134,6 @@ def head_nodes(proto: onnx.ModelProto, head: str = "classifier") -> list[str]:
 
 def quantize_int8(fp32_path: str, out_path: str, *, per_channel: bool, exclude: list[str]) -> None:
     """Dynamic int8 quantisation of the weight products of ``fp32_path`` into ``out_path``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger for every call
@@ -247,5 +247,4 @@ def measure_agreement(fp32_path: str, reduced_paths: dict[str, str], info: Model
 
 
 def _as(info: ModelInfo, precision: str) -> ModelInfo:
-    from dataclasses import replace
     return replace(info, precision=precision)

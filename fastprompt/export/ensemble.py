@@ -15,23 +15,22 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
 
-import fastprompt
-from fastprompt.export import triton
-from fastprompt.export.onnx_export import (MODEL_FILE, ExportVerificationError, _graph_inputs,
-                                           _plain_fp32_cpu, _save, _to_onnx, export_onnx)
-from fastprompt.serve import CPU
+from fastprompt.export.checks import check_image_model
+from fastprompt.export.graph import (MODEL_FILE, io_graph, plain_fp32_cpu, preprocess_fields,
+                                     save_checked, set_producer, to_onnx)
+from fastprompt.export.onnx_export import export_onnx
+from fastprompt.export.triton import (DEFAULT_MODEL_NAME, TritonSettings, check_not_linked,
+                                      settings_or_default, write_ensemble, write_model_repository)
+from fastprompt.export.verify import encoder_parity
 
 ENCODER = "image_encoder"
 FEATURES = "image_features"
-# Encoder parity with torch: features relative to their largest magnitude.
-FEATURES_RTOL = 1e-4
 
 
 class ImageEncoder(nn.Module):
@@ -78,24 +77,28 @@ def model_name_for(task: str, taken: set[str]) -> str:
 
 def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[str]]],
                     out_dir: str | os.PathLike, *, scale: float, model_name: str,
-                    method: dict | None = None, triton_max_batch_size: int = 64,
-                    triton_gpu: bool = False, triton_instances: int | None = None,
-                    triton_queue_delay_us: int = triton.DEFAULT_QUEUE_DELAY_US,
+                    method: dict | None = None, triton: TritonSettings | None = None,
                     verify: bool = True, opset: int | None = None,
                     seed: int | None = None) -> EnsembleReport:
     """Write the ensemble repository for ``tasks`` (task name -> (C x E class embeddings, C class
     names)) into ``out_dir``. Every model is built and checked in a staging folder first; the
-    folders it replaces are swapped only when all of them are ready."""
+    folders it replaces are swapped only when all of them are ready.
+
+    ``triton``: batch size, instances and queue delay of every model (``TritonSettings``; None:
+    the defaults, CPU instances). The ensemble names its models itself and runs them in float32
+    without TensorRT, so ``name`` and ``tensorrt`` keep their defaults."""
     start = time.perf_counter()
     if not isinstance(tasks, dict) or not tasks:
         raise ValueError("tasks: expected a non-empty dict of task name -> (class embeddings, "
                          "class names)")
-    if not isinstance(getattr(model, "visual", None), nn.Module):
-        raise TypeError(f"model: expected an open_clip model with a `visual` image tower, got "
-                        f"{type(model).__name__}")
-    settings = dict(max_batch_size=triton_max_batch_size, gpu=triton_gpu,
-                    instances=triton_instances, queue_delay_us=triton_queue_delay_us)
-    encoder_settings = triton.TritonSettings.create(name=ENCODER, **settings)
+    check_image_model(model)
+    settings = settings_or_default(triton)
+    if settings.name != DEFAULT_MODEL_NAME:
+        raise ValueError(f"triton_name: the ensemble names its models itself ({ENCODER}, "
+                         f"<task>_head, <task>), got {settings.name!r}")
+    if settings.tensorrt:
+        raise ValueError("triton_tensorrt: the ensemble's models run without TensorRT")
+    encoder_settings = replace(settings, name=ENCODER).for_model("float32")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     names, taken = {}, set()
@@ -105,7 +108,7 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir} exists and is not a folder")
     for name in [ENCODER, *names.values(), *(n + "_head" for n in names.values())]:
-        triton.check_not_linked(out_dir, name)
+        check_not_linked(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".ensemble-")
     try:
@@ -118,17 +121,17 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
             head_reports[task] = (name, export_onnx(
                 model, embeddings, class_names, work, scale=scale, model_name=model_name,
                 method={**(method or {}), "task": task}, head_only=True,
-                triton_name=f"{name}_head", verify=verify, opset=opset, seed=seed, **{
-                    f"triton_{k}": v for k, v in settings.items()}))
+                triton=replace(settings, name=f"{name}_head"), verify=verify, opset=opset,
+                seed=seed))
             os.replace(os.path.join(work, f"{name}_head"), os.path.join(repo, f"{name}_head"))
         encoder, diff = _export_encoder(model, os.path.join(staging, "encoder"), opset, seed, verify)
-        triton.write_model_repository(repo, encoder_settings, encoder, None,
-                                      _io_graph(onnx.load(encoder)), None)
-        encoder_graph = _io_graph(onnx.load(encoder))
+        encoder_graph = io_graph(onnx.load(encoder).graph)
+        write_model_repository(repo, encoder_settings, encoder, None, encoder_graph, None)
         for task, (name, head) in head_reports.items():
-            head_graph = _io_graph(onnx.load(os.path.join(repo, f"{name}_head", "1", MODEL_FILE)))
-            triton.write_ensemble(repo, name, triton_max_batch_size, ENCODER, f"{name}_head",
-                                  encoder_graph, head_graph, tasks[task][1])
+            head_graph = io_graph(onnx.load(os.path.join(repo, f"{name}_head", "1",
+                                                         MODEL_FILE)).graph)
+            write_ensemble(repo, name, settings.max_batch_size, ENCODER, f"{name}_head",
+                           encoder_graph, head_graph, tasks[task][1])
         for folder in sorted(os.listdir(repo)):  # swap each model folder into place
             _replace_folder(os.path.join(repo, folder), os.path.join(out_dir, folder), staging)
     finally:
@@ -136,34 +139,19 @@ def export_ensemble(model: nn.Module, tasks: dict[str, tuple[torch.Tensor, list[
     return EnsembleReport(out_dir, diff, head_reports, time.perf_counter() - start)
 
 
-def _io_graph(proto: onnx.ModelProto) -> onnx.GraphProto:
-    return onnx.helper.make_graph([], "io", _graph_inputs(proto.graph), list(proto.graph.output))
-
-
 def _export_encoder(model: nn.Module, folder: str, opset, seed: int, verify: bool):
+    """The shared image encoder in ``folder/model.onnx``, checked against torch unless not
+    ``verify``; returns its path and the largest feature difference (None unverified)."""
     os.makedirs(folder)
-    module = ImageEncoder(_plain_fp32_cpu(model.visual)).eval()
-    import open_clip
-    size = open_clip.get_model_preprocess_cfg(model).get("size", 224)
-    per_item = (3, *((size, size) if isinstance(size, int) else size))
-    proto = _to_onnx(module, per_item, "image", opset, output_names=(FEATURES,))
-    proto.producer_name, proto.producer_version = "fastprompt", fastprompt.__version__
-    proto.doc_string = "fastprompt image encoder: image -> image_features (not normalised)"
-    path = _save(proto, os.path.join(folder, MODEL_FILE), external=False)
+    module = ImageEncoder(plain_fp32_cpu(model.visual)).eval()
+    per_item = (3, *preprocess_fields(model)["image_size"])
+    proto = to_onnx(module, per_item, "image", opset, output_names=(FEATURES,))
+    set_producer(proto, "fastprompt image encoder: image -> image_features (not normalised)")
+    path = save_checked(proto, os.path.join(folder, MODEL_FILE), external=False)
     if not verify:
         return path, None
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=[CPU])
-    x = torch.randn(3, *per_item, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref = module(x).double().numpy()
-    got = session.run([FEATURES], {"image": x.numpy()})[0].astype(np.float64)
-    diff = float(np.abs(got - ref).max())
-    if diff > FEATURES_RTOL * float(np.abs(ref).max()):
-        raise ExportVerificationError(
-            f"export: the image encoder's onnxruntime features differ from torch by {diff:.2e} "
-            f"(more than {FEATURES_RTOL:g} of their largest magnitude); nothing was written")
-    return path, diff
+    return path, encoder_parity(path, module, per_item, seed, input_name="image",
+                                output_name=FEATURES)
 
 
 def _replace_folder(src: str, dst: str, staging: str) -> None:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
 from fastprompt._checks import check_int
 from fastprompt._io import place_alias, remove_if_present, write_text_atomic
+from fastprompt.serve.metadata import PRECISIONS
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
+DEFAULT_MODEL_NAME = "fastprompt_classifier"
 DEFAULT_QUEUE_DELAY_US = 100
 GPU_INSTANCES = 2  # two per GPU: one copies inputs while the other computes
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -56,41 +58,68 @@ def check_model_name(name: str, what: str = "triton_name") -> None:
 
 @dataclass(frozen=True)
 class TritonSettings:
-    """What ``config.pbtxt`` says beyond the graph's inputs and outputs."""
+    """The Triton model configuration of an export: what ``config.pbtxt`` says beyond the
+    graph's inputs and outputs. Checked when made; errors name the setting as the export's
+    ``--triton-*`` options do (``triton_instances: ...``).
 
-    name: str
+    Args:
+        name: folder and model name in the Triton repository.
+        max_batch_size: ``max_batch_size`` of the config.
+        gpu: KIND_GPU instances; None: GPU for an fp16 export, else KIND_CPU.
+        instances: instances per device; None: 2 per GPU, 1 on the CPU.
+        tensorrt: ask Triton's onnxruntime backend for its TensorRT accelerator (GPU instances).
+        queue_delay_us: how long Triton may hold a request to form a larger batch.
+        precision: the exported model's precision; the export sets it (``for_model``), and with
+            it ``gpu`` and ``instances`` when they are None.
+    """
+
+    name: str = DEFAULT_MODEL_NAME
     max_batch_size: int = 64
-    gpu: bool = False
-    instances: int = 1
+    gpu: bool | None = None
+    instances: int | None = None
     tensorrt: bool = False
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     precision: str = "float32"
 
-    @classmethod
-    def create(cls, *, name: str, max_batch_size: int = 64, gpu: bool = False,
-               instances: int | None = None, tensorrt: bool = False,
-               queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-               precision: str = "float32") -> "TritonSettings":
-        """Checked settings; ``instances`` None means 2 per GPU, 1 on the CPU."""
-        check_model_name(name)
-        check_int("triton_max_batch_size", max_batch_size, 1)
-        check_int("triton_queue_delay_us", queue_delay_us, 0)
-        if not isinstance(gpu, bool):
-            raise TypeError(f"triton_gpu: expected a bool, got {type(gpu).__name__}")
-        instances = check_int("triton_instances", GPU_INSTANCES if gpu and instances is None
-                               else 1 if instances is None else instances, 1)
-        if tensorrt and not gpu:
+    def __post_init__(self):
+        check_model_name(self.name)
+        check_int("triton_max_batch_size", self.max_batch_size, 1)
+        check_int("triton_queue_delay_us", self.queue_delay_us, 0)
+        if self.gpu is not None and not isinstance(self.gpu, bool):
+            raise TypeError(f"triton_gpu: expected a bool, got {type(self.gpu).__name__}")
+        if self.instances is not None:
+            check_int("triton_instances", self.instances, 1)
+        if not isinstance(self.tensorrt, bool):
+            raise TypeError(f"triton_tensorrt: expected a bool, got {type(self.tensorrt).__name__}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
+        if self.tensorrt and self.gpu is False:
             raise ValueError("triton_tensorrt: TensorRT runs on GPU instances; export with fp16 "
                              "or ask for GPU instances (--triton-gpu)")
-        if tensorrt and precision == "int8":
+        if self.tensorrt and self.precision == "int8":
             raise ValueError("triton_tensorrt: TensorRT cannot run onnxruntime's dynamic int8 "
                              "operators; use it with an fp16 or float32 export")
-        return cls(name, max_batch_size, gpu, instances, tensorrt, queue_delay_us, precision)
+
+    def for_model(self, precision: str) -> "TritonSettings":
+        """These settings for an exported model of ``precision``: ``gpu`` (None: fp16 models
+        on the GPU) and ``instances`` (None: 2 per GPU, 1 on the CPU) filled in, and checked."""
+        gpu = precision == "float16" if self.gpu is None else self.gpu
+        instances = (GPU_INSTANCES if gpu else 1) if self.instances is None else self.instances
+        return replace(self, gpu=gpu, instances=instances, precision=precision)
 
     def preferred_batch_sizes(self) -> list[int]:
         """Powers of two from 4 up to ``max_batch_size``, and ``max_batch_size`` itself."""
         sizes = [b for b in (4, 8, 16, 32, 64, 128, 256) if b < self.max_batch_size]
         return sizes[-3:] + [self.max_batch_size]
+
+
+def settings_or_default(triton) -> TritonSettings:
+    """``triton`` as an export function takes it: ``TritonSettings``, or None for the defaults."""
+    if triton is None:
+        return TritonSettings()
+    if not isinstance(triton, TritonSettings):
+        raise TypeError(f"triton: expected TritonSettings or None, got {type(triton).__name__}")
+    return triton
 
 
 def tensor_specs(values) -> list[tuple[str, str, list[int]]]:

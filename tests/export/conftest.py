@@ -1,47 +1,41 @@
-"""Fixtures for the export tests: the tiny random CLIP, its class embeddings, one float32 export
-of it shared by the tests that only read it, and image files."""
+"""Fixtures of the export tests: the export command's parser, and a shapes data set with the
+tiny model's weights for runs trained through the CLI. (The tiny model, its class embeddings and
+one float32 export of it are in the root conftest, shared with tests/serve.)"""
 from __future__ import annotations
 
-import numpy as np
+import argparse
+import os
+
 import pytest
-import torch
 
-from exportlib import CLASS_NAMES, METHOD, SCALE, random_image
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_clip):
-    """(model, preprocess_val) of the root conftest's ``tiny_clip``."""
-    return tiny_clip[0], tiny_clip[2]
+from fastprompt.cli.deploy import add_export_parser
+from fastprompt.data import make_shapes_dataset
 
 
-@pytest.fixture(scope="session")
-def class_embeddings():
-    """Unnormalised C x 64 text features (rows of different norms, as a text tower gives)."""
-    g = torch.Generator().manual_seed(1234)
-    t = torch.randn(len(CLASS_NAMES), 64, generator=g)
-    return t * torch.linspace(0.3, 5.0, len(CLASS_NAMES))[:, None]
+@pytest.fixture
+def cli():
+    """``cli(argv)``: ``fastprompt export ...`` through its own parser; returns the exit code."""
+    def run(argv):
+        parser = argparse.ArgumentParser(prog="fastprompt")
+        add_export_parser(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return args.func(args)
+    return run
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny, class_embeddings, tmp_path_factory):
-    """An fp32 export of the tiny model; ``(out_dir, report)``. Tests must not modify it."""
-    from fastprompt.export import export_onnx
-    out = tmp_path_factory.mktemp("tiny_export")
-    report = export_onnx(tiny[0], class_embeddings, CLASS_NAMES, out, scale=SCALE,
-                         model_name="fastprompt-tiny", method=METHOD, triton_name="tiny_clf")
-    return out, report
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_weights):
+    """A shapes data set and the tiny model's weights as a local checkpoint file (as the CLI
+    tests in tests/test_cli.py build them)."""
+    root = tmp_path_factory.mktemp("cli")
+    make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
+                        test_images_per_class=2, seed=9)
+    os.link(tiny_weights, root / "tiny.safetensors")
+    return root
 
 
-@pytest.fixture(scope="session")
-def image_files(tmp_path_factory, session_seed):
-    """Five images of odd sizes and modes (RGB, grayscale, RGBA, palette), as PNG and JPEG."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(session_seed)
-    paths = []
-    for i, (size, mode, ext) in enumerate([((50, 80), "RGB", "png"), ((97, 31), "L", "png"),
-                                           ((64, 64), "RGBA", "png"), ((120, 90), "RGB", "jpg"),
-                                           ((33, 65), "P", "png")]):
-        paths.append(folder / f"img{i}.{ext}")
-        random_image(rng, *size, mode).save(paths[-1])
-    return paths
+@pytest.fixture(scope="module")
+def world_args(world):
+    """The ``cache``/``train`` arguments naming ``world``'s weights and data."""
+    return ["--pretrained", str(world / "tiny.safetensors"), "--data", str(world / "shapes"),
+            "--views", "2"]

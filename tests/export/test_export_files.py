@@ -9,9 +9,9 @@ import stat
 import pytest
 import torch
 
-from exportlib import CLASS_NAMES, SCALE
 from fastprompt.export import export_onnx
 from fastprompt.export.ensemble import export_ensemble
+from onnxlib import CLASS_NAMES, SCALE
 
 
 @pytest.mark.parametrize("link", ["fastprompt_classifier", "fastprompt_classifier/1"])

@@ -10,15 +10,14 @@ import pytest
 from fastprompt.cli import main
 from fastprompt.data import load_cache
 from fastprompt.serve import OnnxClassifier
-from test_cli import common, world  # noqa: F401  (world is a fixture)
 
 
 @pytest.fixture(scope="module")
-def trained_run(world, tmp_path_factory):  # noqa: F811
+def trained_run(world_args, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cache, run = root / "c.safetensors", root / "run"
-    assert main(["cache", *common(world), "--out", str(cache)]) == 0
-    assert main(["train", *common(world), "--cache", str(cache), "--out", str(run), "--epochs", "2",
+    assert main(["cache", *world_args, "--out", str(cache)]) == 0
+    assert main(["train", *world_args, "--cache", str(cache), "--out", str(run), "--epochs", "2",
                  "--n-ctx", "4", "--no-progress"]) == 0
     return run, cache
 

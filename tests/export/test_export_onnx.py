@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import fastprompt
-from exportlib import CLASS_NAMES, METHOD, SCALE, check_triton_repository, cosine_rows, truth
-from fastprompt.export import ExportVerificationError, ModelInfo, OnnxClassifier, export_onnx
-from fastprompt.export import onnx_export
-from fastprompt.export.metadata import read_metadata_props
+from exportlib import check_triton_repository
+from fastprompt.export import (ExportVerificationError, ModelInfo, OnnxClassifier, TritonSettings,
+                               export_onnx)
+from fastprompt.export import graph, verify
+from fastprompt.serve.metadata import read_metadata_props
+from onnxlib import CLASS_NAMES, METHOD, SCALE, cosine_rows, truth
 
 
 def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, seed):
@@ -35,7 +37,7 @@ def check_parity(clf, visual, class_embeddings, scale, per_item, batch_sizes, se
 @pytest.mark.parametrize("batch_sizes", [(1, 3, 7, 8)])
 def test_tiny_parity_dynamic_batch(tiny, class_embeddings, tiny_export, batch_sizes, seed):
     out, report = tiny_export
-    assert report.verified and report.max_abs_diff_probs <= onnx_export.FP32_PROBS_ATOL
+    assert report.verified and report.max_abs_diff_probs <= verify.FP32_PROBS_ATOL
     clf = OnnxClassifier(out / "model.onnx", batch_size=5)  # 7 and 8 also cross a chunk boundary
     check_parity(clf, tiny[0].visual, class_embeddings, SCALE, (3, 64, 64), batch_sizes, seed)
 
@@ -127,7 +129,7 @@ def test_fp16(tiny, class_embeddings, tmp_path, seed):
 
 
 def test_external_data(class_embeddings, tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     report = export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                          model_name="fastprompt-tiny", head_only=True)
     assert report.external_data
@@ -138,7 +140,7 @@ def test_external_data(class_embeddings, tmp_path, monkeypatch, seed):
         check_parity(OnnxClassifier(path), None, class_embeddings, SCALE, (64,), (1, 3),
                      seed)
     # Exporting again under the limit removes the data files the earlier export left.
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 2**31)
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 2**31)
     assert not export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
                            model_name="fastprompt-tiny", head_only=True).external_data
     assert not data.exists() and not repo_data.exists()
@@ -148,7 +150,7 @@ def test_failed_verification_keeps_previous_export(class_embeddings, tiny_export
                                                    monkeypatch):
     shutil.copytree(tiny_export[0], tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "model.onnx").read_bytes()
-    monkeypatch.setattr(onnx_export, "FP32_PROBS_ATOL", -1.0)  # nothing can pass
+    monkeypatch.setattr(verify, "FP32_PROBS_ATOL", -1.0)  # nothing can pass
     with pytest.raises(ExportVerificationError, match="probs atol -1") as e:
         export_onnx(None, class_embeddings[:3], CLASS_NAMES[:3], tmp_path, scale=2.0,
                     model_name="m", head_only=True)
@@ -161,14 +163,14 @@ def test_failed_verification_keeps_previous_export(class_embeddings, tiny_export
 
 def test_export_leaves_the_callers_model_alone(tiny):
     visual = tiny[0].visual
-    assert onnx_export._plain_fp32_cpu(visual) is visual  # eval, fp32, CPU: used as is
+    assert graph.plain_fp32_cpu(visual) is visual  # eval, fp32, CPU: used as is
     visual.train()
     try:
-        exported = onnx_export._plain_fp32_cpu(visual)
+        exported = graph.plain_fp32_cpu(visual)
         assert exported is not visual and not exported.training and visual.training
     finally:
         visual.eval()
-    half = onnx_export._plain_fp32_cpu(torch.nn.Linear(3, 2).half())
+    half = graph.plain_fp32_cpu(torch.nn.Linear(3, 2).half())
     assert half.weight.dtype == torch.float32
 
 
@@ -186,7 +188,8 @@ def test_export_leaves_the_callers_model_alone(tiny):
     (dict(class_embeddings=torch.ones(7, 64, dtype=torch.int64)), r"class_embeddings: expected a float"),
     (dict(method={"lr": object()}), r"method: settings must be JSON-serialisable"),
     (dict(method=["coop"]), r"method: expected a dict"),
-    (dict(triton_name="../evil"), r"triton_name: '../evil' must be"),
+    (dict(triton=dict(name="../evil")), r"triton_name: '../evil' must be"),
+    (dict(triton="tiny_clf"), r"triton: expected TritonSettings or None, got str"),
     (dict(model=None), r"model: None; only a head-only export"),
     (dict(model=torch.nn.Linear(2, 2)), r"model: expected an open_clip model"),
     (dict(opset=9), r"opset: expected an int from 18"),
@@ -195,10 +198,12 @@ def test_export_leaves_the_callers_model_alone(tiny):
     (dict(fp16=True, int8=True), r"fp16, int8: pick one"),
     (dict(int8=True, head_only=True), r"int8: a head-only model holds nothing to quantise"),
     (dict(int8=True, min_agreement=1.5), r"min_agreement: expected a number in \[0, 1\]"),
-    (dict(triton_tensorrt=True), r"triton_tensorrt: TensorRT runs on GPU instances"),
-    (dict(int8=True, triton_gpu=True, triton_tensorrt=True), r"triton_tensorrt: TensorRT cannot"),
-    (dict(triton_instances=0), r"triton_instances: expected an int >= 1"),
-    (dict(triton_queue_delay_us=-1), r"triton_queue_delay_us: expected an int >= 0"),
+    (dict(triton=dict(tensorrt=True)), r"triton_tensorrt: TensorRT runs on GPU instances"),
+    (dict(int8=True, triton=dict(gpu=True, tensorrt=True)), r"triton_tensorrt: TensorRT cannot"),
+    (dict(triton=dict(instances=0)), r"triton_instances: expected an int >= 1"),
+    (dict(triton=dict(queue_delay_us=-1)), r"triton_queue_delay_us: expected an int >= 0"),
+    (dict(triton=dict(max_batch_size=0)), r"triton_max_batch_size: expected an int >= 1"),
+    (dict(triton=dict(gpu=1)), r"triton_gpu: expected a bool"),
     (dict(evaluation=[1, 2]), r"evaluation: expected an EvaluationSet"),
 ])
 def test_bad_arguments(tiny, class_embeddings, tmp_path, change, match):
@@ -206,6 +211,8 @@ def test_bad_arguments(tiny, class_embeddings, tmp_path, change, match):
                   out_dir=tmp_path, scale=SCALE, model_name="fastprompt-tiny")
     kwargs.update(change)
     with pytest.raises((ValueError, TypeError), match=match):
+        if isinstance(kwargs.get("triton"), dict):  # TritonSettings checks what it can when made
+            kwargs["triton"] = TritonSettings(**kwargs["triton"])
         export_onnx(**kwargs)
     assert not (tmp_path / "model.onnx").exists()
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import numpy as np
 import onnx
 import pytest
 
-from exportlib import CLASS_NAMES, SCALE
-from fastprompt.export import AgreementError, EvaluationSet, OnnxClassifier, export_onnx
-from fastprompt.export import agreement
+from fastprompt import pipeline
+from fastprompt.export import (AgreementError, EvaluationSet, OnnxClassifier, TritonSettings,
+                               agreement, export_onnx, onnx_export)
+from onnxlib import CLASS_NAMES, SCALE
 
 
 def evaluation_inputs(seed, n=40):
@@ -100,7 +102,6 @@ def permuting_quantiser(monkeypatch):
         onnx.save(model, out_path)
 
     monkeypatch.setattr(agreement, "quantize_int8", broken)
-    from fastprompt.export import onnx_export
     monkeypatch.setattr(onnx_export, "quantize_int8", broken)
 
 
@@ -121,7 +122,7 @@ def test_low_agreement_keeps_the_previous_export(tiny, class_embeddings, tiny_ex
     permuting_quantiser(monkeypatch)
     with pytest.raises(AgreementError):
         export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
-                    model_name="fastprompt-tiny", int8=True, triton_name="tiny_clf")
+                    model_name="fastprompt-tiny", int8=True, triton=TritonSettings(name="tiny_clf"))
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # no agreement.json, no staging folder, nothing replaced
 
@@ -153,18 +154,11 @@ def test_evaluation_from_image_files(tiny, class_embeddings, tmp_path, image_fil
     assert fp32.predict_proba([str(p) for p in image_files]).shape == (5, len(CLASS_NAMES))
 
 
-def test_cli_int8_and_refusal(tiny, class_embeddings, tmp_path, monkeypatch, capsys):
-    import sys
-    import types
-
-    from test_export_serve import cli
+def test_cli_int8_and_refusal(cli, tiny, class_embeddings, tmp_path, monkeypatch, capsys):
     run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={"name": "coop"},
                                 run_dir=str(tmp_path / "run"))
-    import fastprompt.train.coop  # noqa: F401  (the real run-folder module stays for its names)
-    fake = types.ModuleType("fastprompt.train")
-    fake.load_run = lambda run_dir: run
-    monkeypatch.setitem(sys.modules, "fastprompt.train", fake)
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run
     out = tmp_path / "export"
     assert cli(["export", run.run_dir, str(out), "--int8", "--min-agreement", "0"]) == 0
     captured = capsys.readouterr()

@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exportlib import CLASS_NAMES, SCALE, check_io, check_triton_repository, parse_model_config, truth
-from fastprompt.export import export_onnx
+from exportlib import check_io, check_triton_repository, parse_model_config
+from fastprompt import pipeline
+from fastprompt.export import TritonSettings, export_onnx
 from fastprompt.export.ensemble import ENCODER, export_ensemble
+from onnxlib import CLASS_NAMES, SCALE, truth
 
 
 def accelerator(config):
@@ -24,8 +26,8 @@ def accelerator(config):
 
 def test_gpu_instances_and_tensorrt(class_embeddings, tmp_path):
     export_onnx(None, class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE, model_name="m",
-                head_only=True, triton_gpu=True, triton_instances=3, triton_tensorrt=True,
-                triton_max_batch_size=48, triton_queue_delay_us=250)
+                head_only=True, triton=TritonSettings(gpu=True, instances=3, tensorrt=True,
+                                                      max_batch_size=48, queue_delay_us=250))
     config = check_triton_repository(tmp_path, "fastprompt_classifier", tmp_path / "model.onnx",
                                      CLASS_NAMES, "image_features", gpu=True, instances=3)
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32, 48]
@@ -36,7 +38,8 @@ def test_gpu_instances_and_tensorrt(class_embeddings, tmp_path):
 
 def test_fp16_defaults_to_gpu_instances_with_fp16_tensorrt(tiny, class_embeddings, tmp_path):
     export_onnx(tiny[0], class_embeddings, CLASS_NAMES, tmp_path, scale=SCALE,
-                model_name="fastprompt-tiny", fp16=True, min_agreement=0.0, triton_tensorrt=True)
+                model_name="fastprompt-tiny", fp16=True, min_agreement=0.0,
+                triton=TritonSettings(tensorrt=True))
     config = check_triton_repository(tmp_path, "fastprompt_classifier", tmp_path / "model.onnx",
                                      CLASS_NAMES, "image", gpu=True, instances=2)
     assert accelerator(config) == ("tensorrt", {"precision_mode": "FP16",
@@ -52,7 +55,7 @@ def ensemble(tiny, tmp_path_factory, session_seed):
     tasks = {task: (torch.randn(len(names), 64, generator=g), names) for task, names in TASKS.items()}
     out = tmp_path_factory.mktemp("ensemble")
     report = export_ensemble(tiny[0], tasks, out, scale=SCALE, model_name="fastprompt-tiny",
-                             method={"name": "softcpt"}, triton_max_batch_size=16)
+                             method={"name": "softcpt"}, triton=TritonSettings(max_batch_size=16))
     return out, tasks, report
 
 
@@ -114,8 +117,7 @@ def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble, seed):
         assert np.abs(logits - logits_true.numpy()).max() <= 1e-4 * SCALE
 
 
-def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
-    from test_export_serve import cli
+def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
     import fastprompt.train.coop  # noqa: F401  (the real run-folder module stays for its names)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -140,3 +142,28 @@ def test_cli_triton_ensemble(tiny, tmp_path, monkeypatch, capsys, seed):
     assert parse_model_config(out / "cars" / "config.pbtxt").platform == "ensemble"
     assert cli(["export", str(run_dir), str(out), "--triton-ensemble", "--int8"]) == 2
     assert "--triton-ensemble: exports every task in float32" in capsys.readouterr().err
+
+
+def test_cli_triton_flags_become_the_settings(cli, class_embeddings, tiny, tmp_path, monkeypatch,
+                                              capsys):
+    run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
+                                text_features=class_embeddings, scale=SCALE, method={},
+                                run_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run
+    out = tmp_path / "export"
+    assert cli(["export", run.run_dir, str(out), "--head-only", "--triton-name", "clf",
+                "--triton-gpu", "--triton-instances", "3", "--triton-tensorrt",
+                "--triton-max-batch-size", "48", "--triton-queue-delay-us", "250"]) == 0
+    config = check_triton_repository(out, "clf", out / "model.onnx", CLASS_NAMES, "image_features",
+                                     gpu=True, instances=3)
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32, 48]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    assert accelerator(config)[0] == "tensorrt"
+    capsys.readouterr()
+    for flags, message in [(["--triton-instances", "0"], "triton_instances: expected an int >= 1"),
+                           (["--triton-name", "../x"], "triton_name: '../x' must be"),
+                           (["--triton-tensorrt"], "triton_tensorrt: TensorRT runs on GPU")]:
+        assert cli(["export", run.run_dir, str(tmp_path / "bad"), "--head-only", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastprompt export: error: ") and message in err, err
+        assert not (tmp_path / "bad").exists()

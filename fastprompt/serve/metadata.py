@@ -1,11 +1,15 @@
 """The metadata a fastprompt ONNX classifier carries, and a fast reader for it.
 
+Written by the export (``fastprompt.export`` imports ``ModelInfo`` and ``PREFIX`` from here) and
+read by serving; it lives in the torch-free serving package so that serving never imports export.
+
 Every key is prefixed ``fastprompt.`` and every value is a string (ONNX ``metadata_props``);
 structured values are JSON. ``fastprompt.format_version`` changes whenever a key is renamed or its
 meaning changes, so a reader can refuse files it does not understand instead of misreading them.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -198,7 +202,6 @@ def _read_varint(f, path: str) -> int:
 
 def _parse_string_pair(buf: bytes, path: str) -> tuple[str, str]:
     """A ``StringStringEntryProto`` (key = field 1, value = field 2)."""
-    import io
     f, fields = io.BytesIO(buf), {1: "", 2: ""}
     while f.tell() < len(buf):
         tag = _read_varint(f, path)

@@ -3,15 +3,19 @@ a subprocess where importing torch (or anything else outside the ``serve`` extra
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from exportlib import SCALE, truth
+import fastprompt.export
+import fastprompt.serve
+from onnxlib import SCALE, truth
 
 # Everything the `train` extra installs; the `serve` extra has none of it.
 BLOCKED = ("torch", "torchvision", "open_clip", "triton", "onnx", "onnxscript", "safetensors",
@@ -58,6 +62,48 @@ print(json.dumps({"probs": probs.tolist(), "loaded": loaded}))
     assert np.abs(np.array(out["probs"]) - probs_true.numpy()).max() <= 1e-4
 
 
+# What fastprompt.serve exported when it was one module: its ``__all__`` stays this list.
+SERVE_ALL = ["CPU", "CUDA", "ImagePreprocessor", "OnnxClassifier", "available_cpus",
+             "cpu_description", "create_session", "default_providers", "list_images",
+             "read_image_list", "resolve_model_path", "session_options"]
+# Importable from fastprompt.serve as before, outside ``__all__`` as before.
+SERVE_ALSO = ["IMAGE_EXTENSIONS", "ISA_FLAGS", "ModelInfo", "read_metadata_props"]
+SERVE_MODULES = ["classifier", "images", "metadata", "preprocess", "session"]
+
+
+def test_serve_module_reexports():
+    assert sorted(fastprompt.serve.__all__) == SERVE_ALL
+    for name in SERVE_ALL + SERVE_ALSO:
+        value = getattr(fastprompt.serve, name)
+        if callable(value):  # defined in the serving package itself, not borrowed from export
+            assert value.__module__.startswith("fastprompt.serve."), (name, value.__module__)
+    # fastprompt.export re-exports serving's names rather than defining its own.
+    assert fastprompt.export.OnnxClassifier is fastprompt.serve.OnnxClassifier
+    assert fastprompt.export.ModelInfo is fastprompt.serve.ModelInfo
+    assert fastprompt.export.read_metadata_props is fastprompt.serve.read_metadata_props
+
+
+def test_serve_public_api_resolves_without_torch():
+    result = run_blocked("""
+import importlib, json, sys
+import fastprompt.serve as serve
+from fastprompt.serve import *  # noqa: F403
+for module in sys.argv[1:]:
+    importlib.import_module("fastprompt.serve." + module)
+names = {n: type(getattr(serve, n)).__name__ for n in serve.__all__ + %r}
+loaded = sorted(m for m in sys.modules
+                if m.split(".")[0] in ("torch", "onnx", "open_clip", "tqdm")
+                or m.startswith("fastprompt.export"))
+print(json.dumps({"all": serve.__all__, "names": names, "loaded": loaded}))
+""" % SERVE_ALSO, *SERVE_MODULES)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert sorted(out["all"]) == SERVE_ALL
+    assert sorted(out["names"]) == sorted(SERVE_ALL + SERVE_ALSO)
+    assert out["names"]["OnnxClassifier"] == "type" and out["names"]["CPU"] == "str"
+    assert out["loaded"] == []  # no torch, onnx, open_clip, tqdm, nor anything of export
+
+
 def test_cli_predict_runs_without_torch(tiny_export, image_files):
     result = run_blocked("""
 import runpy, sys
@@ -71,9 +117,6 @@ runpy.run_module("fastprompt", run_name="__main__")
 
 
 def test_serve_extra_installs_only_what_serving_imports():
-    import re
-    import tomllib
-    from pathlib import Path
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
 
     def names(requirements):

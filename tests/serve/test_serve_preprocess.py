@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from exportlib import random_image
-from fastprompt.export.metadata import ModelInfo
 from fastprompt.serve import ImagePreprocessor
+from fastprompt.serve.metadata import ModelInfo
+from onnxlib import random_image
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # (width, height): portrait, landscape, square, extreme strips, smaller than the crop, one off.
