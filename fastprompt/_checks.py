@@ -1,8 +1,15 @@
 """Argument checks and names shared by every layer, serving included (no torch): one integer
-check, one seed check, one way to turn a label into a file-name part."""
+check, one seed check, one way to turn a label into a file-name part, and the error of a result
+refused by its own verification."""
 from __future__ import annotations
 
 import re
+
+
+class CheckFailed(RuntimeError):
+    """The work was done, but its own verification refused the result (an export that disagrees
+    with torch, a reduced-precision model below the agreement bound): the command exits with 1,
+    not with bad input's 2."""
 
 
 def check_int(name: str, value, low: int) -> int:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from fastprompt.data import load_cache
+from fastprompt.export.agreement import EvaluationSet
+from fastprompt.export.ensemble import EnsembleReport, export_ensemble
 from fastprompt.export.onnx_export import ExportReport, export_onnx
 from fastprompt.export.triton import TritonSettings
-from fastprompt.train import load_run
+from fastprompt.train import load_run, load_softcpt_run
+from fastprompt.train.files import read_metrics
 from fastprompt.train.transfer import with_classnames
 
 
@@ -25,3 +31,61 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     return export_onnx(run.model, run.text_features, list(run.class_names), out_dir,
                        scale=float(run.scale), model_name=run.model_name, method=dict(run.method),
                        triton=triton, **kwargs)
+
+
+def export_run_ensemble(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                        triton: TritonSettings | None = None, **kwargs) -> EnsembleReport:
+    """Export every task of a finished SoftCPT run as one NVIDIA Triton ensemble repository
+    (``fastprompt.export.export_ensemble``: one shared image encoder, one head per task);
+    ``kwargs`` are its options (verify, opset, seed)."""
+    names = [t["name"] for t in _metrics_or_empty(run_dir).get("tasks", [])]
+    if not names:
+        raise ValueError(f"--triton-ensemble: {os.fspath(run_dir)} is not a finished SoftCPT run "
+                         "(its metrics.json lists no tasks)")
+    runs = {name: load_softcpt_run(run_dir, task=name) for name in names}
+    first = runs[names[0]]
+    return export_ensemble(
+        first.model, {name: (run.text_features, list(run.class_names)) for name, run in runs.items()},
+        out_dir, scale=float(first.scale), model_name=first.model_name,
+        method={k: v for k, v in first.method.items() if k != "task"}, triton=triton, **kwargs)
+
+
+def _metrics_or_empty(run_dir) -> dict:
+    """The run's metrics.json, or {} where it has none (an unfinished run)."""
+    if not os.path.isfile(os.path.join(os.fspath(run_dir), "metrics.json")):
+        return {}
+    return read_metrics(run_dir)
+
+
+def agreement_set(run_dir, task: str | None, head_only: bool,
+                  limit: int) -> tuple[EvaluationSet | None, str | None]:
+    """The run's own test data for an ``--int8``/``--fp16`` export's agreement report: its
+    feature cache's test images (or, head-only, test features) with their labels, at most
+    ``limit`` of them spread evenly over the test set (0: all). ``(None, why)`` when the cache
+    is gone or has no test split: the export then compares on random inputs."""
+    metrics = _metrics_or_empty(run_dir)
+    entry = metrics
+    if task is not None:
+        key = task.casefold()
+        entry = next((t for t in metrics.get("tasks", [])
+                      if str(t.get("name", "")).casefold() == key), {})
+    path = (entry.get("cache") or {}).get("path")
+    if not path or not os.path.isfile(path):
+        return None, (f"the run's feature cache ({path or 'not recorded'}) is not here; the "
+                      "agreement report uses random inputs")
+    cache = load_cache(path)
+    n = len(cache.test_labels)
+    if n == 0:
+        return None, f"{path} has no test split; the agreement report uses random inputs"
+    rows = (np.arange(n) if limit == 0 or limit >= n
+            else np.linspace(0, n - 1, limit).round().astype(int))
+    labels = cache.test_labels.numpy()[rows]
+    if head_only:
+        inputs = cache.test_features.float().numpy()[rows]
+        return EvaluationSet(inputs, labels, f"test features of {path}"), None
+    paths = [cache.test_paths[i] for i in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        return None, (f"{len(missing)} of the cache's test images are gone (e.g. {missing[0]}); "
+                      "the agreement report uses random inputs")
+    return EvaluationSet(paths, labels, f"test images of {path}"), None

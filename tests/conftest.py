@@ -23,12 +23,16 @@ import numpy as np
 import pytest
 import torch
 
-from onnxlib import CLASS_NAMES, METHOD, SCALE, random_image
-
+# Before fastprompt is imported: triton reads TRITON_INTERPRET when it is imported (torchvision,
+# under open_clip, imports it) and its decorator when the kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # fastprompt's own memo files (weights hashes) go to a throw-away folder, not ~/.cache.
 os.environ.setdefault("FASTPROMPT_CACHE_DIR", tempfile.mkdtemp(prefix="fastprompt-test-cache-"))
+
+from fastprompt.cli import main  # noqa: E402
+from fastprompt.data import make_shapes_dataset  # noqa: E402
+from onnxlib import CLASS_NAMES, METHOD, SCALE, random_image  # noqa: E402
 
 
 def pytest_sessionstart(session):
@@ -112,7 +116,6 @@ def shapes_data(tmp_path_factory):
 
     Shared: a test must not change, add or remove files there (one that does makes its own
     data set with ``make_shapes_dataset`` in its ``tmp_path``)."""
-    from fastprompt.data import make_shapes_dataset
     base = tmp_path_factory.mktemp("shapes_data")
     made: dict = {}
 
@@ -235,3 +238,28 @@ def image_files(tmp_path_factory, session_seed):
         paths.append(folder / f"img{i}.{ext}")
         random_image(rng, *size, mode).save(paths[-1])
     return paths
+
+
+@pytest.fixture
+def cli():
+    """``cli(argv)``: ``fastprompt ARGV`` in this process; returns the exit code."""
+    return main
+
+
+@pytest.fixture(scope="session")
+def cli_world(tmp_path_factory, tiny_weights):
+    """A folder holding ``shapes/`` (3 shape classes, 4 training and 2 test images each) and
+    ``tiny.safetensors`` (the tiny model's weights), for runs through the command line. Shared:
+    tests write their caches and runs in their own ``tmp_path``."""
+    root = tmp_path_factory.mktemp("cli_world")
+    make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
+                        test_images_per_class=2, seed=9)
+    os.link(tiny_weights, root / "tiny.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cli_args(cli_world):
+    """The ``cache``/``train`` arguments naming ``cli_world``'s weights and data, 2 views."""
+    return ["--pretrained", str(cli_world / "tiny.safetensors"), "--data",
+            str(cli_world / "shapes"), "--views", "2"]

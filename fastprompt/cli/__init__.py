@@ -2,50 +2,67 @@
 
 Every command returns 0 on success and 2 on bad input or an anticipated failure (a damaged or
 locked file, a full or read-only disk, a missing GPU), with one line naming the argument or file
-on stderr (``fastprompt <command>: error: ...``); nothing half-written is left behind. An
-unexpected error prints one line too and returns 1; ``--debug`` shows its traceback.
-The only package that parses arguments: each module registers its commands on one parser.
+on stderr (``fastprompt <command>: error: ...``); nothing half-written is left behind. A command
+whose own check refused its result (an export that disagrees with torch) or that finished with
+some items failed (unreadable images, failed runs of a sweep) returns 1, as does an unexpected
+error, in one line too (``--debug`` shows its traceback); an interrupt returns 130. ``main``
+alone turns errors into these exit codes: the command modules raise.
+
+One module per command group registers its commands on one parser; they are imported by the
+command named, so that ``fastprompt predict`` (``cli/predict.py``: onnxruntime, numpy, Pillow)
+never loads torch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-from fastprompt.cli import deploy, protocols, training
+from PIL import Image
+
+from fastprompt._checks import CheckFailed
+from fastprompt._io import LockedError
 
 
-def _user_errors() -> tuple[type, ...]:
-    from PIL import Image
-
-    from fastprompt._io import LockedError
-    return (ValueError, TypeError, OSError, LockedError, RecursionError,
-            Image.DecompressionBombError)
+class PartlyFailed(Exception):
+    """The command finished, but some of its items failed (each said above it): exit 1."""
 
 
-_COMMAND_MODULES = (training, deploy, protocols)
+# command -> the module that registers it
+COMMAND_MODULES = {
+    "cache": "fastprompt.cli.cache",
+    "train": "fastprompt.cli.train",
+    "eval": "fastprompt.cli.evaluate",
+    "demo": "fastprompt.cli.demo",
+    "export": "fastprompt.cli.deploy",
+    "predict": "fastprompt.cli.predict",
+    "sweep": "fastprompt.cli.protocols",
+    "plot": "fastprompt.cli.protocols",
+}
+
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, LockedError, RecursionError,
+               Image.DecompressionBombError)
 
 
 def _command_in(argv: list[str]) -> str | None:
     """The sub-command named in ``argv`` (its first non-option word), if it is one."""
-    known = {name for module in _COMMAND_MODULES for name in module.COMMANDS}
     first = next((word for word in argv if not word.startswith("-")), None)
-    return first if first in known else None
+    return first if first in COMMAND_MODULES else None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``command``, only the module that owns it registers its commands, so
-    that ``predict`` builds without importing torch (the training commands' defaults live in
-    torch-importing modules)."""
+    """The parser; with ``command``, only the module that owns it registers its commands."""
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in _COMMAND_MODULES:
-        if command is None or command in module.COMMANDS:
-            module.add_commands(sub)
-    for command in sub.choices.values():  # also accepted after the command's name
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show tracebacks of errors")
+    names = [COMMAND_MODULES[command]] if command else dict.fromkeys(COMMAND_MODULES.values())
+    for name in names:
+        # Imported here, by command: the training commands' modules import torch.
+        importlib.import_module(name).add_commands(sub)
+    for subparser in sub.choices.values():  # also accepted after the command's name
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show tracebacks of errors")
     return parser
 
 
@@ -78,15 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command_in(argv)).parse_args(argv)
     _configure_logging()
     try:
-        return args.func(args)
+        args.func(args)
+        return 0
     except KeyboardInterrupt:
         print(f"fastprompt {args.command}: interrupted (finished epochs are kept; --resume "
               "continues)", file=sys.stderr)
         return 130
+    except PartlyFailed as e:
+        print(f"fastprompt {args.command}: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if getattr(args, "debug", False):
             raise
-        if isinstance(e, _user_errors()):
+        if isinstance(e, CheckFailed):
+            print(f"fastprompt {args.command}: error: {_message(e)}", file=sys.stderr)
+            return 1
+        if isinstance(e, USER_ERRORS):
             print(f"fastprompt {args.command}: error: {_message(e)}", file=sys.stderr)
             return 2
         print(f"fastprompt {args.command}: unexpected error: {type(e).__name__}: {_message(e)} "

@@ -1,94 +1,16 @@
-"""The papers' evaluation protocols on the command line: ``eval --data`` (cross-dataset and
-domain shift), ``eval --base-to-new``, ``sweep`` and ``plot``."""
+"""``fastprompt sweep`` and ``fastprompt plot``: a grid of runs under one of the papers'
+protocols with its report, and the plots of run and sweep folders drawn again."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-# ---------------------------------------------------------------------------------------------
-# eval on other data
-
-
-def add_eval_data_args(p: argparse.ArgumentParser) -> None:
-    """``fastprompt eval``'s options for other data sets and class halves."""
-    from fastprompt.data import DEFAULT_TEST_FRACTION
-    from fastprompt.data.source import SUBSAMPLES
-    g = p.add_argument_group("other data (cross-dataset, domain shift, base-to-new)")
-    g.add_argument("--data", metavar="DIR",
-                   help="evaluate on this data set's test images, classifying among ITS class "
-                   "names with the run's learned context")
-    g.add_argument("--split-file", metavar="FILE", help="CoOp split file of --data (relative to it)")
-    g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="test share per class of a folder without a split (default: %(default)s)")
-    g.add_argument("--all-images", action="store_true",
-                   help="every image of --data is a test image (evaluation-only sets such as "
-                   "ImageNet-A/R/Sketch laid out as class folders)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="seed of the test split of a folder without one (default: the run's)")
-    g.add_argument("--subsample", choices=SUBSAMPLES, default="all",
-                   help="evaluate on this half of --data's classes (default: %(default)s)")
-    g.add_argument("--base-to-new", action="store_true",
-                   help="base and new accuracy and their harmonic mean H of a run trained with "
-                   "--subsample base, on the data it was trained on")
-    g.add_argument("--cache-dir", metavar="DIR",
-                   help="where the test images' features are cached (default: RUN/eval/)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+from fastprompt.cli import PartlyFailed
+from fastprompt.protocols.report import redraw
+from fastprompt.protocols.sweep import run_sweep
+from fastprompt.protocols.sweep_grid import load_spec
 
 
-def wants_eval_on_data(args) -> bool:
-    return bool(args.data or args.base_to_new)
-
-
-def cmd_eval_on_data(args) -> int:
-    from fastprompt._io import dumps_json
-    from fastprompt.protocols.evaluation import base_to_new, evaluate_on_data
-    from fastprompt.train.files import read_prompt_file
-    from fastprompt.cli.training import _device
-    if args.cache:
-        raise ValueError("--cache: names a cache of the run's own classes; with --data or "
-                         "--base-to-new the test features are cached in --cache-dir")
-    options = dict(cache_dir=args.cache_dir, device=_device(args.device or "cpu"),
-                   progress=False if args.no_progress else None)
-    if args.base_to_new:
-        if args.data or args.subsample != "all" or args.task:
-            raise ValueError("--base-to-new: evaluates on the data the run was trained on; drop "
-                             "--data, --subsample and --task")
-        result = base_to_new(args.run, **options)
-        if args.json:
-            print(dumps_json(result, indent=2))
-            return 0
-        for half in ("base", "new"):
-            r = result[half]
-            print(f"{half}: accuracy {r['test_acc']:.4f} on {r['num_test_images']} images of "
-                  f"{r['num_classes']} classes (zero-shot {r['zeroshot_test_acc']:.4f})")
-        z = result["zeroshot"]
-        print(f"H = 2BN/(B+N) = {result['hm']:.4f} (zero-shot {z['hm']:.4f})")
-        return 0
-
-    from fastprompt.data.source import DataSource
-    seed = args.seed if args.seed is not None else read_prompt_file(args.run).config.seed
-    source = DataSource.create(args.data, split_file=args.split_file,
-                               test_fraction=args.test_fraction, seed=seed,
-                               subsample=args.subsample)
-    result = evaluate_on_data(args.run, source, all_images=args.all_images, task=args.task,
-                              **options)
-    if args.json:
-        print(dumps_json(result, indent=2))
-        return 0
-    print(f"test accuracy {result['test_acc']:.4f} on {result['num_test_images']} images of "
-          f"{result['num_classes']} classes of {source.root} (zero-shot "
-          f"{result['zeroshot_test_acc']:.4f})")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# sweep and plot
-
-
-def cmd_sweep(args) -> int:
-    from fastprompt.protocols.sweep import run_sweep
-    from fastprompt.protocols.sweep_grid import load_spec
+def cmd_sweep(args) -> None:
     spec = load_spec(args.spec)
     result = run_sweep(spec, args.out, jobs=args.jobs,
                        progress=False if args.no_progress else None)
@@ -98,14 +20,15 @@ def cmd_sweep(args) -> int:
     for job, message in result.failed:
         print(f"fastprompt sweep: failed: {job.describe()} ({job.run_dir}): {message}",
               file=sys.stderr)
-    return 1 if result.failed else 0
+    if result.failed:
+        total = len(result.trained) + len(result.resumed) + len(result.skipped) + len(result.failed)
+        raise PartlyFailed(f"{len(result.failed)} of {total} runs failed")
 
 
-def cmd_plot(args) -> int:
-    from fastprompt.protocols.report import redraw
+def cmd_plot(args) -> None:
     for path in redraw(args.paths):
         print(path)
-    return 0
+
 
 
 COMMANDS = ("sweep", "plot")

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from fastprompt._checks import CheckFailed
 from fastprompt.serve import CPU, ImagePreprocessor, cpu_description, create_session
 from fastprompt.serve.metadata import ModelInfo
 
@@ -33,7 +34,7 @@ SPEED_BATCH_SIZES = (1, 8)
 SPEED_SECONDS = 0.5  # per model and batch size, after one warm-up call
 
 
-class AgreementError(RuntimeError):
+class AgreementError(CheckFailed):
     """The reduced-precision model agrees with the float32 export less than required; ``report``
     has the numbers."""
 

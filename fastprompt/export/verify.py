@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastprompt._checks import CheckFailed
 from fastprompt.serve import CPU, create_session
 from fastprompt.serve.metadata import ModelInfo
 
@@ -24,7 +25,7 @@ FP32_COSINE_ATOL = 1e-4
 FEATURES_RTOL = 1e-4
 
 
-class ExportVerificationError(RuntimeError):
+class ExportVerificationError(CheckFailed):
     """onnxruntime's output disagrees with torch beyond the tolerance; ``report`` has the numbers
     (an ``ExportReport``; None where there is none: the ensemble's image encoder)."""
 

@@ -133,7 +133,7 @@ def create_session(path: str, info: ModelInfo, providers=None, *,
                          f"onnxruntime cannot run): {e}") from None
     used = session.get_providers()
     if explicit and requested[0] == CUDA and used[0] != CUDA:
-        raise RuntimeError(f"providers: CUDAExecutionProvider was requested but onnxruntime runs "
+        raise ValueError(f"providers: CUDAExecutionProvider was requested but onnxruntime runs "
                            f"{used[0]} (no GPU, or CUDA libraries missing; see onnxruntime's log)")
     logger.info("fastprompt: %s runs on %s", path, used[0])
     return session

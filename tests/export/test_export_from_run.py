@@ -13,11 +13,11 @@ from fastprompt.serve import OnnxClassifier
 
 
 @pytest.fixture(scope="module")
-def trained_run(world_args, tmp_path_factory):
+def trained_run(cli_args, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cache, run = root / "c.safetensors", root / "run"
-    assert main(["cache", *world_args, "--out", str(cache)]) == 0
-    assert main(["train", *world_args, "--cache", str(cache), "--out", str(run), "--epochs", "2",
+    assert main(["cache", *cli_args, "--out", str(cache)]) == 0
+    assert main(["train", *cli_args, "--cache", str(cache), "--out", str(run), "--epochs", "2",
                  "--n-ctx", "4", "--no-progress"]) == 0
     return run, cache
 

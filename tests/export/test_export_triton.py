@@ -4,7 +4,6 @@ parsed with Triton's ModelConfig protobuf and checked against the graphs it name
 from __future__ import annotations
 
 import os
-import sys
 import types
 
 import numpy as np
@@ -118,7 +117,6 @@ def test_ensemble_chain_computes_each_task_classifier(tiny, ensemble, seed):
 
 
 def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
-    import fastprompt.train.coop  # noqa: F401  (the real run-folder module stays for its names)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text('{"tasks": [{"name": "Pets & co"}, {"name": "cars"}]}')
@@ -132,9 +130,7 @@ def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
                                      class_names=TASKS[task], text_features=features[task],
                                      method={"name": "softcpt", "task": task})
 
-    fake = types.ModuleType("fastprompt.train")
-    fake.load_softcpt_run = load_softcpt_run
-    monkeypatch.setitem(sys.modules, "fastprompt.train", fake)
+    monkeypatch.setattr(pipeline, "load_softcpt_run", load_softcpt_run)
     out = tmp_path / "repo"
     assert cli(["export", str(run_dir), str(out), "--triton-ensemble"]) == 0
     assert calls == ["Pets & co", "cars"]

@@ -10,28 +10,13 @@ from fastprompt.cli import main
 from fastprompt.data import make_shapes_dataset
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_weights):
-    """A shapes data set and the tiny model's weights as a local checkpoint file."""
-    root = tmp_path_factory.mktemp("cli")
-    make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
-                        test_images_per_class=2, seed=9)
-    os.link(tiny_weights, root / "tiny.safetensors")
-    return root
-
-
-def common(world):
-    return ["--pretrained", str(world / "tiny.safetensors"), "--data", str(world / "shapes"),
-            "--views", "2"]
-
-
-def test_cache_train_eval_export_predict(world, tmp_path, capsys):
+def test_cache_train_eval_export_predict(cli_world, cli_args, tmp_path, capsys):
     cache = tmp_path / "c.safetensors"
-    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    assert main(["cache", *cli_args, "--out", str(cache)]) == 0
     assert "3 classes, 12 training images x 2 views" in capsys.readouterr().out
 
     run = tmp_path / "run"
-    argv = ["train", *common(world), "--cache", str(cache), "--out", str(run), "--epochs", "2",
+    argv = ["train", *cli_args, "--cache", str(cache), "--out", str(run), "--epochs", "2",
             "--method", "dspt", "--targets", "csl", "--alternate", "--prograd", "--n-ctx", "4",
             "--no-progress"]
     assert main(argv) == 0
@@ -56,7 +41,7 @@ def test_cache_train_eval_export_predict(world, tmp_path, capsys):
     export = tmp_path / "export"
     assert main(["export", str(run), str(export)]) == 0
     assert "passed" in capsys.readouterr().out
-    image = sorted((world / "shapes" / "test").rglob("*.png"))[0]
+    image = sorted((cli_world / "shapes" / "test").rglob("*.png"))[0]
     assert main(["predict", str(export), str(image), "--top-k", "2", "--json"]) == 0
     top = json.loads(capsys.readouterr().out)[0]["top_k"]
     assert len(top) == 2 and top[0]["class"] in metrics_classes(run)
@@ -67,11 +52,11 @@ def metrics_classes(run):
     return read_prompt(run)[2]
 
 
-def test_cache_only_train(world, tmp_path, capsys):
+def test_cache_only_train(cli_world, cli_args, tmp_path, capsys):
     """`train --cache FILE` without --data trains on a cache built earlier."""
     cache = tmp_path / "c.safetensors"
-    assert main(["cache", *common(world), "--out", str(cache)]) == 0
-    assert main(["train", "--pretrained", str(world / "tiny.safetensors"), "--cache", str(cache),
+    assert main(["cache", *cli_args, "--out", str(cache)]) == 0
+    assert main(["train", "--pretrained", str(cli_world / "tiny.safetensors"), "--cache", str(cache),
                  "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"]) == 0
 
 
@@ -85,12 +70,12 @@ def _expect_error(argv, capsys, pattern, out_dir=None):
     return err
 
 
-def test_bad_data(world, tmp_path, capsys):
+def test_bad_data(cli_world, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "b").mkdir()
     run = tmp_path / "run"
-    base = ["train", "--pretrained", str(world / "tiny.safetensors"), "--out", str(run),
+    base = ["train", "--pretrained", str(cli_world / "tiny.safetensors"), "--out", str(run),
             "--epochs", "1", "--no-progress"]
     _expect_error(base + ["--data", str(empty)], capsys, "fastprompt train: error:", run)
 
@@ -101,11 +86,11 @@ def test_bad_data(world, tmp_path, capsys):
     err = _expect_error(base + ["--data", str(one)], capsys, "fastprompt train: error:", run)
     assert "class" in err
 
-    _expect_error(base + ["--data", str(world / "shapes"), "--shots", "50"], capsys, "shots", run)
+    _expect_error(base + ["--data", str(cli_world / "shapes"), "--shots", "50"], capsys, "shots", run)
     _expect_error(base + ["--data", str(tmp_path / "missing")], capsys, "missing", run)
 
 
-def test_corrupt_images_are_skipped_with_a_count(world, tmp_path, capsys):
+def test_corrupt_images_are_skipped_with_a_count(cli_world, tmp_path, capsys):
     data = tmp_path / "data"
     for cls in ("red", "blue"):
         (data / cls).mkdir(parents=True)
@@ -113,20 +98,20 @@ def test_corrupt_images_are_skipped_with_a_count(world, tmp_path, capsys):
             Image.new("RGB", (16, 16), (200 if cls == "red" else 0, 0, 40 * i)).save(data / cls / f"{i}.png")
     (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.png"):
-        assert main(["cache", "--pretrained", str(world / "tiny.safetensors"), "--data", str(data),
+        assert main(["cache", "--pretrained", str(cli_world / "tiny.safetensors"), "--data", str(data),
                      "--views", "1", "--out", str(tmp_path / "c.safetensors")]) == 0
     assert "2 classes, 4 training images" in capsys.readouterr().out  # 5 readable, 20% test
 
 
-def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
+def test_bad_checkpoint_and_cache(cli_world, cli_args, tmp_path, capsys):
     cache = tmp_path / "c.safetensors"
-    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    assert main(["cache", *cli_args, "--out", str(cache)]) == 0
     cache.write_bytes(cache.read_bytes()[:500])
-    _expect_error(["train", "--pretrained", str(world / "tiny.safetensors"), "--cache", str(cache),
+    _expect_error(["train", "--pretrained", str(cli_world / "tiny.safetensors"), "--cache", str(cache),
                    "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"], capsys,
                   "c.safetensors", tmp_path / "run")
     # A cache from another model is refused.
-    assert main(["cache", *common(world), "--out", str(cache)]) == 0
+    assert main(["cache", *cli_args, "--out", str(cache)]) == 0
     _expect_error(["train", "--model", "ViT-B-32", "--cache", str(cache), "--out",
                    str(tmp_path / "run2"), "--epochs", "1", "--no-progress"], capsys,
                   "was built with model 'fastprompt-tiny'", tmp_path / "run2")
@@ -135,9 +120,9 @@ def test_bad_checkpoint_and_cache(world, tmp_path, capsys):
     _expect_error(["export", str(tmp_path / "unfinished"), str(tmp_path / "exp")], capsys,
                   "has no trained prompt")
     assert not (tmp_path / "exp" / "model.onnx").exists()
-    _expect_error(["train", *common(world), "--out", str(tmp_path / "r"), "--lam", "-1"], capsys,
+    _expect_error(["train", *cli_args, "--out", str(tmp_path / "r"), "--lam", "-1"], capsys,
                   "lam: must be non-negative")
-    _expect_error(["train", "--pretrained", str(tmp_path / "nope.pt"), "--data", str(world / "shapes"),
+    _expect_error(["train", "--pretrained", str(tmp_path / "nope.pt"), "--data", str(cli_world / "shapes"),
                    "--out", str(tmp_path / "r")], capsys, "nope.pt")
 
 

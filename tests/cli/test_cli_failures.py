@@ -157,11 +157,11 @@ def test_non_finite_hyper_parameters_are_refused(world, tmp_path, flag, value):
 
 def test_unexpected_error_is_one_line_with_a_debug_hint(monkeypatch, capsys):
     from fastprompt import cli
-    from fastprompt.cli import training
+    from fastprompt.cli import evaluate
 
     def broken(args):
         raise RuntimeError("something nobody anticipated")
-    monkeypatch.setattr(training, "cmd_eval", broken)
+    monkeypatch.setattr(evaluate, "cmd_eval", broken)
     assert cli.main(["eval", "somewhere"]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["fastprompt eval: unexpected error: RuntimeError: "

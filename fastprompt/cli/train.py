@@ -1,0 +1,234 @@
+"""``fastprompt train``: tune a prompt on cached features, every learner with every loss and
+plug-in; under ``torchrun`` with several processes, each one a rank of one run with the classes
+sharded over them (``fastprompt.train.distributed``)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from fastprompt.cli import common
+from fastprompt.data import load_cache
+from fastprompt.data.cache import load_cache_for, task_cache_path
+from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
+from fastprompt.train import (METHODS, TARGETS, Task, TrainConfig, coop_epochs, train_run,
+                              train_softcpt_run)
+from fastprompt.train.class_sharding import shard_bounds
+from fastprompt.train.distributed import DEFAULT_TIMEOUT_S, torchrun_process_group, world_size
+from fastprompt.train.files import refuse_existing_run
+from fastprompt.train.softcpt import SOFTCPT_EPOCHS
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("method (every combination works)")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help="coop: cross-entropy; dspt: double softmax; softcpt: several tasks")
+    g.add_argument("--targets", choices=TARGETS, default=d.targets,
+                   help="hard, ls (label smoothing), csl/isl (ATLaS class-/instance-wise soft labels)")
+    g.add_argument("--smoothing", type=float, default=d.smoothing, help="weight of the soft part (default: %(default)s)")
+    g.add_argument("--alternate", action="store_true",
+                   help="ATLaS: K-1 epochs on hard labels, then one on soft targets, repeated")
+    g.add_argument("--alternate-period", type=int, default=d.alternate_period, help="ATLaS K (default: %(default)s)")
+    g.add_argument("--csl-temperature", type=float, default=d.csl_temperature,
+                   help="softmax temperature of the class-wise table (default: %(default)s)")
+    g.add_argument("--prograd", action="store_true", help="ProGrad gradient projection")
+    g.add_argument("--lam", type=float, default=d.lam, help="ProGrad lambda (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="ProGrad KL temperature")
+    g = p.add_argument_group("prompt (CoOp)")
+    g.add_argument("--n-ctx", type=int, default=d.n_ctx)
+    g.add_argument("--ctx-init", default=d.ctx_init, help='initial phrase, e.g. "a photo of a"')
+    g.add_argument("--class-specific", action="store_true", help="one context per class (CSC)")
+    g.add_argument("--class-token-position", choices=("end", "middle", "front"), default="end")
+    g = p.add_argument_group("optimisation (CoOp defaults)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="default: CoOp's count for --shots (50/100/200; 200 without --shots)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--text-chunk", type=text_chunk, default=0, metavar="K",
+                   help="exact low-memory text backward: re-encode the class prompts K at a time "
+                        "(one extra text forward; memory of K prompts, not all C); 0: plain "
+                        "backward (default); auto: the plain backward when all classes fit in "
+                        "half the free memory, else the largest K that does. Not part of the "
+                        "run's identity")
+
+
+def text_chunk(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected classes per chunk or 'auto', got {value!r}")
+
+
+def add_softcpt_args(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = parser.add_argument_group("SoftCPT (--method softcpt: several tasks, one meta network)")
+    g.add_argument("--tasks", metavar="TASKS.json",
+                   help='tasks file: [{"name": ..., "data": DIR, "split_file": FILE?}, ...] '
+                        "(or give --data once per task)")
+    g.add_argument("--task-names", nargs="+", metavar="NAME",
+                   help="task names for several --data folders (default: the folder names)")
+    g.add_argument("--n-task-ctx", type=int, default=d.n_task_ctx,
+                   help="learnable task context tokens before each task name (default: %(default)s)")
+    g.add_argument("--task-ctx", choices=("shared", "per-task"), default="shared",
+                   help="one task context for all tasks, or one per task (default: %(default)s)")
+    g.add_argument("--softcpt-loss", choices=("coop", "dspt"), default="coop",
+                   help="the per-task loss: cross-entropy or DSPT's double softmax (default: %(default)s)")
+
+
+def config_from(args, shots: int | None) -> TrainConfig:
+    """The TrainConfig of ``train``'s arguments; ``shots`` sets CoOp's default epoch count."""
+    softcpt = args.method == "softcpt"
+    uses_dspt = args.method == "dspt" or (softcpt and args.softcpt_loss == "dspt")
+    if args.epochs is not None:
+        epochs = args.epochs
+    else:
+        epochs = SOFTCPT_EPOCHS if softcpt else coop_epochs(shots)
+    return TrainConfig(
+        model=args.model, pretrained=os.path.abspath(args.pretrained) if args.pretrained else None,
+        n_ctx=args.n_ctx, ctx_init=args.ctx_init, class_specific=args.class_specific,
+        class_token_position=args.class_token_position,
+        learner="softcpt" if softcpt else "coop", loss="dspt" if uses_dspt else "ce",
+        targets=args.targets, smoothing=args.smoothing, alternate=args.alternate,
+        alternate_period=args.alternate_period, csl_temperature=args.csl_temperature,
+        prograd=args.prograd, lam=args.lam, temperature=args.temperature,
+        n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"), epochs=epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+        amp=not args.no_amp)
+
+
+def cmd_train(args) -> None:
+    with torchrun_process_group(args.device, args.dist_timeout) as device:
+        args.device = device
+        if args.method == "softcpt" or args.tasks:
+            train_softcpt(args)
+        else:
+            train_coop(args)
+
+
+def train_coop(args) -> None:
+    if len(getattr(args, "data_all", None) or []) > 1:
+        raise ValueError("--data: given several times; several folders train together only "
+                         "with --method softcpt")
+    from_cache = bool(args.cache and not args.data)
+    if from_cache and args.subsample != "all":
+        raise ValueError("--subsample: takes the classes of --data DIR; give --data (a cache "
+                         "built with --subsample can be named with --cache alongside it)")
+    if from_cache:  # CoOp's epoch count follows the cache's shots
+        shots = load_cache(args.cache, verify=False).fingerprint.get("shots")
+        if args.shots is not None and args.shots != shots:
+            raise ValueError(f"--shots: {args.cache} holds {shots or 'all'} shots per class, "
+                             f"not {args.shots}")
+    else:
+        shots = args.shots
+    config = config_from(args, shots)
+    # Training from a built cache never encodes an image: the image tower is not loaded.
+    model, pt, pv, tokenizer, device = common.load_model(args, image_tower=not from_cache)
+    if from_cache:
+        cache = load_cache_for(args.cache, model, args.model)
+    else:
+        # Under torchrun every rank encodes its share of the cache's chunks (through files).
+        path = args.cache or os.path.join(args.out, "features.safetensors")
+        cache = common.build_cache(args, path, model, pt, pv,
+                                   show_progress=None if common.is_writer() else False)
+    sizes = [b - a for a, b in shard_bounds(cache.num_classes, world_size())]
+    common.print_ranks(f"{cache.num_classes} classes: {' + '.join(map(str, sizes))} per rank")
+    metrics = train_run(config, cache, model, tokenizer, args.out, resume=args.resume,
+                        device=device, progress=common.progress(args), compile=args.compile,
+                        text_chunk=args.text_chunk,
+                        data=None if from_cache else common.data_source(args).to_dict())
+    if not common.is_writer():
+        return
+    common.finish_run(args.out)
+    print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
+          f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
+          f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
+
+
+def train_softcpt(args) -> None:
+    """``fastprompt train --method softcpt``: read and check every task, then cache each task's
+    features under ``OUT/features/`` and train. Bad input writes nothing."""
+    if args.method != "softcpt":
+        raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
+                         f"(got --method {args.method})")
+    if args.compile:
+        raise ValueError("--compile: not supported with --method softcpt (its batches mix tasks "
+                         "in proportions that change every step, so no one graph fits); it "
+                         "compiles --method coop and dspt steps")
+    folders = getattr(args, "data_all", None) or ([args.data] if args.data else [])
+    if args.tasks and folders:
+        raise ValueError("--tasks: give the tasks either in a tasks file or as --data folders, "
+                         "not both")
+    if args.cache:
+        raise ValueError("--cache: SoftCPT keeps one feature cache per task in OUT/features/")
+    if args.split_file:
+        raise ValueError("--split-file: with SoftCPT, name each task's split file in the tasks "
+                         "file (\"split_file\")")
+    if args.subsample != "all":
+        raise ValueError("--subsample: SoftCPT trains on whole tasks; base-to-new applies to "
+                         "--method coop and dspt")
+    if args.tasks:
+        if args.task_names:
+            raise ValueError("--task-names: the tasks file names its tasks")
+        specs = read_tasks_file(args.tasks)
+    elif folders:
+        specs = task_specs_from_folders(folders, args.task_names)
+    else:
+        raise ValueError("--tasks: SoftCPT needs tasks: --tasks TASKS.json, or --data once per task")
+    splits = load_task_datasets(specs, test_fraction=args.test_fraction, seed=args.seed)
+    config = config_from(args, args.shots)
+    # Checked before any cache is written: a damaged or CoOp checkpoint is refused here already.
+    refuse_existing_run(args.out, args.resume, "softcpt")
+    model, pt, pv, tokenizer, device = common.load_model(args)
+    tasks = []
+    for i, (spec, split) in enumerate(zip(specs, splits)):
+        cache = common.build_cache(args, task_cache_path(args.out, i, spec.name), model, pt, pv,
+                                   splits=split, where=f" in task {spec.name!r}",
+                                   show_progress=common.progress(args))
+        tasks.append(Task(spec.name, cache))
+    common.print_ranks(f"each batch's classes (those of its tasks, up to "
+                       f"{sum(t.cache.num_classes for t in tasks)}) split evenly over them")
+    metrics = train_softcpt_run(config, tasks, model, tokenizer, args.out, resume=args.resume,
+                                device=device, progress=common.progress(args),
+                                text_chunk=args.text_chunk)
+    if not common.is_writer():
+        return
+    common.finish_run(args.out)
+    for t in metrics["tasks"]:
+        print(f"  {t['name']}: test accuracy {t['test_acc']:.4f} (zero-shot "
+              f"{t['zeroshot_test_acc']:.4f}), {t['num_classes']} classes")
+    print(f"{metrics['method']} over {len(tasks)} tasks: average test accuracy "
+          f"{metrics['test_acc']:.4f} (zero-shot {metrics['zeroshot_test_acc']:.4f}), "
+          f"{metrics['trainable_parameters']} trained parameters, median epoch "
+          f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
+
+
+COMMANDS = ("train",)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="tune a prompt on cached features")
+    common.add_model_args(p)
+    common.add_data_args(p)
+    add_train_args(p)
+    p.add_argument("--cache", metavar="FILE",
+                   help="feature cache (built or reused; default: OUT/features.safetensors)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each training step as one graph (torch.compile; CUDA graphs on "
+                   "CUDA): faster steps after a compilation of a minute or so; same result to "
+                   "float32 rounding; a run resumes with or without it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun with several processes (the classes sharded over them): "
+                        "how long a rank waits for the others before it fails (default: "
+                        "%(default)s)")
+    add_softcpt_args(p)
+    p.set_defaults(func=cmd_train)
