@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
 demo: $(STAMP)
 	$(PY) -m fastprompt demo
 
+# lint-imports: the layers of docs/design.md (contracts in pyproject.toml) hold.
 # FASTPROMPT_REQUIRE_EXTENSION: a C++ extension that fails to build or load fails the run.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	FASTPROMPT_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -20,11 +20,12 @@ from fastprompt.train.class_sharding import local_text_chunk, sharded_text_featu
 from fastprompt.train.compiled_step import CompiledStep
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.distributed import world_size
-from fastprompt.train.epoch import accuracy, autocast, epoch_order, logit_scale
+from fastprompt.train.epoch import autocast, epoch_order, logit_scale
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
-                                      register, resolve_device)
+                                      classifier_metrics, method_summary, register,
+                                      resolve_device, train_accuracy)
 from fastprompt.train.objective import Objective
 from fastprompt.train.text_backward import TextEncoding, check_text_chunk
 
@@ -47,21 +48,6 @@ def coop_encoding(prompted: PromptedTextModel) -> TextEncoding:
         return prompted.text_encoder(learner(ctx, classes=rows), learner.tokenized_prompts[rows])
 
     return TextEncoding(lambda: learner.ctx, encode, learner.n_cls, [learner.ctx])
-
-
-def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor) -> dict:
-    """Zero-shot, test and validation accuracy of the classifier ``text`` on ``cache``."""
-    return {"zeroshot_test_acc": accuracy(cache.test_features, cache.test_labels, zeroshot),
-            "test_acc": accuracy(cache.test_features, cache.test_labels, text),
-            "val_acc": accuracy(cache.val_features, cache.val_labels, text)}
-
-
-def train_accuracy(cache: FeatureCache, text: Tensor) -> tuple[float, float]:
-    """Train accuracy on the first augmented view of each image: noisy and clean labels."""
-    m = cache.num_train_images
-    first_view = cache.train_features[:m]
-    return (accuracy(first_view, cache.train_labels[:m], text),
-            accuracy(first_view, cache.train_clean_labels[:m], text))
 
 
 class CachedBatch(NamedTuple):
@@ -91,6 +77,7 @@ class CoOpLearner(Learner):
     """CoOp's context on one cache. ``compile``: run each step compiled as one graph
     (``fastprompt.train.compiled_step``)."""
     name = "coop"
+    method_keys = ("ctx_init", "class_specific")
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer,
                  device: torch.device, *, compile: bool = False, text_chunk: int | str = 0):
@@ -206,22 +193,6 @@ class CoOpLearner(Learner):
                 "trainable_parameters": count_parameters(self.prompted),
                 "num_classes": cache.num_classes, "num_train_images": cache.num_train_images,
                 "views": cache.views, "cache": cache_record(cache)}
-
-
-# The settings an export records about how its classifier was trained (``method_summary``).
-_METHOD_KEYS = ("learner", "loss", "targets", "smoothing", "alternate", "alternate_period",
-                "csl_temperature", "prograd", "lam", "temperature", "n_ctx",
-                "class_token_position")
-_LEARNER_METHOD_KEYS = {"coop": ("ctx_init", "class_specific"),
-                        "softcpt": ("n_task_ctx", "task_ctx")}
-
-
-def method_summary(config: TrainConfig) -> dict:
-    """``TrainedClassifier.method``: the config's ``--method`` name, its training settings and
-    ``name`` (``config.describe()``)."""
-    d = config.to_dict()
-    keys = _METHOD_KEYS + _LEARNER_METHOD_KEYS[config.learner]
-    return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
 def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_dir, *,

@@ -39,6 +39,7 @@ from torch import Tensor
 import fastprompt
 from fastprompt._hashing import state_checksum, tensor_checksum
 from fastprompt._io import atomic_write, exclusive_lock, read_json, write_json_atomic
+from fastprompt.data.cache import RECORD_ONLY_KEYS
 from fastprompt.train.config import LEARNERS, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -98,16 +99,27 @@ def write_config(run_dir: str, config: TrainConfig) -> None:
 # Checkpoint
 
 
+def _without_record_only(obj):
+    """``obj`` without the cache fingerprints' record-only entries (``same_fingerprint``), at
+    any depth: the version that built a cache does not make another run."""
+    if isinstance(obj, dict):
+        return {k: _without_record_only(v) for k, v in obj.items() if k not in RECORD_ONLY_KEYS}
+    if isinstance(obj, list):
+        return [_without_record_only(v) for v in obj]
+    return obj
+
+
 def _comparable(identity: dict, version: int) -> dict:
-    """``identity`` with its config in today's fields (a version 1 checkpoint may store the
-    config as 0.1.0 wrote it)."""
+    """``identity`` as runs are compared: its config in today's fields (a version 1 checkpoint
+    may store the config as 0.1.0 wrote it), its caches' fingerprints without their
+    record-only entries."""
     if isinstance(identity, dict) and isinstance(identity.get("config"), dict):
         try:
             config = TrainConfig.from_dict(identity["config"], format_version=version).to_dict()
         except (ValueError, TypeError):
-            return identity
-        return {**identity, "config": config}
-    return identity
+            config = identity["config"]
+        identity = {**identity, "config": config}
+    return _without_record_only(identity)
 
 
 def save_checkpoint(path: str, learner: str, tensors: dict[str, Tensor], optimizer, epoch: int,

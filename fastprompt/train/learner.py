@@ -34,7 +34,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from fastprompt.data.cache import FeatureCache
 from fastprompt.train import epoch as epoch_module
+from fastprompt.train.epoch import accuracy
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.files import PromptFile
 from fastprompt.train.text_backward import TextEncoding
@@ -88,6 +90,8 @@ class Learner(abc.ABC):
     and ``images_per_epoch``.
     """
     name: ClassVar[str]
+    # TrainConfig fields of this learner that an export records (``method_summary``).
+    method_keys: ClassVar[tuple[str, ...]] = ()
     config: TrainConfig
     model: nn.Module
     device: torch.device
@@ -206,6 +210,36 @@ def learner_class(name: str) -> type[Learner]:
         return _LEARNERS[name]
     except KeyError:
         raise ValueError(f"learner: no learner {name!r}; known: {sorted(_LEARNERS)}") from None
+
+
+# The settings an export records about how its classifier was trained (``method_summary``),
+# besides each learner's own ``method_keys``.
+_METHOD_KEYS = ("learner", "loss", "targets", "smoothing", "alternate", "alternate_period",
+                "csl_temperature", "prograd", "lam", "temperature", "n_ctx",
+                "class_token_position")
+
+
+def method_summary(config: TrainConfig) -> dict:
+    """``TrainedClassifier.method``: the config's ``--method`` name, its training settings and
+    ``name`` (``config.describe()``)."""
+    d = config.to_dict()
+    keys = _METHOD_KEYS + learner_class(config.learner).method_keys
+    return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
+
+
+def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor) -> dict:
+    """Zero-shot, test and validation accuracy of the classifier ``text`` on ``cache``."""
+    return {"zeroshot_test_acc": accuracy(cache.test_features, cache.test_labels, zeroshot),
+            "test_acc": accuracy(cache.test_features, cache.test_labels, text),
+            "val_acc": accuracy(cache.val_features, cache.val_labels, text)}
+
+
+def train_accuracy(cache: FeatureCache, text: Tensor) -> tuple[float, float]:
+    """Train accuracy on the first augmented view of each image: noisy and clean labels."""
+    m = cache.num_train_images
+    first_view = cache.train_features[:m]
+    return (accuracy(first_view, cache.train_labels[:m], text),
+            accuracy(first_view, cache.train_clean_labels[:m], text))
 
 
 def resolve_device(device) -> torch.device:

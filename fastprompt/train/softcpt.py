@@ -39,12 +39,12 @@ from fastprompt.models.softcpt import SoftCPTModel, normalize_task_name, softcpt
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.coop import classifier_metrics, method_summary, train_accuracy
 from fastprompt.train.epoch import SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
-                                      register, resolve_device)
+                                      classifier_metrics, method_summary, register,
+                                      resolve_device, train_accuracy)
 from fastprompt.train.objective import Objective
 from fastprompt.train.runs import load_run
 from fastprompt.train.text_backward import TextEncoding, check_text_chunk
@@ -223,6 +223,7 @@ class MultitaskOrder(EpochOrder):
 class SoftCPTLearner(Learner):
     """SoftCPT's task context and meta network over several tasks."""
     name = "softcpt"
+    method_keys = ("n_task_ctx", "task_ctx")
 
     def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer,
                  device: torch.device, text_chunk: int | str = 0):

@@ -16,9 +16,9 @@ import torch
 
 import fastprompt
 from exportlib import check_triton_repository
-from fastprompt.export import (ExportVerificationError, ModelInfo, OnnxClassifier, TritonSettings,
-                               export_onnx)
+from fastprompt.export import ExportVerificationError, TritonSettings, export_onnx
 from fastprompt.export import graph, verify
+from fastprompt.serve import ModelInfo, OnnxClassifier
 from fastprompt.serve.metadata import read_metadata_props
 from onnxlib import CLASS_NAMES, METHOD, SCALE, cosine_rows, truth
 

@@ -12,8 +12,9 @@ import onnx
 import pytest
 
 from fastprompt import pipeline
-from fastprompt.export import (AgreementError, EvaluationSet, OnnxClassifier, TritonSettings,
-                               agreement, export_onnx, onnx_export)
+from fastprompt.export import (AgreementError, EvaluationSet, TritonSettings, agreement, export_onnx,
+                               onnx_export)
+from fastprompt.serve import OnnxClassifier
 from onnxlib import CLASS_NAMES, SCALE
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastprompt.export import OnnxClassifier, export_onnx
+from fastprompt.export import export_onnx
+from fastprompt.serve import OnnxClassifier
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, interrupt_at_
 def test_export_one_task_matches_torch(setup, tmp_path):
     """load_run(task=...) rebuilds that task's classifier from the meta network's context, and
     the exported head-only ONNX model gives torch's probabilities on the task's test features."""
-    from fastprompt.export import OnnxClassifier
+    from fastprompt.serve import OnnxClassifier
     from fastprompt.models import PromptedTextModel
     model, tok, tasks, weights, _ = setup
     cfg = config(weights, epochs=1)

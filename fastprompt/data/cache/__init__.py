@@ -78,13 +78,14 @@ from fastprompt.data.cache.noisy import noisy_variant
 from fastprompt.data.cache.plan import (CacheChunk, CachePlan, plan_feature_cache,
                                         task_cache_path, torchrun_rank)
 from fastprompt.data.cache.spec import (CACHE_FORMAT, DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_SIZE,
-                                        DEFAULT_VIEWS, CacheSpec, cache_fingerprint)
+                                        DEFAULT_VIEWS, RECORD_ONLY_KEYS, CacheSpec,
+                                        cache_fingerprint, same_fingerprint)
 
 __all__ = [
     "CACHE_FORMAT", "CHUNK_FORMAT", "CHUNK_WAIT_SECONDS", "DEFAULT_BATCH_SIZE",
-    "DEFAULT_CHUNK_SIZE", "DEFAULT_VIEWS", "CacheChunk", "CachePlan", "CacheSpec",
+    "DEFAULT_CHUNK_SIZE", "DEFAULT_VIEWS", "RECORD_ONLY_KEYS", "CacheChunk", "CachePlan", "CacheSpec",
     "FeatureCache", "build_feature_cache", "build_or_load_cache", "cache_fingerprint",
     "cache_lock", "check_cache_weights", "encode_cache_chunks", "load_cache", "load_cache_for",
-    "merge_cache_chunks", "noisy_variant", "plan_feature_cache", "task_cache_path",
-    "torchrun_rank",
+    "merge_cache_chunks", "noisy_variant", "plan_feature_cache", "same_fingerprint",
+    "task_cache_path", "torchrun_rank",
 ]

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from fastprompt._hashing import tensor_checksum
-from fastprompt.data.cache.spec import CACHE_FORMAT, check_path
+from fastprompt.data.cache.spec import CACHE_FORMAT, check_path, same_fingerprint
 from fastprompt.models.weights import model_weights_hash
 
 INDEX_KEYS = ("train_labels", "train_clean_labels", "train_sample_index", "train_view_index",
@@ -115,7 +115,8 @@ def load_cache(path, expected_fingerprint: dict | None = None, *,
             fingerprint = json.loads(meta["fastprompt.fingerprint"])
             classnames = json.loads(meta["fastprompt.classnames"])
             checksum = meta["fastprompt.checksum"]
-            if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            if (expected_fingerprint is not None
+                    and not same_fingerprint(fingerprint, expected_fingerprint)):
                 raise ValueError(f"path: feature cache {path!r} was built from different inputs "
                                  f"({fingerprint_difference(fingerprint, expected_fingerprint)})"
                                  "; rebuild it (build_or_load_cache does so)")

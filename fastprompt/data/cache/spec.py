@@ -199,9 +199,21 @@ def cache_fingerprint(spec: CacheSpec | torch.nn.Module | None = None, *args,
     ``num_{train,test,val}_images``, ``shots``, ``seed``, ``noise_rate``, ``noise_type``, and
     ``data``: a hash of the class names and, per split, every image's path, size, mtime and
     labels (clean and noisy). Two caches are interchangeable exactly when their fingerprints
-    are equal.
+    are equal but for ``fastprompt_version``, which records the version that built the cache
+    (``same_fingerprint``): a new version of fastprompt reuses the caches of an older one
+    (the cache ``format`` changes when the layout does).
     """
     return as_spec(spec, args, spec_args).fingerprint()
+
+
+# Fingerprint entries that record how a cache was made without making it another cache.
+RECORD_ONLY_KEYS = ("fastprompt_version",)
+
+
+def same_fingerprint(a: dict, b: dict) -> bool:
+    """Whether caches of fingerprints ``a`` and ``b`` are interchangeable."""
+    return ({k: v for k, v in a.items() if k not in RECORD_ONLY_KEYS}
+            == {k: v for k, v in b.items() if k not in RECORD_ONLY_KEYS})
 
 
 def check_path(path) -> None:

@@ -116,3 +116,13 @@ def test_task_cache_path():
         "out", "features", "12-task.safetensors")
     long = task_cache_path("out", 3, "x" * 60)
     assert os.path.basename(long) == "03-" + "x" * 40 + ".safetensors"
+
+
+def test_the_version_that_built_a_cache_does_not_make_another_cache(cached_shapes):
+    """``fastprompt_version`` records who built the cache; a new version reuses the cache,
+    while any other difference in the fingerprint still refuses it."""
+    cache = cached_shapes().cache
+    newer = {**cache.fingerprint, "fastprompt_version": "99.0.0"}
+    assert load_cache(cache.path, newer).fingerprint == cache.fingerprint
+    with pytest.raises(ValueError, match="built from different inputs.*views"):
+        load_cache(cache.path, {**newer, "views": cache.views + 1})
