@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from fastprompt._io import dumps_json, read_json
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, load_dataset
+from fastprompt.data.synthetic import make_shapes_dataset
 
 TASK_KEYS = ("name", "data", "split_file")
 _SHAPES_MARKER = "fastprompt_shapes_tasks.json"
@@ -146,7 +147,6 @@ def make_shapes_tasks(root, num_tasks: int = 3, classes_per_task: int = 4,
     temporary folder and renamed into place; an existing ``root`` made with the same arguments
     is reused, any other non-empty one refused.
     """
-    from fastprompt.data.synthetic import make_shapes_dataset
     for name, value, low in (("num_tasks", num_tasks, 1), ("classes_per_task", classes_per_task, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

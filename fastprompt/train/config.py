@@ -17,7 +17,9 @@ from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 # The command line's --method names: the learner with its loss (DSPT is CoOp's prompt learner
 # with the double-softmax loss; SoftCPT takes its loss from --softcpt-loss).
 METHODS = ("coop", "dspt", "softcpt")
-LEARNERS = ("coop", "softcpt")
+# The learners by TrainConfig.learner name: filled by fastprompt.train.learner.register as each
+# learner's module is imported (fastprompt.train imports every built-in one).
+LEARNERS: dict[str, type] = {}
 LOSSES = ("ce", "dspt")
 TASK_CONTEXTS = ("shared", "per_task")
 TARGETS = ("hard", "ls", "csl", "isl")
@@ -70,7 +72,7 @@ class TrainConfig:
             return ValueError(f"{name}: {message}")
 
         if self.learner not in LEARNERS:
-            raise bad("learner", f"must be one of {LEARNERS}, got {self.learner!r}")
+            raise bad("learner", f"must be one of {tuple(LEARNERS)}, got {self.learner!r}")
         if self.loss not in LOSSES:
             raise bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
         for name in ("smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
@@ -126,9 +128,10 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        """The command line's ``--method`` name: ``softcpt``, else ``dspt`` or ``coop`` by loss."""
-        if self.learner == "softcpt":
-            return "softcpt"
+        """The command line's ``--method`` name: CoOp's ``dspt`` or ``coop`` by loss, else the
+        learner's name."""
+        if self.learner != "coop":
+            return self.learner
         return "dspt" if self.loss == "dspt" else "coop"
 
     def soft_epoch(self, epoch: int) -> bool:
@@ -168,8 +171,8 @@ class TrainConfig:
     def describe(self) -> str:
         """A short name for tables: 'dspt+isl(alt)+prograd'."""
         name = self.method
-        if self.learner == "softcpt" and self.loss == "dspt":
-            name = "softcpt(dspt)"
+        if self.learner != "coop" and self.loss == "dspt":
+            name = f"{self.learner}(dspt)"
         if self.targets != "hard":
             name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
         if self.prograd:

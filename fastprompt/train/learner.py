@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from fastprompt.data.cache import FeatureCache
 from fastprompt.train import epoch as epoch_module
 from fastprompt.train.epoch import accuracy
-from fastprompt.train.config import TrainConfig
+from fastprompt.train.config import LEARNERS, TrainConfig
 from fastprompt.train.files import PromptFile
 from fastprompt.train.text_backward import TextEncoding
 
@@ -196,20 +196,18 @@ class Learner(abc.ABC):
         data sizes, for metrics.json."""
 
 
-_LEARNERS: dict[str, type[Learner]] = {}
-
-
 def register(cls: type[Learner]) -> type[Learner]:
-    """Class decorator: make ``cls`` the learner of its ``name`` (``TrainConfig.learner``)."""
-    _LEARNERS[cls.name] = cls
+    """Class decorator: make ``cls`` the learner of its ``name``, which ``TrainConfig.learner``
+    and the run files then accept."""
+    LEARNERS[cls.name] = cls
     return cls
 
 
 def learner_class(name: str) -> type[Learner]:
     try:
-        return _LEARNERS[name]
+        return LEARNERS[name]
     except KeyError:
-        raise ValueError(f"learner: no learner {name!r}; known: {sorted(_LEARNERS)}") from None
+        raise ValueError(f"learner: no learner {name!r}; known: {sorted(LEARNERS)}") from None
 
 
 # The settings an export records about how its classifier was trained (``method_summary``),
