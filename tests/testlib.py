@@ -266,6 +266,23 @@ def clip_allowances(x, t, labels, s, kw, double_softmax, weights, normalize=True
     return (0.0, *propagate_logit_error(error, x, t, s, normalize))
 
 
+def prograd_allowances(x, t, t0, labels, s, kw, double_softmax, temperature=1.0,
+                       weights=(1.0, 1.0)):
+    """Extra absolute allowances for (task, kl, grad image, grad text, grad scale) of the mean
+    ProGrad losses in float32: the cancellation in the combined logit gradient
+    ``w_task G_task + w_kl G_kl``, whose terms are those of ``G_task`` (as in ``clip_allowances``)
+    and ``τ (softmax(z/τ) + softmax(z0/τ)) / N`` for the distillation term, carried through the
+    closed-form gradients like ``clip_allowances``."""
+    n = x.shape[0]
+    _, _, task_mag = logit_terms64(x, t, labels, s, kw, double_softmax, row_weights(n))
+    z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), True)
+    z0 = reference.clip_logits(x.double().cpu(), t0.double().cpu(), s.double().cpu(), True)
+    kl_mag = temperature * (torch.softmax(z / temperature, dim=1)
+                            + torch.softmax(z0 / temperature, dim=1)) / n
+    mag = abs(weights[0]) * task_mag + abs(weights[1]) * kl_mag
+    return (0.0, 0.0, *propagate_logit_error(float32_logit_error(mag), x, t, s))
+
+
 def float64_target_options(kw):
     """Float64 copies of the target options ``kw``; soft-label rows renormalised so they sum to 1
     in float64 too."""

@@ -16,8 +16,9 @@ from fastprompt import _backend
 from fastprompt.kernels import schedule_choice
 from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, clip_allowances, clip_eager,
                      clip_loss_and_grads, clip_truth, logit_terms64, make_inputs,
-                     make_prograd_inputs, prograd_eager, prograd_half_allowances,
-                     prograd_losses_and_grads, prograd_truth, row_weights)
+                     make_prograd_inputs, prograd_allowances, prograd_eager,
+                     prograd_half_allowances, prograd_losses_and_grads, prograd_truth,
+                     row_weights)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -50,10 +51,14 @@ def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, *
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
 
-def check_prograd(x, t, t0, labels, s, kw, rtol=1e-5, atol=1e-5, extra=(0.0,) * 5, **opts):
+def check_prograd(x, t, t0, labels, s, kw, rtol=1e-5, atol=1e-5, extra=None, **opts):
     got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
     want = prograd_truth(x, t, t0, labels, s, kw, **opts)
     base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    if extra is None and x.dtype == torch.float32:
+        extra = prograd_allowances(x, t, t0, labels, s, kw, opts.get("double_softmax", False),
+                                   opts.get("temperature", 1.0), opts.get("weights", (1.0, 1.0)))
+    extra = extra if extra is not None else (0.0,) * 5
     for what, a, b, e, x_atol in zip(PROGRAD_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
