@@ -4,6 +4,9 @@ Defaults follow CoOp (SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, c
 with one constant warm-up epoch at 1e-5, 16 context tokens, class token at the end) and ProGrad
 (λ = 1, T = 1). DSPT has no hyper-parameter. ATLaS publishes neither its period K nor its
 smoothing weight; see ``--alternate-period`` and ``--smoothing`` for the defaults chosen here.
+Other learners' official configs differ (CoCoOp: 4 context tokens from "a photo of a", 10
+epochs; TCP: Adam, 50 epochs, ...): ``TrainConfig.for_learner`` starts from those, and each
+learner's ``defaults`` says what they are.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ METHODS = ("coop", "dspt", "softcpt")
 # learner's module is imported (fastprompt.train imports every built-in one).
 LEARNERS: dict[str, type] = {}
 LOSSES = ("ce", "dspt")
+OPTIMIZERS = ("sgd", "adam")
 TASK_CONTEXTS = ("shared", "per_task")
 TARGETS = ("hard", "ls", "csl", "isl")
 
@@ -56,7 +60,18 @@ class TrainConfig:
     # SoftCPT (learner "softcpt"): task context tokens, shared or per task
     n_task_ctx: int = 4
     task_ctx: str = "shared"
+    # KgCoOp and TCP: w · (1 - mean_c cos(t_c, t_c^clip)), t^clip from the hand-made template
+    kg_weight: float = 8.0
+    kg_template: str = "a photo of a {}."
+    # TCP: the text layer before which the class-aware tokens replace the context
+    tcp_layer: int = 8
+    # DePT (any learner): FiLM'd features into a linear head over the training classes, its
+    # loss weighted by dept_weight, its parameters' learning rate lr * dept_lr_scale
+    dept: bool = False
+    dept_weight: float = 0.7
+    dept_lr_scale: float = 6.5
     # optimisation (CoOp)
+    optimizer: str = "sgd"
     epochs: int = 50
     batch_size: int = 32
     lr: float = 0.002
@@ -76,7 +91,7 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
         for name in ("smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
-                     "weight_decay", "warmup_lr"):
+                     "weight_decay", "warmup_lr", "kg_weight", "dept_weight", "dept_lr_scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
@@ -111,6 +126,19 @@ class TrainConfig:
             raise bad("warmup_lr", f"must be positive, got {self.warmup_lr}")
         if self.warmup_epochs < 0:
             raise bad("warmup_epochs", f"must be non-negative, got {self.warmup_epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.kg_weight < 0:
+            raise bad("kg_weight", f"must be non-negative, got {self.kg_weight}")
+        if not isinstance(self.kg_template, str) or self.kg_template.count("{}") != 1:
+            raise bad("kg_template", f"must hold one '{{}}' for the class name, got "
+                      f"{self.kg_template!r}")
+        if isinstance(self.tcp_layer, bool) or not isinstance(self.tcp_layer, int) or self.tcp_layer < 1:
+            raise bad("tcp_layer", f"must be an int >= 1, got {self.tcp_layer!r}")
+        if not 0.0 <= self.dept_weight <= 1.0:
+            raise bad("dept_weight", f"must lie in [0, 1], got {self.dept_weight}")
+        if self.dept_lr_scale <= 0:
+            raise bad("dept_lr_scale", f"must be positive, got {self.dept_lr_scale}")
         if self.task_ctx not in TASK_CONTEXTS:
             raise bad("task_ctx", f"must be one of {TASK_CONTEXTS}, got {self.task_ctx!r}")
         if self.n_task_ctx < 1:
@@ -149,6 +177,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_learner(cls, learner: str, **fields) -> "TrainConfig":
+        """The config of ``learner`` with its official defaults (the learner's ``defaults``:
+        context length and initialisation, epochs, batch size, optimiser, ...) where ``fields``
+        does not set them."""
+        if learner not in LEARNERS:
+            raise ValueError(f"learner: must be one of {tuple(LEARNERS)}, got {learner!r}")
+        return cls(learner=learner, **{**LEARNERS[learner].defaults, **fields})
 
     @classmethod
     def from_dict(cls, d: dict, *, format_version: int | None = None) -> "TrainConfig":

@@ -7,6 +7,7 @@ its metadata, the class names.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
@@ -36,6 +37,18 @@ def prompted_model(model, tokenizer, classnames, config: TrainConfig) -> Prompte
     return PromptedTextModel(model, tokenizer, list(classnames), n_ctx=config.n_ctx,
                              ctx_init=config.ctx_init, class_specific=config.class_specific,
                              class_token_position=config.class_token_position)
+
+
+@torch.no_grad()
+def context_text_features(classifier: TrainedClassifier, classnames, config: TrainConfig,
+                          ctx: Tensor, device) -> Tensor:
+    """Text features (float32) of ``classnames`` with the shared context ``ctx`` (n_ctx x W) in
+    front of each, as ``config``'s prompts place it."""
+    with torch.random.fork_rng(devices=[]):  # the prompt learner draws an unused initial context
+        prompted = prompted_model(classifier.model, classifier.tokenizer, classnames,
+                                  dataclasses.replace(config, class_specific=False,
+                                                      ctx_init=None)).to(device)
+    return prompted(ctx.to(device, prompted.prompt_learner.ctx.dtype)).float()
 
 
 def coop_encoding(prompted: PromptedTextModel) -> TextEncoding:
@@ -88,13 +101,15 @@ class CoOpLearner(Learner):
         self.text_chunk = local_text_chunk(text_chunk, self.encoding, device,
                                            lambda: autocast(device, config.amp))
         self.ctx = self.prompted.prompt_learner.ctx
-        self.optimizer = self.sgd()
+        self.optimizer = self.make_optimizer()
         self.zeroshot = zeroshot_text_features(model, tokenizer, cache.classnames).to(device)
         self.objective = Objective(config, cache, self.zeroshot, device)
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = cache.num_train_images
-        self.compiled = (CompiledStep(self.prompted, self.optimizer, config,
-                                      self.zeroshot if config.prograd else None, device)
+        self.compiled = (CompiledStep(self.step_text_features, list(self.trainable().values()),
+                                      self.optimizer, config,
+                                      self.zeroshot if config.prograd else None, device,
+                                      extra_loss=lambda text: self.extra_loss(text, None))
                          if compile else None)
 
     # -- what is trained, saved and loaded
@@ -130,13 +145,15 @@ class CoOpLearner(Learner):
                                   preprocess_val)]
 
     @classmethod
-    def shared_context(cls, prompt, classifier, device) -> Tensor:
+    def text_features_for(cls, prompt, classifier, classnames, device) -> Tensor:
+        """The learned (shared) context in front of each of ``classnames``."""
         if prompt.config.class_specific:
             raise ValueError(f"run: {classifier.run_dir!r} learned one context per class "
                              "(--class-specific); such contexts belong to the trained classes "
                              "and cannot be applied to other class names (train with a shared "
                              "context)")
-        return prompt.tensors["ctx"].to(device)
+        return context_text_features(classifier, classnames, prompt.config,
+                                     prompt.tensors["ctx"], device)
 
     # -- one epoch
 
@@ -146,6 +163,11 @@ class CoOpLearner(Learner):
 
     def text_encoding(self, batch) -> TextEncoding:
         return self.encoding
+
+    def step_text_features(self) -> Tensor:
+        """All C class text features with grad: the text side of a step (what the compiled step
+        runs)."""
+        return self.encoding.encode(self.encoding.source(), 0, self.encoding.num_classes)
 
     def batch_losses(self, text: Tensor, batch: CachedBatch):
         loss, kl = self.objective.losses(text, batch.rows, batch.samples, batch.options,

@@ -88,7 +88,7 @@ def set_epoch_lr(config: TrainConfig, optimizer: torch.optim.Optimizer, epoch: i
     """Set the epoch's learning rate on every parameter group; returns it."""
     lr = learning_rate(config, epoch)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

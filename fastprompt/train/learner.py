@@ -92,6 +92,9 @@ class Learner(abc.ABC):
     name: ClassVar[str]
     # TrainConfig fields of this learner that an export records (``method_summary``).
     method_keys: ClassVar[tuple[str, ...]] = ()
+    # TrainConfig fields as the method's official config sets them (``TrainConfig.for_learner``
+    # and ``fastprompt train --learner`` start from these).
+    defaults: ClassVar[dict] = {}
     config: TrainConfig
     model: nn.Module
     device: torch.device
@@ -118,11 +121,24 @@ class Learner(abc.ABC):
                                      f"expected {tuple(param.shape)}")
                 param.copy_(state[key].to(param.device, param.dtype))
 
-    def sgd(self) -> torch.optim.Optimizer:
-        """CoOp's optimiser over ``trainable()``: SGD with the config's lr, momentum and weight
-        decay (the learning rate is set per epoch)."""
+    def lr_scales(self) -> dict[str, float]:
+        """Trained tensors whose learning rate is a multiple of the run's (by name; the others:
+        1), e.g. DePT's head."""
+        return {}
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The config's optimiser over ``trainable()``: SGD with momentum (CoOp's) or Adam, with
+        the config's weight decay; one parameter group per learning-rate scale (``lr_scale``,
+        which ``epoch.set_epoch_lr`` applies: the rate itself is set per epoch)."""
         c = self.config
-        return torch.optim.SGD(list(self.trainable().values()), lr=c.lr, momentum=c.momentum,
+        scales = self.lr_scales()
+        groups: dict[float, list] = {}
+        for name, param in self.trainable().items():
+            groups.setdefault(scales.get(name, 1.0), []).append(param)
+        param_groups = [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+        if c.optimizer == "adam":
+            return torch.optim.Adam(param_groups, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum,
                                weight_decay=c.weight_decay)
 
     @abc.abstractmethod
@@ -148,12 +164,12 @@ class Learner(abc.ABC):
         run with one classifier), on ``model`` (checked to hold the run's weights)."""
 
     @classmethod
-    def shared_context(cls, prompt: PromptFile, classifier: TrainedClassifier,
-                       device) -> Tensor:
-        """The context (n_ctx x W) ``classifier`` puts in front of any class name, for
-        classifying among other class names (cross-dataset transfer, base-to-new, ``export
-        --classnames``); a learner whose context belongs to its classes refuses."""
-        raise ValueError(f"run: {classifier.run_dir!r} is a {cls.name!r} run, whose context "
+    def text_features_for(cls, prompt: PromptFile, classifier: TrainedClassifier,
+                          classnames: list[str], device) -> Tensor:
+        """Class text features (C' x E, float32) of ``classnames`` from what ``classifier`` has
+        learned, for classifying among other class names (cross-dataset transfer, base-to-new,
+        ``export --classnames``); a learner whose prompts belong to its classes refuses."""
+        raise ValueError(f"run: {classifier.run_dir!r} is a {cls.name!r} run, whose prompts "
                          "cannot be applied to other class names")
 
     # -- one epoch ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
-from fastprompt.models import zeroshot_text_features
+from fastprompt.models import PromptedTextModel, zeroshot_text_features
 from fastprompt.models.softcpt import SoftCPTModel, normalize_task_name, softcpt_parameter_count
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk
@@ -235,7 +235,7 @@ class SoftCPTLearner(Learner):
         self.text_chunk = local_text_chunk(text_chunk,
                                            softcpt_encoding(self.net, list(range(len(tasks))))[0],
                                            device, lambda: autocast(device, config.amp))
-        self.optimizer = self.sgd()
+        self.optimizer = self.make_optimizer()
         self.zeroshot = [zeroshot_text_features(model, tokenizer, t.cache.classnames).to(device)
                          for t in tasks]
         self.objectives = [Objective(config, t.cache, z, device)
@@ -293,10 +293,18 @@ class SoftCPTLearner(Learner):
         return out
 
     @classmethod
-    def shared_context(cls, prompt, classifier, device) -> Tensor:
+    @torch.no_grad()
+    def text_features_for(cls, prompt, classifier, classnames, device) -> Tensor:
+        """The context the meta network makes for the classifier's task, in front of each of
+        ``classnames``."""
         net = cls._net(prompt, classifier.model, classifier.tokenizer, device)
-        with torch.no_grad():
-            return net.contexts([classifier.task])[0]
+        ctx = net.contexts([classifier.task])[0]
+        with torch.random.fork_rng(devices=[]):  # the unused initial context draw
+            prompted = PromptedTextModel(classifier.model, classifier.tokenizer, list(classnames),
+                                         n_ctx=prompt.config.n_ctx,
+                                         class_token_position=prompt.config.class_token_position
+                                         ).to(device)
+        return prompted(ctx.to(prompted.prompt_learner.ctx.dtype)).float()
 
     # -- one epoch
 
