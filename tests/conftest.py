@@ -10,6 +10,8 @@
   weights), and those weights saved as a checkpoint file (so runs can name ``--pretrained``).
 * ``shapes_data``, ``cached_shapes``: generated shapes data sets, and feature caches of them
   built with the tiny model, each made once per session for each distinct set of arguments.
+  They are read-only: at the end of the session, a file added, removed or changed in one of
+  them is an error.
 * ``tiny``, ``class_embeddings``, ``tiny_export``, ``image_files``: one float32 ONNX export of the
   tiny model and images to classify, shared by tests/export and tests/serve (their helpers are
   in tests/onnxlib.py).
@@ -103,6 +105,43 @@ def tiny_weights(tiny_clip, tmp_path_factory):
     return str(path)
 
 
+class ReadOnlyGuard:
+    """The files of the shared folders a session fixture made (path, size, modification
+    time), taken when made and compared at the end of the session: a test that added, removed
+    or changed one broke the fixture's read-only rule, which ``check`` reports."""
+
+    def __init__(self, fixture: str):
+        self.fixture = fixture
+        self.listings: dict = {}
+
+    @staticmethod
+    def listing(folder: Path) -> dict:
+        files = {}
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                st = os.lstat(path)
+                files[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+        return files
+
+    def watch(self, folder: Path) -> None:
+        self.listings[folder] = self.listing(folder)
+
+    def check(self) -> None:
+        broken = []
+        for folder, before in self.listings.items():
+            after = self.listing(folder)
+            added = sorted(after.keys() - before.keys())
+            removed = sorted(before.keys() - after.keys())
+            changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+            if added or removed or changed:
+                broken.append(f"{folder}: added {added}, removed {removed}, changed {changed}")
+        if broken:
+            raise AssertionError(
+                f"{self.fixture}: a test wrote into a shared, read-only folder (one that must "
+                "write makes its own copy in its tmp_path):\n" + "\n".join(broken))
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """``shapes_data(classes=4, images_per_class=5, test_images_per_class=2, size=64,
@@ -115,6 +154,7 @@ def shapes_data(tmp_path_factory):
     from fastprompt.data import make_shapes_dataset
     base = tmp_path_factory.mktemp("shapes_data")
     made: dict = {}
+    guard = ReadOnlyGuard("shapes_data")
 
     def make(classes=4, *, images_per_class=5, test_images_per_class=2, size=64, data_seed=3):
         key = (classes, images_per_class, test_images_per_class, size, data_seed)
@@ -125,8 +165,10 @@ def shapes_data(tmp_path_factory):
                                          test_images_per_class=test_images_per_class, size=size,
                                          seed=data_seed)
             made[key] = (root, splits)
+            guard.watch(root)
         return made[key]
-    return make
+    yield make
+    guard.check()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +217,7 @@ def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
     model, preprocess_train, preprocess_val, tokenizer = tiny_clip
     base = tmp_path_factory.mktemp("cached_shapes")
     built: dict = {}
+    guard = ReadOnlyGuard("cached_shapes")
 
     def make(classes=4, *, views=2, shots=None, noise_rate=0.0, noise_type="symmetric", seed=1,
              batch_size=128, chunk_size=DEFAULT_CHUNK_SIZE, images_per_class=5,
@@ -193,8 +236,12 @@ def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
             cache = build_feature_cache(folder / "cache.safetensors", spec, progress=False)
             built[key] = CachedShapes(root, splits, spec, cache, model, preprocess_train,
                                       preprocess_val, tokenizer, tiny_weights)
+            guard.watch(folder)
         return built[key]
-    return make
+    yield make
+    guard.check()
+
+
 # ----- exported classifiers (tests/export, tests/serve) -------------------------------------------
 
 
