@@ -13,8 +13,7 @@ import torch
 
 from fastprompt._io import exclusive_lock
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, make_shapes_dataset
-from fastprompt.models import TINY_MODEL, create_model
+from fastprompt.data import make_shapes_dataset
 from fastprompt.train import read_prompt
 from fastprompt.train.class_sharding import shard_bounds
 
@@ -42,13 +41,11 @@ def test_shard_bounds_are_contiguous_and_even(classes, ranks, sizes):
 
 
 @pytest.fixture(scope="module")
-def cache_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    splits = make_shapes_dataset(root / "shapes", num_classes=7, images_per_class=3,
-                                 test_images_per_class=1, seed=3)
-    model, pt, pv, _ = create_model(TINY_MODEL)
-    return build_or_load_cache(root / "cache.safetensors", model, TINY_MODEL, pt, pv, splits,
-                               views=2, seed=2, progress=False).path
+def cache_file(cached_shapes):
+    """A shapes cache of the tiny model for the ranks' refusals (shared: read-only; the ranks
+    only load it)."""
+    return cached_shapes(3, images_per_class=4, test_images_per_class=2, size=32, data_seed=2,
+                         views=2, seed=1).cache.path
 
 
 @pytest.fixture(scope="module")
