@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
-from fastprompt.models import PromptedTextModel, count_parameters, zeroshot_text_features
+from fastprompt.models import PromptedTextModel, zeroshot_text_features
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk, sharded_text_features
 from fastprompt.train.compiled_step import CompiledStep
@@ -25,8 +25,8 @@ from fastprompt.train.epoch import autocast, epoch_order, logit_scale
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
-                                      classifier_metrics, method_summary, register,
-                                      resolve_device, train_accuracy)
+                                      classifier_metrics, learner_class, method_summary,
+                                      register, resolve_device, train_accuracy)
 from fastprompt.train.objective import Objective
 from fastprompt.train.text_backward import TextEncoding, check_text_chunk
 
@@ -88,19 +88,25 @@ class CacheOrder(EpochOrder):
 @register
 class CoOpLearner(Learner):
     """CoOp's context on one cache. ``compile``: run each step compiled as one graph
-    (``fastprompt.train.compiled_step``)."""
+    (``fastprompt.train.compiled_step``).
+
+    The base of the learners whose prompts extend CoOp's (KgCoOp, TCP, ...): a subclass adds
+    its own modules in ``setup`` (called after the context is drawn and before the optimiser is
+    built) and names them in ``trainable``."""
     name = "coop"
     method_keys = ("ctx_init", "class_specific")
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer,
                  device: torch.device, *, compile: bool = False, text_chunk: int | str = 0):
         self.config, self.cache, self.model, self.device = config, cache, model, device
+        self.tokenizer = tokenizer
         torch.manual_seed(config.seed)  # the random context initialisation
         self.prompted = prompted_model(model, tokenizer, cache.classnames, config).to(device)
+        self.ctx = self.prompted.prompt_learner.ctx
         self.encoding = coop_encoding(self.prompted)
+        self.setup()
         self.text_chunk = local_text_chunk(text_chunk, self.encoding, device,
                                            lambda: autocast(device, config.amp))
-        self.ctx = self.prompted.prompt_learner.ctx
         self.optimizer = self.make_optimizer()
         self.zeroshot = zeroshot_text_features(model, tokenizer, cache.classnames).to(device)
         self.objective = Objective(config, cache, self.zeroshot, device)
@@ -111,6 +117,10 @@ class CoOpLearner(Learner):
                                       self.zeroshot if config.prograd else None, device,
                                       extra_loss=lambda text: self.extra_loss(text, None))
                          if compile else None)
+
+    def setup(self) -> None:
+        """A subclass's own modules (drawn from the seeded generator after the context) and,
+        where its text side differs from CoOp's, its ``self.encoding``."""
 
     # -- what is trained, saved and loaded
 
@@ -202,7 +212,7 @@ class CoOpLearner(Learner):
         every rank calls this, as every rank computes the epoch's metrics)."""
         if world_size() > 1:
             return sharded_text_features(self.encoding).float()
-        return self.prompted().float()
+        return self.step_text_features().float()
 
     def train_accuracy(self) -> dict:
         noisy, clean = train_accuracy(self.cache, self.text_features())
@@ -212,7 +222,7 @@ class CoOpLearner(Learner):
         cache = self.cache
         return {"compile": self.compiled.mode if self.compiled is not None else None,
                 **classifier_metrics(cache, self.text_features(), self.zeroshot),
-                "trainable_parameters": count_parameters(self.prompted),
+                "trainable_parameters": sum(p.numel() for p in self.trainable().values()),
                 "num_classes": cache.num_classes, "num_train_images": cache.num_train_images,
                 "views": cache.views, "cache": cache_record(cache)}
 
@@ -221,9 +231,10 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
               resume: bool = False, progress: bool | None = None,
               device: str | torch.device | None = None, data: dict | None = None,
               compile: bool = False, text_chunk: int | str = 0) -> dict:
-    """Train CoOp's context with ``config`` on ``cache`` into ``out_dir`` and return the metrics
-    (also written to ``out_dir/metrics.json``; ``data``, where the cache's images came from, is
-    recorded there as given: ``fastprompt.data.source.DataSource.to_dict``).
+    """Train ``config``'s learner (CoOp, or one built on it: KgCoOp, TCP, ...) on ``cache`` into
+    ``out_dir`` and return the metrics (also written to ``out_dir/metrics.json``; ``data``,
+    where the cache's images came from, is recorded there as given:
+    ``fastprompt.data.source.DataSource.to_dict``).
 
     ``model`` is the frozen open_clip model the cache was built with. With ``resume=True`` an
     existing checkpoint in ``out_dir`` is continued (it must come from the same config, cache and
@@ -246,9 +257,10 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     ``out_dir``, and every rank returns the metrics. The number of ranks is not part of the
     run's identity: a run resumes on any number of them.
     """
-    if config.learner != "coop":
-        raise ValueError("config: learner 'softcpt' trains several tasks: use "
-                         "fastprompt.train.train_softcpt_run")
+    cls = learner_class(config.learner)
+    if not issubclass(cls, CoOpLearner):
+        raise ValueError(f"config: learner {config.learner!r} does not train on one cache (SoftCPT "
+                         "trains several tasks: use fastprompt.train.train_softcpt_run)")
     text_chunk = check_text_chunk(text_chunk)
     if compile and text_chunk:  # "auto" too: it may choose chunks
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
@@ -263,9 +275,9 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
         raise ValueError("cache: needs at least two classes to train a classifier")
     out_dir = os.fspath(out_dir)
     device = resolve_device(device)
-    refuse_existing_run(out_dir, resume, CoOpLearner.name)  # before any work
-    learner = CoOpLearner(config, cache, model.to(device), tokenizer, device, compile=compile,
-                          text_chunk=text_chunk)
+    refuse_existing_run(out_dir, resume, cls.name)  # before any work
+    learner = cls(config, cache, model.to(device), tokenizer, device, compile=compile,
+                  text_chunk=text_chunk)
     return fit(learner, out_dir, resume=resume, progress=progress,
                text_chunk_auto=text_chunk == "auto", data=data)
 

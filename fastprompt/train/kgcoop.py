@@ -36,10 +36,11 @@ class KgCoOpLearner(CoOpLearner):
     method_keys = CoOpLearner.method_keys + ("kg_weight", "kg_template")
     defaults = KGCOOP_DEFAULTS
 
-    def __init__(self, config, cache, model, tokenizer, device, **options):
-        super().__init__(config, cache, model, tokenizer, device, **options)
-        self.clip_text = zeroshot_text_features(model, tokenizer, cache.classnames,
-                                                templates=(config.kg_template,)).to(device)
+    def setup(self) -> None:
+        super().setup()
+        self.clip_text = zeroshot_text_features(self.model, self.tokenizer, self.cache.classnames,
+                                                templates=(self.config.kg_template,)
+                                                ).to(self.device)
 
     def extra_loss(self, text: Tensor, batch) -> Tensor:
         return self.config.kg_weight * knowledge_distance(text, self.clip_text)

@@ -224,6 +224,7 @@ class SoftCPTLearner(Learner):
     """SoftCPT's task context and meta network over several tasks."""
     name = "softcpt"
     method_keys = ("n_task_ctx", "task_ctx")
+    defaults = {"epochs": SOFTCPT_EPOCHS}
 
     def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer,
                  device: torch.device, text_chunk: int | str = 0):
