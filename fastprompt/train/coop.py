@@ -107,9 +107,9 @@ class CoOpLearner(Learner):
         self.setup()
         self.text_chunk = local_text_chunk(text_chunk, self.encoding, device,
                                            lambda: autocast(device, config.amp))
-        self.optimizer = self.make_optimizer()
         self.zeroshot = zeroshot_text_features(model, tokenizer, cache.classnames).to(device)
         self.objective = Objective(config, cache, self.zeroshot, device)
+        self.optimizer = self.make_optimizer()
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = cache.num_train_images
         self.compiled = (CompiledStep(self.step_text_features, list(self.trainable().values()),
@@ -125,7 +125,10 @@ class CoOpLearner(Learner):
     # -- what is trained, saved and loaded
 
     def trainable(self) -> dict:
-        return {"ctx": self.ctx}
+        return {"ctx": self.ctx, **self.objective.trainable()}
+
+    def lr_scales(self) -> dict:
+        return dict.fromkeys(self.objective.trainable(), self.config.dept_lr_scale)
 
     def identity(self) -> dict:
         return {"config": self.config.to_dict(), "cache": self.cache.fingerprint,
@@ -215,13 +218,15 @@ class CoOpLearner(Learner):
         return self.step_text_features().float()
 
     def train_accuracy(self) -> dict:
-        noisy, clean = train_accuracy(self.cache, self.text_features())
+        noisy, clean = train_accuracy(self.cache, self.text_features(),
+                                      self.objective.fused_head(self.scale))
         return {"train_acc_noisy": noisy, "train_acc_clean": clean}
 
     def final_metrics(self) -> dict:
         cache = self.cache
         return {"compile": self.compiled.mode if self.compiled is not None else None,
-                **classifier_metrics(cache, self.text_features(), self.zeroshot),
+                **classifier_metrics(cache, self.text_features(), self.zeroshot,
+                                     self.objective.fused_head(self.scale)),
                 "trainable_parameters": sum(p.numel() for p in self.trainable().values()),
                 "num_classes": cache.num_classes, "num_train_images": cache.num_train_images,
                 "views": cache.views, "cache": cache_record(cache)}
@@ -265,6 +270,9 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     if compile and text_chunk:  # "auto" too: it may choose chunks
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
                          "step; drop compile (--compile) or text_chunk (--text-chunk)")
+    if compile and config.dept:
+        raise ValueError("compile: the compiled step runs the prompt's own loss; DePT's head is "
+                         "not part of it: drop --compile or --dept")
     if compile and world_size() > 1:
         # The compiled step is one graph over all C classes, for small C where Python overhead
         # dominates; sharding is for large C, where the text encoder dominates.

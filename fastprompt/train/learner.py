@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from fastprompt.data.cache import FeatureCache
 from fastprompt.train import epoch as epoch_module
-from fastprompt.train.epoch import accuracy
+from fastprompt.train.epoch import FusedHead, accuracy
 from fastprompt.train.config import LEARNERS, TrainConfig
 from fastprompt.train.files import PromptFile
 from fastprompt.train.text_backward import TextEncoding
@@ -57,14 +57,22 @@ class TrainedClassifier:
     method: dict
     preprocess_val: object = None
     task: str | None = None      # SoftCPT: the task this classifier is for
+    # DePT's training classes: the similarity, weighted, plus an affine map of the image
+    # features; None: the similarity ``scale · x̂ T̂ᵀ`` alone.
+    fused: FusedHead | None = None
     # A learner whose class prompts depend on the image gives the module that maps image
-    # features (N x D) to logits (N x C); None: the fixed head ``scale * x̂ T̂ᵀ``.
+    # features (N x D) to logits (N x C); None: the fixed head above.
     head: nn.Module | None = None
 
     def with_class_names(self, class_names: list, text_features: Tensor) -> "TrainedClassifier":
+        """The classifier over other class names: their text features, the similarity alone
+        (a DePT head belongs to the trained classes)."""
         return dataclasses.replace(self, class_names=list(class_names),
-                                   text_features=text_features,
+                                   text_features=text_features, fused=None,
                                    method={**self.method, "classnames_transferred": True})
+
+    def accuracy(self, features: Tensor, labels: Tensor) -> float:
+        return accuracy(features, labels, self.text_features, head=self.fused)
 
 
 class EpochOrder(abc.ABC):
@@ -241,19 +249,22 @@ def method_summary(config: TrainConfig) -> dict:
     return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
-def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor) -> dict:
-    """Zero-shot, test and validation accuracy of the classifier ``text`` on ``cache``."""
+def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor,
+                       head: FusedHead | None = None) -> dict:
+    """Zero-shot, test and validation accuracy of the classifier ``text`` (with ``head``, its
+    fused logits) on ``cache``."""
     return {"zeroshot_test_acc": accuracy(cache.test_features, cache.test_labels, zeroshot),
-            "test_acc": accuracy(cache.test_features, cache.test_labels, text),
-            "val_acc": accuracy(cache.val_features, cache.val_labels, text)}
+            "test_acc": accuracy(cache.test_features, cache.test_labels, text, head=head),
+            "val_acc": accuracy(cache.val_features, cache.val_labels, text, head=head)}
 
 
-def train_accuracy(cache: FeatureCache, text: Tensor) -> tuple[float, float]:
+def train_accuracy(cache: FeatureCache, text: Tensor,
+                   head: FusedHead | None = None) -> tuple[float, float]:
     """Train accuracy on the first augmented view of each image: noisy and clean labels."""
     m = cache.num_train_images
     first_view = cache.train_features[:m]
-    return (accuracy(first_view, cache.train_labels[:m], text),
-            accuracy(first_view, cache.train_clean_labels[:m], text))
+    return (accuracy(first_view, cache.train_labels[:m], text, head=head),
+            accuracy(first_view, cache.train_clean_labels[:m], text, head=head))
 
 
 def resolve_device(device) -> torch.device:

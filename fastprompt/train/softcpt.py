@@ -236,21 +236,34 @@ class SoftCPTLearner(Learner):
         self.text_chunk = local_text_chunk(text_chunk,
                                            softcpt_encoding(self.net, list(range(len(tasks))))[0],
                                            device, lambda: autocast(device, config.amp))
-        self.optimizer = self.make_optimizer()
         self.zeroshot = [zeroshot_text_features(model, tokenizer, t.cache.classnames).to(device)
                          for t in tasks]
         self.objectives = [Objective(config, t.cache, z, device)
                            for t, z in zip(tasks, self.zeroshot)]
+        self.optimizer = self.make_optimizer()
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = sum(t.cache.num_train_images for t in tasks)
 
     # -- what is trained, saved and loaded
 
+    def _objective_tensors(self) -> dict:
+        """Each task's objective's tensors (DePT's heads), under ``tasks.<index>.``."""
+        return {f"tasks.{i}.{k}": v for i, o in enumerate(self.objectives)
+                for k, v in o.trainable().items()}
+
     def trainable(self) -> dict:
-        return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight}
+        return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight,
+                **self._objective_tensors()}
+
+    def lr_scales(self) -> dict:
+        return dict.fromkeys(self._objective_tensors(), self.config.dept_lr_scale)
 
     def load_trainable(self, state: dict) -> None:
         self.net.load_trainable_state(state)
+        heads = self._objective_tensors()
+        with torch.no_grad():
+            for key, param in heads.items():
+                param.copy_(state[key])
 
     def identity(self) -> dict:
         return {"config": self.config.to_dict(),
@@ -336,20 +349,21 @@ class SoftCPTLearner(Learner):
 
     @torch.no_grad()
     def train_accuracy(self) -> dict:
-        noisy, clean = zip(*(train_accuracy(t.cache, text.float())
-                             for t, text in zip(self.tasks, self.net())))
+        noisy, clean = zip(*(train_accuracy(t.cache, text.float(), o.fused_head(self.scale))
+                             for t, text, o in zip(self.tasks, self.net(), self.objectives)))
         return {"task_train_acc_noisy": list(noisy), "task_train_acc_clean": list(clean),
                 "train_acc_noisy": sum(noisy) / len(noisy),
                 "train_acc_clean": sum(clean) / len(clean)}
 
     def final_metrics(self) -> dict:
         per_task = []
-        for t, text, z in zip(self.tasks, self.task_text_features(), self.zeroshot):
+        for t, text, z, o in zip(self.tasks, self.task_text_features(), self.zeroshot,
+                                 self.objectives):
             c = t.cache
             per_task.append({
                 "name": t.name, "num_classes": c.num_classes, "classnames": list(c.classnames),
                 "num_train_images": c.num_train_images, "views": c.views,
-                **classifier_metrics(c, text, z),
+                **classifier_metrics(c, text, z, o.fused_head(self.scale)),
                 "num_test_images": int(c.test_features.shape[0]), "cache": cache_record(c),
             })
 
