@@ -23,6 +23,10 @@ LEARNERS: dict[str, type] = {}
 LOSSES = ("ce", "dspt")
 TASK_CONTEXTS = ("shared", "per_task")
 TARGETS = ("hard", "ls", "csl", "isl")
+# What each field's annotation admits (a bool is no number here), and how a refusal says it.
+_FIELD_TYPES = {"int": ((int,), "an int"), "float": ((int, float), "a number"),
+                "bool": ((bool,), "a bool"), "str": ((str,), "a str"),
+                "str | None": ((str, type(None)), "a str or null")}
 
 
 def coop_epochs(shots: int | None) -> int:
@@ -71,6 +75,12 @@ class TrainConfig:
         def bad(name, message):
             return ValueError(f"{name}: {message}")
 
+        for f in dataclasses.fields(self):
+            types, what = _FIELD_TYPES.get(f.type, ((object,), ""))
+            value = getattr(self, f.name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise TypeError(f"{f.name}: expected {what}, got {type(value).__name__} "
+                                f"{value!r:.60}")
         if self.learner not in LEARNERS:
             raise bad("learner", f"must be one of {tuple(LEARNERS)}, got {self.learner!r}")
         if self.loss not in LOSSES:
