@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from fastprompt._checks import check_seed
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, Sample, load_dataset
 from fastprompt.data.sampling import few_shot_subset
 
@@ -77,10 +78,12 @@ class DataSource:
     @classmethod
     def create(cls, root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,
                seed: int = 1, subsample: str = "all") -> "DataSource":
-        """Paths made absolute (``split_file`` relative to ``root``, as ``load_dataset`` reads it)."""
+        """Paths made absolute (``split_file`` relative to ``root``, as ``load_dataset`` reads it);
+        the seed checked as ``load_dataset`` checks it, the folders not read."""
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root: expected a path, got {type(root).__name__}")
         root = os.path.abspath(os.fspath(root))
+        check_seed(seed)
         if split_file is not None:
             split_file = os.path.join(root, os.fspath(split_file))
         if subsample not in SUBSAMPLES:

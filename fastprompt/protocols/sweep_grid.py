@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fastprompt._checks import check_int, check_seed, slug
 from fastprompt._io import read_json
 from fastprompt.data import DEFAULT_TEST_FRACTION, NOISE_TYPES
+from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import DataSource
 from fastprompt.protocols.stats import format_number
 from fastprompt.train import TrainConfig, coop_epochs
@@ -158,12 +159,6 @@ def _list(d: dict, key: str, default: list, check) -> list:
     return value
 
 
-def _rate(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{where}: expected a noise rate in [0, 1), got {value!r:.40}")
-    return float(value)
-
-
 def _shots(value, where: str):
     return None if value is None else check_int(where, value, 1)
 
@@ -294,7 +289,7 @@ def _checked_spec(d, here: str) -> SweepSpec:
     spec = SweepSpec(
         data=data, methods=methods, protocol=protocol, model=model, pretrained=pretrained,
         shots=_list(d, "shots", [None], _shots),
-        noise_rates=_list(d, "noise_rates", [0.0], _rate),
+        noise_rates=_list(d, "noise_rates", [0.0], check_noise_rate),
         noise_types=_list(d, "noise_types", ["symmetric"], _one_of(NOISE_TYPES)),
         seeds=_list(d, "seeds", list(DEFAULT_SEEDS), check_seed),
         views=check_int("views", d.get("views", 8), 1), train=dict(train),

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from fastprompt._checks import check_seed
 from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
@@ -81,6 +82,7 @@ class TrainConfig:
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise TypeError(f"{f.name}: expected {what}, got {type(value).__name__} "
                                 f"{value!r:.60}")
+        check_seed(self.seed)
         if self.learner not in LEARNERS:
             raise bad("learner", f"must be one of {tuple(LEARNERS)}, got {self.learner!r}")
         if self.loss not in LOSSES:

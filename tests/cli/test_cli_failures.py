@@ -315,3 +315,39 @@ def test_cache_sizes_are_refused_by_their_flag(tmp_path, capsys, flag, value, lo
     assert (f"fastprompt cache: error: argument {flag}: expected an int >= {low}, got {value!r}"
             in capsys.readouterr().err)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+# ----- issue 23: sweeps, seeds, noise rates, plot --------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["cache", "--data", "d", "--out", "c.safetensors"], "--seed", "100000000000000000000000"),
+    (["train", "--data", "d", "--out", "r"], "--seed", "-1"),
+    (["train", "--data", "d", "--out", "r"], "--seed", "1e23"),
+    (["eval", "r", "--data", "d"], "--seed", "4294967296"),
+    (["export", "r", "--out", "e"], "--seed", "4294967296"),
+    (["cache", "--data", "d", "--out", "c.safetensors"], "--noise-rate", "1.5"),
+    (["train", "--data", "d", "--out", "r"], "--noise-rate", "nan"),
+])
+def test_seed_and_noise_rate_flags_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, flag,
+                                                       value):
+    """Every --seed takes the one seed range, --noise-rate the one rate range, and a value
+    outside is refused by the flag before anything is done (issue 23, items 9 and 21)."""
+    from fastprompt.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, f"{flag}={value}"])
+    assert e.value.code == 2
+    expected = "an int in [0, 2**32)" if flag == "--seed" else "a rate in [0, 1]"
+    assert (f"fastprompt {argv[0]}: error: argument {flag}: expected {expected}, got {value!r}"
+            in capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_train_seed_is_one_line_naming_the_flag(world, tmp_path):
+    root, weights, *_ = world
+    proc = fastprompt("train", "--pretrained", weights, "--data", root / "shapes", "--out",
+                      tmp_path / "r", "--seed", 10**23, "--no-progress")
+    one_line_error(proc, "train", "--seed", "[0, 2**32)")
+    assert list(tmp_path.iterdir()) == []
+

@@ -1,10 +1,12 @@
 """A sweep spec is checked whole when it is read, before anything is created: each refusal names
-the spec file and the field by its path in the spec (``methods[1].epochs``, ``seeds[2]``)
-(issue 23, items 11 and 20)."""
+the spec file and the field by its path in the spec (``methods[1].epochs``, ``seeds[2]``); seeds
+and noise rates take the ranges every other use of them takes (issue 23, items 9, 11, 20 and
+21)."""
 import json
 
 import pytest
 
+from fastprompt.data.sampling import check_noise_rate
 from fastprompt.protocols.sweep_grid import jobs_of, load_spec
 
 
@@ -46,6 +48,12 @@ REFUSED = [
     ({"methods": [{"name": "!!!", "method": "coop"}]}, "methods[0].name: '!!!'"),
     ({"methods": [{"name": ".hidden", "method": "coop"}]}, "methods[0].name: '.hidden'"),
     ({"methods": ["coop", {"name": "coop!", "method": "dspt"}]}, "methods[1].name: 'coop!'"),
+    # item 9: seeds outside the one range
+    ({"seeds": [1, 10**23]}, "seeds[1]: expected an int in [0, 2**32)"),
+    ({"seeds": [-1]}, "seeds[0]: expected an int in [0, 2**32)"),
+    ({"seeds": [1, 1.5]}, "seeds[1]: expected an int in [0, 2**32)"),
+    # item 21: the one noise-rate range
+    ({"noise_rates": [0.0, 1.5]}, "noise_rates[1]: must lie in [0, 1]"),
 ]
 
 
@@ -65,3 +73,14 @@ def test_method_folders_are_single_components_under_runs(world, tmp_path):
     for job in jobs_of(spec, str(tmp_path / "out")):
         assert (tmp_path / "out").joinpath(job.run_dir).parents[3] == runs, job.run_dir
 
+
+def test_one_noise_rate_range_for_spec_library_and_flag(world, tmp_path):
+    """[0, 1] everywhere: a spec takes the rate 1 that `cache --noise-rate 1` and
+    add_label_noise take, and the same check refuses what is outside."""
+    assert load_spec(_spec(world, tmp_path, noise_rates=[0.0, 1.0])).noise_rates == [0.0, 1.0]
+    assert check_noise_rate(1, "x") == 1.0
+    for rate in (-0.1, 1.01, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^x: must lie in \[0, 1\]"):
+            check_noise_rate(rate, "x")
+    with pytest.raises(TypeError, match="^x: expected a number"):
+        check_noise_rate("0.5", "x")
