@@ -15,6 +15,7 @@ from fastprompt.data.cache import (DEFAULT_CHUNK_SIZE, build_or_load_cache, chec
 from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import SUBSAMPLES, DataSource
 from fastprompt.models import create_model
+from fastprompt.models.factory import check_device
 from fastprompt.protocols.plots import plot_curves
 from fastprompt.train.distributed import rank_device, world
 
@@ -109,20 +110,7 @@ def device(name: str | None) -> str:
     """The ``--device`` value, checked: a torch device type this machine has."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    name = rank_device(name)  # torchrun: one GPU per process
-    try:
-        checked = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from e
-    if checked.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name!r} asked for, but torch sees no CUDA GPU")
-        if checked.index is not None and checked.index >= torch.cuda.device_count():
-            raise ValueError(f"--device: {name!r}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-    elif checked.type != "cpu":
-        raise ValueError(f"--device: {name!r} is not supported (cpu or cuda)")
-    return name
+    return check_device(rank_device(name), "--device")  # torchrun: one GPU per process
 
 
 def is_writer() -> bool:

@@ -14,6 +14,7 @@ from fastprompt._io import read_json
 from fastprompt.data import DEFAULT_TEST_FRACTION, NOISE_TYPES
 from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import DataSource
+from fastprompt.models.factory import check_device, check_model_name
 from fastprompt.protocols.stats import format_number
 from fastprompt.train import TrainConfig, coop_epochs
 
@@ -195,8 +196,15 @@ def _check_config(config: dict, sources: list[tuple[str, dict]]) -> None:
         raise type(e)(f"{where}.{e}" if where else str(e)) from None
 
 
+def _existing(path: str, key: str, folder: bool) -> str:
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise ValueError(f"{key}: {path} is not {'a folder' if folder else 'a file'}")
+    return path
+
+
 def _source(d: dict, where: str, resolve, subsample: str = "all") -> DataSource:
-    """The ``DataSource`` of a spec's ``data`` (``where``: "" or "targets[i].")."""
+    """The ``DataSource`` of a spec's ``data`` (``where``: "" or "targets[i]."); the folder and
+    split file must exist."""
     root = resolve(d["data"], f"{where}data")
     try:
         source = DataSource.create(root, split_file=d.get("split_file"),
@@ -204,6 +212,9 @@ def _source(d: dict, where: str, resolve, subsample: str = "all") -> DataSource:
                                    subsample=subsample)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}{e}") from None
+    _existing(source.root, f"{where}data", folder=True)
+    if source.split_file is not None:
+        _existing(source.split_file, f"{where}split_file", folder=False)
     return source
 
 
@@ -212,7 +223,8 @@ def load_spec(path) -> SweepSpec:
     relative to the spec file's folder. See docs/protocols.md for the fields.
 
     Everything is checked here, before a sweep creates anything: the fields' types and values
-    (a refusal names the file and the field, ``methods[1].epochs``), every run's TrainConfig."""
+    (a refusal names the file and the field, ``methods[1].epochs``), every run's TrainConfig,
+    that the data folders, split files and weights file exist, the model name and the device."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"spec: {path} is not a file")
@@ -284,8 +296,13 @@ def _checked_spec(d, here: str) -> SweepSpec:
     elif raw_targets:
         raise ValueError(f"targets: belong to a cross-dataset sweep, not {protocol!r}")
     model = d.get("model", "fastprompt-tiny")
+    check_model_name(model, "model")
     pretrained = resolve(d.get("pretrained"), "pretrained")
+    if pretrained is not None:
+        _existing(pretrained, "pretrained", folder=False)
     device = d.get("device")
+    if device is not None:
+        check_device(device, "device")
     spec = SweepSpec(
         data=data, methods=methods, protocol=protocol, model=model, pretrained=pretrained,
         shots=_list(d, "shots", [None], _shots),

@@ -351,3 +351,24 @@ def test_a_huge_train_seed_is_one_line_naming_the_flag(world, tmp_path):
     one_line_error(proc, "train", "--seed", "[0, 2**32)")
     assert list(tmp_path.iterdir()) == []
 
+
+def _sweep_spec(world, path, **fields):
+    root, weights, *_ = world
+    spec = {"data": str(root / "shapes"), "pretrained": weights, "views": 1,
+            "methods": ["coop"], "seeds": [1], "train": {"epochs": 1, "n_ctx": 2}, **fields}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    ({"device": "tpu"}, ["device", "'tpu'"]),
+    ({"data": "/no/such/folder"}, ["data", "/no/such/folder"]),
+    ({"methods": [{"name": "..", "method": "coop"}]}, ["methods[0].name", "'..'"]),
+])
+def test_a_refused_sweep_spec_creates_nothing(world, tmp_path, fields, fragments):
+    """Spec errors are found before OUT is created (issue 23, items 8, 19 and 20)."""
+    spec = _sweep_spec(world, tmp_path / "spec.json", **fields)
+    proc = fastprompt("sweep", spec, "--out", tmp_path / "out", "--no-progress")
+    one_line_error(proc, "sweep", str(spec), *fragments)
+    assert not (tmp_path / "out").exists()
+

@@ -1,7 +1,7 @@
 """A sweep spec is checked whole when it is read, before anything is created: each refusal names
-the spec file and the field by its path in the spec (``methods[1].epochs``, ``seeds[2]``); seeds
-and noise rates take the ranges every other use of them takes (issue 23, items 9, 11, 20 and
-21)."""
+the spec file and the field by its path in the spec (``methods[1].epochs``, ``seeds[2]``), and
+what the spec names (data, model, weights, device) must exist (issue 23, items 8, 9, 11, 19, 20
+and 21)."""
 import json
 
 import pytest
@@ -54,6 +54,21 @@ REFUSED = [
     ({"seeds": [1, 1.5]}, "seeds[1]: expected an int in [0, 2**32)"),
     # item 21: the one noise-rate range
     ({"noise_rates": [0.0, 1.5]}, "noise_rates[1]: must lie in [0, 1]"),
+    # item 8: the device
+    ({"device": "tpu"}, "device: 'tpu' is not a device"),
+    ({"device": 7}, "device: expected a device name"),
+    ({"device": "cuda:x"}, "device: 'cuda:x' is not a device"),
+    # item 19: what the spec names must exist, found before anything is created
+    ({"data": "no-such-folder"}, "data: "),
+    ({"split_file": "split_zhou_None.json"}, "split_file: "),
+    ({"test_fraction": 1.5}, "test_fraction: must lie in [0, 1)"),
+    ({"test_fraction": "a lot"}, "test_fraction: expected a number"),
+    ({"model": "ViT-Nope-16"}, "model: unknown open_clip model 'ViT-Nope-16'"),
+    ({"model": 16}, "model: expected a str"),
+    ({"pretrained": "missing.safetensors"}, "pretrained: "),
+    ({"protocol": "cross-dataset", "targets": [{"data": "nowhere"}]}, "targets[0].data: "),
+    ({"protocol": "cross-dataset", "targets": [{"data": ".", "test_fraction": -1}]},
+     "targets[0].test_fraction: must lie in [0, 1)"),
 ]
 
 
