@@ -372,3 +372,13 @@ def test_a_refused_sweep_spec_creates_nothing(world, tmp_path, fields, fragments
     one_line_error(proc, "sweep", str(spec), *fragments)
     assert not (tmp_path / "out").exists()
 
+
+def test_a_sweep_folder_in_use_is_one_line_naming_the_holder(world, tmp_path):
+    from fastprompt.protocols.sweep import sweep_lock
+    spec = _sweep_spec(world, tmp_path / "spec.json")
+    out = tmp_path / "out"
+    with sweep_lock(str(out)):
+        proc = fastprompt("sweep", spec, "--out", out, "--no-progress")
+    one_line_error(proc, "sweep", f"sweep folder {out}", "in use", f"pid {os.getpid()}")
+    assert not (out / "sweep.json").exists()
+
