@@ -29,6 +29,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +50,8 @@ from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
 from fastprompt.train.files import CHECKPOINT, METRICS, read_metrics
 
 SWEEP_LOCK = ".lock"
+# How often a worker process looks whether the sweep that started it is still there.
+PARENT_POLL_SECONDS = 0.5
 
 # ---------------------------------------------------------------------------------------------
 # The sweep folder
@@ -114,6 +118,23 @@ def _model(name: str, pretrained: str | None, device: str, image_tower: bool = T
             return _MODELS[(*key, tower)]
     _MODELS[(*key, image_tower)] = create_model(name, pretrained, device, image_tower=image_tower)
     return _MODELS[(*key, image_tower)]
+
+
+def watch_parent(parent: int) -> None:
+    """Run in each worker process as it starts: a daemon thread that ends the worker once the
+    sweep process ``parent`` is gone (killed with SIGKILL, its workers would otherwise wait for
+    work forever). A dead parent's children are adopted by another process, so the parent pid
+    seen from here changes. The worker's run keeps its last finished epoch's checkpoint."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        with contextlib.suppress(OSError):  # stderr may have gone with the parent
+            print(f"fastprompt sweep: worker {os.getpid()}: the sweep (pid {parent}) is gone; "
+                  "stopping (rerun the sweep to resume)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastprompt-watch-parent", daemon=True).start()
 
 
 def train_job(job: Job, device: str, threads: int | None = None) -> dict:
@@ -253,7 +274,9 @@ def _run_grid(spec: SweepSpec, out: str, grid: list[Job], states: dict, device: 
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                    initializer=watch_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             starts = {}
             futures = {}
             for job in todo:

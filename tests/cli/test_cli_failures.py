@@ -382,3 +382,62 @@ def test_a_sweep_folder_in_use_is_one_line_naming_the_holder(world, tmp_path):
     one_line_error(proc, "sweep", f"sweep folder {out}", "in use", f"pid {os.getpid()}")
     assert not (out / "sweep.json").exists()
 
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by whoever adopted it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process tree from /proc")
+def test_killing_a_sweep_takes_its_workers_with_it(world, tmp_path):
+    """`kill -9` of `sweep --jobs 2` leaves no worker (nor the resource tracker) behind: each
+    worker notices that its parent is gone and exits (issue 23, item 6)."""
+    import signal
+    import time
+    spec = _sweep_spec(world, tmp_path / "spec.json", seeds=[1, 2],
+                       train={"epochs": 100000, "n_ctx": 2})
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w") as stderr:
+        sweep = subprocess.Popen([sys.executable, "-m", "fastprompt", "sweep", str(spec),
+                                  "--out", str(out), "--jobs", "2", "--no-progress"],
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
+    children = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("runs/*/*/*/*/checkpoint.pt"))) < 2:   # both workers train
+            assert sweep.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, "the workers did not start training"
+            time.sleep(0.5)
+        children = _children(sweep.pid)
+        assert len(children) >= 2, children         # two workers (and the resource tracker)
+        sweep.kill()
+        sweep.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in children if _alive(pid)], (tmp_path / "stderr").read_text()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        for pid in children:   # only on failure: what this test started, by pid
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
