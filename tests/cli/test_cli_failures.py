@@ -383,6 +383,12 @@ def test_a_sweep_folder_in_use_is_one_line_naming_the_holder(world, tmp_path):
     assert not (out / "sweep.json").exists()
 
 
+def test_plot_of_a_damaged_metrics_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"epochs": [1, 2], "test_acc": 0.5}))
+    one_line_error(fastprompt("plot", tmp_path), "plot", str(tmp_path / "metrics.json"),
+                   "epochs[0]")
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (Linux: from /proc)."""
     found = []

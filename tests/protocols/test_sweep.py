@@ -4,6 +4,7 @@ noise derived without re-encoding, and --jobs K gives the same runs."""
 import csv
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -253,3 +254,38 @@ def test_a_sweep_folder_in_use_is_refused_naming_the_holder(world, tmp_path):
             run_sweep(spec, out, log=lambda *_: None)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
+
+def test_plot_refuses_damaged_numbers_naming_the_file(world, tmp_path):
+    """`plot` checks what it reads from metrics.json and evaluation.json (issue 23, item 17)."""
+    from fastprompt.protocols.report import redraw
+    from fastprompt.protocols.sweep_grid import SPEC_COPY, jobs_of
+    run = tmp_path / "run"
+    run.mkdir()
+    for metrics, where in [({"epochs": [1, 2]}, "epochs[0]"),
+                           ({"epochs": [{"epoch": 0, "loss": "low"}]}, "epochs[0].loss"),
+                           ({"epochs": [{"epoch": "0", "loss": 1.0}]}, "epochs[0].epoch"),
+                           ({"epochs": [{"epoch": 0, "loss": 1.0}], "test_acc": "x"}, "test_acc"),
+                           ({"epochs": {"0": 1}}, "epochs")]:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        with pytest.raises(ValueError, match=f"{run / 'metrics.json'}: {re.escape(where)}: "):
+            redraw([run])
+    spec = load_spec(_spec(world, "plotted.json", methods=["coop"], seeds=[1]))
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / SPEC_COPY).write_text(json.dumps(spec.to_dict()))
+    job = jobs_of(spec, str(out))[0]
+    os.makedirs(job.run_dir)
+    good = {"epochs": [{"epoch": 0, "loss": 1.0}], "test_acc": 0.5, "zeroshot_test_acc": 0.25}
+    for metrics, evaluation, name, where in [
+            ({**good, "test_acc": [0.5]}, None, "metrics.json", "test_acc"),
+            ({**good, "zeroshot_test_acc": "x"}, None, "metrics.json", "zeroshot_test_acc"),
+            (good, {"base_to_new": {"base_acc": 0.5}}, "evaluation.json", "base_to_new.new_acc"),
+            (good, {"targets": {"t": 3}}, "evaluation.json", "targets.t")]:
+        with open(os.path.join(job.run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        if evaluation is not None:
+            with open(os.path.join(job.run_dir, "evaluation.json"), "w") as f:
+                json.dump(evaluation, f)
+        path = os.path.join(job.run_dir, name)
+        with pytest.raises(ValueError, match=f"{re.escape(path)}: {re.escape(where)}"):
+            redraw([out])
