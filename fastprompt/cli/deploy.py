@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.cli.common import seed
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
 from fastprompt.pipeline import agreement_set, export_run, export_run_ensemble
@@ -110,7 +111,7 @@ def add_commands(subparsers) -> None:
                         help="SoftCPT runs: one shared image encoder, one head per task and one "
                              "ensemble per task in OUT_DIR (every task; float32)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the verification inputs")
+    parser.add_argument("--seed", type=seed, default=None, help="seed of the verification inputs")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime-vs-torch check (not recommended)")
     parser.add_argument("--task", metavar="NAME", default=None,

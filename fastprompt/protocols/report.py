@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from fastprompt._io import read_json, write_text_atomic
 from fastprompt.protocols.plots import plot_curves, sweep_plots
+from fastprompt.protocols.records import run_evaluation, run_metrics
 from fastprompt.protocols.stats import format_number, harmonic_mean, mean_std
 from fastprompt.protocols.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, jobs_of
-from fastprompt.train.files import METRICS, read_metrics
+from fastprompt.train.files import METRICS
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -49,11 +50,11 @@ def run_record(job: Job) -> dict | None:
     """The numbers of one finished run (accuracies in [0, 1]); None while it is not finished."""
     if not os.path.isfile(os.path.join(job.run_dir, METRICS)):
         return None
-    metrics = read_metrics(job.run_dir)
+    metrics = run_metrics(job.run_dir)
     record = {"test_acc": metrics.get("test_acc"), "zeroshot": metrics.get("zeroshot_test_acc")}
     evaluation_path = os.path.join(job.run_dir, EVALUATION)
     if os.path.isfile(evaluation_path):
-        evaluation = read_json(evaluation_path, "run")
+        evaluation = run_evaluation(evaluation_path)
         if "base_to_new" in evaluation:
             b = evaluation["base_to_new"]
             record.update(base=b["base_acc"], new=b["new_acc"], hm=b["hm"],
@@ -204,7 +205,10 @@ def write_report(out, log=print) -> str:
     spec_path = os.path.join(out, SPEC_COPY)
     if not os.path.isfile(spec_path):
         raise ValueError(f"sweep: {out} has no {SPEC_COPY}; is it a sweep folder?")
-    spec = SweepSpec.from_dict(read_json(spec_path, "sweep"))
+    try:
+        spec = SweepSpec.from_dict(read_json(spec_path, "sweep"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e} ({spec_path})") from None
     tables = build_tables(spec, out)
     plots = sweep_plots(spec, tables, out)
     write_text_atomic(os.path.join(out, REPORT_MD), markdown(tables, spec, plots))

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from fastprompt._checks import check_seed
 from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
@@ -27,6 +28,10 @@ LOSSES = ("ce", "dspt")
 OPTIMIZERS = ("sgd", "adam")
 TASK_CONTEXTS = ("shared", "per_task")
 TARGETS = ("hard", "ls", "csl", "isl")
+# What each field's annotation admits (a bool is no number here), and how a refusal says it.
+_FIELD_TYPES = {"int": ((int,), "an int"), "float": ((int, float), "a number"),
+                "bool": ((bool,), "a bool"), "str": ((str,), "a str"),
+                "str | None": ((str, type(None)), "a str or null")}
 
 
 def coop_epochs(shots: int | None) -> int:
@@ -86,6 +91,13 @@ class TrainConfig:
         def bad(name, message):
             return ValueError(f"{name}: {message}")
 
+        for f in dataclasses.fields(self):
+            types, what = _FIELD_TYPES.get(f.type, ((object,), ""))
+            value = getattr(self, f.name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise TypeError(f"{f.name}: expected {what}, got {type(value).__name__} "
+                                f"{value!r:.60}")
+        check_seed(self.seed)
         if self.learner not in LEARNERS:
             raise bad("learner", f"must be one of {tuple(LEARNERS)}, got {self.learner!r}")
         if self.loss not in LOSSES:
