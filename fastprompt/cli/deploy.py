@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.cli.dassl import add_export_args, cmd_export_dassl
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
 from fastprompt.pipeline import agreement_set, export_run, export_run_ensemble
@@ -16,6 +17,9 @@ DEFAULT_AGREEMENT_LIMIT = 512
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.dassl:  # the official code's checkpoint instead of an ONNX model
+        cmd_export_dassl(args)
+        return
     report = _export_ensemble(args) if args.triton_ensemble else _export_one(args)
     print(report.summary())
 
@@ -119,4 +123,5 @@ def add_commands(subparsers) -> None:
                         help="classify among these class names (one per line) instead of the "
                              "trained ones, with the learned context in front of each (not for "
                              "class-specific contexts)")
+    add_export_args(parser)
     parser.set_defaults(func=cmd_export)
