@@ -14,6 +14,7 @@ _LAZY = {
     "prograd_backward": "fastprompt.ops.prograd_backward",
     "prograd_losses": "fastprompt.ops.prograd_losses",
     "project_conflicting_": "fastprompt.ops.project_conflicting",
+    "ot_pseudo_labels": "fastprompt.ops.ot_pseudo_labels",
     "set_validation": "fastprompt._validation",
 }
 

@@ -28,14 +28,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
     if classnames is not None:
         run = with_classnames(run, classnames)
+    scale, affine, weight = float(run.scale), None, 1.0
     if run.fused is not None:  # DePT's training classes: the weighted similarity + the head
-        scale, affine = run.fused.scale * run.fused.similarity_weight, (run.fused.weight,
-                                                                         run.fused.bias)
-    else:
-        scale, affine = float(run.scale), None
+        weight, affine = run.fused.similarity_weight, (run.fused.weight, run.fused.bias)
+        scale = run.fused.scale * weight
+    text_head = None
+    if run.head is not None:  # prompts that depend on the image: the text tower in the graph
+        text_head = run.head.for_export()
     return export_onnx(run.model, run.text_features, list(run.class_names), out_dir,
                        scale=scale, model_name=run.model_name, method=dict(run.method),
-                       triton=triton, affine=affine, **kwargs)
+                       triton=triton, affine=affine, text_head=text_head,
+                       text_head_weight=weight, **kwargs)
 
 
 def export_run_ensemble(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -106,7 +106,9 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
                 int8: bool = False, min_agreement: float = DEFAULT_MIN_AGREEMENT,
                 evaluation: EvaluationSet | None = None, triton: TritonSettings | None = None,
                 verify: bool = True, opset: int | None = None, seed: int | None = None,
-                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> ExportReport:
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                text_head: nn.Module | None = None, text_head_weight: float = 1.0
+                ) -> ExportReport:
     """Export ``model``'s image tower with a baked classifier to ``out_dir/model.onnx``.
 
     Args:
@@ -135,6 +137,10 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
         affine: ``(A, c)``, E x C and C: an affine map of the raw image features added to the
             logits (DePT's head of the training classes, its weight folded in; ``scale`` then
             carries the similarity's weight too). None: the similarity alone.
+        text_head: a module from image features (N x E) to the similarity logits (N x C) that
+            replaces the baked class embeddings, the text tower inside the graph (prompts that
+            depend on the image: CoCoOp); ``class_embeddings`` then only give the class count and
+            feature size. ``text_head_weight`` multiplies its logits (with ``affine``: DePT).
 
     Returns an ``ExportReport``. Raises ``ExportVerificationError`` if the float32 graph disagrees
     with torch beyond the tolerance and ``AgreementError`` if the reduced model agrees too little
@@ -178,7 +184,8 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
                      fastprompt_version=fastprompt.__version__, **preprocess)
     reduced_info = replace(info, precision=triton_settings.precision)
     module = BakedClassifier(None if head_only else plain_fp32_cpu(model.visual),
-                             bake_classifier(class_embeddings, scale), affine).eval()
+                             bake_classifier(class_embeddings, scale), affine,
+                             text_head, text_head_weight).eval()
     per_item = (embed_dim,) if head_only else (3, *info.image_size)
     if not head_only:
         check_tower_output(module.visual, per_item, embed_dim)

@@ -24,7 +24,6 @@ from fastprompt.data.source import DataSource
 from fastprompt.models import zeroshot_text_features
 from fastprompt.protocols.stats import harmonic_mean
 from fastprompt.train import load_run, load_runs
-from fastprompt.train.epoch import FusedHead
 from fastprompt.train.files import METRICS, read_metrics
 from fastprompt.train.runs import run_caches
 from fastprompt.train.softcpt import task_mean
@@ -56,16 +55,11 @@ def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
 
 
 @torch.no_grad()
-def per_class_accuracy(features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
-                       classnames: list[str], head: FusedHead | None = None
-                       ) -> tuple[float, list[dict]]:
-    """Top-1 accuracy over all images and, per class, ``{"class", "accuracy", "num_images"}``
-    (accuracy None for a class without test images); ``head``: a DePT classifier's fused
-    logits instead of the similarity alone."""
-    text = torch.nn.functional.normalize(text_features.float(), dim=-1)
-    x = features.float().to(text.device)
-    logits = x @ text.t() if head is None else head.logits(x, text)
-    predicted = logits.argmax(1).cpu()
+def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor,
+                       classnames: list[str]) -> tuple[float, list[dict]]:
+    """Top-1 accuracy of the ``predicted`` classes (N) over all images and, per class,
+    ``{"class", "accuracy", "num_images"}`` (accuracy None for a class without test images)."""
+    predicted = predicted.cpu()
     correct = predicted == labels
     per_class = []
     for c, name in enumerate(classnames):
@@ -101,11 +95,11 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
                                 run.model_name, run.preprocess_val, run.preprocess_val, splits,
                                 views=1, seed=source.seed, batch_size=batch_size,
                                 progress=progress)
-    acc, per_class = per_class_accuracy(cache.test_features, cache.test_labels,
-                                        run.text_features, run.class_names, run.fused)
+    acc, per_class = per_class_accuracy(run.predictions(cache.test_features), cache.test_labels,
+                                        run.class_names)
     zeroshot = zeroshot_text_features(run.model, run.tokenizer, run.class_names).to(device)
-    zs_acc, _ = per_class_accuracy(cache.test_features, cache.test_labels, zeroshot,
-                                   run.class_names)
+    zs_predicted = (cache.test_features.float().to(device) @ zeroshot.t()).argmax(1)
+    zs_acc, _ = per_class_accuracy(zs_predicted, cache.test_labels, run.class_names)
     return {"data": {**source.to_dict(), "all_images": all_images}, "test_acc": acc,
             "zeroshot_test_acc": zs_acc, "num_test_images": int(cache.test_labels.shape[0]),
             "num_classes": len(run.class_names), "per_class": per_class,

@@ -76,8 +76,12 @@ class FusedHead(NamedTuple):
     def logits(self, features: Tensor, text_features: Tensor) -> Tensor:
         x = features.float()
         text = F.normalize(text_features.float(), dim=-1).to(x.device)
-        similarity = self.scale * F.normalize(x, dim=-1) @ text.t()
-        return (self.similarity_weight * similarity + x @ self.weight.to(x.device)
+        return self.combine(self.scale * F.normalize(x, dim=-1) @ text.t(), x)
+
+    def combine(self, similarity: Tensor, features: Tensor) -> Tensor:
+        """The fused logits from the (scaled) similarity logits and the image features."""
+        x = features.float()
+        return (self.similarity_weight * similarity.float() + x @ self.weight.to(x.device)
                 + self.bias.to(x.device))
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastprompt.data.cache import FeatureCache
@@ -61,7 +62,8 @@ class TrainedClassifier:
     # features; None: the similarity ``scale · x̂ T̂ᵀ`` alone.
     fused: FusedHead | None = None
     # A learner whose class prompts depend on the image gives the module that maps image
-    # features (N x D) to logits (N x C); None: the fixed head above.
+    # features (N x D) to logits (N x C), with ``for_export()``: the module an exported graph
+    # holds (float32, CPU, every image in one pass); None: the fixed head above.
     head: nn.Module | None = None
 
     def with_class_names(self, class_names: list, text_features: Tensor) -> "TrainedClassifier":
@@ -71,8 +73,40 @@ class TrainedClassifier:
                                    text_features=text_features, fused=None,
                                    method={**self.method, "classnames_transferred": True})
 
+    @torch.no_grad()
+    def logits(self, features: Tensor, batch_size: int = 4096) -> Tensor:
+        """Logits (N x C, float32, on the CPU) of image features (N x E), as the exported
+        classifier computes them."""
+        out = []
+        for i in range(0, features.shape[0], batch_size):
+            x = features[i:i + batch_size].float().to(self.text_features.device)
+            if self.head is not None:
+                z = self.head(x).float()
+                out.append((z if self.fused is None else self.fused.combine(z, x)).cpu())
+            elif self.fused is not None:
+                out.append(self.fused.logits(x, self.text_features).cpu())
+            else:
+                out.append((self.scale * F.normalize(x, dim=-1)
+                            @ F.normalize(self.text_features.float(), dim=-1).t()).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+
+    @torch.no_grad()
+    def predictions(self, features: Tensor) -> Tensor:
+        """The top-1 class of each image feature (N, int64, on the CPU)."""
+        if self.head is not None or self.fused is not None:
+            return self.logits(features).argmax(1)
+        # The similarity's argmax needs neither the scale nor the image features' norms.
+        text = F.normalize(self.text_features.float(), dim=-1)
+        return (features.float().to(text.device) @ text.t()).argmax(1).cpu()
+
     def accuracy(self, features: Tensor, labels: Tensor) -> float:
-        return accuracy(features, labels, self.text_features, head=self.fused)
+        """Top-1 accuracy (in [0, 1]) on image features, as training reports it; NaN for
+        none."""
+        if self.head is None:
+            return accuracy(features, labels, self.text_features, head=self.fused)
+        if features.shape[0] == 0:
+            return float("nan")
+        return int((self.predictions(features) == labels).sum()) / features.shape[0]
 
 
 class EpochOrder(abc.ABC):
@@ -170,6 +204,14 @@ class Learner(abc.ABC):
                          tasks: list[str] | None) -> list[TrainedClassifier]:
         """The trained classifiers of ``prompt`` (one per requested task; ``tasks`` None for a
         run with one classifier), on ``model`` (checked to hold the run's weights)."""
+
+    @classmethod
+    def for_classnames(cls, prompt: PromptFile, classifier: TrainedClassifier,
+                       classnames: list[str], device) -> TrainedClassifier:
+        """``classifier`` over other class names (cross-dataset transfer, base-to-new,
+        ``export --classnames``): by default their ``text_features_for``, the similarity alone."""
+        return classifier.with_class_names(
+            classnames, cls.text_features_for(prompt, classifier, classnames, device))
 
     @classmethod
     def text_features_for(cls, prompt: PromptFile, classifier: TrainedClassifier,

@@ -199,7 +199,29 @@ class Objective:
         loss, kl = fused_losses(images, text, labels, scale, self.config,
                                 self.batch_options(options, samples),
                                 self.zeroshot if self.config.prograd else None)
-        if self.dept is not None:
-            w = self.config.dept_weight
-            loss = (1 - w) * loss + w * self.dept.loss(text[labels], images, labels)
-        return loss, kl
+        return self._with_dept(loss, kl, text[labels], images, labels)
+
+    def logit_losses(self, logits: Tensor, rows: Tensor, samples: Tensor, options: dict,
+                     zeroshot_logits: Tensor | None, class_text: Tensor | None = None):
+        """``(loss, kl_loss or None)`` of the cached training ``rows`` from their logits (N x C,
+        e.g. CoCoOp's per-image ones) with the fused loss on given logits; ProGrad's teacher
+        is ``zeroshot_logits`` (N x C), DePT's text features of each row's class
+        ``class_text`` (N x E)."""
+        cache = self.cache
+        labels = cache.train_labels[rows].to(self.device)
+        options = self.batch_options(options, samples)
+        if self.config.prograd:
+            loss, kl = fastprompt.logits_prograd_losses(
+                logits, zeroshot_logits.to(logits.dtype), labels,
+                temperature=self.config.temperature, **options)
+        else:
+            loss, kl = fastprompt.logits_cross_entropy(logits, labels, **options), None
+        images = cache.train_features[rows].to(self.device) if self.dept is not None else None
+        return self._with_dept(loss, kl, class_text, images, labels)
+
+    def _with_dept(self, loss: Tensor, kl, class_text, images, labels):
+        """DePT's mix of the similarity loss and its head's (none without DePT)."""
+        if self.dept is None:
+            return loss, kl
+        w = self.config.dept_weight
+        return (1 - w) * loss + w * self.dept.loss(class_text, images, labels), kl

@@ -54,8 +54,7 @@ def with_classnames(run: TrainedClassifier, classnames,
     if names == list(run.class_names):
         return run
     prompt = read_prompt_file(run.run_dir)
-    text = learner_class(prompt.learner).text_features_for(prompt, run, names, device)
-    return run.with_class_names(names, text)
+    return learner_class(prompt.learner).for_classnames(prompt, run, names, device)
 
 
 def load_run_with_classnames(run_dir, classnames, *, task: str | None = None,

@@ -17,7 +17,7 @@ import torch
 from dasslib import (SCHEDULER_MODULE, Reduces, official_buffers, official_text_features,
                      save_dassl_checkpoint)
 from fastprompt.models import PromptedTextModel
-from fastprompt.train import TrainConfig, load_run, train_run
+from fastprompt.train import LEARNERS, TrainConfig, load_run, train_run
 from fastprompt.train.dassl import (export_dassl, find_checkpoint, import_dassl,
                                     read_dassl_checkpoint)
 from fastprompt.train.files import read_prompt_file, refuse_existing_run
@@ -110,8 +110,12 @@ def test_import_gives_the_official_prompts_features(world, tmp_path):
     ("tcp", {"meta_net.linear1.weight": (16, 64), "meta_net.linear1.bias": (16,),
              "meta_net.linear2.weight": (N_CTX * 64, 16), "meta_net.linear2.bias": (N_CTX * 64,)},
      []),
+    pytest.param("cocoop", {"meta_net.linear1.weight": (4, 64), "meta_net.linear1.bias": (4,),
+                            "meta_net.linear2.weight": (64, 4), "meta_net.linear2.bias": (64,)},
+                 [], marks=pytest.mark.skipif("cocoop" not in LEARNERS,
+                                              reason="no CoCoOp learner registered")),
 ])
-def test_kgcoop_and_tcp_checkpoints(world, tmp_path, learner, extra, ignored):
+def test_kgcoop_tcp_and_cocoop_checkpoints(world, tmp_path, learner, extra, ignored):
     g = torch.Generator().manual_seed(3)
     state = coop_state(world)
     state.update({k: (0.1 * torch.randn(s, generator=g)).half() for k, s in extra.items()})
@@ -127,6 +131,14 @@ def test_kgcoop_and_tcp_checkpoints(world, tmp_path, learner, extra, ignored):
     assert sorted(prompt.tensors) == sorted(trained)
     for key, value in trained.items():
         assert torch.equal(prompt.tensors[key], value.float())
+    # And back: the official names, the same tensors (float16 already: exact).
+    report = export_dassl(tmp_path / "run", tmp_path / "official")
+    exported = torch.load(report.path, weights_only=True)["state_dict"]
+    assert sorted(exported) == sorted([*trained, "token_prefix", "token_suffix"])
+    do_import(world, tmp_path / "official", tmp_path / "back", learner=learner,
+              kg_template="a photo of a {}, a shape.", tcp_layer=1)
+    back = read_prompt_file(tmp_path / "back")
+    assert all(torch.equal(back.tensors[k], prompt.tensors[k]) for k in trained)
 
 
 def test_export_is_what_the_official_load_model_reads(world, tmp_path):
