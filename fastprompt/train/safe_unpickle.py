@@ -18,10 +18,11 @@ This reader builds such files with a restricted unpickler; its rules:
   ``torch.<Type>Storage`` (as markers of a dtype, inside storage references only); the tensor
   rebuilders ``torch._utils._rebuild_tensor{,_v2}`` and ``_rebuild_parameter{,_with_state}``,
   replaced by this module's own functions that make a plain, detached CPU tensor from a storage
-  read here (offset, size and stride checked against the storage; ``requires_grad``, hooks and
-  metadata dropped); ``torch.Size``, ``torch.device``, torch dtypes; ``builtins`` ``set``,
-  ``frozenset``, ``complex``, ``slice``, ``bytearray``; and ``_codecs.encode`` of text as latin-1
-  (how protocol 2 stores ``bytes``).
+  read here (offset, size and stride checked against the storage, and no more elements than it
+  holds beyond ``MAX_VIEW_ELEMENTS``; ``requires_grad``, hooks and metadata dropped);
+  ``torch.Size``, ``torch.device``, torch dtypes; ``builtins`` ``set``, ``frozenset``,
+  ``complex``, ``slice``, ``bytearray``; and ``_codecs.encode`` of text as latin-1 (how protocol
+  2 stores ``bytes``).
 * Any other name — a class, a function, ``os.system``, ``builtins.eval``, torch's own optimiser
   and scheduler classes — is neither imported nor called: it is replaced by an ``Opaque``
   subclass that records its name, and calling it, instantiating it, or setting its state or items
@@ -57,6 +58,9 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
 # The pickle itself is metadata (names, shapes, hyper-parameters): far below this.
 MAX_PICKLE_BYTES = 256 * 2**20
+# Tensors are copied out of their storage: one with more elements than its storage (repeated
+# through zero strides, as expand makes them) is refused beyond this many.
+MAX_VIEW_ELEMENTS = 2**20
 
 
 class Opaque:
@@ -135,6 +139,12 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> torch.Tensor:
                                          f"storage of {numel}")
     elif offset > numel:
         raise pickle.UnpicklingError("a tensor starts past the end of its storage")
+    elements = 1
+    for n in size:
+        elements *= n
+    if elements > max(numel, MAX_VIEW_ELEMENTS):  # stride-0 views: copied, they could be huge
+        raise pickle.UnpicklingError(f"a tensor of size {size} repeats the {numel} elements of "
+                                     "its storage")
     return storage.flat.as_strided(size, stride, offset).clone(
         memory_format=torch.contiguous_format)
 

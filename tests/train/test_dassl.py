@@ -290,6 +290,11 @@ def test_damaged_and_missing_files_are_refused_by_name(world, tmp_path):
         with pytest.raises(ValueError, match=f"{bad}.* is damaged or not a torch checkpoint"):
             do_import(world, bad, tmp_path / f"run-{name}")
     (tmp_path / "empty").mkdir()
+    # A view repeating one stored element 10^12 times is refused, not copied.
+    torch.save({"state_dict": {"ctx": torch.zeros(1).expand(10**6, 10**6)}, "epoch": 1},
+               tmp_path / "huge")
+    with pytest.raises(ValueError, match="repeats the 1 elements of its storage"):
+        read_dassl_checkpoint(tmp_path / "huge")
     with pytest.raises(ValueError, match="holds no Dassl checkpoint"):
         find_checkpoint(tmp_path / "empty")
     with pytest.raises(ValueError, match="neither a file nor a folder"):
