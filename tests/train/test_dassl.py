@@ -309,3 +309,17 @@ def test_damaged_and_missing_files_are_refused_by_name(world, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         do_import(world, path, tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_class_names_out_of_the_trained_order_are_noted(world, tmp_path):
+    """The saved token_suffix holds the trained class names' tokens: another order imports (the
+    official load ignores the buffers too) but is recorded as differing."""
+    save_dassl_checkpoint(tmp_path / "model.pth.tar-1", coop_state(world), epoch=1)
+    names = list(world.cache.classnames)
+    metrics = import_dassl(tmp_path, "coop", names[::-1], tmp_path / "run",
+                           pretrained=world.weights)
+    assert metrics["imported_from"]["token_suffix"] == (
+        f"differs for 4 of 4 classes (first: {names[-1]!r})")
+    with pytest.raises(ValueError, match="official KgCoOp puts the class name at the end"):
+        do_import(world, tmp_path, tmp_path / "x", learner="kgcoop",
+                  class_token_position="front")
