@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from fastprompt.cli.common import seed
+from fastprompt.cli.dassl import add_export_args, cmd_export_dassl
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
 from fastprompt.pipeline import agreement_set, export_run, export_run_ensemble
@@ -17,6 +18,9 @@ DEFAULT_AGREEMENT_LIMIT = 512
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.dassl:  # the official code's checkpoint instead of an ONNX model
+        cmd_export_dassl(args)
+        return
     report = _export_ensemble(args) if args.triton_ensemble else _export_one(args)
     print(report.summary())
 
@@ -120,4 +124,5 @@ def add_commands(subparsers) -> None:
                         help="classify among these class names (one per line) instead of the "
                              "trained ones, with the learned context in front of each (not for "
                              "class-specific contexts)")
+    add_export_args(parser)
     parser.set_defaults(func=cmd_export)

@@ -95,6 +95,10 @@ def run_caches(run_dir) -> dict[str | None, str]:
     """The feature cache each classifier of a run was trained on, from its ``metrics.json``:
     ``{task name (None for a single classifier): cache path}``."""
     metrics = read_metrics(run_dir, missing="pass --cache FILE")
+    if "imported_from" in metrics:  # fastprompt import-dassl
+        raise ValueError(f"run: {os.fspath(run_dir)!r} was imported from a Dassl checkpoint "
+                         "and has no feature cache of its own; pass --cache FILE (a cache of "
+                         "its classes) or --data DIR")
     try:
         if "tasks" in metrics:
             return {t["name"]: t["cache"]["path"] for t in metrics["tasks"]}
