@@ -22,13 +22,11 @@ import triton.language as tl
 from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
 from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, padded_columns
+from fastprompt.kernels.row_statistics import (NUM_PARTIALS, TARGET_HARD, TARGET_TABLE,
+                                               TARGET_UNIFORM, merged_stats, online_lse,
+                                               partial_offsets, summed_partial, targets)
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
-TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
-# Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
-# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap) and sweep 2's sums
-# (Σ e^{p-1}, spread_q, spread_t, Σ t p).
-NUM_PARTIALS = 14
 # Each program of the split-class passes sweeps at least this many class tiles: its fixed work
 # (the row set-up, merging every range's statistics) stays small next to its sweeps.
 MIN_C_TILES_PER_SPLIT = 4
@@ -114,103 +112,6 @@ def _col_coef(inv_norm_ptr, cols, col_mask, NORMALIZE: tl.constexpr, BLOCK_C: tl
 
 
 @triton.jit
-def _targets(labels, table_base, cols, col_mask, smoothing, C, TARGET: tl.constexpr):
-    """Target probabilities ``(1-ε) [c = y] + ε r_c`` (float32) at the class indices ``cols``,
-    a 2-D index broadcast against the rows (a tile of columns, or one column per row)."""
-    onehot = (cols == labels[:, None]).to(tl.float32)
-    if TARGET == 0:
-        target = onehot
-    elif TARGET == 1:
-        target = (1.0 - smoothing) * onehot + smoothing / C
-    else:
-        r = tl.load(table_base[:, None] + cols, mask=col_mask, other=0.0)
-        target = (1.0 - smoothing) * onehot + smoothing * r
-    return target
-
-
-@triton.jit
-def _online_lse(m, l, z):
-    """One tile of a running log-sum-exp: max ``m`` and ``l = Σ e^{z - m}`` per row."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-    return m_new, l
-
-
-@triton.jit
-def _partial_offsets(stat, rows, N, splits, split):
-    """Where one partial statistic of the split-class passes lives: the float32 workspace is
-    ``NUM_PARTIALS x splits x N``."""
-    return (stat * splits + split).to(tl.int64) * N + rows
-
-
-@triton.jit
-def _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split):
-    return tl.load(partial_ptr + _partial_offsets(stat, rows, N, splits, split), mask=row_mask,
-                   other=0.0)
-
-
-@triton.jit
-def _merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.constexpr,
-                  HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sweep 1's statistics of whole rows from the ``splits`` partial ones (pass 1), merged
-    exactly: log-sum-exps by their maxima, each gap sum shifted from its split's max to the
-    row's; in split order, so every program merging a row gets the same bits.
-    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap)``."""
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    top = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for split in range(0, splits):
-        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
-        if DOUBLE_SOFTMAX:  # the first split holding the row's max, as one sweep picks it
-            top_s = _load_partial(partial_ptr, 4, rows, row_mask, N, splits, split)
-            top_s = top_s.to(tl.int32, bitcast=True)
-            top = tl.where(m_s > m, top_s, top)
-        m = tl.maximum(m, m_s)
-        if HAS_KL:
-            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
-            m_tau = tl.maximum(m_tau, m_tau_s)
-            m0 = tl.maximum(m0, _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split))
-    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, splits):
-        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
-        l += _load_partial(partial_ptr, 1, rows, row_mask, N, splits, split) * tl.exp(m_s - m)
-        if not DOUBLE_SOFTMAX:
-            # Σ_c t_c (m - z_c) = Σ_splits (gap_s + seen_s (m - m_s)): non-negative terms.
-            gap_s = _load_partial(partial_ptr, 2, rows, row_mask, N, splits, split)
-            seen_s = _load_partial(partial_ptr, 3, rows, row_mask, N, splits, split)
-            target_gap += gap_s + seen_s * (m - m_s)
-        if HAS_KL:
-            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
-            l_tau_s = _load_partial(partial_ptr, 6, rows, row_mask, N, splits, split)
-            l_tau += l_tau_s * tl.exp(m_tau_s - m_tau)
-            m0_s = _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split)
-            l0_s = _load_partial(partial_ptr, 8, rows, row_mask, N, splits, split)
-            kl_gap_s = _load_partial(partial_ptr, 9, rows, row_mask, N, splits, split)
-            # Σ_c e^{z0_c/τ - m0} (m_τ - z_c/τ), from each split's sum around its own maxima.
-            kl_gap += tl.exp(m0_s - m0) * (kl_gap_s + l0_s * (m_tau - m_tau_s))
-            l0 += l0_s * tl.exp(m0_s - m0)
-    # Rows past N (never stored) get sums of 1 rather than 0: no infinities downstream.
-    l = tl.where(row_mask, l, 1.0)
-    l_tau = tl.where(row_mask, l_tau, 1.0)
-    l0 = tl.where(row_mask, l0, 1.0)
-    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap
-
-
-@triton.jit
-def _summed_partial(partial_ptr, stat, rows, row_mask, N, splits, BLOCK_N: tl.constexpr):
-    """A plain sum over the splits (in split order) of one partial statistic (1 past N)."""
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, splits):
-        total += _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split)
-    return tl.where(row_mask, total, 1.0)
-
-
-@triton.jit
 def clip_loss_forward_kernel(
         x_ptr, t_ptr, t0_ptr, x_inv_norm_ptr, t_inv_norm_ptr, t0_inv_norm_ptr, scale_ptr,
         labels_ptr, table_row_ptr, table_ptr,
@@ -289,7 +190,7 @@ def clip_loss_forward_kernel(
             if DOUBLE_SOFTMAX:
                 top = tl.where(tl.max(z_lse, axis=1) > m, tl.argmax(z_lse, axis=1) + c0, top)
             else:
-                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                target = targets(labels, table_base, cols[None, :], col_mask[None, :],
                                   smoothing, C, TARGET)
                 target = tl.where(col_mask[None, :], target, 0.0)
                 m_next = tl.maximum(m, tl.max(z_lse, axis=1))
@@ -297,7 +198,7 @@ def clip_loss_forward_kernel(
                 target_gap += (shift * target_seen
                                + tl.sum(target * (m_next[:, None] - z_in), axis=1))
                 target_seen += tl.sum(target, axis=1)
-            m, l = _online_lse(m, l, z_lse)
+            m, l = online_lse(m, l, z_lse)
             if HAS_KL:
                 z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
                 z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
@@ -310,9 +211,9 @@ def clip_loss_forward_kernel(
                           + tl.sum(e0 * (m_tau_next[:, None] - z_in * inv_temperature), axis=1))
                 l0 = l0 * alpha + tl.sum(e0, axis=1)
                 m0 = m0_next
-                m_tau, l_tau = _online_lse(m_tau, l_tau, z_tau)
+                m_tau, l_tau = online_lse(m_tau, l_tau, z_tau)
         if PASS == 1:
-            at = partial_ptr + _partial_offsets(0, rows, N, splits, split)
+            at = partial_ptr + partial_offsets(0, rows, N, splits, split)
             step = N * splits  # from one statistic to the next (splits > 1 only for small N)
             tl.store(at, m, mask=row_mask)
             tl.store(at + step, l, mask=row_mask)
@@ -325,7 +226,7 @@ def clip_loss_forward_kernel(
             tl.store(at + 8 * step, l0, mask=row_mask)
             tl.store(at + 9 * step, kl_gap, mask=row_mask)
     else:
-        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap = _merged_stats(
+        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap = merged_stats(
             partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX, HAS_KL, BLOCK_N)
 
     if PASS != 1:
@@ -343,7 +244,7 @@ def clip_loss_forward_kernel(
             #   p_c ((e^{p_c-1} - e^{p_j-1} + Σ_k p_k (e^{p_j-1} - e^{p_k-1})) / Σ e^{p-1}
             #        - (t_c - t_j + Σ_k p_k (t_j - t_k))).
             exp_p_top = tl.exp(inv_l - 1.0)
-            target_top = tl.sum(_targets(labels, table_base, top[:, None], top[:, None] < C,
+            target_top = tl.sum(targets(labels, table_base, top[:, None], top[:, None] < C,
                                          smoothing, C, TARGET), axis=1)
             if PASS == 0 or PASS == 2:
                 sum_exp_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -363,22 +264,22 @@ def clip_loss_forward_kernel(
                     exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
                     sum_exp_p += tl.sum(exp_p, axis=1)
                     spread_q += tl.sum(p * (exp_p_top[:, None] - exp_p), axis=1)
-                    target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                    target = targets(labels, table_base, cols[None, :], col_mask[None, :],
                                       smoothing, C, TARGET)
                     spread_t += tl.sum(p * (target_top[:, None] - target), axis=1)
                     target_dot_p += tl.sum(target * p, axis=1)
                 if PASS == 2:
-                    at = partial_ptr + _partial_offsets(10, rows, N, splits, split)
+                    at = partial_ptr + partial_offsets(10, rows, N, splits, split)
                     step = N * splits
                     tl.store(at, sum_exp_p, mask=row_mask)
                     tl.store(at + step, spread_q, mask=row_mask)
                     tl.store(at + 2 * step, spread_t, mask=row_mask)
                     tl.store(at + 3 * step, target_dot_p, mask=row_mask)
             else:
-                sum_exp_p = _summed_partial(partial_ptr, 10, rows, row_mask, N, splits, BLOCK_N)
-                spread_q = _summed_partial(partial_ptr, 11, rows, row_mask, N, splits, BLOCK_N)
-                spread_t = _summed_partial(partial_ptr, 12, rows, row_mask, N, splits, BLOCK_N)
-                target_dot_p = _summed_partial(partial_ptr, 13, rows, row_mask, N, splits,
+                sum_exp_p = summed_partial(partial_ptr, 10, rows, row_mask, N, splits, BLOCK_N)
+                spread_q = summed_partial(partial_ptr, 11, rows, row_mask, N, splits, BLOCK_N)
+                spread_t = summed_partial(partial_ptr, 12, rows, row_mask, N, splits, BLOCK_N)
+                target_dot_p = summed_partial(partial_ptr, 13, rows, row_mask, N, splits,
                                                BLOCK_N)
             loss = tl.log(sum_exp_p) + (1.0 - target_dot_p)
             inv_sum_exp_p = 1.0 / sum_exp_p
@@ -408,7 +309,7 @@ def clip_loss_forward_kernel(
                     _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                     _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                     HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
-                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                target = targets(labels, table_base, cols[None, :], col_mask[None, :],
                                   smoothing, C, TARGET)
                 # Padding columns get p = 0 (their z = 0 may lie far above m and overflow
                 # e^{p-1}).

@@ -1,0 +1,111 @@
+"""The per-row statistics of the forward kernels' loss rows, as Triton device functions: the
+target probabilities of each target kind, the running log-sum-exp, and the split-class passes'
+partial statistics with their exact merge (docs/kernels.md, "Classes split for small N").
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
+# Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
+# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap) and sweep 2's sums
+# (Σ e^{p-1}, spread_q, spread_t, Σ t p).
+NUM_PARTIALS = 14
+
+
+@triton.jit
+def targets(labels, table_base, cols, col_mask, smoothing, C, TARGET: tl.constexpr):
+    """Target probabilities ``(1-ε) [c = y] + ε r_c`` (float32) at the class indices ``cols``,
+    a 2-D index broadcast against the rows (a tile of columns, or one column per row)."""
+    onehot = (cols == labels[:, None]).to(tl.float32)
+    if TARGET == 0:
+        target = onehot
+    elif TARGET == 1:
+        target = (1.0 - smoothing) * onehot + smoothing / C
+    else:
+        r = tl.load(table_base[:, None] + cols, mask=col_mask, other=0.0)
+        target = (1.0 - smoothing) * onehot + smoothing * r
+    return target
+
+
+@triton.jit
+def online_lse(m, l, z):
+    """One tile of a running log-sum-exp: max ``m`` and ``l = Σ e^{z - m}`` per row."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, l
+
+
+@triton.jit
+def partial_offsets(stat, rows, N, splits, split):
+    """Where one partial statistic of the split-class passes lives: the float32 workspace is
+    ``NUM_PARTIALS x splits x N``."""
+    return (stat * splits + split).to(tl.int64) * N + rows
+
+
+@triton.jit
+def load_partial(partial_ptr, stat, rows, row_mask, N, splits, split):
+    return tl.load(partial_ptr + partial_offsets(stat, rows, N, splits, split), mask=row_mask,
+                   other=0.0)
+
+
+@triton.jit
+def merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.constexpr,
+                  HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sweep 1's statistics of whole rows from the ``splits`` partial ones (pass 1), merged
+    exactly: log-sum-exps by their maxima, each gap sum shifted from its split's max to the
+    row's; in split order, so every program merging a row gets the same bits.
+    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap)``."""
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    top = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for split in range(0, splits):
+        m_s = load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
+        if DOUBLE_SOFTMAX:  # the first split holding the row's max, as one sweep picks it
+            top_s = load_partial(partial_ptr, 4, rows, row_mask, N, splits, split)
+            top_s = top_s.to(tl.int32, bitcast=True)
+            top = tl.where(m_s > m, top_s, top)
+        m = tl.maximum(m, m_s)
+        if HAS_KL:
+            m_tau_s = load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
+            m_tau = tl.maximum(m_tau, m_tau_s)
+            m0 = tl.maximum(m0, load_partial(partial_ptr, 7, rows, row_mask, N, splits, split))
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(0, splits):
+        m_s = load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
+        l += load_partial(partial_ptr, 1, rows, row_mask, N, splits, split) * tl.exp(m_s - m)
+        if not DOUBLE_SOFTMAX:
+            # Σ_c t_c (m - z_c) = Σ_splits (gap_s + seen_s (m - m_s)): non-negative terms.
+            gap_s = load_partial(partial_ptr, 2, rows, row_mask, N, splits, split)
+            seen_s = load_partial(partial_ptr, 3, rows, row_mask, N, splits, split)
+            target_gap += gap_s + seen_s * (m - m_s)
+        if HAS_KL:
+            m_tau_s = load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
+            l_tau_s = load_partial(partial_ptr, 6, rows, row_mask, N, splits, split)
+            l_tau += l_tau_s * tl.exp(m_tau_s - m_tau)
+            m0_s = load_partial(partial_ptr, 7, rows, row_mask, N, splits, split)
+            l0_s = load_partial(partial_ptr, 8, rows, row_mask, N, splits, split)
+            kl_gap_s = load_partial(partial_ptr, 9, rows, row_mask, N, splits, split)
+            # Σ_c e^{z0_c/τ - m0} (m_τ - z_c/τ), from each split's sum around its own maxima.
+            kl_gap += tl.exp(m0_s - m0) * (kl_gap_s + l0_s * (m_tau - m_tau_s))
+            l0 += l0_s * tl.exp(m0_s - m0)
+    # Rows past N (never stored) get sums of 1 rather than 0: no infinities downstream.
+    l = tl.where(row_mask, l, 1.0)
+    l_tau = tl.where(row_mask, l_tau, 1.0)
+    l0 = tl.where(row_mask, l0, 1.0)
+    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap
+
+
+@triton.jit
+def summed_partial(partial_ptr, stat, rows, row_mask, N, splits, BLOCK_N: tl.constexpr):
+    """A plain sum over the splits (in split order) of one partial statistic (1 past N)."""
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(0, splits):
+        total += load_partial(partial_ptr, stat, rows, row_mask, N, splits, split)
+    return tl.where(row_mask, total, 1.0)
