@@ -62,4 +62,13 @@ FASTPROMPT_ALWAYS_INLINE float expm1_unit(float x) {
   return p * x;
 }
 
+// e^x - 1 for x <= 0 (the terms of GCE, exponentials of q log u), to about 1 ulp relative where
+// it matters, near 0 (expm1_unit on [-1, 0]); below -1, e^x - 1 from fast_exp loses nothing
+// (|e^x - 1| > 0.63). Branch-free; a rounding hair above 0 is fine.
+FASTPROMPT_ALWAYS_INLINE float expm1_neg(float x) {
+  const float near = expm1_unit(x < -1.0f ? -1.0f : x);
+  const float far = fast_exp(x) - 1.0f;
+  return x < -1.0f ? far : near;
+}
+
 } // namespace fastprompt

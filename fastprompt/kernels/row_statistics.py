@@ -1,6 +1,7 @@
 """The per-row statistics of the forward kernels' loss rows, as Triton device functions: the
-target probabilities of each target kind, the running log-sum-exp, and the split-class passes'
-partial statistics with their exact merge (docs/kernels.md, "Classes split for small N").
+target probabilities of each target kind, the running log-sum-exp, GCE's terms, and the
+split-class passes' partial statistics with their exact merge (docs/kernels.md, "Classes split
+for small N"; the math in docs/math.md).
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import triton.language as tl
 
 TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
 # Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
-# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap) and sweep 2's sums
-# (Σ e^{p-1}, spread_q, spread_t, Σ t p).
-NUM_PARTIALS = 14
+# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap), sweep 2's sums
+# (Σ e^{p-1}, spread_q, spread_t, Σ t p), and GCE's soft-target sums: F (sweep 1 over softmax(z),
+# sweep 2 under the double softmax) and the spread of the target weights (double softmax).
+NUM_PARTIALS = 16
 
 
 @triton.jit
@@ -38,6 +40,39 @@ def online_lse(m, l, z):
 
 
 @triton.jit
+def expm1(x):
+    """``e^x - 1`` for ``x <= 0`` (GCE's terms ``π^q - 1``): above -0.5 a degree-8 Taylor
+    polynomial (relative error below 2e-8), where ``exp(x) - 1`` would lose the low bits of a
+    small x; below, ``exp(x) - 1``, which loses nothing there (``|e^x - 1| > 0.39``)."""
+    near = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (
+        1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320))))))))
+    return tl.where(x > -0.5, near, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def gce_online_update(gce_f, target_seen, shift, target, z, m_next, q):
+    """One tile of ``F = Σ_c t_c (e^{q (z_c - m)} - 1)`` (<= 0) relative to the running max
+    ``m``: when the max grows by ``shift``, each earlier term ``f`` becomes
+    ``f + expm1(-q shift) (f + t_c)`` (``target_seen``: the earlier ``Σ t``), all terms <= 0.
+    ``target`` is 0 on masked columns, whose ``z`` may lie above ``m_next`` (hence the clamp)."""
+    decay = expm1(-q * shift)
+    terms = expm1(tl.minimum(q[:, None] * (z - m_next[:, None]), 0.0))
+    return gce_f + decay * (gce_f + target_seen) + tl.sum(target * terms, axis=1)
+
+
+@triton.jit
+def gce_loss(gce_f, log_z, ce_loss, q):
+    """GCE of rows with ``π_c = e^{w_c - M} / Z`` (``w = z`` or DSPT's ``p``, ``M`` their max or
+    1, ``Z = Σ e^{w - M} >= 1``) from ``F = Σ_c t_c (e^{q (w_c - M)} - 1)`` and ``log Z``: with
+    ``H = expm1(-q log Z)``, ``Σ_c t_c π_c^q = (1 + F)(1 + H) = A`` and the loss
+    ``Σ_c t_c (1 - π_c^q) / q = (-F - H (1 + F)) / q``, three non-negative terms; ``ce_loss``
+    where ``q = 0`` (the limit). Returns ``(loss, A, 1 + H)``."""
+    h = expm1(-q * log_z)
+    loss = (-gce_f - h * (1.0 + gce_f)) / tl.where(q > 0, q, 1.0)
+    return tl.where(q > 0, loss, ce_loss), (1.0 + gce_f) * (1.0 + h), 1.0 + h
+
+
+@triton.jit
 def partial_offsets(stat, rows, N, splits, split):
     """Where one partial statistic of the split-class passes lives: the float32 workspace is
     ``NUM_PARTIALS x splits x N``."""
@@ -51,12 +86,13 @@ def load_partial(partial_ptr, stat, rows, row_mask, N, splits, split):
 
 
 @triton.jit
-def merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.constexpr,
-                  HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr):
+def merged_stats(partial_ptr, rows, row_mask, N, splits, q, DOUBLE_SOFTMAX: tl.constexpr,
+                 HAS_KL: tl.constexpr, GCE_SWEEP_1: tl.constexpr, BLOCK_N: tl.constexpr):
     """Sweep 1's statistics of whole rows from the ``splits`` partial ones (pass 1), merged
     exactly: log-sum-exps by their maxima, each gap sum shifted from its split's max to the
-    row's; in split order, so every program merging a row gets the same bits.
-    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap)``."""
+    row's (GCE_SWEEP_1: GCE's ``F`` with exponents ``q`` too); in split order, so every program
+    merging a row gets the same bits.
+    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap, gce_f)``."""
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -77,6 +113,7 @@ def merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.cons
     l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
     l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gce_f = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for split in range(0, splits):
         m_s = load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
         l += load_partial(partial_ptr, 1, rows, row_mask, N, splits, split) * tl.exp(m_s - m)
@@ -85,6 +122,9 @@ def merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.cons
             gap_s = load_partial(partial_ptr, 2, rows, row_mask, N, splits, split)
             seen_s = load_partial(partial_ptr, 3, rows, row_mask, N, splits, split)
             target_gap += gap_s + seen_s * (m - m_s)
+            if GCE_SWEEP_1:  # each term f_c + 1 scaled by e^{-q (m - m_s)}: all terms <= 0
+                f_s = load_partial(partial_ptr, 14, rows, row_mask, N, splits, split)
+                gce_f += f_s + expm1(-q * (m - m_s)) * (f_s + seen_s)
         if HAS_KL:
             m_tau_s = load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
             l_tau_s = load_partial(partial_ptr, 6, rows, row_mask, N, splits, split)
@@ -99,7 +139,7 @@ def merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.cons
     l = tl.where(row_mask, l, 1.0)
     l_tau = tl.where(row_mask, l_tau, 1.0)
     l0 = tl.where(row_mask, l0, 1.0)
-    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap
+    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap, gce_f
 
 
 @triton.jit
