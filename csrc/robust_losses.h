@@ -49,20 +49,23 @@ struct LossExponents {
 
 // GCE of one row of logits z (C values, max m) against t, exponent q in (0, 1]. With
 // u = softmax(z), log u_c = (z_c - m) - log l (l = sum e^(z - m) >= 1), and
-//   F = sum_c t_c expm1(q (z_c - m))  in [-1, 0],    H = expm1(-q log l)  in (-1, 0],
-// sum_c t_c u_c^q = (1 + F)(1 + H), so
-//   loss = sum_c t_c (1 - u_c^q) / q = (-F - H (1 + F)) / q,
-// three non-negative terms: no cancellation, whatever q (as q -> 0 it tends to cross-entropy).
-// With grad, z becomes dloss/dz_c = u_c A - t_c u_c^q, A = (1 + F)(1 + H) (for a hard label
-// A (u_c - [c = y]), A times the cross-entropy gradient); `scratch` (C floats, soft targets)
-// holds expm1(q (z_c - m)) meanwhile.
+//   E = sum_c t_c e^(q (z_c - m)),   F = sum_c t_c expm1(q (z_c - m)) = E - 1  in [-1, 0],
+//   H = expm1(-q log l)  in (-1, 0],
+// sum_c t_c u_c^q = E (1 + H), so
+//   loss = sum_c t_c (1 - u_c^q) / q = (-F - H E) / q,
+// non-negative terms: no cancellation, whatever q (as q -> 0 it tends to cross-entropy). F and
+// H serve the loss (accurate where E and 1 + H are near 1), E and 1 + H = l^-q, each summed or
+// taken directly, the gradient (to a few ulps relative however small): with grad, z becomes
+// dloss/dz_c = u_c A - t_c u_c^q, A = E (1 + H) (for a hard label A (u_c - [c = y]), A times
+// the cross-entropy gradient); `scratch` (C floats, soft targets) holds e^(q (z_c - m)).
 template <TargetKind K>
 inline float gce_row(float* z, int64_t C, float m, const RowTarget& t, float q, bool grad,
                      float* scratch) {
   const float eps_over_c = t.eps / static_cast<float>(C);
-  const float f_y = expm1_neg(q * (z[t.label] - m));
+  const ExpPair y = exp_expm1_neg(q * (z[t.label] - m));
   float sum_e = 0.0f;
   float smooth_f = 0.0f; // sum_c eps r_c expm1(q (z_c - m))
+  float smooth_e = 0.0f; // sum_c eps r_c e^(q (z_c - m))
   if constexpr (K == TargetKind::Hard) {
     if (grad) {
 #pragma omp simd reduction(+ : sum_e)
@@ -76,15 +79,17 @@ inline float gce_row(float* z, int64_t C, float m, const RowTarget& t, float q, 
       for (int64_t c = 0; c < C; ++c) sum_e += fast_exp(z[c] - m);
     }
   } else if (grad) {
-#pragma omp simd reduction(+ : sum_e, smooth_f)
+#pragma omp simd reduction(+ : sum_e, smooth_f, smooth_e)
     for (int64_t c = 0; c < C; ++c) {
       const float v = z[c] - m;
       const float e = fast_exp(v);
-      const float em = expm1_neg(q * v);
-      smooth_f += smooth_weight<K>(t, c, eps_over_c) * em;
+      const ExpPair w = exp_expm1_neg(q * v);
+      const float r = smooth_weight<K>(t, c, eps_over_c);
+      smooth_f += r * w.em;
+      smooth_e += r * w.e;
       sum_e += e;
       z[c] = e;
-      scratch[c] = em;
+      scratch[c] = w.e;
     }
   } else {
 #pragma omp simd reduction(+ : sum_e, smooth_f)
@@ -94,23 +99,24 @@ inline float gce_row(float* z, int64_t C, float m, const RowTarget& t, float q, 
       sum_e += fast_exp(v);
     }
   }
-  const float f = (1.0f - t.eps) * f_y + smooth_f;
-  const float h = expm1_neg(-q * std::log(sum_e));
-  const float loss = (-f - h * (1.0f + f)) / q;
+  const float f = (1.0f - t.eps) * y.em + smooth_f;
+  const float e_sum = (1.0f - t.eps) * y.e + smooth_e;
+  const ExpPair h = exp_expm1_neg(-q * std::log(sum_e));
+  // In the loss E may be 1 + F (|H| < 1): the same bits with and without the gradient.
+  const float loss = (-f - h.em * (1.0f + f)) / q;
   if (grad) {
-    const float a = (1.0f + f) * (1.0f + h);
-    const float inv_a = a / sum_e;
+    const float a = e_sum * h.e;
+    const float a_over_l = a / sum_e;
     if constexpr (K == TargetKind::Hard) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) z[c] = z[c] * inv_a;
+      for (int64_t c = 0; c < C; ++c) z[c] = z[c] * a_over_l;
       z[t.label] -= a;
     } else {
-      const float h1 = 1.0f + h;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        z[c] = z[c] * inv_a - smooth_weight<K>(t, c, eps_over_c) * (1.0f + scratch[c]) * h1;
+        z[c] = z[c] * a_over_l - smooth_weight<K>(t, c, eps_over_c) * scratch[c] * h.e;
       }
-      z[t.label] -= (1.0f - t.eps) * (1.0f + f_y) * h1;
+      z[t.label] -= (1.0f - t.eps) * y.e * h.e;
     }
   }
   return loss;
@@ -118,10 +124,11 @@ inline float gce_row(float* z, int64_t C, float m, const RowTarget& t, float q, 
 
 // GCE under DSPT's double softmax: p = softmax(z), u = softmax(p). As in double_softmax_row,
 // relative to p_max = max p: v_c = expm1(p_c - p_max), S = sum e^(p - p_max) = C + sum v >= 1,
-// u_c = (1 + v_c) / S, and with w_c = e^(q (p_c - p_max)) = 1 + expm1(q (p_c - p_max)),
+// u_c = (1 + v_c) / S, and with w_c = e^(q (p_c - p_max)) = 1 + expm1(q (p_c - p_max)) (in
+// [e^-1, 1]: 1 + F loses nothing here),
 //   F = sum_c t_c (w_c - 1),   H = expm1(-q log S),   loss = (-F - H (1 + F)) / q.
 // The gradient goes through the first softmax: with g = dloss/dp = u A - a (a_c = t_c u_c^q =
-// t_c w_c (1 + H), A = sum a = (1 + F)(1 + H)),
+// t_c w_c S^-q, A = sum a = (1 + F) S^-q, S^-q taken directly),
 //   dloss/dz_c = p_c (g_c - sum_k p_k g_k)
 //              = p_c (A (v_c - sum_k p_k v_k) / S - (1 + H) (t_c w_c - sum_k p_k t_k w_k)),
 // the differences of u taken through v as double_softmax_row does (flat rows keep their spread).
@@ -173,11 +180,11 @@ inline float gce_double_softmax_row(float* z, int64_t C, float m, const RowTarge
   const float sum_exp = static_cast<float>(C) + sum_v;
   const float f_y = expm1_neg(q * (p_y - p_max));
   const float f = (1.0f - t.eps) * f_y + smooth_f;
-  const float h = expm1_neg(-q * std::log(sum_exp));
-  const float loss = (-f - h * (1.0f + f)) / q;
+  const ExpPair h = exp_expm1_neg(-q * std::log(sum_exp));
+  const float loss = (-f - h.em * (1.0f + f)) / q;
   if (grad) {
-    const float a_over_s = (1.0f + f) * (1.0f + h) / sum_exp;
-    const float h1 = 1.0f + h;
+    const float h1 = h.e;
+    const float a_over_s = (1.0f + f) * h1 / sum_exp;
     const float label_tw = (1.0f - t.eps) * (1.0f + f_y); // the label's share of t_y w_y
     const float ptw = p_y * label_tw + smooth_pw;          // sum_k p_k t_k w_k
 #pragma omp simd

@@ -23,7 +23,7 @@ from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
 from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, padded_columns
 from fastprompt.kernels.row_statistics import (NUM_PARTIALS, TARGET_HARD, TARGET_TABLE,
-                                               TARGET_UNIFORM, expm1, gce_loss,
+                                               TARGET_UNIFORM, exp_expm1, expm1, gce_loss,
                                                gce_online_update, merged_stats, online_lse,
                                                partial_offsets, summed_partial, targets)
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
@@ -192,6 +192,7 @@ def clip_loss_forward_kernel(
         l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
         gce_f = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GCE, soft targets: Σ t (e^{q(z-m)} - 1)
+        gce_e = tl.zeros((BLOCK_N,), dtype=tl.float32)  # and Σ t e^{q(z-m)}
         top = tl.zeros((BLOCK_N,), dtype=tl.int32)  # a column where z is largest (double softmax)
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -213,8 +214,8 @@ def clip_loss_forward_kernel(
                 shift = tl.where(target_seen > 0, m_next - m, 0.0)
                 if GCE:
                     if TARGET != 0:
-                        gce_f = gce_online_update(gce_f, target_seen, shift, target, z_in, m_next,
-                                                  q_row)
+                        gce_f, gce_e = gce_online_update(gce_f, gce_e, target_seen, shift,
+                                                         target, z_in, m_next, q_row)
                 target_gap += (shift * target_seen
                                + tl.sum(target * (m_next[:, None] - z_in), axis=1))
                 target_seen += tl.sum(target, axis=1)
@@ -247,12 +248,13 @@ def clip_loss_forward_kernel(
             tl.store(at + 9 * step, kl_gap, mask=row_mask)
             if GCE:
                 tl.store(at + 14 * step, gce_f, mask=row_mask)
+                tl.store(at + 15 * step, gce_e, mask=row_mask)
     else:
         if GCE:
             q_merge = q_row
         else:
             q_merge = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap, gce_f = merged_stats(
+        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap, gce_f, gce_e = merged_stats(
             partial_ptr, rows, row_mask, N, splits, q_merge, DOUBLE_SOFTMAX, HAS_KL,
             GCE and not DOUBLE_SOFTMAX and TARGET != 0, BLOCK_N)
 
@@ -337,13 +339,14 @@ def clip_loss_forward_kernel(
                 if TARGET == 0:  # a hard label: one term, p_y = Σ t p
                     gce_f = expm1(q_row * (target_dot_p - 1.0))
                     spread_a = a_top - target_dot_p * (1.0 + gce_f)
-                loss, a_sum, h1 = gce_loss(gce_f, tl.log(sum_exp_p), loss, q_row)
+                # Each e^{q (p - 1)} lies in [e^{-1}, 1]: E = 1 + F loses nothing.
+                loss, a_sum, h1 = gce_loss(gce_f, 1.0 + gce_f, tl.log(sum_exp_p), loss, q_row)
         else:
             loss = tl.log(l) + target_gap
             if GCE:
                 if TARGET == 0:  # a hard label: one term, z_y - m = -target_gap
-                    gce_f = expm1(-q_row * target_gap)
-                loss, a_sum, h1 = gce_loss(gce_f, tl.log(l), loss, q_row)
+                    gce_e, gce_f = exp_expm1(-q_row * target_gap)
+                loss, a_sum, h1 = gce_loss(gce_f, gce_e, tl.log(l), loss, q_row)
 
     if PASS == 0 or PASS == 3:
         bad_index = tl.where(index_ok, 0.0, float("nan"))
@@ -392,8 +395,8 @@ def clip_loss_forward_kernel(
                     if TARGET == 0:
                         grad = a_sum[:, None] * (p - target)
                     else:
-                        z_gap = tl.minimum(q_row[:, None] * (z - m[:, None]), 0.0)
-                        grad = p * a_sum[:, None] - target * (1.0 + expm1(z_gap)) * h1[:, None]
+                        e_q = tl.exp(tl.minimum(q_row[:, None] * (z - m[:, None]), 0.0))
+                        grad = p * a_sum[:, None] - target * e_q * h1[:, None]
                 else:
                     grad = p - target
                 grad = tl.where(col_mask[None, :], grad + bad_index[:, None], 0.0)
