@@ -9,7 +9,10 @@ small float32 workspace by the later passes of the same kernel. The logits are r
 the features in every sweep rather than stored: a bf16 logit buffer would cost precision exactly
 where the softmax is sensitive. The normalisation is folded in as per-row and per-column
 factors, so no normalised copy exists. The logit gradients are written into rows padded to 16
-elements. Sweeps, passes and why: docs/kernels.md.
+elements. The task loss is cross-entropy or, with the GCE constexpr, GCE/MAE with one exponent or
+one per row, whose sums ride in the same sweeps (``row_statistics.py``). The same kernel is the
+row pass of the cuBLAS schedule and of the logits ops (stored products, ``PRODUCTS_STORED``).
+Sweeps, passes and why: docs/kernels.md.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ _EMPTY = (0,)
 def _logits_fake(logits, labels, soft_labels, sample_index, smoothing, double_softmax,
                  compute_grad, q=0.0, q_rows=None):
     n = logits.shape[0]
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(_EMPTY)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(_EMPTY)
     return logits.new_empty((n,), dtype=torch.float32), grad
 
 
@@ -48,7 +48,7 @@ def _prograd_fake(logits, zeroshot_logits, labels, soft_labels, sample_index, sm
                   double_softmax, temperature, compute_grad, q=0.0, q_rows=None):
     n = logits.shape[0]
     rows = [logits.new_empty((n,), dtype=torch.float32) for _ in range(2)]
-    grads = [torch.empty_like(logits) if compute_grad else logits.new_empty(_EMPTY)
+    grads = [logits.new_empty(logits.shape) if compute_grad else logits.new_empty(_EMPTY)
              for _ in range(2)]
     return rows[0], rows[1], grads[0], grads[1]
 
@@ -94,8 +94,7 @@ class LogitsCrossEntropyFunction(torch.autograd.Function):
             return (None,) * 9
         (grad_logits,) = ctx.saved_tensors
         _missing_gradient("logits_cross_entropy", grad_logits)
-        return ((_weighted(grad_logits, grad_rows)).to(grad_logits.dtype),
-                None, None, None, None, None, None, None, None)
+        return (_weighted(grad_logits, grad_rows).to(grad_logits.dtype),) + (None,) * 8
 
 
 class LogitsProGradLossesFunction(torch.autograd.Function):
