@@ -11,6 +11,8 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "clip_cross_entropy": "fastprompt.ops.clip_cross_entropy",
+    "logits_cross_entropy": "fastprompt.ops.logits_losses",
+    "logits_prograd_losses": "fastprompt.ops.logits_losses",
     "prograd_backward": "fastprompt.ops.prograd_backward",
     "prograd_losses": "fastprompt.ops.prograd_losses",
     "project_conflicting_": "fastprompt.ops.project_conflicting",
