@@ -131,7 +131,8 @@ def run_learner_case(name: str, seed: int, model, tokenizer, cache, chunk: int |
     from fastprompt.train.learner import learner_class
     learner_name, fields, case_chunk = LEARNER_CASES[name]
     chunk = case_chunk if chunk is None else chunk
-    config = TrainConfig.for_learner(learner_name, n_ctx=2, batch_size=4, seed=seed % 10000,
+    config = TrainConfig.for_learner(learner_name, n_ctx=2, ctx_init=None, batch_size=4,
+                                     seed=seed % 10000,
                                      **fields)
     learner = learner_class(learner_name)(config, cache, model, tokenizer, torch.device("cpu"))
     order = learner.epoch_order(1)  # an ATLaS soft epoch, where the fields ask for soft targets
