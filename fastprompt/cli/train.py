@@ -25,7 +25,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="the prompt learner (default: coop); its official config sets the "
                    "defaults of --n-ctx, --ctx-init, --epochs, --batch-size, --lr, --optimizer")
     g.add_argument("--loss", choices=LOSSES, default=None,
-                   help="ce: cross-entropy (default); dspt: DSPT's double softmax")
+                   help="ce: cross-entropy (default); dspt: DSPT's double softmax; gce: PTNL's "
+                   "generalized cross-entropy (1 - p^q)/q; mae: 1 - p (GCE with q = 1)")
+    g.add_argument("--gce-q", type=float, default=d.gce_q,
+                   help="GCE's exponent q in (0, 1] (default: %(default)s, PTNL's)")
     g.add_argument("--method", choices=METHODS, default=None,
                    help="shorthand: coop (--learner coop), dspt (--learner coop --loss dspt), "
                    "softcpt (--learner softcpt)")
@@ -57,6 +60,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")
     g.add_argument("--dept-lr-scale", type=float, default=d.dept_lr_scale,
                    help="DePT: the head's learning rate is --lr times this (default: %(default)s)")
+    g.add_argument("--nlprompt", action="store_true",
+                   help="NLPrompt: each epoch an optimal-transport split of the training images; "
+                   "those it keeps train with the loss, the others with MAE")
+    g.add_argument("--ot-reg", type=float, default=d.ot_reg,
+                   help="NLPrompt: the transport's entropic regularisation (default: %(default)s, "
+                   "the official scripts')")
     g = p.add_argument_group("prompt (defaults: CoOp's, or --learner's official config)")
     g.add_argument("--n-ctx", type=int, default=None, help=f"context tokens (CoOp: {d.n_ctx})")
     g.add_argument("--ctx-init", default=None, help='initial phrase, e.g. "a photo of a"')
@@ -139,12 +148,14 @@ def config_from(args, shots: int | None) -> TrainConfig:
         learner, **{"epochs": coop_epochs(shots), **LEARNERS[learner].defaults, **given},
         model=args.model, pretrained=os.path.abspath(args.pretrained) if args.pretrained else None,
         class_specific=args.class_specific, class_token_position=args.class_token_position,
-        loss=loss, targets=args.targets, smoothing=args.smoothing, alternate=args.alternate,
+        loss=loss, gce_q=args.gce_q, targets=args.targets, smoothing=args.smoothing,
+        alternate=args.alternate,
         alternate_period=args.alternate_period, csl_temperature=args.csl_temperature,
         prograd=args.prograd, lam=args.lam, temperature=args.temperature,
         n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"),
         kg_weight=args.kg_weight, kg_template=args.kg_template, tcp_layer=args.tcp_layer,
         dept=args.dept, dept_weight=args.dept_weight, dept_lr_scale=args.dept_lr_scale,
+        nlprompt=args.nlprompt, ot_reg=args.ot_reg,
         momentum=args.momentum, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, amp=not args.no_amp)
 

@@ -112,7 +112,7 @@ def plot_lines(table, path: str, xlabel: str, log2: bool) -> None:
     if log2:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=table.title)
+    ax.set(xlabel=xlabel, ylabel=table.measure, title=table.title)
     ax.title.set_fontsize("medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -138,7 +138,7 @@ def plot_bars(table, path: str) -> None:
         style = dict(color="lightgrey", hatch="//") if label == "zero-shot" else {}
         ax.bar(positions, means, width, yerr=stds, capsize=2, label=label, **style)
     ax.set_xticks(range(len(table.columns)), table.columns)
-    ax.set(ylabel="test accuracy (%)", title=table.title)
+    ax.set(ylabel=table.measure, title=table.title)
     ax.title.set_fontsize("medium")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)

@@ -36,6 +36,7 @@ class Table:
     rows: list[tuple[str, list[list[float]]]] = field(default_factory=list)  # values per seed
     # column -> (base column, new column): its mean is the harmonic mean of theirs
     harmonic: dict[int, tuple[int, int]] = field(default_factory=dict)
+    measure: str = "test accuracy (%)"   # what the values are (a plot's axis)
 
     def stats(self, cells: list[list[float]], column: int) -> tuple[float, float]:
         """Mean and sample standard deviation of a row's cell (NaN where undefined)."""
@@ -52,6 +53,12 @@ def run_record(job: Job) -> dict | None:
         return None
     metrics = run_metrics(job.run_dir)
     record = {"test_acc": metrics.get("test_acc"), "zeroshot": metrics.get("zeroshot_test_acc")}
+    # A label-noise method's split (NLPrompt's, JoAPR's): how clean the samples it kept in its
+    # last epoch are.
+    last = (metrics.get("epochs") or [{}])[-1]
+    for key, value in last.items():
+        if key.endswith("_kept_precision") and isinstance(value, (int, float)):
+            record["kept_precision"] = value
     evaluation_path = os.path.join(job.run_dir, EVALUATION)
     if os.path.isfile(evaluation_path):
         evaluation = run_evaluation(evaluation_path)
@@ -97,6 +104,16 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
             t.rows.append((m.label, [cell(m.label, i, False) for i in range(len(columns))]))
         return t
 
+    def kept_table(title, columns, cell) -> list[Table]:
+        """The clean-label share of the samples a label-noise method kept, for the methods
+        that keep some (none: no table)."""
+        t = Table(title, columns, measure="correct labels among the samples kept (%)")
+        for m in spec.methods:
+            cells = [cell(m.label, i) for i in range(len(columns))]
+            if any(cells):
+                t.rows.append((m.label, cells))
+        return [t] if t.rows else []
+
     def noise_title(noise) -> str:
         return "no label noise" if noise[1] == 0 else f"{noise[0]} label noise {format_number(noise[1])}"
 
@@ -115,6 +132,12 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
                         [format_number(n[1]) for n in cols],
                         lambda m, i, zs, cols=cols, shots=shots: values(
                             m, shots, cols[i], "zeroshot" if zs else "test_acc", zs)))
+                    tables += kept_table(
+                        f"Correct labels among the samples kept (%) against {kind} label-noise "
+                        f"rate, {shots_title(shots)}",
+                        [format_number(n[1]) for n in cols],
+                        lambda m, i, cols=cols, shots=shots: values(
+                            m, shots, cols[i], "kept_precision"))
         else:
             noise = settings[0]
             tables.append(table(
@@ -122,6 +145,10 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
                 [f"{s} shots" if s else "all" for s in spec.shots],
                 lambda m, i, zs: values(m, spec.shots[i], noise,
                                         "zeroshot" if zs else "test_acc", zs)))
+            tables += kept_table(
+                f"Correct labels among the samples kept (%), {noise_title(noise)}",
+                [f"{s} shots" if s else "all" for s in spec.shots],
+                lambda m, i: values(m, spec.shots[i], noise, "kept_precision"))
     elif spec.protocol == "base-to-new":
         keys = ("base", "new", "hm")
         for shots in spec.shots:

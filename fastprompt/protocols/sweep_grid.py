@@ -16,7 +16,7 @@ from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import DataSource
 from fastprompt.models.factory import check_device, check_model_name
 from fastprompt.protocols.stats import format_number
-from fastprompt.train import TrainConfig, coop_epochs
+from fastprompt.train import LEARNERS, LOSSES, TrainConfig, coop_epochs
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
 DEFAULT_SEEDS = (1, 2, 3)
@@ -36,10 +36,19 @@ class Method:
     overrides: dict
 
 
+# A method's name before its plug-ins: CoOp's by loss, or a learner with its loss in brackets.
+_HEAD = re.compile(r"^([a-z]+)(?:\(([a-z]+)\))?$")
+_COOP_LOSSES = {"coop": "ce", "dspt": "dspt", "gce": "gce", "mae": "mae"}
+_FLAGS = ("prograd", "dept", "nlprompt")
+
+
 def parse_method(entry, where: str = "methods") -> Method:
-    """A method as the spec names it: ``"coop"``, ``"dspt"``, ``"softcpt"`` with plug-ins as
-    ``TrainConfig.describe`` writes them (``"dspt+isl(alt)+prograd"``, ``"coop+ls"``), or an
-    object ``{"name": LABEL, "method": ..., any TrainConfig field: value}``."""
+    """A method as the spec names it, as ``TrainConfig.describe`` writes it: CoOp by its loss
+    (``coop``, ``dspt``, ``gce``, ``mae``) or a learner (``softcpt``, ``kgcoop``, ``cocoop``,
+    ...) with a loss in brackets (``kgcoop(dspt)``), then plug-ins (``+ls``, ``+isl(alt)``,
+    ``+prograd``, ``+dept``, ``+nlprompt``): ``"dspt+isl(alt)+prograd"``,
+    ``"cocoop(gce)+dept"``; or an object ``{"name": LABEL, "method": ..., any TrainConfig
+    field: value}``. A learner starts from its official config (``TrainConfig.for_learner``)."""
     if isinstance(entry, dict):
         entry = dict(entry)
         label = entry.pop("name", None)
@@ -54,21 +63,28 @@ def parse_method(entry, where: str = "methods") -> Method:
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"{where}: expected a method name or object, got {entry!r}")
     parts = entry.strip().split("+")
-    head = parts[0]
-    if head not in ("coop", "dspt", "softcpt"):
-        raise ValueError(f"{where}: {entry!r} must start with coop, dspt or softcpt")
-    overrides: dict = {"learner": "softcpt" if head == "softcpt" else "coop",
-                       "loss": "dspt" if head == "dspt" else "ce"}
+    head = _HEAD.match(parts[0])
+    if head and head.group(1) in _COOP_LOSSES and head.group(2) is None:
+        overrides: dict = {"learner": "coop", "loss": _COOP_LOSSES[head.group(1)]}
+    elif head and head.group(1) in LEARNERS and head.group(1) != "coop":
+        overrides = {"learner": head.group(1), "loss": head.group(2) or "ce"}
+        if overrides["loss"] not in LOSSES:
+            raise ValueError(f"{where}: unknown loss {head.group(2)!r} in {entry!r} (one of "
+                             f"{', '.join(LOSSES)})")
+    else:
+        raise ValueError(f"{where}: {entry!r} must start with coop, dspt, gce or mae (CoOp by "
+                         f"its loss) or a learner ({', '.join(sorted(set(LEARNERS) - {'coop'}))}"
+                         ", optionally with a loss in brackets: kgcoop(dspt))")
     for part in parts[1:]:
         match = _PLUGIN.match(part)
         if match:
             overrides["targets"] = match.group(1)
             overrides["alternate"] = bool(match.group(2))
-        elif part == "prograd":
-            overrides["prograd"] = True
+        elif part in _FLAGS:
+            overrides[part] = True
         else:
             raise ValueError(f"{where}: unknown plug-in {part!r} in {entry!r} (ls, csl, isl, "
-                             "each optionally with (alt), and prograd)")
+                             f"each optionally with (alt), and {', '.join(_FLAGS)})")
     return Method(entry.strip(), overrides)
 
 
@@ -311,10 +327,9 @@ def _checked_spec(d, here: str) -> SweepSpec:
         seeds=_list(d, "seeds", list(DEFAULT_SEEDS), check_seed),
         views=check_int("views", d.get("views", 8), 1), train=dict(train),
         targets=targets, device=device)
-    base = {"model": model, "pretrained": pretrained, "seed": spec.seeds[0]}
     for i, m in enumerate(methods):  # every run's config is valid before any work
         for shots in spec.shots:
-            _check_config({**base, "epochs": coop_epochs(shots), **train, **m.overrides},
+            _check_config(run_config(spec, m, shots, spec.seeds[0]),
                           [(f"methods[{i}]", m.overrides), ("train", train)])
     return spec
 
@@ -360,6 +375,14 @@ def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "n
     return os.path.join(out, "features", name + ".safetensors")
 
 
+def run_config(spec: SweepSpec, method: Method, shots, seed: int) -> dict:
+    """The TrainConfig fields of a run: its learner's official config (CoOp's epoch count for
+    ``shots`` where the learner sets none), then the spec's ``train``, then the method's."""
+    defaults = LEARNERS[method.overrides.get("learner", "coop")].defaults
+    return {"epochs": coop_epochs(shots), **defaults, "model": spec.model,
+            "pretrained": spec.pretrained, **spec.train, **method.overrides, "seed": seed}
+
+
 def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
     """Every run of the grid, in the order they are trained: by shots, seed, noise, method (so
     runs sharing a cache follow each other)."""
@@ -368,9 +391,7 @@ def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
         for seed in spec.seeds:
             for noise_type, rate in spec.noise_settings():
                 for m in spec.methods:
-                    config = {"model": spec.model, "pretrained": spec.pretrained,
-                              "epochs": coop_epochs(shots), **spec.train, **m.overrides,
-                              "seed": seed}
+                    config = run_config(spec, m, shots, seed)
                     run_dir = os.path.join(out, "runs", _label_slug(m.label), f"shots-{shots or 'all'}",
                                            f"noise-{noise_type}-{format_number(rate)}", f"seed-{seed}")
                     softcpt = m.overrides.get("learner") == "softcpt"

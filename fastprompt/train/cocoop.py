@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from fastprompt.models import PromptedTextModel
 from fastprompt.train.coop import CachedBatch, CoOpLearner, prompted_model
-from fastprompt.train.epoch import logit_scale
+from fastprompt.train.epoch import autocast, logit_scale
 from fastprompt.train.learner import TrainedClassifier, cache_record, method_summary, register
 from fastprompt.train.text_backward import TextEncoding
 
@@ -178,6 +178,11 @@ class CoCoOpLearner(CoOpLearner):
         if fused is not None:
             logits = fused.combine(logits, x)
         return int((logits.argmax(1).cpu() == labels).sum()) / features.shape[0]
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        with autocast(self.device, self.config.amp):
+            return self.head()(features.to(self.device).float()).float()
 
     def text_features(self) -> Tensor:
         raise NotImplementedError("CoCoOp's class text features depend on the image: use head()")

@@ -12,6 +12,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
@@ -21,7 +22,7 @@ from fastprompt.train.class_sharding import local_text_chunk, sharded_text_featu
 from fastprompt.train.compiled_step import CompiledStep
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.distributed import world_size
-from fastprompt.train.epoch import autocast, epoch_order, logit_scale
+from fastprompt.train.epoch import autocast, epoch_order, logit_scale, view_rows
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
@@ -75,14 +76,18 @@ class CachedBatch(NamedTuple):
 class CacheOrder(EpochOrder):
     """An epoch over one cache (``fastprompt.train.epoch.epoch_order``)."""
 
-    def __init__(self, samples: Tensor, rows: Tensor, options: dict):
+    def __init__(self, samples: Tensor, rows: Tensor, options: dict, record: dict | None = None):
         self.samples, self.rows, self.options = samples, rows, options
+        self.record = record or {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, start: int, stop: int) -> CachedBatch:
         return CachedBatch(self.samples[start:stop], self.rows[start:stop], self.options)
+
+    def summary(self) -> dict:
+        return self.record
 
 
 @register
@@ -98,6 +103,9 @@ class CoOpLearner(Learner):
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer,
                  device: torch.device, *, compile: bool = False, text_chunk: int | str = 0):
+        if compile and config.nlprompt:
+            raise ValueError("compile: the compiled step takes one loss for every row; "
+                             "NLPrompt's changes per image and epoch (drop --compile)")
         self.config, self.cache, self.model, self.device = config, cache, model, device
         self.tokenizer = tokenizer
         torch.manual_seed(config.seed)  # the random context initialisation
@@ -172,7 +180,9 @@ class CoOpLearner(Learner):
 
     def epoch_order(self, epoch: int) -> CacheOrder:
         samples, rows = epoch_order(self.config, self.cache, epoch)
-        return CacheOrder(samples, rows, self.objective.epoch_options(epoch))
+        options, record = self.objective.epoch_options(
+            epoch, lambda: self.logits(self.cache.train_features[view_rows(samples, rows)]))
+        return CacheOrder(samples, rows, options, record)
 
     def text_encoding(self, batch) -> TextEncoding:
         return self.encoding
@@ -216,6 +226,13 @@ class CoOpLearner(Learner):
         if world_size() > 1:
             return sharded_text_features(self.encoding).float()
         return self.step_text_features().float()
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """The current classifier's similarity logits (N x C, float32, on the device) of image
+        features (what NLPrompt's transport scores)."""
+        text = F.normalize(self.text_features(), dim=-1)
+        return self.scale * F.normalize(features.to(self.device).float(), dim=-1) @ text.t()
 
     def train_accuracy(self) -> dict:
         noisy, clean = train_accuracy(self.cache, self.text_features(),

@@ -53,6 +53,13 @@ def epoch_order(config: TrainConfig, cache: FeatureCache, epoch: int) -> tuple[T
     return sample, view[sample] * m + sample
 
 
+def view_rows(sample: Tensor, row: Tensor) -> Tensor:
+    """Each image's cached row of an epoch (``epoch_order``'s ``(sample, row)``), by image."""
+    out = torch.empty_like(row)
+    out[sample] = row
+    return out
+
+
 def autocast(device: torch.device, enabled: bool):
     """The text side's mixed precision: bf16 autocast on CUDA when ``enabled``, else none."""
     if enabled and device.type == "cuda":

@@ -28,6 +28,7 @@ from fastprompt.data.cache import FeatureCache
 from fastprompt.data.soft_labels import class_soft_labels, file_backed_table, instance_soft_labels
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.epoch import FusedHead
+from fastprompt.train.nlprompt import NLPromptSelection
 
 
 @dataclass
@@ -80,6 +81,8 @@ def loss_options(config: TrainConfig, targets: Targets, epoch: int) -> dict:
     For instance-wise targets ``soft_labels`` is the host table, whose rows each batch gathers
     (``Objective.batch_options``)."""
     options = {"double_softmax": config.double_softmax}
+    if config.loss in ("gce", "mae"):
+        options.update(loss=config.loss, q=config.gce_q)
     if not config.soft_epoch(epoch):
         return options
     options["smoothing"] = config.smoothing
@@ -154,8 +157,9 @@ def dept_head(tensors: dict[str, Tensor], prefix: str = "") -> DePTHead:
 
 class Objective:
     """The loss over one cache's classes: its soft-label tables (computed once, offline), its
-    zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``) and, with DePT, its
-    head (``dept``; its tensors are ``trainable()``)."""
+    zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``), with DePT its head
+    (``dept``; its tensors are ``trainable()``), and with a label-noise method its per-epoch
+    split of the training images (``selection``: NLPrompt's)."""
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, zeroshot: Tensor,
                  device: torch.device):
@@ -163,6 +167,7 @@ class Objective:
         self.targets = make_targets(config, cache, zeroshot).to(device)
         self.dept = (DePTHead(cache.feature_dim, cache.num_classes).to(device)
                      if config.dept else None)
+        self.selection = NLPromptSelection(config, cache, device) if config.nlprompt else None
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """The objective's own trained tensors (DePT's head), by their official names."""
@@ -173,8 +178,16 @@ class Objective:
         return (self.dept.fused(self.config.dept_weight, float(scale))
                 if self.dept is not None else None)
 
-    def epoch_options(self, epoch: int) -> dict:
-        return loss_options(self.config, self.targets, epoch)
+    def epoch_options(self, epoch: int, logits=None) -> tuple[dict, dict]:
+        """The loss options of epoch ``epoch`` and what the epoch records about them. A
+        label-noise method's split needs ``logits()``: the current classifier's logits (M x C)
+        of each training image's view this epoch, by image (``view_rows``), taken without
+        grad; it is called only then."""
+        options = loss_options(self.config, self.targets, epoch)
+        if self.selection is None:
+            return options, {}
+        with torch.no_grad():
+            return self.selection.epoch_options(options, logits)
 
     def instance_wise(self, options: dict) -> bool:
         """Whether ``options`` (of ``epoch_options``) take each batch's rows of the ISL table."""
@@ -188,7 +201,10 @@ class Objective:
         return gather_soft_labels(options["soft_labels"], samples, self.device)
 
     def batch_options(self, options: dict, samples: Tensor) -> dict:
-        return with_batch_soft_labels(options, self.batch_rows(options, samples))
+        options = with_batch_soft_labels(options, self.batch_rows(options, samples))
+        if self.selection is not None:
+            options = self.selection.batch_options(options, samples)
+        return options
 
     def losses(self, text: Tensor, rows: Tensor, samples: Tensor, options: dict, scale: Tensor):
         """``(loss, kl_loss or None)`` of the cached training ``rows`` (their images ``samples``)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
@@ -39,7 +40,8 @@ from fastprompt.models.softcpt import SoftCPTModel, normalize_task_name, softcpt
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.epoch import SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale
+from fastprompt.train.epoch import (SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale,
+                                    view_rows)
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
@@ -201,9 +203,10 @@ class MultitaskOrder(EpochOrder):
     """An epoch over every task's cache; sums each task's loss for the epoch's record."""
 
     def __init__(self, order: tuple[Tensor, Tensor, Tensor], options: list[dict],
-                 tasks: list[Task], device: torch.device):
+                 tasks: list[Task], device: torch.device, records: list[dict] | None = None):
         self.task, self.sample, self.rows = order
         self.options, self.tasks = options, tasks
+        self.records = records or [{} for _ in tasks]
         self.per_task_total = torch.zeros(len(tasks), device=device)
 
     def __len__(self) -> int:
@@ -216,7 +219,12 @@ class MultitaskOrder(EpochOrder):
     def summary(self) -> dict:
         counts = torch.tensor([t.cache.num_train_images for t in self.tasks],
                               dtype=torch.float32)
-        return {"task_loss": (self.per_task_total.cpu() / counts).tolist()}
+        out = {"task_loss": (self.per_task_total.cpu() / counts).tolist()}
+        # A label-noise method's split, per task and averaged over the tasks.
+        for key in self.records[0]:
+            out[f"task_{key}"] = [r[key] for r in self.records]
+            out[key] = task_mean(self.records, key)
+        return out
 
 
 @register
@@ -323,9 +331,17 @@ class SoftCPTLearner(Learner):
     # -- one epoch
 
     def epoch_order(self, epoch: int) -> MultitaskOrder:
-        options = [o.epoch_options(epoch) for o in self.objectives]
-        return MultitaskOrder(multitask_epoch_order(self.config, self.tasks, epoch), options,
-                              self.tasks, self.device)
+        order = multitask_epoch_order(self.config, self.tasks, epoch)
+        task, sample, row = order
+        options, records = [], []
+        for t, objective in enumerate(self.objectives):
+            mine = task == t
+            rows = view_rows(sample[mine], row[mine])
+            o, record = objective.epoch_options(
+                epoch, lambda t=t, rows=rows: self.task_logits(t, rows))
+            options.append(o)
+            records.append(record)
+        return MultitaskOrder(order, options, self.tasks, self.device, records)
 
     def text_encoding(self, batch: TaskBatch) -> TextEncoding:
         return softcpt_encoding(self.net, [t for t, _, _ in batch.groups])[0]
@@ -346,6 +362,14 @@ class SoftCPTLearner(Learner):
         """Each task's class text features, one task per call (as ``load_classifiers`` computes
         them for export), float32."""
         return [self.net([t])[0].float() for t in range(self.net.num_tasks)]
+
+    @torch.no_grad()
+    def task_logits(self, task: int, rows: Tensor) -> Tensor:
+        """Task ``task``'s current similarity logits (N x C_t, float32) of its cached training
+        ``rows`` (what NLPrompt's transport scores)."""
+        text = F.normalize(self.net([task])[0].float(), dim=-1)
+        x = self.tasks[task].cache.train_features[rows].to(self.device).float()
+        return self.scale * F.normalize(x, dim=-1) @ text.t()
 
     @torch.no_grad()
     def train_accuracy(self) -> dict:

@@ -46,6 +46,15 @@ def test_method_names():
     assert m.label == "coop lr 0.01" and m.overrides["targets"] == "ls" and m.overrides["lr"] == 0.01
     with pytest.raises(ValueError, match="plug-in"):
         parse_method("coop+mixup")
+    assert parse_method("gce+nlprompt").overrides == {"learner": "coop", "loss": "gce",
+                                                      "nlprompt": True}
+    assert parse_method("kgcoop(dspt)+dept").overrides == {"learner": "kgcoop", "loss": "dspt",
+                                                           "dept": True}
+    assert parse_method("cocoop").overrides == {"learner": "cocoop", "loss": "ce"}
+    with pytest.raises(ValueError, match="must start with"):
+        parse_method("coop(dspt)")
+    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+        parse_method("kgcoop(focal)")
 
 
 def test_bad_specs_are_refused_by_name(world):
@@ -57,6 +66,32 @@ def test_bad_specs_are_refused_by_name(world):
         load_spec(_spec(world, "c.json", methods=["coop"], protocol="cross-dataset"))
     with pytest.raises(ValueError, match="seed"):
         load_spec(_spec(world, "d.json", methods=["coop"], train={"seed": 3}))
+    with pytest.raises(ValueError, match=r"methods\[1\].*nlprompt.*not mae"):
+        load_spec(_spec(world, "e.json", methods=["coop", "mae+nlprompt"]))
+
+
+def test_label_noise_methods_get_a_row_each_and_a_purity_table(world, tmp_path):
+    """PTNL's GCE, MAE and NLPrompt (on DSPT) against CoOp, clean and at 50% noise: a row per
+    method in each table, and the kept samples' correct-label share for NLPrompt alone."""
+    spec = load_spec(_spec(world, "noise.json", methods=["coop", "gce", "mae", "dspt+nlprompt"],
+                           noise_rates=[0.0, 0.5], seeds=[1],
+                           train={"epochs": 1, "n_ctx": 2, "ot_reg": 0.01}))
+    out = tmp_path / "sweep"
+    run_sweep(spec, out, log=lambda *_: None)
+    run = out / "runs" / "dspt+nlprompt" / "shots-all" / "noise-symmetric-0.5" / "seed-1"
+    metrics = _metrics(run)
+    assert metrics["config"]["nlprompt"] and metrics["config"]["loss"] == "dspt"
+    kept = metrics["epochs"][-1]["nlprompt_kept_precision"]
+    report = (out / "report.md").read_text()
+    sections = report.split("## ")
+    accuracy = next(s for s in sections if s.startswith("Accuracy (%) against symmetric"))
+    assert [line.split("|")[1].strip() for line in accuracy.splitlines()
+            if line.startswith("| ") and "---" not in line][1:] == [
+        "zero-shot", "coop", "gce", "mae", "dspt+nlprompt"]
+    purity = next(s for s in sections if s.startswith("Correct labels among the samples kept"))
+    rows = [line for line in purity.splitlines() if line.startswith("| dspt")]
+    assert len(rows) == 1 and f"{100 * kept:.1f}" in rows[0].split("|")[3]
+    assert "| coop |" not in purity
 
 
 def test_sweep_report_rerun_and_resume(world, tmp_path, capsys, monkeypatch):
