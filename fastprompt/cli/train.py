@@ -66,6 +66,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ot-reg", type=float, default=d.ot_reg,
                    help="NLPrompt: the transport's entropic regularisation (default: %(default)s, "
                    "the official scripts')")
+    g.add_argument("--joapr", action="store_true",
+                   help="JoAPR: after a warm-up, each epoch a two-Gaussian split of the training "
+                   "images by loss; kept images train on refined labels, the others on sharpened "
+                   "predictions, mixed up in feature space, with a uniform-prior penalty")
+    g.add_argument("--joapr-warmup", type=int, default=d.joapr_warmup,
+                   help="JoAPR: warm-up epochs on the given labels (default: %(default)s; "
+                   "per-data-set values in docs/label_noise.md)")
+    g.add_argument("--joapr-confidence-penalty", type=float, default=d.joapr_confidence_penalty,
+                   help="JoAPR: weight of the warm-up's negative-entropy penalty, the README's "
+                   "alpha1 (default: %(default)s)")
+    g.add_argument("--joapr-prior-weight", type=float, default=d.joapr_prior_weight,
+                   help="JoAPR: weight of KL(uniform || mean prediction) after warm-up, the "
+                   "README's alpha2 (default: %(default)s, the official config's)")
+    g.add_argument("--joapr-mixup-beta", type=float, default=d.joapr_mixup_beta,
+                   help="JoAPR: the mixup's Beta(b, b) parameter (default: %(default)s)")
+    g.add_argument("--joapr-temperature", type=float, default=d.joapr_temperature,
+                   help="JoAPR: targets are sharpened to p^T / sum p^T (default: %(default)s)")
     g = p.add_argument_group("prompt (defaults: CoOp's, or --learner's official config)")
     g.add_argument("--n-ctx", type=int, default=None, help=f"context tokens (CoOp: {d.n_ctx})")
     g.add_argument("--ctx-init", default=None, help='initial phrase, e.g. "a photo of a"')
@@ -155,7 +172,10 @@ def config_from(args, shots: int | None) -> TrainConfig:
         n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"),
         kg_weight=args.kg_weight, kg_template=args.kg_template, tcp_layer=args.tcp_layer,
         dept=args.dept, dept_weight=args.dept_weight, dept_lr_scale=args.dept_lr_scale,
-        nlprompt=args.nlprompt, ot_reg=args.ot_reg,
+        nlprompt=args.nlprompt, ot_reg=args.ot_reg, joapr=args.joapr,
+        joapr_warmup=args.joapr_warmup, joapr_confidence_penalty=args.joapr_confidence_penalty,
+        joapr_prior_weight=args.joapr_prior_weight, joapr_mixup_beta=args.joapr_mixup_beta,
+        joapr_temperature=args.joapr_temperature,
         momentum=args.momentum, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, seed=args.seed, amp=not args.no_amp)
 

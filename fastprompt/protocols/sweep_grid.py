@@ -39,14 +39,14 @@ class Method:
 # A method's name before its plug-ins: CoOp's by loss, or a learner with its loss in brackets.
 _HEAD = re.compile(r"^([a-z]+)(?:\(([a-z]+)\))?$")
 _COOP_LOSSES = {"coop": "ce", "dspt": "dspt", "gce": "gce", "mae": "mae"}
-_FLAGS = ("prograd", "dept", "nlprompt")
+_FLAGS = ("prograd", "dept", "nlprompt", "joapr")
 
 
 def parse_method(entry, where: str = "methods") -> Method:
     """A method as the spec names it, as ``TrainConfig.describe`` writes it: CoOp by its loss
     (``coop``, ``dspt``, ``gce``, ``mae``) or a learner (``softcpt``, ``kgcoop``, ``cocoop``,
     ...) with a loss in brackets (``kgcoop(dspt)``), then plug-ins (``+ls``, ``+isl(alt)``,
-    ``+prograd``, ``+dept``, ``+nlprompt``): ``"dspt+isl(alt)+prograd"``,
+    ``+prograd``, ``+dept``, ``+nlprompt``, ``+joapr``): ``"dspt+isl(alt)+prograd"``,
     ``"cocoop(gce)+dept"``; or an object ``{"name": LABEL, "method": ..., any TrainConfig
     field: value}``. A learner starts from its official config (``TrainConfig.for_learner``)."""
     if isinstance(entry, dict):

@@ -143,7 +143,9 @@ class CoCoOpLearner(CoOpLearner):
     # -- one epoch
 
     def _images(self, batch: CachedBatch) -> Tensor:
-        return self.cache.train_features[batch.rows].to(self.device).float()
+        """The batch's image features as its step sees them (JoAPR: mixed), float32: what the
+        meta network conditions the prompts on and the logits score."""
+        return self.objective.batch_images(batch.rows, batch.options, batch.step).float()
 
     def text_encoding(self, batch: CachedBatch) -> TextEncoding:
         return self.conditional.encoding(self._images(batch))
@@ -159,7 +161,7 @@ class CoCoOpLearner(CoOpLearner):
             rows = text.reshape(images.shape[0], self.conditional.n_cls, -1)
             class_text = rows[torch.arange(images.shape[0], device=rows.device), labels]
         loss, kl = self.objective.logit_losses(logits, batch.rows, batch.samples, batch.options,
-                                               zeroshot, class_text)
+                                               zeroshot, class_text, batch.step)
         extra = self.extra_loss(text, batch)
         return (loss if extra is None else loss + extra), kl
 

@@ -83,6 +83,19 @@ class TrainConfig:
     # entropic regularisation (the official scripts' 0.001)
     nlprompt: bool = False
     ot_reg: float = 0.001
+    # JoAPR (any learner): after joapr_warmup epochs of the run's loss on the given labels plus
+    # joapr_confidence_penalty (α₁) times the negative entropy, each epoch a two-Gaussian
+    # mixture over the training images' losses splits them; kept images train on their label
+    # refined by the prediction, the others on the prediction, both sharpened (joapr_temperature),
+    # mixed up between images (Beta(joapr_mixup_beta, joapr_mixup_beta)), plus
+    # joapr_prior_weight (α₂) times KL(uniform || mean prediction). Defaults: the official
+    # scripts' config (configs/trainers/JoAPR/rn50.yaml over train.py's defaults)
+    joapr: bool = False
+    joapr_warmup: int = 1
+    joapr_confidence_penalty: float = 0.5
+    joapr_prior_weight: float = 0.5
+    joapr_mixup_beta: float = 0.001
+    joapr_temperature: float = 2.0
     # optimisation (CoOp)
     optimizer: str = "sgd"
     epochs: int = 50
@@ -112,7 +125,8 @@ class TrainConfig:
             raise bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
         for name in ("gce_q", "smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
                      "weight_decay", "warmup_lr", "kg_weight", "dept_weight", "dept_lr_scale",
-                     "ot_reg"):
+                     "ot_reg", "joapr_confidence_penalty", "joapr_prior_weight",
+                     "joapr_mixup_beta", "joapr_temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
@@ -169,6 +183,7 @@ class TrainConfig:
             raise bad("nlprompt", f"NLPrompt chooses each image's loss (the run's loss on the "
                       f"images it keeps, MAE on the others): combine it with loss ce or dspt, "
                       f"not {self.loss}")
+        self._check_joapr(bad)
         if self.task_ctx not in TASK_CONTEXTS:
             raise bad("task_ctx", f"must be one of {TASK_CONTEXTS}, got {self.task_ctx!r}")
         if self.n_task_ctx < 1:
@@ -179,6 +194,37 @@ class TrainConfig:
         if self.learner == "softcpt" and self.ctx_init is not None:
             raise bad("ctx_init", "SoftCPT's class-prompt context comes from its meta network; "
                       "there is no phrase to initialise")
+
+    def _check_joapr(self, bad) -> None:
+        """JoAPR's settings, and the plug-ins it does not combine with (each named)."""
+        if self.joapr_warmup < 0:
+            raise bad("joapr_warmup", f"must be non-negative, got {self.joapr_warmup}")
+        for name in ("joapr_confidence_penalty", "joapr_prior_weight"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be non-negative, got {getattr(self, name)}")
+        for name in ("joapr_mixup_beta", "joapr_temperature"):
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if not self.joapr:
+            return
+        if self.joapr_warmup >= self.epochs:
+            raise bad("joapr_warmup", f"{self.joapr_warmup} warm-up epochs leave none of the "
+                      f"{self.epochs} epochs to JoAPR's split: lower joapr_warmup or raise epochs")
+        if self.nlprompt:
+            raise bad("joapr", "JoAPR and NLPrompt each split the training images their own way "
+                      "and set each image's loss; pick one (--joapr or --nlprompt)")
+        if self.loss in ("gce", "mae"):
+            raise bad("joapr", f"JoAPR trains soft cross-entropy on refined, mixed targets; "
+                      f"{self.loss} on a soft target is no loss JoAPR defines (MAE's, linear in "
+                      f"the prediction, is minimised by the target's top class alone, so it "
+                      f"discards the refinement): combine it with loss ce or dspt")
+        if self.targets != "hard":
+            raise bad("joapr", f"JoAPR makes each image's soft target itself; ATLaS's "
+                      f"{self.targets!r} targets would replace them: use targets 'hard'")
+        if self.dept:
+            raise bad("joapr", "DePT's head trains with cross-entropy on each image's given "
+                      "label, which JoAPR's refined and mixed targets do not reach: drop "
+                      "--dept or --joapr")
 
     @property
     def double_softmax(self) -> bool:
@@ -243,7 +289,7 @@ class TrainConfig:
             name += f"({self.loss})"
         if self.targets != "hard":
             name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
-        for plugin in ("prograd", "dept", "nlprompt"):
+        for plugin in ("prograd", "dept", "nlprompt", "joapr"):
             if getattr(self, plugin):
                 name += f"+{plugin}"
         return name

@@ -66,25 +66,31 @@ def coop_encoding(prompted: PromptedTextModel) -> TextEncoding:
 
 class CachedBatch(NamedTuple):
     """A batch of one cache's training rows: their images (``samples``, which index the
-    instance-wise soft labels), their cached rows (one augmented view each) and the epoch's
-    loss options."""
+    instance-wise soft labels), their cached rows (one augmented view each), the epoch's loss
+    options and the batch's index in the epoch (``step``: what a per-step random draw, JoAPR's
+    mixup, is a function of)."""
     samples: Tensor
     rows: Tensor
     options: dict
+    step: int = 0
 
 
 class CacheOrder(EpochOrder):
-    """An epoch over one cache (``fastprompt.train.epoch.epoch_order``)."""
+    """An epoch over one cache (``fastprompt.train.epoch.epoch_order``) in batches of
+    ``batch_size``."""
 
-    def __init__(self, samples: Tensor, rows: Tensor, options: dict, record: dict | None = None):
+    def __init__(self, samples: Tensor, rows: Tensor, options: dict, record: dict | None = None,
+                 batch_size: int = 1):
         self.samples, self.rows, self.options = samples, rows, options
         self.record = record or {}
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, start: int, stop: int) -> CachedBatch:
-        return CachedBatch(self.samples[start:stop], self.rows[start:stop], self.options)
+        return CachedBatch(self.samples[start:stop], self.rows[start:stop], self.options,
+                           start // self.batch_size)
 
     def summary(self) -> dict:
         return self.record
@@ -106,6 +112,10 @@ class CoOpLearner(Learner):
         if compile and config.nlprompt:
             raise ValueError("compile: the compiled step takes one loss for every row; "
                              "NLPrompt's changes per image and epoch (drop --compile)")
+        if compile and config.joapr:
+            raise ValueError("compile: the compiled step takes one loss setup for the whole "
+                             "epoch; JoAPR's targets, mixup and penalty change per image and "
+                             "step (drop --compile)")
         self.config, self.cache, self.model, self.device = config, cache, model, device
         self.tokenizer = tokenizer
         torch.manual_seed(config.seed)  # the random context initialisation
@@ -134,6 +144,12 @@ class CoOpLearner(Learner):
 
     def trainable(self) -> dict:
         return {"ctx": self.ctx, **self.objective.trainable()}
+
+    def training_state(self) -> dict:
+        return self.objective.state()
+
+    def load_training_state(self, state: dict) -> None:
+        self.objective.load_state(state)
 
     def lr_scales(self) -> dict:
         return dict.fromkeys(self.objective.trainable(), self.config.dept_lr_scale)
@@ -182,7 +198,7 @@ class CoOpLearner(Learner):
         samples, rows = epoch_order(self.config, self.cache, epoch)
         options, record = self.objective.epoch_options(
             epoch, lambda: self.logits(self.cache.train_features[view_rows(samples, rows)]))
-        return CacheOrder(samples, rows, options, record)
+        return CacheOrder(samples, rows, options, record, self.config.batch_size)
 
     def text_encoding(self, batch) -> TextEncoding:
         return self.encoding
@@ -194,7 +210,7 @@ class CoOpLearner(Learner):
 
     def batch_losses(self, text: Tensor, batch: CachedBatch):
         loss, kl = self.objective.losses(text, batch.rows, batch.samples, batch.options,
-                                         self.scale)
+                                         self.scale, batch.step)
         extra = self.extra_loss(text, batch)
         return (loss if extra is None else loss + extra), kl
 

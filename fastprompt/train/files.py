@@ -5,8 +5,9 @@ Layout of ``RUN_DIR``::
     config.json        the TrainConfig with its ``format_version`` (written first; a resumed run
                        must match it)
     checkpoint.pt      the trained tensors, optimiser state and history after the last finished
-                       epoch, the run's identity (config, data fingerprints, model weights) and a
-                       checksum of all of it
+                       epoch, what else training carries between epochs (``state``: JoAPR's
+                       loss history; absent when there is none), the run's identity (config,
+                       data fingerprints, model weights) and a checksum of all of it
     prompt.safetensors the trained tensors under the official code's names, with the learner,
                        the config, the class names (SoftCPT: the tasks and their class names),
                        the model's weight hash, the format version and a checksum in the
@@ -127,10 +128,15 @@ def _comparable(identity: dict, version: int) -> dict:
 
 
 def save_checkpoint(path: str, learner: str, tensors: dict[str, Tensor], optimizer, epoch: int,
-                    history: list, identity: dict) -> None:
+                    history: list, identity: dict,
+                    training_state: dict[str, Tensor] | None = None) -> None:
+    """Write the checkpoint; ``training_state`` (the learner's, e.g. JoAPR's loss history) is
+    stored under ``state`` when there is any (a checkpoint without it resumes with none)."""
     state = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "learner": learner,
              "epoch": epoch, "params": {k: v.detach().cpu() for k, v in tensors.items()},
              "optimizer": optimizer.state_dict(), "history": history, "identity": identity}
+    if training_state:
+        state["state"] = {k: v.detach().cpu() for k, v in training_state.items()}
     state["checksum"] = state_checksum(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)

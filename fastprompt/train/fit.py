@@ -116,6 +116,7 @@ def fit(learner: Learner, out_dir, *, resume: bool = False, progress: bool | Non
         if state is not None:
             learner.load_trainable(state["params"])
             learner.optimizer.load_state_dict(state["optimizer"])
+            learner.load_training_state(state.get("state") or {})
             history = list(state["history"])
         images = learner.images_per_epoch
         first = len(history)
@@ -134,7 +135,8 @@ def fit(learner: Learner, out_dir, *, resume: bool = False, progress: bool | Non
                 history.append(result)
                 if writer:
                     save_checkpoint(ckpt_path, learner.name, learner.trainable(),
-                                    learner.optimizer, epoch + 1, history, identity)
+                                    learner.optimizer, epoch + 1, history, identity,
+                                    learner.training_state())
                 bar.set_postfix(epoch=epoch + 1, loss=f"{result['loss']:.4f}",
                                 acc=f"{result['train_acc_noisy']:.3f}")
         if writer:

@@ -163,6 +163,15 @@ class Learner(abc.ABC):
                                      f"expected {tuple(param.shape)}")
                 param.copy_(state[key].to(param.device, param.dtype))
 
+    def training_state(self) -> dict[str, Tensor]:
+        """What training carries from epoch to epoch besides the trained tensors and the
+        optimiser (JoAPR's loss history), by name: the checkpoint holds it, so that a resumed
+        run equals an uninterrupted one. Empty for most runs."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        """Restore ``training_state()`` from a checkpoint (empty: one written without any)."""
+
     def lr_scales(self) -> dict[str, float]:
         """Trained tensors whose learning rate is a multiple of the run's (by name; the others:
         1), e.g. DePT's head."""

@@ -46,10 +46,12 @@ class NLPromptSelection:
     def __init__(self, config: TrainConfig, cache: FeatureCache, device: torch.device):
         self.config, self.cache, self.device = config, cache, device
 
-    def epoch_options(self, options: dict, logits: Callable[[], Tensor]) -> tuple[dict, dict]:
+    def epoch_options(self, options: dict, logits: Callable[[], Tensor],
+                      epoch: int = 0) -> tuple[dict, dict]:
         """The epoch's loss options (``q``: a per-image table, 0 for kept images, 1 for the
         others, which each batch gathers) and its record, from ``logits()``: the current
-        classifier's logits of each training image's view this epoch (M x C, by image)."""
+        classifier's logits of each training image's view this epoch (M x C, by image). The
+        split depends on those alone, not on ``epoch``."""
         z = logits().float()
         # The official scores (PMODE 'logP'): log_softmax of the softmax probabilities.
         scores = torch.log_softmax(torch.softmax(z, dim=1), dim=1)

@@ -13,6 +13,11 @@ features, both into one linear layer over the training classes; the loss is
 ``w = dept_weight`` (0.7), and the head's parameters learn at ``dept_lr_scale`` (6.5) times the
 rate. At test the training classes' logits are ``(1 - w) · s·x̂ᵀt̂ + w · head(FiLM_x(x))``: an
 affine map of the raw image features added to the similarity (``DePTHead.fused_affine``).
+
+A label-noise method splits the training images each epoch (``selection``): NLPrompt
+(``fastprompt.train.nlprompt``) gives each row its loss; JoAPR (``fastprompt.train.joapr``)
+gives each image a soft target, mixes each batch's image features and targets (a draw per
+step) and adds a penalty on the batch's logits.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from fastprompt.data.cache import FeatureCache
 from fastprompt.data.soft_labels import class_soft_labels, file_backed_table, instance_soft_labels
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.epoch import FusedHead
+from fastprompt.train.joapr import JoAPRSelection, mixed_features, mixed_targets
 from fastprompt.train.nlprompt import NLPromptSelection
 
 
@@ -159,15 +165,17 @@ class Objective:
     """The loss over one cache's classes: its soft-label tables (computed once, offline), its
     zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``), with DePT its head
     (``dept``; its tensors are ``trainable()``), and with a label-noise method its per-epoch
-    split of the training images (``selection``: NLPrompt's)."""
+    split of the training images (``selection``: NLPrompt's or JoAPR's). ``task``: the cache's
+    index among SoftCPT's tasks (JoAPR's mixup draws of each task apart)."""
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, zeroshot: Tensor,
-                 device: torch.device):
+                 device: torch.device, task: int = 0):
         self.config, self.cache, self.zeroshot, self.device = config, cache, zeroshot, device
         self.targets = make_targets(config, cache, zeroshot).to(device)
         self.dept = (DePTHead(cache.feature_dim, cache.num_classes).to(device)
                      if config.dept else None)
-        self.selection = NLPromptSelection(config, cache, device) if config.nlprompt else None
+        self.selection = (NLPromptSelection(config, cache, device) if config.nlprompt else
+                          JoAPRSelection(config, cache, device, task) if config.joapr else None)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """The objective's own trained tensors (DePT's head), by their official names."""
@@ -187,7 +195,17 @@ class Objective:
         if self.selection is None:
             return options, {}
         with torch.no_grad():
-            return self.selection.epoch_options(options, logits)
+            return self.selection.epoch_options(options, logits, epoch)
+
+    def state(self) -> dict[str, Tensor]:
+        """What the objective carries from epoch to epoch besides the trained tensors (JoAPR's
+        loss history), for the checkpoint."""
+        return self.selection.state() if isinstance(self.selection, JoAPRSelection) else {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Restore ``state()`` from a checkpoint (empty for one written without any)."""
+        if isinstance(self.selection, JoAPRSelection):
+            self.selection.load_state(state)
 
     def instance_wise(self, options: dict) -> bool:
         """Whether ``options`` (of ``epoch_options``) take each batch's rows of the ISL table."""
@@ -206,32 +224,64 @@ class Objective:
             options = self.selection.batch_options(options, samples)
         return options
 
-    def losses(self, text: Tensor, rows: Tensor, samples: Tensor, options: dict, scale: Tensor):
+    def _mixup(self, options: dict, n: int, step: int):
+        """JoAPR's epoch entry (popped from the batch's ``options``, a copy) and the step's
+        mixup draw of ``n`` rows (None without JoAPR, or in its warm-up)."""
+        joapr = options.pop("joapr", None)
+        return joapr, (joapr.mix(step, n) if joapr is not None else None)
+
+    def batch_images(self, rows: Tensor, options: dict, step: int = 0) -> Tensor:
+        """The image features of the cached training ``rows`` as step ``step``'s loss sees
+        them, on the device: as cached, or JoAPR's mixup of them (what CoCoOp's meta network
+        takes)."""
+        images = self.cache.train_features[rows].to(self.device)
+        joapr = options.get("joapr")
+        if joapr is None:
+            return images
+        return mixed_features(images, joapr.mix(step, len(rows)))
+
+    def losses(self, text: Tensor, rows: Tensor, samples: Tensor, options: dict, scale: Tensor,
+               step: int = 0):
         """``(loss, kl_loss or None)`` of the cached training ``rows`` (their images ``samples``)
-        against ``text`` (C x E) with the epoch's ``options``."""
+        against ``text`` (C x E) with the epoch's ``options``; ``step``: the batch's index in
+        the epoch (JoAPR's mixup draw)."""
         cache = self.cache
         images = cache.train_features[rows].to(self.device)
         labels = cache.train_labels[rows].to(self.device)
-        loss, kl = fused_losses(images, text, labels, scale, self.config,
-                                self.batch_options(options, samples),
+        options = dict(self.batch_options(options, samples))
+        joapr, draw = self._mixup(options, len(rows), step)
+        if draw is not None:
+            images = mixed_features(images, draw)
+            options["soft_labels"] = mixed_targets(options["soft_labels"], draw)
+        loss, kl = fused_losses(images, text, labels, scale, self.config, options,
                                 self.zeroshot if self.config.prograd else None)
+        if joapr is not None:
+            t = F.normalize(text.float(), dim=-1)
+            loss = loss + joapr.penalty(scale * F.normalize(images.float(), dim=-1) @ t.T)
         return self._with_dept(loss, kl, text[labels], images, labels)
 
     def logit_losses(self, logits: Tensor, rows: Tensor, samples: Tensor, options: dict,
-                     zeroshot_logits: Tensor | None, class_text: Tensor | None = None):
+                     zeroshot_logits: Tensor | None, class_text: Tensor | None = None,
+                     step: int = 0):
         """``(loss, kl_loss or None)`` of the cached training ``rows`` from their logits (N x C,
         e.g. CoCoOp's per-image ones) with the fused loss on given logits; ProGrad's teacher
         is ``zeroshot_logits`` (N x C), DePT's text features of each row's class
-        ``class_text`` (N x E)."""
+        ``class_text`` (N x E). With JoAPR the logits are of ``batch_images(rows, options,
+        step)``, the targets mixed alike here."""
         cache = self.cache
         labels = cache.train_labels[rows].to(self.device)
-        options = self.batch_options(options, samples)
+        options = dict(self.batch_options(options, samples))
+        joapr, draw = self._mixup(options, len(rows), step)
+        if draw is not None:
+            options["soft_labels"] = mixed_targets(options["soft_labels"], draw)
         if self.config.prograd:
             loss, kl = fastprompt.logits_prograd_losses(
                 logits, zeroshot_logits.to(logits.dtype), labels,
                 temperature=self.config.temperature, **options)
         else:
             loss, kl = fastprompt.logits_cross_entropy(logits, labels, **options), None
+        if joapr is not None:
+            loss = loss + joapr.penalty(logits)
         images = cache.train_features[rows].to(self.device) if self.dept is not None else None
         return self._with_dept(loss, kl, class_text, images, labels)
 

@@ -167,15 +167,16 @@ def group_by_task(task: Tensor, sample: Tensor, row: Tensor):
 
 
 def multitask_loss(texts: list[Tensor], groups, objectives: list[Objective],
-                   options: list[dict], scale: Tensor):
+                   options: list[dict], scale: Tensor, step: int = 0):
     """The batch loss from each present task's class text features (``texts[i]`` for the task
     of ``groups[i]``): ``(loss, kl_loss or None, per-task loss sums)``, weighted by each task's
-    share of the batch. Task ``t``'s images meet only task ``t``'s classes."""
+    share of the batch. Task ``t``'s images meet only task ``t``'s classes (JoAPR mixes them
+    among themselves). ``step``: the batch's index in the epoch."""
     n = sum(len(s) for _, s, _ in groups)
     loss = kl_loss = None
     per_task = []
     for text, (t, sample, rows) in zip(texts, groups):
-        task_loss, kl = objectives[t].losses(text, rows, sample, options[t], scale)
+        task_loss, kl = objectives[t].losses(text, rows, sample, options[t], scale, step)
         weight = len(sample) / n
         if kl is not None:
             kl_loss = kl * weight if kl_loss is None else kl_loss + kl * weight
@@ -192,29 +193,34 @@ def task_mean(records: list[dict], key: str) -> float:
 
 
 class TaskBatch(NamedTuple):
-    """A batch's rows grouped by task (``group_by_task``), the epoch's options per task, and
-    the epoch's per-task loss sums (on the device), which the batch's losses add to."""
+    """A batch's rows grouped by task (``group_by_task``), the epoch's options per task, the
+    epoch's per-task loss sums (on the device), which the batch's losses add to, and the
+    batch's index in the epoch (``step``)."""
     groups: list
     options: list
     task_totals: Tensor
+    step: int = 0
 
 
 class MultitaskOrder(EpochOrder):
     """An epoch over every task's cache; sums each task's loss for the epoch's record."""
 
     def __init__(self, order: tuple[Tensor, Tensor, Tensor], options: list[dict],
-                 tasks: list[Task], device: torch.device, records: list[dict] | None = None):
+                 tasks: list[Task], device: torch.device, records: list[dict] | None = None,
+                 batch_size: int = 1):
         self.task, self.sample, self.rows = order
         self.options, self.tasks = options, tasks
         self.records = records or [{} for _ in tasks]
         self.per_task_total = torch.zeros(len(tasks), device=device)
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, start: int, stop: int) -> TaskBatch:
         return TaskBatch(group_by_task(self.task[start:stop], self.sample[start:stop],
-                                       self.rows[start:stop]), self.options, self.per_task_total)
+                                       self.rows[start:stop]), self.options, self.per_task_total,
+                         start // self.batch_size)
 
     def summary(self) -> dict:
         counts = torch.tensor([t.cache.num_train_images for t in self.tasks],
@@ -246,8 +252,8 @@ class SoftCPTLearner(Learner):
                                            device, lambda: autocast(device, config.amp))
         self.zeroshot = [zeroshot_text_features(model, tokenizer, t.cache.classnames).to(device)
                          for t in tasks]
-        self.objectives = [Objective(config, t.cache, z, device)
-                           for t, z in zip(tasks, self.zeroshot)]
+        self.objectives = [Objective(config, t.cache, z, device, task=i)
+                           for i, (t, z) in enumerate(zip(tasks, self.zeroshot))]
         self.optimizer = self.make_optimizer()
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = sum(t.cache.num_train_images for t in tasks)
@@ -262,6 +268,16 @@ class SoftCPTLearner(Learner):
     def trainable(self) -> dict:
         return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight,
                 **self._objective_tensors()}
+
+    def training_state(self) -> dict:
+        """Each task's objective's state (JoAPR's loss history), under ``tasks.<index>.``."""
+        return {f"tasks.{i}.{k}": v for i, o in enumerate(self.objectives)
+                for k, v in o.state().items()}
+
+    def load_training_state(self, state: dict) -> None:
+        for i, o in enumerate(self.objectives):
+            prefix = f"tasks.{i}."
+            o.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def lr_scales(self) -> dict:
         return dict.fromkeys(self._objective_tensors(), self.config.dept_lr_scale)
@@ -341,7 +357,8 @@ class SoftCPTLearner(Learner):
                 epoch, lambda t=t, rows=rows: self.task_logits(t, rows))
             options.append(o)
             records.append(record)
-        return MultitaskOrder(order, options, self.tasks, self.device, records)
+        return MultitaskOrder(order, options, self.tasks, self.device, records,
+                              self.config.batch_size)
 
     def text_encoding(self, batch: TaskBatch) -> TextEncoding:
         return softcpt_encoding(self.net, [t for t, _, _ in batch.groups])[0]
@@ -349,7 +366,8 @@ class SoftCPTLearner(Learner):
     def batch_losses(self, text: Tensor, batch: TaskBatch):
         sizes = [self.net.class_prompts[t].n_cls for t, _, _ in batch.groups]
         loss, kl, per_task = multitask_loss(list(text.split(sizes)), batch.groups,
-                                            self.objectives, batch.options, self.scale)
+                                            self.objectives, batch.options, self.scale,
+                                            batch.step)
         for t, s in per_task:
             batch.task_totals[t] += s
         extra = self.extra_loss(text, batch)
