@@ -65,3 +65,16 @@ def test_small_reg_stays_finite_where_the_plain_kernel_underflows(seed):
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastprompt.ot_pseudo_labels(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+def test_the_official_scripts_reg_agrees_with_pots_log_domain_solver(seed):
+    """At reg 0.001 (NLPrompt's scripts) POT's plain kernel underflows; its log-domain solver
+    does not, and gives the same labels."""
+    g = torch.Generator().manual_seed(seed)
+    scores = nlprompt_scores(g, 160, 10)
+    ours = fastprompt.ot_pseudo_labels(scores, reg=0.001)
+    a, b = np.full(160, 1.0 / 160), np.full(10, 1.0 / 10)
+    pot = ot.sinkhorn(a, b, -scores.numpy(), 0.001, method="sinkhorn_log", numItermax=1000,
+                      stopThr=1e-6).argmax(1)
+    assert (ours.numpy() == pot).mean() >= 0.99
