@@ -3,9 +3,12 @@
 Both readers return a :class:`DatasetSplits`: class names, and ``(path, label)`` lists per split
 with absolute paths. Nothing is decoded here beyond an optional header check per file.
 
-Unreadable images. With ``check_images=True`` (the default) every listed file is opened with
-PIL and ``verify()``-ed (a header/structure read, not a full decode). A file that fails is left
-out: it is recorded in ``DatasetSplits.skipped`` and one ``UserWarning`` gives the count. A file
+Unreadable images. Only regular files are images: a FIFO, socket or device named like an image
+is never opened (a FIFO would block the reader until a writer comes); it is left out and
+recorded in ``DatasetSplits.skipped`` (a split file that lists one is refused). With
+``check_images=True`` (the default) every listed file is opened with PIL and ``verify()``-ed (a
+header/structure read, not a full decode). A file that fails is left out: it is recorded in
+``DatasetSplits.skipped`` and one ``UserWarning`` gives the count. A file
 that passes this check but still cannot be decoded later fails the feature cache build with a
 ``ValueError`` naming it (dropping it there would silently shift the few-shot draw and the sample
 indices).
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from fastprompt._checks import check_seed
-from fastprompt._io import IMAGE_EXTENSIONS, read_json
+from fastprompt._io import IMAGE_EXTENSIONS, open_regular_file, read_json, regular_file_problem
 
 DEFAULT_TEST_FRACTION = 0.2
 
@@ -87,9 +90,10 @@ def _loops_back(path: str, tree: str) -> bool:
     return os.path.islink(path) and _inside(path, tree)
 
 
-def _list_images(folder: str, tree: str) -> list[str]:
+def _list_images(folder: str, tree: str, skipped: list[str] | None = None) -> list[str]:
     """Image files under ``folder`` (recursively, following links that lead out of ``tree``),
-    sorted, hidden entries ignored."""
+    sorted, hidden entries ignored. Entries that are not regular files (FIFOs, sockets,
+    devices) are left out, and added to ``skipped`` when given."""
     found = []
     seen = {os.path.realpath(folder)}  # a link cycle outside the tree is walked once
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -101,8 +105,14 @@ def _list_images(folder: str, tree: str) -> list[str]:
             seen.add(os.path.realpath(path))
             keep.append(d)
         dirnames[:] = keep
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f)
-                     and not _loops_back(os.path.join(dirpath, f), tree))
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not _is_image_file(f) or _loops_back(path, tree):
+                continue
+            if regular_file_problem(path) is None:
+                found.append(path)
+            elif skipped is not None:
+                skipped.append(path)
     return sorted(found)
 
 
@@ -124,7 +134,7 @@ def _image_class_folders(folder: str, tree: str) -> list[str]:
 
 def _readable(path: str) -> bool:
     try:
-        with Image.open(path) as im:
+        with open_regular_file(path) as f, Image.open(f) as im:
             im.verify()
         return True
     except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError...)
@@ -143,9 +153,15 @@ def _drop_unreadable(samples: list[Sample], skipped: list[str]) -> list[Sample]:
 
 def _warn_skipped(skipped: list[str], where: str) -> None:
     if skipped:
-        shown = ", ".join(repr(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        shown = ", ".join(_described(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3
+                                                                   else "")
         warnings.warn(f"fastprompt: skipped {len(skipped)} unreadable image file(s) in {where}: "
                       f"{shown}", UserWarning, stacklevel=3)
+
+
+def _described(path: str) -> str:
+    problem = regular_file_problem(path)
+    return repr(path) if problem is None else f"{path!r} ({problem})"
 
 
 def _check_root(root) -> str:
@@ -170,13 +186,14 @@ def _check_classes(classnames: list[str], where: str) -> None:
                          "(underscores become spaces)")
 
 
-def _read_class_tree(folder: str, folders: list[str], tree: str) -> list[Sample]:
+def _read_class_tree(folder: str, folders: list[str], tree: str,
+                     skipped: list[str]) -> list[Sample]:
     samples = []
     for label, name in enumerate(folders):
         sub = os.path.join(folder, name)
         if not os.path.isdir(sub):
             continue
-        samples.extend((p, label) for p in _list_images(sub, tree))
+        samples.extend((p, label) for p in _list_images(sub, tree, skipped))
     return samples
 
 
@@ -249,7 +266,7 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
             if extra:
                 raise ValueError(f"root: {split_dir!r} has class folder(s) {extra} with images "
                                  f"that {train_dir!r} lacks")
-            samples = _read_class_tree(split_dir, folders, root)
+            samples = _read_class_tree(split_dir, folders, root, skipped)
             splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
         _warn_skipped(skipped, root)
         if check_images:
@@ -262,7 +279,7 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     _check_classes(classnames, root)
     per_class = []
     for label, name in enumerate(folders):
-        paths = _list_images(os.path.join(root, name), root)
+        paths = _list_images(os.path.join(root, name), root, skipped)
         if check_images:
             paths = [p for p, _ in _drop_unreadable([(p, label) for p in paths], skipped)]
         per_class.append(paths)
@@ -367,9 +384,10 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
         samples = []
         for rel, label, _ in content.get(split, []):
             path = os.path.normpath(os.path.join(image_root, rel))
-            if not os.path.isfile(path):
+            problem = regular_file_problem(path)
+            if problem is not None:
                 raise ValueError(f"split_file: {split_file!r} lists {rel!r} ({split}), but "
-                                 f"{path!r} does not exist")
+                                 f"{path!r} {problem}")
             samples.append((path, label))
         splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
     _warn_skipped(skipped, split_file)

@@ -99,6 +99,31 @@ def test_a_class_of_only_unreadable_images_is_an_error(tmp_path, write_image):
         load_image_folder(tmp_path)
 
 
+def test_fifos_named_like_images_are_skipped_never_opened(tmp_path, write_image, within):
+    """A FIFO (or socket, device) named like an image is not an image: opening it would block
+    until a writer comes. The readers list it as skipped and never open it (issue 23, item 2)."""
+    _flat_tree(tmp_path, write_image, {"a": 3, "b": 3})
+    fifo = tmp_path / "a" / "upload.jpg"
+    os.mkfifo(fifo)
+    for check in (True, False):
+        with pytest.warns(UserWarning, match=r"upload\.jpg"):
+            s = within(30, lambda: load_image_folder(tmp_path, check_images=check), fifos=[fifo])
+        assert s.skipped == [str(fifo)]
+        assert str(fifo) not in {p for p, _ in s.train + s.test}
+        assert len(s.train + s.test) == 6
+
+
+def test_a_split_file_listing_a_fifo_is_refused(tmp_path, write_image, within):
+    write_image(os.path.join(tmp_path, "a", "0.png"))
+    write_image(os.path.join(tmp_path, "b", "0.png"))
+    os.mkfifo(tmp_path / "b" / "1.png")
+    split = tmp_path / "split_zhou_Fifo.json"
+    split.write_text(json.dumps({"train": [["a/0.png", 0, "a"], ["b/0.png", 1, "b"]],
+                                 "test": [["b/1.png", 1, "b"]]}))
+    with pytest.raises(ValueError, match=r"^split_file: .*b/1.png.* a FIFO, not a regular file"):
+        within(30, load_coop_split, split, fifos=[tmp_path / "b" / "1.png"])
+
+
 def _coop_tree(tmp_path, write_image):
     """CoOp-style: dataset/split_zhou_Toy.json, images in dataset/images/<class>/..."""
     root = tmp_path / "toy"
