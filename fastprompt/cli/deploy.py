@@ -48,7 +48,8 @@ def _export_one(args: argparse.Namespace):
     return export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                       int8=args.int8, min_agreement=args.min_agreement, evaluation=evaluation,
                       triton=triton, opset=args.opset, seed=args.seed,
-                      verify=not args.no_verify, task=args.task, classnames=classnames)
+                      verify=not args.no_verify, task=args.task, classnames=classnames,
+                      classnames_from=f"--classnames: {args.classnames}")
 
 
 def _export_ensemble(args: argparse.Namespace):

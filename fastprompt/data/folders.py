@@ -19,21 +19,22 @@ with class folders, or has two folders for one split, is refused rather than gue
 Symbolic links that point back inside the tree are skipped (a link to ``.`` would otherwise
 become a class holding copies of every image); links to elsewhere are followed.
 
-Class names are checked where the data is read (no control characters such as newlines) and
-normalised to Unicode NFC, so folders copied from macOS (NFD) name the same classes.
+Class names are checked where the data is read, by the one check of every source of class
+names (``fastprompt._checks.check_class_name``: no control or format characters such as
+newlines or U+202E, a byte-order mark dropped) and normalised to Unicode NFC, so folders copied
+from macOS (NFD) name the same classes.
 """
 from __future__ import annotations
 
 import glob
 import os
 import random
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from fastprompt._checks import check_seed
+from fastprompt._checks import check_class_name, check_seed
 from fastprompt._io import IMAGE_EXTENSIONS, open_regular_file, read_json, regular_file_problem
 
 DEFAULT_TEST_FRACTION = 0.2
@@ -65,13 +66,10 @@ SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val",
 
 
 def classname_from_folder(name: str, where: str = "root") -> str:
-    """A class folder's name as a class name: underscores become spaces, Unicode NFC. A name
-    with a control character (a newline, a tab, ...) raises ValueError naming ``where``."""
-    bad = [c for c in name if unicodedata.category(c).startswith("C")]
-    if bad:
-        raise ValueError(f"{where}: class name {name!r} contains the control character(s) "
-                         f"{sorted(set(bad))!r}; rename it")
-    return unicodedata.normalize("NFC", name.replace("_", " ").strip())
+    """A class folder's name as a class name: underscores become spaces, checked and normalised
+    as every class name is (``check_class_name``: Unicode NFC, no control or format characters,
+    not empty); ValueError naming ``where`` otherwise."""
+    return check_class_name(check_class_name(name, where).replace("_", " "), where)
 
 
 def _is_image_file(name: str) -> bool:

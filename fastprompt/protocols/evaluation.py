@@ -88,7 +88,8 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
     run_dir = os.fspath(run_dir)
     run = load_run(run_dir, device, task)
     splits = _test_split(source, all_images)
-    run = with_classnames(run, splits.classnames, device)
+    run = with_classnames(run, splits.classnames, device,
+                          where=f"classnames of {source.root}")
     cache_dir = cache_dir if cache_dir is not None else os.path.join(run_dir, EVAL_CACHE_DIR)
     os.makedirs(cache_dir, exist_ok=True)
     # Test images get one plain view; the training transform enters the fingerprint only.

@@ -315,3 +315,23 @@ def test_cache_sizes_are_refused_by_their_flag(tmp_path, capsys, flag, value, lo
     assert (f"fastprompt cache: error: argument {flag}: expected an int >= {low}, got {value!r}"
             in capsys.readouterr().err)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("names, fragments", [
+    ("dog\n\ncat\u202egnp.exe\n", ["line 3", "U+202E RIGHT-TO-LEFT OVERRIDE"]),
+    ("\ufeffdog\ncat\x1b[2J\n", ["line 2", "U+001B"]),
+    ("dog\nCat\ncat\n", ["classes 2 and 3, 'Cat' and 'cat'", "same to the tokenizer"]),
+    ("dog\n" + "very " * 2000 + "\n", ["class 2 of 2, 'very very", "(9999 characters)",
+                                       "context length 77"]),
+])
+def test_export_classnames_are_checked_as_class_folders_are(world, tmp_path, names, fragments):
+    """--classnames goes through the one check of class names (issue 23, item 4), names the
+    classes the tokenizer makes equal (item 5) and a name too long for the context briefly, with
+    the file (item 16)."""
+    root, *_ = world
+    path = tmp_path / "names.txt"
+    path.write_text(names, encoding="utf-8")
+    line = one_line_error(fastprompt("export", root / "run", tmp_path / "onnx", "--classnames",
+                                     path), "export", f"--classnames: {path}", *fragments)
+    assert len(line) < 400
+    assert not (tmp_path / "onnx").exists()

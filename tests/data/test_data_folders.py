@@ -236,6 +236,26 @@ def test_class_names_with_control_characters_are_refused_when_read(tmp_path, wri
         load_image_folder(tmp_path)
 
 
+@pytest.mark.parametrize("folder", ["cat\u202egnp.exe", "zero\u200bwidth", "tab\tbed",
+                                    "esc\x1b[2J", "_"])
+def test_hostile_class_folders_are_refused(tmp_path, write_image, folder):
+    """Class folders are checked as every source of class names (issue 23, item 4)."""
+    write_image(os.path.join(tmp_path, "dog", "0.png"))
+    write_image(os.path.join(tmp_path, folder, "0.png"))
+    with pytest.raises(ValueError, match=r"^root: class name .* (contains the control|is empty)"):
+        load_image_folder(tmp_path)
+
+
+def test_hostile_class_names_in_a_split_file_are_refused(tmp_path, write_image):
+    write_image(os.path.join(tmp_path, "a", "0.png"))
+    write_image(os.path.join(tmp_path, "b", "0.png"))
+    split = tmp_path / "split_zhou_X.json"
+    split.write_text(json.dumps({"train": [["a/0.png", 0, "a"], ["b/0.png", 1, "b\u200b"]],
+                                 "test": []}))
+    with pytest.raises(ValueError, match=r"^split_file: .*U\+200B ZERO WIDTH SPACE"):
+        load_coop_split(split)
+
+
 def test_class_names_are_nfc(tmp_path, write_image):
     import unicodedata
     nfd = unicodedata.normalize("NFD", "café_crème")
