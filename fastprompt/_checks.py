@@ -1,8 +1,8 @@
 """Argument checks and names shared by every layer, serving included (no torch): one integer
 check, one seed check, one check of class names (every source of them: class folders, split
 files, ``--classnames`` files, task files, exports), one way to turn a label into a file-name
-part, and the error of a result refused by its own
-verification."""
+part, one way to show untrusted text on a terminal, and the error of a result refused by its
+own verification."""
 from __future__ import annotations
 
 import re
@@ -99,3 +99,13 @@ def check_class_names(names, where: str, what: str = "entry") -> list[str]:
         raise ValueError(f"{where}: {duplicates} appear more than once")
     return checked
 
+
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: every character that is not printable (control
+    characters such as ESC and newline, format characters such as U+202E, line separators,
+    surrogates of undecodable file-name bytes, ...) written as its Python escape (``\\x1b``,
+    ``\\n``, ``\\u202e``); printable text, the space included, is left as it is. For human
+    output of untrusted names (class names of a model file, image file names)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,12 +1,12 @@
 """``fastprompt._checks``: the one check of class names (every source of them goes through it)
-(issue 23, item 4)."""
+and the one way untrusted text is shown on a terminal (issue 23, items 3 and 4)."""
 from __future__ import annotations
 
 import unicodedata
 
 import pytest
 
-from fastprompt._checks import check_class_name, check_class_names
+from fastprompt._checks import check_class_name, check_class_names, printable
 
 
 @pytest.mark.parametrize("name, shown", [
@@ -49,3 +49,9 @@ def test_lists_are_checked_entry_by_entry_and_distinct_after_nfc():
     with pytest.raises(TypeError, match="^w: expected a list"):
         check_class_names("ab", "w")
 
+
+def test_printable_escapes_what_would_act_on_a_terminal():
+    assert printable("plain text, ünïcode 猫 and spaces") == "plain text, ünïcode 猫 and spaces"
+    assert printable("x\x1b[2J\ny\r\u202ez\udcff\u200b\t") == \
+        "x\\x1b[2J\\ny\\r\\u202ez\\udcff\\u200b\\t"
+    assert printable("a\x1b").isprintable()

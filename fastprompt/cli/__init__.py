@@ -21,7 +21,7 @@ import sys
 
 from PIL import Image
 
-from fastprompt._checks import CheckFailed
+from fastprompt._checks import CheckFailed, printable
 from fastprompt._io import LockedError
 
 
@@ -67,12 +67,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _message(error: BaseException) -> str:
+    """The error's one line, its non-printable characters escaped (a file or class name may
+    hold a newline or an ESC sequence)."""
     if isinstance(error, OSError) and error.strerror:
         where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
+        return printable(f"{error.strerror}{where}")
     if isinstance(error, RecursionError):
         return "input nested too deeply (RecursionError)"
-    return str(error) or type(error).__name__
+    return printable(str(error) or type(error).__name__)
 
 
 class _DropOpenClipRandomWarning(logging.Filter):
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               "continues)", file=sys.stderr)
         return 130
     except PartlyFailed as e:
-        print(f"fastprompt {args.command}: {e}", file=sys.stderr)
+        print(f"fastprompt {args.command}: {printable(str(e))}", file=sys.stderr)
         return 1
     except Exception as e:
         if getattr(args, "debug", False):

@@ -2,6 +2,10 @@
 
 Needs onnxruntime, numpy and Pillow only (``pip install fastprompt[serve]``): this module and
 what it imports never load torch, so ``fastprompt predict`` runs where torch is not installed.
+
+Image file names and the class names of a model file are untrusted: the text output shows their
+non-printable characters escaped (``fastprompt._checks.printable``), so an ESC sequence cannot
+act on the terminal and a newline cannot forge a line; ``--json``/``--jsonl`` are JSON-escaped.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import argparse
 import json
 import sys
 
+from fastprompt._checks import printable
 from fastprompt._io import Progress
 from fastprompt.cli import PartlyFailed
 from fastprompt.serve import CPU, CUDA, OnnxClassifier, list_images, read_image_list
@@ -39,11 +44,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
             elif args.json:
                 results.append(entry)
             elif error is not None:
-                print(f"{image}\n  error: {error}")
+                print(f"{printable(str(image))}\n  error: {printable(error)}")
             else:
-                print(image)
+                print(printable(str(image)))
                 for c, p in top:
-                    print(f"  {p:.4f}  {c}")
+                    print(f"  {p:.4f}  {printable(c)}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
     if failed:

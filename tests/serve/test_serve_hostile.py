@@ -11,10 +11,32 @@ import sys
 
 import pytest
 
+from fastprompt._checks import printable
+from onnxlib import CLASS_NAMES
+
 
 def predict(*args, timeout=60, **kwargs):
     return subprocess.run([sys.executable, "-m", "fastprompt", "predict", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def tampered(tiny_export, tmp_path):
+    """``tampered(**values)``: a copy of the tiny export whose ``fastprompt.<key>`` metadata
+    entries hold ``values`` (JSON-encoded unless a str), as a model file from elsewhere may."""
+    import onnx  # the test's tool, not serving's
+
+    def make(**values):
+        model = onnx.load(str(tiny_export[0] / "model.onnx"))
+        for entry in model.metadata_props:
+            key = entry.key.removeprefix("fastprompt.")
+            if key in values:
+                value = values[key]
+                entry.value = value if isinstance(value, str) else json.dumps(value)
+        path = tmp_path / f"tampered-{len(list(tmp_path.glob('tampered-*')))}.onnx"
+        onnx.save(model, str(path))
+        return path
+    return make
 
 
 def test_a_fifo_in_a_folder_is_skipped_and_listed(tiny_export, image_files, tmp_path):
@@ -41,3 +63,33 @@ def test_a_named_fifo_is_refused(tiny_export, image_files, tmp_path):
     assert proc.returncode == 1, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert "top_k" in rows[0] and "not a regular file" in rows[1]["error"]
+
+
+def test_text_output_escapes_hostile_names(tiny_export, image_files, tampered, tmp_path):
+    """Class names from a model's metadata and image file names are shown with their control
+    characters escaped: no ESC sequence reaches the terminal, no newline forges a result line;
+    --jsonl keeps them exactly (JSON escapes them). Issue 23, item 3."""
+    names = ["cat\x1b[2J", "dog\u202egnp.exe", "a\nb", "\x07bell", "zero\u200bwidth", "tab\t",
+             "ok"]
+    assert len(names) == len(CLASS_NAMES)
+    model = tampered(class_names=names)
+    evil = tmp_path / "x\n  0.9999  forged\x1b[31m.png"
+    os.link(image_files[0], evil)
+    proc = predict(model, evil, "--top-k", len(names))
+    assert proc.returncode == 0, proc.stderr
+    for bad in ("\x1b", "\u202e", "\x07", "\u200b", "\t"):
+        assert bad not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 + len(names)
+    assert lines[0] == printable(str(evil)) and lines[0].endswith("forged\\x1b[31m.png")
+    assert sorted(line.split(None, 1)[1] for line in lines[1:]) == sorted(
+        printable(n) for n in names)
+    rows = [json.loads(line) for line in predict(model, evil, "--jsonl", "--top-k", len(names)
+                                                 ).stdout.splitlines()]
+    assert rows[0]["image"] == str(evil)
+    assert sorted(t["class"] for t in rows[0]["top_k"]) == sorted(names)
+    # Errors too: the one line on stderr stays one line.
+    missing = tmp_path / "gone\n\x1b[2J.png"
+    proc = predict(model, missing)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert "\x1b" not in proc.stderr and "gone\\n\\x1b[2J.png" in proc.stderr
