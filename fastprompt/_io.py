@@ -133,7 +133,9 @@ def remove_stale_temporaries(final: str) -> list[str]:
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and
-    rename it to ``path``; when it fails, remove it."""
+    rename it to ``path``; when it fails, remove it. A system error that names no file, or the
+    temporary one (a full disk, a file-size limit), is raised naming ``path``: the file that
+    could not be written."""
     path = os.fspath(path)
     folder, prefix, suffix = _temp_pattern(path)
     os.makedirs(folder, exist_ok=True)
@@ -146,6 +148,11 @@ def atomic_path(path: str) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        remove_if_present(tmp)
+        if e.strerror and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         remove_if_present(tmp)
         raise

@@ -144,6 +144,21 @@ def test_file_size_limit_and_unwritable_output(world, tmp_path):
     one_line_error(proc, "cache", str(tmp_path / "file"))
 
 
+@pytest.mark.parametrize("limit", [600, 3000])
+def test_a_full_disk_during_train_names_the_file(world, tmp_path, limit):
+    """A write that fails for lack of space (here a file-size limit: EFBIG, as ENOSPC) names the
+    file it was writing, and leaves no temporary file (issue 23, item 12)."""
+    root, weights, *_ = world
+    run = tmp_path / "r"
+    proc = fastprompt("train", "--pretrained", weights, "--cache", root / "cache.safetensors",
+                      "--out", run, "--epochs", "1", "--batch-size", "8", "--n-ctx", "4",
+                      "--no-progress", limit_file_size=limit)
+    line = one_line_error(proc, "train", "File too large: ")
+    written = line.rsplit("File too large: ", 1)[1]
+    assert os.path.dirname(written) == str(run) and not os.path.basename(written).startswith(".")
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--momentum", "inf"),
                                          ("--weight-decay", "nan"), ("--smoothing", "-inf")])
 def test_non_finite_hyper_parameters_are_refused(world, tmp_path, flag, value):
