@@ -93,3 +93,26 @@ def test_text_output_escapes_hostile_names(tiny_export, image_files, tampered, t
     proc = predict(model, missing)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
     assert "\x1b" not in proc.stderr and "gone\\n\\x1b[2J.png" in proc.stderr
+
+
+@pytest.mark.parametrize("values, fragments", [
+    (dict(image_size=[100000, 100000]), ["image_size [100000, 100000]", "64 x 64"]),
+    (dict(image_size=[-5, 0]), ["image_size", "positive"]),
+    (dict(image_size=[64]), ["image_size"]),
+    (dict(class_names=["a", "b"]), ["2 class names", "7 scores"]),
+    (dict(class_names=CLASS_NAMES + ["extra"]), ["8 class names", "7 scores"]),
+    (dict(mean=[0.5]), ["mean"]),
+    (dict(std=[0.0, 1.0, 1.0]), ["std"]),
+])
+def test_metadata_that_disagrees_with_the_graph_is_refused(tampered, image_files, values,
+                                                            fragments):
+    """The metadata is checked against the graph's dimensions when the model is opened: a
+    mismatch is refused by name instead of growing memory without bound, IndexError,
+    ZeroDivisionError or a multi-line onnxruntime error (issue 23, item 7)."""
+    model = tampered(**values)
+    proc = predict(model, image_files[0])
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"fastprompt predict: error: model: {model}")
+    for fragment in fragments:
+        assert fragment in proc.stderr
