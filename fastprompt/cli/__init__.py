@@ -5,8 +5,10 @@ locked file, a full or read-only disk, a missing GPU), with one line naming the 
 on stderr (``fastprompt <command>: error: ...``); nothing half-written is left behind. A command
 whose own check refused its result (an export that disagrees with torch) or that finished with
 some items failed (unreadable images, failed runs of a sweep) returns 1, as does an unexpected
-error, in one line too (``--debug`` shows its traceback); an interrupt returns 130. ``main``
-alone turns errors into these exit codes: the command modules raise.
+error, in one line too (``--debug`` shows its traceback); an interrupt returns 130. When the
+reader of the output goes away (``fastprompt predict ... | head``), the command stops quietly
+with 141, the status of a Unix tool killed by SIGPIPE. ``main`` alone turns errors into these
+exit codes: the command modules raise.
 
 One module per command group registers its commands on one parser; they are imported by the
 command named, so that ``fastprompt predict`` (``cli/predict.py``: onnxruntime, numpy, Pillow)
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 
 from PIL import Image
@@ -77,6 +81,37 @@ def _message(error: BaseException) -> str:
     return printable(str(error) or type(error).__name__)
 
 
+# The exit status of a process killed by SIGPIPE, as a shell reports it (128 + 13).
+BROKEN_PIPE_STATUS = 141
+
+
+def _stdout_gone() -> bool:
+    """Whether the reader of standard output went away (a closed pipe or socket)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:  # nothing was pending: ask the file itself (a pipe without reader polls as an error)
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is still
+    buffered neither fails nor prints a warning."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 class _DropOpenClipRandomWarning(logging.Filter):
     # open_clip warns "No pretrained weights loaded" for random models; fastprompt says it itself.
     def filter(self, record: logging.LogRecord) -> bool:
@@ -98,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
         return 0
     except KeyboardInterrupt:
         print(f"fastprompt {args.command}: interrupted (finished epochs are kept; --resume "
@@ -107,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastprompt {args.command}: {printable(str(e))}", file=sys.stderr)
         return 1
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            # `fastprompt predict ... | head`: the reader has what it wanted; stop as Unix tools
+            # do, without a message.
+            _quiet_stdout()
+            return BROKEN_PIPE_STATUS
         if getattr(args, "debug", False):
             raise
         if isinstance(e, CheckFailed):

@@ -8,6 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from fastprompt.cli.types import int_at_least
 from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
 from fastprompt.data.cache import (DEFAULT_CHUNK_SIZE, build_or_load_cache, check_cache_weights,
                                    torchrun_rank)
@@ -15,21 +16,6 @@ from fastprompt.data.source import SUBSAMPLES, DataSource
 from fastprompt.models import create_model
 from fastprompt.protocols.plots import plot_curves
 from fastprompt.train.distributed import rank_device, world
-
-
-def int_at_least(low: int):
-    """An argparse type: an int >= ``low``, refused by argparse naming the flag otherwise (the
-    library's own errors would name its parameters, e.g. ``batch_size``)."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}")
-        return number
-    parse.__name__ = f"int >= {low}"
-    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.cli.types import number_between
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
 from fastprompt.pipeline import agreement_set, export_run, export_run_ensemble
@@ -88,7 +89,8 @@ def add_commands(subparsers) -> None:
     precision.add_argument("--int8", action="store_true",
                            help="dynamic int8 quantisation of the image tower's weight products "
                                 "for CPU serving (the class head stays float32)")
-    parser.add_argument("--min-agreement", type=float, default=0.99, metavar="FRACTION",
+    parser.add_argument("--min-agreement", type=number_between(0, 1), default=0.99,
+                        metavar="FRACTION",
                         help="refuse an --int8/--fp16 export whose top-1 agreement with the "
                              "float32 export is lower (default: %(default)s)")
     parser.add_argument("--agreement-limit", type=int, default=DEFAULT_AGREEMENT_LIMIT, metavar="N",

@@ -16,6 +16,7 @@ import sys
 from fastprompt._checks import printable
 from fastprompt._io import Progress
 from fastprompt.cli import PartlyFailed
+from fastprompt.cli.types import int_at_least
 from fastprompt.serve import CPU, CUDA, OnnxClassifier, list_images, read_image_list
 
 
@@ -74,7 +75,7 @@ def add_commands(subparsers) -> None:
     output.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     output.add_argument("--jsonl", action="store_true",
                         help="stream JSON lines, one per image, in input order")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32,
                         help="images per onnxruntime call (default: %(default)s)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                         help="execution provider (default: %(default)s)")

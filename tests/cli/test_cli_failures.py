@@ -350,3 +350,50 @@ def test_export_classnames_are_checked_as_class_folders_are(world, tmp_path, nam
                                      path), "export", f"--classnames: {path}", *fragments)
     assert len(line) < 400
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("argv, flag, expected", [
+    (["train", "--out", "{tmp}/r", "--batch-size=0"], "--batch-size", "an int >= 1"),
+    (["train", "--out", "{tmp}/r", "--text-chunk=-1"], "--text-chunk",
+     "classes per chunk (an int >= 0) or 'auto'"),
+    (["export", "{tmp}/run", "{tmp}/onnx", "--int8", "--min-agreement=1.5"], "--min-agreement",
+     "a number in [0, 1]"),
+    (["export", "{tmp}/run", "{tmp}/onnx", "--fp16", "--min-agreement=nan"], "--min-agreement",
+     "a number in [0, 1]"),
+    (["predict", "{tmp}/model.onnx", "{tmp}/x.png", "--batch-size=0"], "--batch-size",
+     "an int >= 1"),
+])
+def test_sizes_are_refused_by_their_flag(tmp_path, capsys, argv, flag, expected):
+    """Messages name the flag, not the library parameter it becomes (batch_size, text_chunk,
+    min_agreement): issue 23, item 21."""
+    from fastprompt.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    value = argv[-1].split("=", 1)[1]
+    assert (f"fastprompt {argv[0]}: error: argument {flag}: expected {expected}, got {value!r}"
+            in capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def exported(world, tmp_path_factory):
+    """The world's run exported (unverified: what is checked here is predict's behaviour)."""
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    fastprompt("export", world[0] / "run", out, "--no-verify", check_rc=0)
+    return out
+
+
+@pytest.mark.parametrize("output", [[], ["--jsonl"]])
+def test_predict_into_a_closed_pipe_stops_quietly(exported, tmp_path, output):
+    """`fastprompt predict ... | head`: when the reader goes away, predict stops without a
+    message and with 141, the status of a Unix tool killed by SIGPIPE (issue 23, item 21)."""
+    from PIL import Image
+    model = exported
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "fastprompt", "predict", model, tmp_path,
+                             *output], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", (proc.returncode, err)
