@@ -36,8 +36,9 @@ def _eval_on_data(args) -> None:
                    progress=False if args.no_progress else None)
     if args.base_to_new:
         if args.data or args.subsample != "all" or args.task:
-            raise ValueError("--base-to-new: evaluates on the data the run was trained on; drop "
-                             "--data, --subsample and --task")
+            raise ValueError("--base-to-new: evaluates on the data the run was trained on "
+                             "(recorded in its metrics.json); drop --data, --subsample and "
+                             "--task")
         result = base_to_new(args.run, **options)
         if args.json:
             print(dumps_json(result, indent=2))

@@ -113,8 +113,11 @@ def trained_source(run_dir) -> DataSource:
     path = os.path.join(os.fspath(run_dir), METRICS)
     data = read_metrics(run_dir).get("data")
     if data is None:
-        raise ValueError(f"run: {path} records no data folder (the run was trained from a "
-                         "--cache alone, or by an older fastprompt); pass --data DIR")
+        raise ValueError(f"--base-to-new: {path} records no data folder (the run was trained "
+                         "from --cache alone, or by an older fastprompt), so its base and new "
+                         "classes are unknown; base-to-new evaluates a run trained with --data "
+                         "DIR --subsample base (eval --data DIR --subsample new evaluates this "
+                         "one on a half of DIR's classes)")
     return DataSource.from_dict(data, f"run: {path}: 'data'")
 
 

@@ -397,3 +397,15 @@ def test_predict_into_a_closed_pipe_stops_quietly(exported, tmp_path, output):
     proc.stdout.close()  # the reader is gone before the first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == b"", (proc.returncode, err)
+
+
+def test_base_to_new_of_a_cache_run_gives_advice_that_works(world):
+    """A run trained from --cache alone has no recorded data: the message says what base-to-new
+    needs instead of advising --data, which --base-to-new refuses (issue 23, item 13)."""
+    root, *_ = world
+    line = one_line_error(fastprompt("eval", root / "run", "--base-to-new", "--no-progress"),
+                          "eval", "--base-to-new", "--subsample base", "--data DIR")
+    assert "pass --data" not in line and "trained from --cache" in line
+    line = one_line_error(fastprompt("eval", root / "run", "--base-to-new", "--data",
+                                     root / "shapes"), "eval", "drop --data")
+    assert "recorded in its metrics.json" in line
