@@ -43,7 +43,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", action=_DataFolders,
                    help="image folder (one sub-folder per class, or train/ and test/), or the "
                    "image root of a CoOp split file (SoftCPT: once per task)")
-    g.add_argument("--split-file", metavar="FILE", help="CoOp split_zhou_<Name>.json (relative to --data)")
+    g.add_argument("--split-file", metavar="FILE",
+                   help="CoOp split_zhou_<Name>.json in --data (a path relative to --data, or an "
+                   "absolute one inside it); the images it lists are read relative to its own "
+                   "folder")
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class when the folder has no train/test split (default: %(default)s)")
     g.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class")

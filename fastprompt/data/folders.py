@@ -414,13 +414,23 @@ def _confine(split_file: str, image_root: str, content: dict) -> None:
 def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,
                  seed: int = 1, check_images: bool = True) -> DatasetSplits:
     """Read a data set in either layout: a CoOp split file if ``split_file`` is given or ``root``
-    holds one ``split_zhou_*.json``, class folders otherwise (see :func:`load_image_folder`)."""
+    holds one ``split_zhou_*.json``, class folders otherwise (see :func:`load_image_folder`).
+
+    ``split_file`` lies in ``root``: a path relative to it, or an absolute path inside it (one
+    outside is refused: the images a split file lists are read relative to its own folder, so
+    ``root`` would be silently ignored)."""
     root = _check_root(root)
     if split_file is None:
         split_file = find_split_file(root)
         if split_file is None:
             return load_image_folder(root, test_fraction=test_fraction, seed=seed,
                                      check_images=check_images)
-    elif not os.path.isabs(os.fspath(split_file)):
-        split_file = os.path.join(root, os.fspath(split_file))
+    else:
+        given = os.fspath(split_file)
+        split_file = os.path.normpath(os.path.join(root, given))
+        if os.path.commonpath([root, split_file]) != root:
+            raise ValueError(f"split_file: {given!r} is outside the data folder {root!r}; give "
+                             "the split file of that folder (relative to it, or an absolute path "
+                             "inside it): the images a split file lists are read relative to its "
+                             "own folder")
     return load_coop_split(split_file, check_images=check_images)

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from fastprompt.data import DatasetSplits, load_coop_split, load_dataset, load_image_folder
+from fastprompt.data.source import DataSource
 
 
 def _flat_tree(root, write_image, counts):
@@ -170,6 +171,25 @@ def test_coop_split_malformed(tmp_path, write_image, mutate, message):
     (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
     with pytest.raises(ValueError, match="^split_file: .*" + message):
         load_coop_split(root / "split_zhou_Toy.json")
+
+
+def test_a_split_file_outside_the_data_folder_is_refused(tmp_path, write_image):
+    """--split-file is relative to --data, or an absolute path inside it; one outside would
+    silently ignore --data (its images are read relative to the split file's own folder), so it
+    is refused (issue 23, item 15)."""
+    root, _ = _coop_tree(tmp_path, write_image)
+    split = root / "split_zhou_Toy.json"
+    inside = load_dataset(root, split_file="split_zhou_Toy.json")
+    assert load_dataset(root, split_file=str(split)) == inside  # absolute, inside: the same
+    assert DataSource.create(root, split_file=str(split)).load() == inside
+    other = tmp_path / "other"
+    other.mkdir()
+    for given in (str(split), "../toy/split_zhou_Toy.json"):
+        with pytest.raises(ValueError, match=r"^split_file: .*split_zhou_Toy.json.* is outside "
+                                             r"the data folder .*other"):
+            load_dataset(other, split_file=given)
+        with pytest.raises(ValueError, match="is outside the data folder"):
+            DataSource.create(other, split_file=given).load()
 
 
 def test_load_dataset_falls_back_to_folders(tmp_path, write_image):
