@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import sys
+import warnings
 
 from PIL import Image
 
@@ -118,6 +119,14 @@ class _DropOpenClipRandomWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of the fastprompt logger, instead of Python's format (the file,
+    line number and category, then the source line)."""
+    text = printable(str(message))
+    logging.getLogger("fastprompt").warning(
+        "%s", text if text.startswith("fastprompt") else f"fastprompt: warning: {text}")
+
+
 def _configure_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -132,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command_in(argv)).parse_args(argv)
     _configure_logging()
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restored when the command ends (main may be called again)
+            warnings.showwarning = _warning_line
+            args.func(args)
         sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
         return 0
     except KeyboardInterrupt:

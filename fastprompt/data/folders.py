@@ -159,7 +159,7 @@ def _warn_skipped(skipped: list[str], where: str) -> None:
 
 def _described(path: str) -> str:
     problem = regular_file_problem(path)
-    return repr(path) if problem is None else f"{path!r} ({problem})"
+    return repr(path) if problem is None else f"{path!r} ({problem.removeprefix('is ')})"
 
 
 def _check_root(root) -> str:
@@ -224,7 +224,7 @@ def _split_folders(root: str) -> dict[str, str]:
 
 
 def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 1,
-                      check_images: bool = True) -> DatasetSplits:
+                      check_images: bool = True, for_testing: bool = False) -> DatasetSplits:
     """Read a class-folder data set: ``root/<class>/.../<image>``.
 
     If ``root/train`` and ``root/test`` exist they are the splits (and ``root/val`` the
@@ -239,6 +239,10 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     sorted by folder name; labels index that order. Image files are those ending in
     :data:`IMAGE_EXTENSIONS`, found recursively; hidden files and folders, and links back into
     the tree, are ignored.
+
+    With ``check_images`` every class must keep a readable training image; ``for_testing``
+    (the data set is read to be evaluated on): a readable image in any split, and the error
+    calls them test images.
     """
     root = _check_root(root)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
@@ -268,7 +272,7 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
             splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
         _warn_skipped(skipped, root)
         if check_images:
-            _check_every_class_kept(splits["train"], classnames, train_dir)
+            _check_every_class_kept(splits, classnames, train_dir, for_testing)
         return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], root,
                              skipped)
 
@@ -283,8 +287,8 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
         per_class.append(paths)
     _warn_skipped(skipped, root)
     if check_images:
-        _check_every_class_kept([(p, y) for y, ps in enumerate(per_class) for p in ps],
-                                classnames, root)
+        readable = [(p, y) for y, ps in enumerate(per_class) for p in ps]
+        _check_every_class_kept({"train": readable}, classnames, root, for_testing)
     train, test = [], []
     for label, (name, paths) in enumerate(zip(folders, per_class)):
         rng = random.Random(f"fastprompt.split:{seed}:{name}")
@@ -300,13 +304,16 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     return DatasetSplits(classnames, train, test, [], root, skipped)
 
 
-def _check_every_class_kept(train: list[Sample], classnames: list[str], where: str,
-                            arg: str = "root") -> None:
-    present = {y for _, y in train}
+def _check_every_class_kept(splits: dict[str, list[Sample]], classnames: list[str], where: str,
+                            for_testing: bool, arg: str = "root") -> None:
+    """Every class keeps a readable image: a training one, or (``for_testing``: the data set is
+    read to be evaluated on) one in any split, called a test image."""
+    used = [s for split, s in splits.items() if for_testing or split == "train"]
+    present = {y for samples in used for _, y in samples}
     missing = [c for i, c in enumerate(classnames) if i not in present]
     if missing:
-        raise ValueError(f"{arg}: class(es) {missing} in {where!r} have no readable training "
-                         "images")
+        raise ValueError(f"{arg}: class(es) {missing} in {where!r} have no readable "
+                         f"{'test' if for_testing else 'training'} images")
 
 
 def find_split_file(root) -> str | None:
@@ -328,14 +335,16 @@ def _image_root_for(base: str, first: str) -> str:
     return base
 
 
-def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -> DatasetSplits:
+def load_coop_split(split_file, image_root=None, *, check_images: bool = True,
+                    for_testing: bool = False) -> DatasetSplits:
     """Read a CoOp split file ``{"train"|"val"|"test": [[relative_path, label, classname], ...]}``.
 
     Paths are relative to ``image_root``; by default the split file's folder, or the first of its
     sub-folders holding the first listed image (CoOp's ``$DATA/oxford_pets/images`` with the
     split in ``$DATA/oxford_pets``). Class names come from the file (underscores as spaces),
     ordered by label; labels must be ``0..C-1`` and each label must always carry one class name.
-    A listed file that does not exist raises ``ValueError`` naming it.
+    A listed file that does not exist raises ``ValueError`` naming it. ``check_images`` and
+    ``for_testing`` as for :func:`load_image_folder`.
     """
     if not isinstance(split_file, (str, os.PathLike)):
         raise TypeError(f"split_file: expected a path, got {type(split_file).__name__}")
@@ -390,7 +399,7 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
         splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
     _warn_skipped(skipped, split_file)
     if check_images:
-        _check_every_class_kept(splits["train"], classnames, split_file, "split_file")
+        _check_every_class_kept(splits, classnames, split_file, for_testing, "split_file")
     return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], image_root,
                          skipped)
 
@@ -412,7 +421,8 @@ def _confine(split_file: str, image_root: str, content: dict) -> None:
 
 
 def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,
-                 seed: int = 1, check_images: bool = True) -> DatasetSplits:
+                 seed: int = 1, check_images: bool = True,
+                 for_testing: bool = False) -> DatasetSplits:
     """Read a data set in either layout: a CoOp split file if ``split_file`` is given or ``root``
     holds one ``split_zhou_*.json``, class folders otherwise (see :func:`load_image_folder`).
 
@@ -424,7 +434,7 @@ def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_F
         split_file = find_split_file(root)
         if split_file is None:
             return load_image_folder(root, test_fraction=test_fraction, seed=seed,
-                                     check_images=check_images)
+                                     check_images=check_images, for_testing=for_testing)
     else:
         given = os.fspath(split_file)
         split_file = os.path.normpath(os.path.join(root, given))
@@ -433,4 +443,4 @@ def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_F
                              "the split file of that folder (relative to it, or an absolute path "
                              "inside it): the images a split file lists are read relative to its "
                              "own folder")
-    return load_coop_split(split_file, check_images=check_images)
+    return load_coop_split(split_file, check_images=check_images, for_testing=for_testing)

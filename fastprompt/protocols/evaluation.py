@@ -42,7 +42,7 @@ def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str
 
 
 def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
-    splits = source.load()
+    splits = source.load(for_testing=True)
     if splits.num_classes < 2:
         raise ValueError(f"data: the {source.subsample} half of {source.root!r} has "
                          f"{splits.num_classes} class; a classifier needs at least 2 (base-to-new "

@@ -409,3 +409,46 @@ def test_base_to_new_of_a_cache_run_gives_advice_that_works(world):
     line = one_line_error(fastprompt("eval", root / "run", "--base-to-new", "--data",
                                      root / "shapes"), "eval", "drop --data")
     assert "recorded in its metrics.json" in line
+
+
+def _unreadable_folder(path, classes=("cat", "dog")):
+    for name in classes:
+        (path / name).mkdir(parents=True)
+        for i in range(2):
+            (path / name / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return path
+
+
+def _no_raw_warnings(stderr):
+    assert "UserWarning" not in stderr and "warnings.warn" not in stderr, stderr
+
+
+def test_eval_all_images_of_unreadable_files_says_test_images(world, tmp_path):
+    """eval --data --all-images on a folder of unreadable files: the skipped files are one
+    warning line of the fastprompt logger (not Python's UserWarning with its source line), and
+    the error calls them test images, which they are (issue 23, item 18)."""
+    root, *_ = world
+    data = _unreadable_folder(tmp_path / "data")
+    for extra in (["--all-images"], []):
+        proc = fastprompt("eval", root / "run", "--data", data, *extra, "--no-progress")
+        line = one_line_error(proc, "eval", "have no readable test images")
+        assert "training" not in line
+        _no_raw_warnings(proc.stderr)
+        assert all(line.startswith("fastprompt") for line in proc.stderr.splitlines())
+        assert [w for w in proc.stderr.splitlines() if "skipped 4 unreadable" in w]
+
+
+def test_cache_skips_a_fifo_named_like_an_image(world, tmp_path):
+    """cache --data with a FIFO named like an image in a class folder: skipped, listed in one
+    warning line, the cache built (issue 23, item 2)."""
+    root, weights, *_ = world
+    data = tmp_path / "data"
+    shutil.copytree(root / "shapes", data)
+    os.mkfifo(data / "train" / "red_circle" / "upload.jpg")
+    proc = subprocess.run([sys.executable, "-m", "fastprompt", "cache", "--pretrained", weights,
+                           "--data", data, "--views", "1", "--out", tmp_path / "c.safetensors"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _no_raw_warnings(proc.stderr)
+    warned = [w for w in proc.stderr.splitlines() if "upload.jpg" in w]
+    assert len(warned) == 1 and "a FIFO, not a regular file" in warned[0]
