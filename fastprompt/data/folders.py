@@ -69,7 +69,11 @@ def classname_from_folder(name: str, where: str = "root") -> str:
     """A class folder's name as a class name: underscores become spaces, checked and normalised
     as every class name is (``check_class_name``: Unicode NFC, no control or format characters,
     not empty); ValueError naming ``where`` otherwise."""
-    return check_class_name(check_class_name(name, where).replace("_", " "), where)
+    name = check_class_name(name, where)
+    text = name.replace("_", " ").strip()
+    if not text:
+        raise ValueError(f"{where}: class name {name!r} is empty once underscores are spaces")
+    return text
 
 
 def _is_image_file(name: str) -> bool:

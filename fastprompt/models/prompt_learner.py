@@ -118,6 +118,7 @@ class PromptLearner(nn.Module):
         period_ids = tokenizer.encode(".")
         half = n_ctx // 2
         rows, ctx_positions = [], []
+
         def too_long(c: int, needed: int) -> ValueError:
             return ValueError(f"{where}: class {c + 1} of {len(classnames)}, "
                               f"{shown(classnames[c])}, needs {needed} tokens in its prompt "
