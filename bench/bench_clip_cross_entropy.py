@@ -5,6 +5,8 @@ and under torch.compile: forward and forward+backward, median time and peak memo
     python bench/bench_clip_cross_entropy.py --max-cpu-n 65536 --max-cpu-logits 7000000
                                                              # CPU: N=65536 too, except C=1000
     python bench/bench_clip_cross_entropy.py --n 256 --c 1000 --d 512 --double-softmax
+    python bench/bench_clip_cross_entropy.py --n 256 4096 --c 1000 --d 512 --loss ce gce nlprompt \
+        --modes forward_backward --name clip_cross_entropy-gce      # GCE/MAE against eager
 
 Image features are frozen (cached features, as in training); text features and nothing else
 require grad. Writes bench/results/clip_cross_entropy-<device>.{json,md}.
@@ -50,12 +52,25 @@ def make_case(n, c, d, dtype, device, seed=0):
     return x, t, labels, torch.tensor(100.0, device=device)
 
 
-def providers(double_softmax):
+# --loss: the task loss as (loss, q); "nlprompt": one call, cross-entropy on even rows and MAE on
+# odd rows (GCE with one exponent per row).
+LOSSES = {"ce": ("ce", 0.0), "gce": ("gce", 0.5), "mae": ("mae", 1.0), "nlprompt": ("gce", "rows")}
+
+
+def providers(double_softmax, loss="ce", n=None, device=None):
+    name, q = LOSSES[loss]
+    if q == "rows":
+        q = (torch.arange(n, device=device) % 2).float()
+    q_rows = q if torch.is_tensor(q) else None
+    q_value = 0.0 if torch.is_tensor(q) else q
+
     def fused(x, t, y, s):
-        return fastprompt.clip_cross_entropy(x, t, y, s, double_softmax=double_softmax)
+        return fastprompt.clip_cross_entropy(x, t, y, s, double_softmax=double_softmax,
+                                             loss=name, q=q if name == "gce" else 0.5)
 
     def eager(x, t, y, s):
-        return reference.clip_cross_entropy_unchecked(x, t, y, s, double_softmax, 0.0, None, None, True, "mean")
+        return reference.clip_cross_entropy_unchecked(x, t, y, s, double_softmax, 0.0, None, None,
+                                                      True, "mean", q_value, q_rows)
 
     compiled = torch.compile(eager, dynamic=False)
     return {"fused": fused, "reference": eager, "reference_compiled": compiled}
@@ -97,16 +112,17 @@ def flops(n, c, d, mode, double_softmax):
 
 
 def _grid(args, dtypes, device):
-    losses = [True] if args.double_softmax else [False, True]
-    return [(dts, ds, n, c, d)
-            for dts, ds, n, c, d in itertools.product(dtypes, losses, args.n, args.c, args.d)
+    softmaxes = [True] if args.double_softmax else [False, True]
+    return [(dts, ds, loss, n, c, d)
+            for dts, ds, loss, n, c, d in itertools.product(dtypes, softmaxes, args.loss, args.n,
+                                                            args.c, args.d)
             if not (device.type == "cpu" and (n > args.max_cpu_n or (
                 args.max_cpu_logits is not None and n * c > args.max_cpu_logits)))]
 
 
 def _key(point, provider):
-    return "|".join(str(point[k]) for k in ("dtype", "double_softmax", "n", "c", "d", "mode")) \
-        + "|" + provider
+    return "|".join(str(point[k]) for k in ("dtype", "double_softmax", "loss", "n", "c", "d",
+                                             "mode")) + "|" + provider
 
 
 def _peaks_only(args):
@@ -117,12 +133,13 @@ def _peaks_only(args):
         torch.set_num_threads(args.threads)
     dtypes = args.dtype or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     out = {}
-    for dts, ds, n, c, d in _grid(args, dtypes, device):
+    for dts, ds, loss, n, c, d in _grid(args, dtypes, device):
         x, t, y, s = make_case(n, c, d, DTYPES[dts], device)
-        fns = providers(ds)
+        fns = providers(ds, loss, n, device)
         fns.pop("reference_compiled")
         for mode in args.modes:
-            point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
+            point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "loss": loss,
+                     "mode": mode}
             for name, fn in fns.items():
                 out[_key(point, name)] = common.peak_memory_bytes(run_point(fn, x, t, y, s, mode),
                                                                   device)
@@ -151,8 +168,10 @@ def _line(point, peaks):
     def mib(r):
         return f"{r['peak_bytes'] / 2**20:.1f}" if peaks and r and r.get("peak_bytes") is not None \
             else "-"
-    return [point["n"], point["c"], point["d"], point["dtype"],
-            "dspt" if point["double_softmax"] else "ce", point["mode"],
+    loss = point.get("loss", "ce")
+    label = ("dspt" if point["double_softmax"] else "ce") if loss == "ce" else (
+        ("dspt+" if point["double_softmax"] else "") + loss)
+    return [point["n"], point["c"], point["d"], point["dtype"], label, point["mode"],
             f"{fused['median_ms']:.3f}", f"{eager['median_ms']:.3f}",
             f"{compiled['median_ms']:.3f}" if compiled else "-",
             f"{point['speedup_vs_eager']:.2f}x",
@@ -170,6 +189,9 @@ def main(argv=None):
     p.add_argument("--d", type=int, nargs="+", default=[512, 768])
     p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
     p.add_argument("--double-softmax", action="store_true", help="only DSPT (default: both losses)")
+    p.add_argument("--loss", nargs="+", default=["ce"], choices=list(LOSSES),
+                   help="task losses (each with and without DSPT): ce, gce (q = 0.5), mae, "
+                        "nlprompt (per-row: half cross-entropy, half MAE)")
     p.add_argument("--modes", nargs="+", default=["forward", "forward_backward"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -196,6 +218,9 @@ def main(argv=None):
     dtypes = args.dtype or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     env = common.environment(device)
     env["backend"] = _backend.resolve(device)
+    env["load_average_start"] = os.getloadavg()
+    env["command"] = "python bench/bench_clip_cross_entropy.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | backend {env['backend']} "
           f"| threads {env['threads']}", flush=True)
 
@@ -205,17 +230,18 @@ def main(argv=None):
     env["fresh_pages"] = bool(args.fresh_pages)
     env["rounds"] = args.rounds
     pending = []  # (point, {provider: step}), timed; peak memory measured after every timing
-    for dts, ds, n, c, d in grid:
+    for dts, ds, loss, n, c, d in grid:
         dtype = DTYPES[dts]
         x, t, y, s = make_case(n, c, d, dtype, device)
         # Every point compiles the same function anew: without a reset, dynamo's recompile limit
         # (8) is reached after a few points and the "compiled" baseline silently runs eagerly.
         torch._dynamo.reset()
-        fns = providers(ds)
+        fns = providers(ds, loss, n, device)
         if args.no_compile:
             fns.pop("reference_compiled")
         for mode in args.modes:
-            point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "mode": mode}
+            point = {"n": n, "c": c, "d": d, "dtype": dts, "double_softmax": ds, "loss": loss,
+                     "mode": mode}
             steps = {name: run_point(fn, x, t, y, s, mode) for name, fn in fns.items()}
             res = common.interleaved_times({**steps, PRODUCTS: products_step(x, t, mode)}, device,
                                     args.min_run_time, args.rounds)
@@ -229,6 +255,7 @@ def main(argv=None):
                 point["speedup_vs_compiled"] = res["reference_compiled"]["median_ms"] / fused["median_ms"]
             print(" | ".join(str(v) for v in _line(point, peaks=False)), flush=True)
             pending.append((point, steps))
+    env["load_average_end"] = os.getloadavg()
     peaks = _peaks_in_child(argv if argv is not None else sys.argv[1:], device, pending)
     rows, table = [], []
     for point, steps in pending:
@@ -245,7 +272,9 @@ def main(argv=None):
               "products / fused"]
     md = (f"Device: {env['device']} ({env['cpu_model']}); torch {env['torch']}; triton "
           f"{env['triton']}; backend {env['backend']}; threads {env['threads']}; "
-          f"{env['timestamp']}; median of {args.rounds} interleaved rounds"
+          f"{env['timestamp']}; load average {env['load_average_start'][0]:.2f} at the start, "
+          f"{env['load_average_end'][0]:.2f} at the end; command `{env['command']}`; median of "
+          f"{args.rounds} interleaved rounds"
           f"{'; fresh pages (mmap threshold fixed)' if args.fresh_pages else ''}. "
           "TFLOP/s count the schedule's unavoidable products (2·N·C·D each: the logits, plus Gᵀ X "
           "for the text gradient); 'products' times exactly those as plain torch matmuls of the "

@@ -72,7 +72,7 @@ def bench_case(model_name: str, method: str, n: int, classes: int, steps: int, d
                     lambda start, stop: eager_losses(prompted, images, labels, scale, config,
                                                      options, kl_teacher, device), device)
         else:
-            step = CompiledStep(prompted, optimizer, config, kl_teacher, device)
+            step = CompiledStep(prompted, params, optimizer, config, kl_teacher, device)
 
             def run(step=step):
                 return step.run_epoch(epoch, steps * n, lambda start, stop: (images, labels, None),

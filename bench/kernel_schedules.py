@@ -13,8 +13,10 @@ stages, dtypes, pointer alignment and every constexpr option stay distinct.
     python bench/kernel_schedules.py                                 # N=65536 C=1000 D=512 bf16
     python bench/kernel_schedules.py --n 256 --c 1000 --d 512 --dtype float32-tf32 --arch 80
     python bench/kernel_schedules.py --grid ci --json out.json --jobs 2   # the test's matrix
+    python bench/kernel_schedules.py --grid losses --jobs 2    # GCE/MAE and the logits ops only
 
-``--grid ci`` is the matrix of tests/kernels/test_compile_for_gpu.py (``--grid full``: more). Needs TRITON_INTERPRET
+``--grid ci`` is the matrix of tests/kernels/test_compile_for_gpu.py (``--grid full``: more;
+``--grid losses``: only its GCE and logits-op part, ``LOSS_SCENARIOS``). Needs TRITON_INTERPRET
 unset (the interpreter replaces compilation). Registers, spills and stack come from the cubin
 (``cuobjdump``: spill bytes are the widths of its STL/LDL instructions), shared memory from
 triton's metadata; both work from triton's cache, so a second run is quick. ``grid y``: the
@@ -55,6 +57,29 @@ SCHEDULES = ("cublas", "fused")
 GRID_N, GRID_C, GRID_D = (1, 33, 256, 65536), (1, 7, 1000, 21843), (20, 512, 768, 1024)
 OPTION_CHANGES = (dict(target="hard"), dict(target="uniform"), dict(target="classwise"),
                   dict(double_softmax=False), dict(normalize=False), dict(grad=False))
+# The kernel variants of the robust losses and the logits ops, one representative shape each
+# (part of --grid ci): (schedule, op, N, C, D, dtype, options). GCE with one exponent per row
+# ("gce-rows") or one for all ("gce"), under the double softmax (the training step's options)
+# and over softmax(z) with soft and hard targets; N=256 takes the fused forward's split passes
+# (1-3), N=65536 and the cuBLAS row pass its single pass (0). The logits ops have no schedule
+# (their backward is a torch product).
+LOSS_SCENARIOS = (
+    ("fused", "clip", 256, 1000, 512, "bfloat16", dict(loss="gce-rows")),
+    ("fused", "clip", 256, 1000, 512, "bfloat16", dict(loss="gce", double_softmax=False)),
+    ("fused", "clip", 65536, 1000, 512, "bfloat16", dict(loss="gce", double_softmax=False,
+                                                           target="uniform")),
+    ("fused", "clip", 65536, 1000, 512, "float32-ieee", dict(loss="gce", target="hard")),
+    ("fused", "prograd", 256, 1000, 512, "bfloat16", dict(loss="gce-rows")),
+    ("cublas", "clip", 4096, 1000, 512, "bfloat16", dict(loss="gce-rows")),
+    ("cublas", "clip", 4096, 1000, 512, "float32-ieee", dict(loss="gce", double_softmax=False,
+                                                           target="hard")),
+    ("cublas", "prograd", 4096, 1000, 512, "bfloat16", dict(loss="gce", double_softmax=False)),
+    ("-", "logits", 4096, 1000, 0, "bfloat16", dict(loss="gce-rows")),
+    ("-", "logits", 4096, 1000, 0, "float32-ieee", dict(double_softmax=False, target="hard")),
+    ("-", "logits", 4096, 1000, 0, "float16", dict(loss="gce", double_softmax=False,
+                                                  target="uniform")),
+    ("-", "logits-prograd", 4096, 1000, 0, "bfloat16", dict(loss="gce")),
+)
 
 
 # --- what the host code launches -------------------------------------------------------------
@@ -118,23 +143,59 @@ def cuda_schedule(name: str):
             os.environ["FASTPROMPT_CUDA_SCHEDULE"] = before
 
 
+def loss_exponents(loss: str, n: int):
+    """``(q, q_rows)`` of the ops for ``loss``: "ce", "gce" (q = 0.5) or "gce-rows" (one per
+    row, a meta tensor)."""
+    if loss == "gce-rows":
+        return 0.0, torch.empty(n, dtype=torch.float32, device="meta")
+    return (0.5 if loss == "gce" else 0.0), None
+
+
+def logits_launches(op, n, c, dtype_name, target="instancewise", double_softmax=True,
+                    grad=True, loss="ce"):
+    """The launches of one forward of the logits ops ("logits" or "logits-prograd")."""
+    from fastprompt.kernels import logits_loss
+
+    dtype = DTYPES[dtype_name]
+    x, _, _, labels, _, table, sample_index, smoothing = loss_inputs(n, c, 1, dtype, target,
+                                                                     False)
+    logits = torch.empty(n, c, dtype=dtype, device="meta")
+    q, q_rows = loss_exponents(loss, n)
+    with recorded_launches() as launches:
+        if op == "logits-prograd":
+            logits_loss.logits_prograd_losses_forward(
+                logits, torch.empty_like(logits), labels, table, sample_index, smoothing,
+                double_softmax, 2.0, grad, q, q_rows)
+        else:
+            logits_loss.logits_cross_entropy_forward(logits, labels, table, sample_index,
+                                                     smoothing, double_softmax, grad, q, q_rows)
+    return launches
+
+
 def loss_step_launches(schedule, op, n, c, d, dtype_name, target="instancewise",
-                       double_softmax=True, normalize=True, grad=True):
+                       double_softmax=True, normalize=True, grad=True, loss="ce"):
     """The launches of one forward (and, with ``grad``, one backward) of ``op`` ("clip" or
-    "prograd") through the ops' CUDA entry points under ``schedule``."""
+    "prograd") through the ops' CUDA entry points under ``schedule``; ``loss``: "ce", "gce" or
+    "gce-rows" (``loss_exponents``). The logits ops ("logits", "logits-prograd"):
+    ``logits_launches``."""
     from fastprompt.kernels import loss_entry_points
 
+    if op.startswith("logits"):
+        return logits_launches(op, n, c, dtype_name, target, double_softmax, grad, loss)
     dtype = DTYPES[dtype_name]
     x, t, t0, labels, s, table, sample_index, smoothing = loss_inputs(
         n, c, d, dtype, target, op == "prograd")
+    q, q_rows = loss_exponents(loss, n)
     with (float32_precision(dtype_name.split("-")[-1]), cuda_schedule(schedule),
           recorded_launches() as launches):
         if op == "prograd":
             _, _, grad_logits, _ = loss_entry_points.prograd_losses_forward(
-                x, t, t0, labels, s, table, sample_index, smoothing, double_softmax, 2.0, grad)
+                x, t, t0, labels, s, table, sample_index, smoothing, double_softmax, 2.0, grad,
+                q, q_rows)
         else:
             _, grad_logits = loss_entry_points.clip_cross_entropy_forward(
-                x, t, labels, s, table, sample_index, smoothing, double_softmax, normalize, grad)
+                x, t, labels, s, table, sample_index, smoothing, double_softmax, normalize, grad,
+                q, q_rows)
         if grad:
             grad_rows = torch.empty(n, dtype=torch.float32, device=x.device)
             loss_entry_points.clip_cross_entropy_backward(
@@ -162,8 +223,17 @@ def scenarios(grid: str = "", n=65536, c=1000, d=512, dtype_names=("bfloat16",))
     (IEEE, torch's default) and bfloat16, and in TF32 and float16 (whose block sizes are IEEE's
     and bfloat16's) at the smallest and largest shapes; the projection over a few tensor sets.
     ``grid="full"`` adds every shape in every dtype and each other option of the ops once (the
-    rest as in the training step) at N=256 C=1000 D=512 in float32 and bfloat16."""
+    rest as in the training step) at N=256 C=1000 D=512 in float32 and bfloat16. Both add
+    ``LOSS_SCENARIOS``, which ``grid="losses"`` alone gives."""
     ops = ("clip", "prograd")
+    if grid in ("ci", "full", "losses"):
+        for sch, op, n_, c_, d_, dt, options in LOSS_SCENARIOS:
+            label = (f"{sch} {op} N={n_} C={c_} D={d_} {dt} "
+                     + " ".join(f"{k}={v}" for k, v in options.items()))
+            yield label, lambda a=(sch, op, n_, c_, d_, dt, options): loss_step_launches(
+                *a[:6], **a[6])
+        if grid == "losses":
+            return
     if not grid:
         for sch, dt, op in itertools.product(SCHEDULES, dtype_names, ops):
             yield (f"{sch} {op} N={n} C={c} D={d} {dt}",
@@ -370,7 +440,7 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--dtype", choices=tuple(DTYPES), action="append")
     p.add_argument("--arch", type=int, choices=tuple(SHARED_LIMIT), action="append")
-    p.add_argument("--grid", choices=("ci", "full"),
+    p.add_argument("--grid", choices=("ci", "full", "losses"),
                    help="a matrix of shapes, dtypes and options instead of one shape")
     p.add_argument("--jobs", type=int, default=1, help="compile processes")
     p.add_argument("--json", help="write the rows here")

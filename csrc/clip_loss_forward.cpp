@@ -1,6 +1,7 @@
 // CPU kernels of the two forward ops, fastprompt::clip_cross_entropy_forward and
 // fastprompt::prograd_losses_forward: one driver, with ProGrad's distillation term as a template
-// switch (as the Triton kernel has it as a constexpr).
+// switch (as the Triton kernel has it as a constexpr). The task loss of each row is
+// cross-entropy, DSPT or GCE/MAE by its exponent q (robust_losses.h).
 //
 // One BLAS product per class matrix for the raw logits, then one pass per row while it is in
 // cache: scale by s/(||x_i|| ||t_c||) (no normalised copy of either matrix), max, log-sum-exp, the
@@ -16,6 +17,7 @@
 
 #include "logit_blocks.h"
 #include "operands.h"
+#include "robust_losses.h"
 #include "row_losses.h"
 #include "targets.h"
 
@@ -36,7 +38,8 @@ ForwardResult clip_loss_forward(const at::Tensor& image_features, const at::Tens
                                 const std::optional<at::Tensor>& soft_labels,
                                 const std::optional<at::Tensor>& sample_index, double smoothing,
                                 bool double_softmax, bool normalize, double temperature,
-                                bool compute_grad) {
+                                bool compute_grad, double q,
+                                const std::optional<at::Tensor>& q_rows) {
   check_features(image_features, text_features, labels);
   const int64_t N = image_features.size(0);
   const int64_t C = text_features.size(0);
@@ -50,6 +53,7 @@ ForwardResult clip_loss_forward(const at::Tensor& image_features, const at::Tens
     classes.push_back(t0.rows);
   }
   const Targets targets(labels, soft_labels, sample_index, smoothing, C);
+  const LossExponents exponents(q, q_rows, N);
   const auto options = x.rows.options();
 
   // float32 input with a gradient wanted: the products are written into the gradient outputs and
@@ -73,7 +77,8 @@ ForwardResult clip_loss_forward(const at::Tensor& image_features, const at::Tens
   const float tau = static_cast<float>(temperature);
   for_each_logit_block(x.rows, classes, grads32, [&](int64_t begin, int64_t end,
                                                       const std::vector<float*>& z_block) {
-    std::vector<float> scratch((double_softmax || kDistill) && compute_grad ? C : 0);
+    std::vector<float> scratch(
+        (double_softmax || kDistill || exponents.any_gce()) && compute_grad ? C : 0);
     for (int64_t i = begin; i < end; ++i) {
       float* z = z_block[0] + (i - begin) * C;
       const float f = sf * x.inv[i];
@@ -84,8 +89,8 @@ ForwardResult clip_loss_forward(const at::Tensor& image_features, const at::Tens
         // The distillation term reads z before the task loss overwrites it with its gradient.
         kl_loss[i] = distillation_row(z, z0, C, m, m0, tau, compute_grad, scratch.data());
       }
-      task_loss[i] = task_loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
-                                   compute_grad, scratch.data());
+      task_loss[i] = loss_row(z, C, m, targets.row(i), targets.kind, double_softmax,
+                              compute_grad, scratch.data(), exponents.at(i));
     }
     if (compute_grad && !direct) {
       for (size_t k = 0; k < classes.size(); ++k) {
@@ -103,10 +108,10 @@ std::tuple<at::Tensor, at::Tensor> clip_cross_entropy_forward(
     const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& labels,
     const at::Tensor& scale, const std::optional<at::Tensor>& soft_labels,
     const std::optional<at::Tensor>& sample_index, double smoothing, bool double_softmax,
-    bool normalize, bool compute_grad) {
+    bool normalize, bool compute_grad, double q, const std::optional<at::Tensor>& q_rows) {
   ForwardResult r = clip_loss_forward<false>(image_features, text_features, nullptr, labels, scale,
                                              soft_labels, sample_index, smoothing, double_softmax,
-                                             normalize, 1.0, compute_grad);
+                                             normalize, 1.0, compute_grad, q, q_rows);
   return {r.task_rows, r.grad_task};
 }
 
@@ -114,14 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prograd_losses_forwar
     const at::Tensor& image_features, const at::Tensor& text_features,
     const at::Tensor& zeroshot_text_features, const at::Tensor& labels, const at::Tensor& scale,
     const std::optional<at::Tensor>& soft_labels, const std::optional<at::Tensor>& sample_index,
-    double smoothing, bool double_softmax, double temperature, bool compute_grad) {
+    double smoothing, bool double_softmax, double temperature, bool compute_grad, double q,
+    const std::optional<at::Tensor>& q_rows) {
   TORCH_CHECK(zeroshot_text_features.sizes() == text_features.sizes() &&
                   zeroshot_text_features.scalar_type() == text_features.scalar_type(),
               "zeroshot_text_features: expected the shape and dtype of text_features");
   TORCH_CHECK(temperature > 0.0, "temperature: must be positive");
   ForwardResult r = clip_loss_forward<true>(image_features, text_features, &zeroshot_text_features,
                                             labels, scale, soft_labels, sample_index, smoothing,
-                                            double_softmax, true, temperature, compute_grad);
+                                            double_softmax, true, temperature, compute_grad, q,
+                                            q_rows);
   return {r.task_rows, r.kl_rows, r.grad_task, r.grad_kl};
 }
 

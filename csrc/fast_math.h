@@ -62,4 +62,25 @@ FASTPROMPT_ALWAYS_INLINE float expm1_unit(float x) {
   return p * x;
 }
 
+// e^x - 1 for x <= 0 (the terms of GCE, exponentials of q log u), to about 1 ulp relative where
+// it matters, near 0 (expm1_unit on [-1, 0]); below -1, e^x - 1 from fast_exp loses nothing
+// (|e^x - 1| > 0.63). Branch-free; a rounding hair above 0 is fine.
+FASTPROMPT_ALWAYS_INLINE float expm1_neg(float x) {
+  const float near = expm1_unit(x < -1.0f ? -1.0f : x);
+  const float far = fast_exp(x) - 1.0f;
+  return x < -1.0f ? far : near;
+}
+
+// e^x and e^x - 1 for x <= 0, each to about 1 ulp relative: e^x - 1 as expm1_neg, and e^x from it
+// on [-1, 0] (where e^x >= 0.37 loses nothing) or from fast_exp below (where 1 + (e^x - 1) would
+// lose all of a tiny e^x). GCE needs both: e^x - 1 for its loss, e^x for its gradient.
+struct ExpPair {
+  float e, em;
+};
+FASTPROMPT_ALWAYS_INLINE ExpPair exp_expm1_neg(float x) {
+  const float near = expm1_unit(x < -1.0f ? -1.0f : x);
+  const float far = fast_exp(x);
+  return {x < -1.0f ? far : 1.0f + near, x < -1.0f ? far - 1.0f : near};
+}
+
 } // namespace fastprompt

@@ -11,9 +11,12 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "clip_cross_entropy": "fastprompt.ops.clip_cross_entropy",
+    "logits_cross_entropy": "fastprompt.ops.logits_losses",
+    "logits_prograd_losses": "fastprompt.ops.logits_losses",
     "prograd_backward": "fastprompt.ops.prograd_backward",
     "prograd_losses": "fastprompt.ops.prograd_losses",
     "project_conflicting_": "fastprompt.ops.project_conflicting",
+    "ot_pseudo_labels": "fastprompt.ops.ot_pseudo_labels",
     "set_validation": "fastprompt._validation",
 }
 

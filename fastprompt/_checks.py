@@ -1,8 +1,8 @@
 """Argument checks and names shared by every layer, serving included (no torch): one integer
-check, one seed check, one check of class names (every source of them: class folders, split
-files, ``--classnames`` files, task files, exports), one way to turn a label into a file-name
-part, one way to show untrusted text on a terminal, and the error of a result refused by its
-own verification."""
+check, one seed check with the one seed range, one check of class names (every source of them:
+class folders, split files, ``--classnames`` files, task files, exports), one way to turn a
+label into a file-name part, one way to show untrusted text on a terminal, and the error of a
+result refused by its own verification."""
 from __future__ import annotations
 
 import re
@@ -25,10 +25,22 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
+# Every seed is an int in [0, SEED_LIMIT): what every use of one takes. The training streams
+# seed torch generators with ``seed * 2_000_003 + epoch`` (int64), numpy's generators refuse
+# negative seeds, and seeds that fastprompt draws itself (export verification, tests) are 4
+# random bytes, so every drawn seed can be given back.
+SEED_LIMIT = 2**32
+SEED_RANGE = "[0, 2**32)"
+
+
 def check_seed(seed, name: str = "seed") -> int:
-    """``seed``, an int (not a bool); TypeError naming ``name`` otherwise."""
+    """``seed``, an int (not a bool) in ``[0, 2**32)``; TypeError or ValueError naming ``name``
+    otherwise."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
+        raise TypeError(f"{name}: expected an int in {SEED_RANGE}, got {type(seed).__name__} "
+                        f"{seed!r:.40}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name}: expected an int in {SEED_RANGE}, got {seed!r:.40}")
     return seed
 
 

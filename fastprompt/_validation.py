@@ -11,6 +11,7 @@ never fault: the kernels clamp every index they load (docs/kernels.md says what 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -111,6 +112,116 @@ def feature_checks(name: str, x: torch.Tensor, normalize: bool) -> list[tuple[st
     return [(f"{name}: contains NaN or infinite values", torch.isfinite(x.detach().abs().amax()))]
 
 
+def target_checks(rows_name: str, rows: torch.Tensor, c: int, labels, *, smoothing, soft_labels,
+                  sample_index, kernel_checks_values: bool = False
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """The free checks of the target arguments (raising at once) for ``rows`` (one per label:
+    ``rows_name``, the image features or the logits) and ``c`` classes; returns their value
+    checks as ``run_value_checks`` entries (labels and sample indices left out with
+    ``kernel_checks_values``, see ``clip_cross_entropy_checks``)."""
+    n = rows.shape[0]
+    if labels.shape[0] != n:
+        raise ValueError(f"labels: expected {n} labels (one per {rows_name} row), got {labels.shape[0]}")
+    check_same_device(rows_name, rows, labels=labels, soft_labels=soft_labels,
+                      sample_index=sample_index)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+        raise TypeError(f"smoothing: expected a float, got {type(smoothing).__name__}")
+    if not 0.0 <= float(smoothing) <= 1.0:
+        raise ValueError(f"smoothing: must lie in [0, 1], got {smoothing}")
+    if soft_labels is not None:
+        check_tensor("soft_labels", soft_labels, ndim=2, floating=True)
+        if soft_labels.shape[1] != c:
+            raise ValueError(f"soft_labels: expected {c} columns (one per class), got shape "
+                             f"{tuple(soft_labels.shape)}")
+        if sample_index is None and soft_labels.shape[0] != c:
+            raise ValueError(f"soft_labels: a class-wise table must be {c} x {c}, got shape "
+                             f"{tuple(soft_labels.shape)}; pass sample_index for an instance-wise table")
+        if soft_labels.shape[0] == 0:
+            raise ValueError("soft_labels: the table has no rows")
+    if sample_index is not None:
+        if soft_labels is None:
+            raise ValueError("sample_index: given without soft_labels (an instance-wise table)")
+        check_tensor("sample_index", sample_index, ndim=1, integer=True)
+        if sample_index.shape[0] != n:
+            raise ValueError(f"sample_index: expected {n} indices (one per {rows_name} row), got "
+                             f"{sample_index.shape[0]}")
+    if soft_labels is not None and soft_labels.requires_grad and torch.is_grad_enabled():
+        raise ValueError("soft_labels: requires grad, but the soft-label table is a fixed target "
+                         "and gets no gradient in any backend; pass soft_labels.detach()")
+    if not value_checks_wanted(rows):
+        return []
+    checks = []
+    if not kernel_checks_values:
+        lo_hi = torch.aminmax(labels)
+        checks.append((f"labels: values must lie in [0, {c})", (lo_hi.min >= 0) & (lo_hi.max < c)))
+    if soft_labels is not None:
+        table = soft_labels.detach()
+        row_sums = table.double().sum(dim=1)
+        checks += [
+            # min >= 0 is false for NaN; an inf entry makes its row's sum inf.
+            ("soft_labels: contains NaN, infinite or negative values",
+             (table.amin() >= 0) & torch.isfinite(row_sums).all()),
+            ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
+        ]
+    if sample_index is not None and not kernel_checks_values:
+        m = soft_labels.shape[0]
+        lo_hi = torch.aminmax(sample_index)
+        checks.append((f"sample_index: values must lie in [0, {m}) (rows of soft_labels)",
+                       (lo_hi.min >= 0) & (lo_hi.max < m)))
+    return checks
+
+
+LOSSES = ("ce", "gce", "mae")
+_Q_RANGE = "must lie in [0, 1] (0: cross-entropy, 1: MAE)"
+
+
+class LossChoice(NamedTuple):
+    """The task loss as the kernels take it: GCE's exponent ``q`` for every row (0 is
+    cross-entropy, 1 is MAE), or one exponent per row in ``q_rows`` (then ``q`` is unused)."""
+    q: float
+    q_rows: Optional[torch.Tensor]
+
+
+def check_loss_choice(loss, q, rows_name: str, rows: torch.Tensor) -> LossChoice:
+    """The free checks of ``loss`` and ``q`` for ``rows`` (one loss per row); returns the
+    ``LossChoice``. ``loss="ce"`` and ``"mae"`` ignore a float ``q``; a tensor ``q`` (one
+    exponent per row, 0 for cross-entropy rows) needs ``loss="gce"``."""
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"loss: must be one of {LOSSES}, got {loss!r}")
+    if isinstance(q, torch.Tensor):
+        if loss != "gce":
+            raise ValueError(f"q: one exponent per row (a tensor) needs loss='gce', got "
+                             f"loss={loss!r}")
+        check_tensor("q", q, ndim=1, floating=True)
+        if q.shape[0] != rows.shape[0]:
+            raise ValueError(f"q: expected {rows.shape[0]} values (one per {rows_name} row), got "
+                             f"{q.shape[0]}")
+        check_same_device(rows_name, rows, q=q)
+        if q.requires_grad and torch.is_grad_enabled():
+            raise ValueError("q: requires grad, but GCE's exponent is a fixed setting and gets no "
+                             "gradient in any backend; pass q.detach()")
+        return LossChoice(0.0, q)
+    if loss != "gce":
+        return LossChoice(0.0 if loss == "ce" else 1.0, None)
+    if isinstance(q, bool) or not isinstance(q, (int, float)):
+        raise TypeError(f"q: expected a float or a tensor of one value per row, got "
+                        f"{type(q).__name__}")
+    if not 0.0 <= float(q) <= 1.0:  # false for NaN too
+        raise ValueError(f"q: {_Q_RANGE}, got {q}")
+    return LossChoice(float(q), None)
+
+
+def loss_choice_checks(choice: LossChoice, kernel_checks_values: bool = False
+                       ) -> list[tuple[str, torch.Tensor]]:
+    """``run_value_checks`` entries for per-row exponents: each in [0, 1] (left to the kernel
+    with ``kernel_checks_values``)."""
+    rows = choice.q_rows
+    if rows is None or kernel_checks_values or not value_checks_wanted(rows):
+        return []
+    rows = rows.detach()
+    return [(f"q: values {_Q_RANGE}", ((rows >= 0) & (rows <= 1)).all())]
+
+
 def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, smoothing,
                               soft_labels, sample_index, normalize, reduction,
                               kernel_checks_values: bool = False
@@ -142,77 +253,42 @@ def clip_cross_entropy_checks(image_features, text_features, labels, scale, *, s
     if text_features.dtype != image_features.dtype:
         raise TypeError(f"text_features: dtype {text_features.dtype} differs from image_features' "
                         f"{image_features.dtype}; cast one of them")
-    if labels.shape[0] != n:
-        raise ValueError(f"labels: expected {n} labels (one per image_features row), got {labels.shape[0]}")
-    check_same_device("image_features", image_features, text_features=text_features, labels=labels,
-                      soft_labels=soft_labels, sample_index=sample_index)
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
-        raise TypeError(f"smoothing: expected a float, got {type(smoothing).__name__}")
-    if not 0.0 <= float(smoothing) <= 1.0:
-        raise ValueError(f"smoothing: must lie in [0, 1], got {smoothing}")
+    check_same_device("image_features", image_features, text_features=text_features)
+    target_entries = target_checks(
+        "image_features", image_features, c, labels, smoothing=smoothing,
+        soft_labels=soft_labels, sample_index=sample_index,
+        kernel_checks_values=kernel_checks_values)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     s = as_scale_tensor(scale, image_features.device)
-    if soft_labels is not None:
-        check_tensor("soft_labels", soft_labels, ndim=2, floating=True)
-        if soft_labels.shape[1] != c:
-            raise ValueError(f"soft_labels: expected {c} columns (one per class), got shape "
-                             f"{tuple(soft_labels.shape)}")
-        if sample_index is None and soft_labels.shape[0] != c:
-            raise ValueError(f"soft_labels: a class-wise table must be {c} x {c}, got shape "
-                             f"{tuple(soft_labels.shape)}; pass sample_index for an instance-wise table")
-        if soft_labels.shape[0] == 0:
-            raise ValueError("soft_labels: the table has no rows")
-    if sample_index is not None:
-        if soft_labels is None:
-            raise ValueError("sample_index: given without soft_labels (an instance-wise table)")
-        check_tensor("sample_index", sample_index, ndim=1, integer=True)
-        if sample_index.shape[0] != n:
-            raise ValueError(f"sample_index: expected {n} indices (one per image_features row), got "
-                             f"{sample_index.shape[0]}")
-    if soft_labels is not None and soft_labels.requires_grad and torch.is_grad_enabled():
-        raise ValueError("soft_labels: requires grad, but the soft-label table is a fixed target "
-                         "and gets no gradient in any backend; pass soft_labels.detach()")
     if not value_checks_wanted(image_features):
         return s, []
 
     # Value checks: one small reduction per tensor, all read back by a single synchronisation.
     checks = []
     if not kernel_checks_values:
-        lo_hi = torch.aminmax(labels)
         checks += (feature_checks("image_features", image_features, normalize)
                    + feature_checks("text_features", text_features, normalize))
-        checks += [("scale: must be finite", torch.isfinite(s.detach())),
-                   (f"labels: values must lie in [0, {c})", (lo_hi.min >= 0) & (lo_hi.max < c))]
-    if soft_labels is not None:
-        table = soft_labels.detach()
-        row_sums = table.double().sum(dim=1)
-        checks += [
-            # min >= 0 is false for NaN; an inf entry makes its row's sum inf.
-            ("soft_labels: contains NaN, infinite or negative values",
-             (table.amin() >= 0) & torch.isfinite(row_sums).all()),
-            ("soft_labels: every row must sum to 1", ((row_sums - 1).abs() <= 1e-3).all()),
-        ]
-    if sample_index is not None and not kernel_checks_values:
-        m = soft_labels.shape[0]
-        lo_hi = torch.aminmax(sample_index)
-        checks.append((f"sample_index: values must lie in [0, {m}) (rows of soft_labels)",
-                       (lo_hi.min >= 0) & (lo_hi.max < m)))
-    return s, checks
+        checks.append(("scale: must be finite", torch.isfinite(s.detach())))
+    return s, checks + target_entries
 
 
 def check_clip_cross_entropy_args(image_features, text_features, labels, scale, *,
                                   smoothing, soft_labels, sample_index, normalize,
-                                  reduction, kernel_checks_values: bool = False) -> torch.Tensor:
-    """Validate the arguments of ``clip_cross_entropy``; return ``scale`` as a 0-d tensor."""
+                                  reduction, loss="ce", q=0.5,
+                                  kernel_checks_values: bool = False
+                                  ) -> tuple[torch.Tensor, LossChoice]:
+    """Validate the arguments of ``clip_cross_entropy``; return ``(scale as a 0-d tensor, the
+    loss choice)``."""
     s, checks = clip_cross_entropy_checks(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
         sample_index=sample_index, normalize=normalize, reduction=reduction,
         kernel_checks_values=kernel_checks_values)
-    run_value_checks(checks)
-    return s
+    choice = check_loss_choice(loss, q, "image_features", image_features)
+    run_value_checks(checks + loss_choice_checks(choice, kernel_checks_values))
+    return s, choice
 
 
 def check_finite_positive(name: str, value, *, allow_zero: bool = False) -> float:
@@ -227,11 +303,13 @@ def check_finite_positive(name: str, value, *, allow_zero: bool = False) -> floa
 
 
 def check_prograd_losses_args(image_features, text_features, zeroshot_text_features, labels, scale,
-                              *, temperature, smoothing, soft_labels, sample_index,
-                              kernel_checks_values: bool = False) -> tuple[torch.Tensor, float]:
-    """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature)``.
-    Every value check of both feature sets and the targets costs one host synchronisation
-    (``kernel_checks_values``: as in ``clip_cross_entropy_checks``, all three matrices included)."""
+                              *, temperature, smoothing, soft_labels, sample_index, loss="ce",
+                              q=0.5, kernel_checks_values: bool = False
+                              ) -> tuple[torch.Tensor, float, LossChoice]:
+    """Validate the arguments of ``prograd_losses``; return ``(scale as a 0-d tensor, temperature,
+    the task loss's choice)``. Every value check of both feature sets and the targets costs one
+    host synchronisation (``kernel_checks_values``: as in ``clip_cross_entropy_checks``, all three
+    matrices included)."""
     temperature = check_finite_positive("temperature", temperature)
     s, checks = clip_cross_entropy_checks(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
@@ -245,10 +323,74 @@ def check_prograd_losses_args(image_features, text_features, zeroshot_text_featu
         raise TypeError(f"zeroshot_text_features: dtype {zeroshot_text_features.dtype} differs from "
                         f"image_features' {image_features.dtype}; cast one of them")
     check_same_device("image_features", image_features, zeroshot_text_features=zeroshot_text_features)
+    choice = check_loss_choice(loss, q, "image_features", image_features)
     if value_checks_wanted(image_features) and not kernel_checks_values:
         checks += feature_checks("zeroshot_text_features", zeroshot_text_features, True)
-    run_value_checks(checks)
-    return s, temperature
+    run_value_checks(checks + loss_choice_checks(choice, kernel_checks_values))
+    return s, temperature, choice
+
+
+def logits_checks(logits, labels, *, smoothing, soft_labels, sample_index, reduction,
+                  kernel_checks_values: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The free checks of ``logits_cross_entropy``'s arguments but the loss choice (raising at
+    once); returns the value checks as ``run_value_checks`` entries (the logits' finiteness,
+    labels and sample indices left to the kernel with ``kernel_checks_values``)."""
+    check_tensor("logits", logits, ndim=2, floating=True)
+    check_tensor("labels", labels, ndim=1, integer=True)
+    n, c = logits.shape
+    if n == 0:
+        raise ValueError("logits: empty batch (0 rows)")
+    if c == 0:
+        raise ValueError("logits: no classes (0 columns)")
+    target_entries = target_checks("logits", logits, c, labels, smoothing=smoothing,
+                                   soft_labels=soft_labels, sample_index=sample_index,
+                                   kernel_checks_values=kernel_checks_values)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
+    if not value_checks_wanted(logits) or kernel_checks_values:
+        return target_entries
+    return [("logits: contains NaN or infinite values",
+             torch.isfinite(logits.detach().abs().amax()))] + target_entries
+
+
+def check_logits_cross_entropy_args(logits, labels, *, smoothing, soft_labels, sample_index,
+                                    reduction, loss="ce", q=0.5,
+                                    kernel_checks_values: bool = False) -> LossChoice:
+    """Validate the arguments of ``logits_cross_entropy``; return the loss choice. The value
+    checks cost one host synchronisation."""
+    checks = logits_checks(logits, labels, smoothing=smoothing, soft_labels=soft_labels,
+                           sample_index=sample_index, reduction=reduction,
+                           kernel_checks_values=kernel_checks_values)
+    choice = check_loss_choice(loss, q, "logits", logits)
+    run_value_checks(checks + loss_choice_checks(choice, kernel_checks_values))
+    return choice
+
+
+def check_logits_prograd_losses_args(logits, zeroshot_logits, labels, *, temperature, smoothing,
+                                     soft_labels, sample_index, loss="ce", q=0.5,
+                                     kernel_checks_values: bool = False
+                                     ) -> tuple[float, LossChoice]:
+    """Validate the arguments of ``logits_prograd_losses``; return ``(temperature, the task
+    loss's choice)``. The value checks of both logits tensors and the targets cost one host
+    synchronisation."""
+    temperature = check_finite_positive("temperature", temperature)
+    checks = logits_checks(logits, labels, smoothing=smoothing, soft_labels=soft_labels,
+                           sample_index=sample_index, reduction="mean",
+                           kernel_checks_values=kernel_checks_values)
+    check_tensor("zeroshot_logits", zeroshot_logits, ndim=2, floating=True)
+    if zeroshot_logits.shape != logits.shape:
+        raise ValueError(f"zeroshot_logits: shape {tuple(zeroshot_logits.shape)} differs from "
+                         f"logits' {tuple(logits.shape)}")
+    if zeroshot_logits.dtype != logits.dtype:
+        raise TypeError(f"zeroshot_logits: dtype {zeroshot_logits.dtype} differs from logits' "
+                        f"{logits.dtype}; cast one of them")
+    check_same_device("logits", logits, zeroshot_logits=zeroshot_logits)
+    choice = check_loss_choice(loss, q, "logits", logits)
+    if value_checks_wanted(logits) and not kernel_checks_values:
+        checks.append(("zeroshot_logits: contains NaN or infinite values",
+                       torch.isfinite(zeroshot_logits.detach().abs().amax())))
+    run_value_checks(checks + loss_choice_checks(choice, kernel_checks_values))
+    return temperature, choice
 
 
 def _check_tensor_list(name: str, tensors) -> list[torch.Tensor]:

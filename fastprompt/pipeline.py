@@ -29,9 +29,17 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
     if classnames is not None:
         run = with_classnames(run, classnames, where=classnames_from)
+    scale, affine, weight = float(run.scale), None, 1.0
+    if run.fused is not None:  # DePT's training classes: the weighted similarity + the head
+        weight, affine = run.fused.similarity_weight, (run.fused.weight, run.fused.bias)
+        scale = run.fused.scale * weight
+    text_head = None
+    if run.head is not None:  # prompts that depend on the image: the text tower in the graph
+        text_head = run.head.for_export()
     return export_onnx(run.model, run.text_features, list(run.class_names), out_dir,
-                       scale=float(run.scale), model_name=run.model_name, method=dict(run.method),
-                       triton=triton, **kwargs)
+                       scale=scale, model_name=run.model_name, method=dict(run.method),
+                       triton=triton, affine=affine, text_head=text_head,
+                       text_head_weight=weight, **kwargs)
 
 
 def export_run_ensemble(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -45,6 +53,9 @@ def export_run_ensemble(run_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                          "(its metrics.json lists no tasks)")
     runs = {name: load_softcpt_run(run_dir, task=name) for name in names}
     first = runs[names[0]]
+    if first.fused is not None:
+        raise ValueError("--triton-ensemble: a run trained with --dept has a head per task that "
+                         "the ensemble's shared heads do not hold; export each task (--task)")
     return export_ensemble(
         first.model, {name: (run.text_features, list(run.class_names)) for name, run in runs.items()},
         out_dir, scale=float(first.scale), model_name=first.model_name,

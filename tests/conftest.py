@@ -8,8 +8,10 @@
   ``FASTPROMPT_TEST_SEED=N`` replays one.
 * ``tiny_clip``, ``tiny_text``, ``tiny_weights``: the tiny open_clip model (its seeded default
   weights), and those weights saved as a checkpoint file (so runs can name ``--pretrained``).
-* ``shapes_data``, ``cached_shapes``: generated shapes data sets, and feature caches of them
-  built with the tiny model, each made once per session for each distinct set of arguments.
+* ``shapes_data``, ``cached_shapes``, ``cached_shapes_tasks``: generated shapes data sets (and
+  task sets), and feature caches of them built with the tiny model, each made once per session
+  for each distinct set of arguments. They are read-only: at the end of the session, a file
+  added, removed or changed in one of them is an error.
 * ``tiny``, ``class_embeddings``, ``tiny_export``, ``image_files``: one float32 ONNX export of the
   tiny model and images to classify, shared by tests/export and tests/serve (their helpers are
   in tests/onnxlib.py).
@@ -108,6 +110,43 @@ def tiny_weights(tiny_clip, tmp_path_factory):
     return str(path)
 
 
+class ReadOnlyGuard:
+    """The files of the shared folders a session fixture made (path, size, modification
+    time), taken when made and compared at the end of the session: a test that added, removed
+    or changed one broke the fixture's read-only rule, which ``check`` reports."""
+
+    def __init__(self, fixture: str):
+        self.fixture = fixture
+        self.listings: dict = {}
+
+    @staticmethod
+    def listing(folder: Path) -> dict:
+        files = {}
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                st = os.lstat(path)
+                files[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+        return files
+
+    def watch(self, folder: Path) -> None:
+        self.listings[folder] = self.listing(folder)
+
+    def check(self) -> None:
+        broken = []
+        for folder, before in self.listings.items():
+            after = self.listing(folder)
+            added = sorted(after.keys() - before.keys())
+            removed = sorted(before.keys() - after.keys())
+            changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+            if added or removed or changed:
+                broken.append(f"{folder}: added {added}, removed {removed}, changed {changed}")
+        if broken:
+            raise AssertionError(
+                f"{self.fixture}: a test wrote into a shared, read-only folder (one that must "
+                "write makes its own copy in its tmp_path):\n" + "\n".join(broken))
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """``shapes_data(classes=4, images_per_class=5, test_images_per_class=2, size=64,
@@ -119,6 +158,7 @@ def shapes_data(tmp_path_factory):
     data set with ``make_shapes_dataset`` in its ``tmp_path``)."""
     base = tmp_path_factory.mktemp("shapes_data")
     made: dict = {}
+    guard = ReadOnlyGuard("shapes_data")
 
     def make(classes=4, *, images_per_class=5, test_images_per_class=2, size=64, data_seed=3):
         key = (classes, images_per_class, test_images_per_class, size, data_seed)
@@ -129,8 +169,10 @@ def shapes_data(tmp_path_factory):
                                          test_images_per_class=test_images_per_class, size=size,
                                          seed=data_seed)
             made[key] = (root, splits)
+            guard.watch(root)
         return made[key]
-    return make
+    yield make
+    guard.check()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +221,7 @@ def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
     model, preprocess_train, preprocess_val, tokenizer = tiny_clip
     base = tmp_path_factory.mktemp("cached_shapes")
     built: dict = {}
+    guard = ReadOnlyGuard("cached_shapes")
 
     def make(classes=4, *, views=2, shots=None, noise_rate=0.0, noise_type="symmetric", seed=1,
              batch_size=128, chunk_size=DEFAULT_CHUNK_SIZE, images_per_class=5,
@@ -197,8 +240,88 @@ def cached_shapes(shapes_data, tiny_clip, tiny_weights, tmp_path_factory):
             cache = build_feature_cache(folder / "cache.safetensors", spec, progress=False)
             built[key] = CachedShapes(root, splits, spec, cache, model, preprocess_train,
                                       preprocess_val, tokenizer, tiny_weights)
+            guard.watch(folder)
         return built[key]
-    return make
+    yield make
+    guard.check()
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedShapesTasks:
+    """What ``cached_shapes_tasks`` gives: the tasks file (``make_shapes_tasks``) and its task
+    specs (``read_tasks_file``), one ``fastprompt.train.Task(name, cache)`` per task in the
+    file's order (a tuple), and the tiny model the caches were built with, as in
+    :class:`CachedShapes`."""
+    tasks_file: str
+    specs: tuple
+    tasks: tuple
+    model: object
+    preprocess_train: object
+    preprocess_val: object
+    tokenizer: object
+    weights: str
+
+
+@pytest.fixture(scope="session")
+def cached_shapes_tasks(tiny_clip, tiny_weights, tmp_path_factory):
+    """``cached_shapes_tasks(num_tasks=3, classes_per_task=3, *, views=2, shots=None,
+    noise_rate=0.0, noise_type="symmetric", seed=1, batch_size=128,
+    chunk_size=DEFAULT_CHUNK_SIZE, images_per_class=5, test_images_per_class=2, size=64,
+    data_seed=3)``: a generated shapes task set (``make_shapes_tasks``: ``num_tasks`` data sets
+    of ``classes_per_task`` disjoint classes, from ``images_per_class`` ... ``data_seed``) and a
+    feature cache of each task built with ``tiny_clip``'s model (from ``views`` ...
+    ``chunk_size``, the ``CacheSpec`` arguments), as a :class:`CachedShapesTasks` record
+    (``.tasks_file``, ``.specs``, ``.tasks``, ``.model``, ...).
+
+    Made once per session for each distinct set of arguments and shared, read-only, as
+    ``cached_shapes``: a test must not write to the task folders, the tasks file or the caches'
+    folder. For a SoftCPT ``setup`` fixture that built its own, e.g.::
+
+        shared = cached_shapes_tasks(3, 3, images_per_class=4, test_images_per_class=2,
+                                     size=32, data_seed=4, views=2, noise_rate=0.25, seed=2)
+        return shared.model, shared.tokenizer, list(shared.tasks), shared.weights
+    """
+    from fastprompt.data import load_dataset
+    from fastprompt.data.cache import DEFAULT_CHUNK_SIZE, CacheSpec, build_feature_cache
+    from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
+    from fastprompt.train import Task
+    model, preprocess_train, preprocess_val, tokenizer = tiny_clip
+    base = tmp_path_factory.mktemp("cached_shapes_tasks")
+    built: dict = {}
+    guard = ReadOnlyGuard("cached_shapes_tasks")
+
+    def make(num_tasks=3, classes_per_task=3, *, views=2, shots=None, noise_rate=0.0,
+             noise_type="symmetric", seed=1, batch_size=128, chunk_size=DEFAULT_CHUNK_SIZE,
+             images_per_class=5, test_images_per_class=2, size=64,
+             data_seed=3) -> CachedShapesTasks:
+        data = dict(num_tasks=num_tasks, classes_per_task=classes_per_task,
+                    images_per_class=images_per_class,
+                    test_images_per_class=test_images_per_class, size=size, seed=data_seed)
+        options = dict(views=views, shots=shots, noise_rate=noise_rate, noise_type=noise_type,
+                       seed=seed, batch_size=batch_size, chunk_size=chunk_size)
+        key = (tuple(sorted(data.items())), tuple(sorted(options.items())))
+        if key not in built:
+            root = base / f"tasks-{len(built)}"
+            tasks_file = make_shapes_tasks(root / "data", **data)
+            specs = tuple(read_tasks_file(tasks_file))
+            folder = root / "caches"
+            folder.mkdir()
+            tasks = []
+            for i, task in enumerate(specs):
+                spec = CacheSpec(model, "fastprompt-tiny", preprocess_train, preprocess_val,
+                                 load_dataset(task.data), **options)
+                cache = build_feature_cache(folder / f"cache-{i}.safetensors", spec,
+                                            progress=False)
+                tasks.append(Task(task.name, cache))
+            built[key] = CachedShapesTasks(tasks_file, specs, tuple(tasks), model,
+                                           preprocess_train, preprocess_val, tokenizer,
+                                           tiny_weights)
+            guard.watch(root)
+        return built[key]
+    yield make
+    guard.check()
+
+
 # ----- exported classifiers (tests/export, tests/serve) -------------------------------------------
 
 

@@ -234,32 +234,73 @@ def row_weights(n, reduction="mean", upstream=None):
     return upstream.double().cpu()
 
 
-def logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize=True):
-    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of docs/math.md, rows weighted
-    by ``weights``) and ``M``, the magnitudes of the terms that cancel in ``G``."""
-    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
-    z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), normalize)
-    table = kw.get("soft_labels")
-    target = reference.soft_targets(labels.cpu(), z.shape[1], kw.get("smoothing", 0.0),
-                                    None if table is None else table.double(),
-                                    kw.get("sample_index"), torch.float64)
+def exponent_column(q, n):
+    """GCE's exponent as an N x 1 float64 column: a number, or one per row (``loss="gce"`` with
+    a tensor ``q``); 0 is cross-entropy."""
+    if torch.is_tensor(q):
+        return q.detach().double().cpu()[:, None]
+    return torch.full((n, 1), float(q), dtype=torch.float64)
+
+
+def loss_exponent(opts):
+    """The exponent that ``loss``/``q`` options (as the ops take them) give: 0 for cross-entropy,
+    1 for MAE, else ``q`` (a number or a tensor)."""
+    loss = opts.get("loss", "ce")
+    return 0.0 if loss == "ce" else 1.0 if loss == "mae" else opts.get("q", 0.5)
+
+
+def row_logit_terms64(z, target, double_softmax, q=0.0):
+    """The closed forms of docs/math.md in float64, per row of logits ``z``: ``G = ∂ℓ_i/∂z`` and
+    ``M``, the magnitudes of the terms that cancel in it. With ``π = softmax(z)`` (DSPT:
+    ``softmax(p)``, ``p = softmax(z)``), ``a_c = t_c π_c^q`` and ``A = Σ a``, the loss's gradient
+    with respect to the softmax's input is ``g = π A - a`` (cross-entropy: ``q = 0``, ``π - t``);
+    DSPT carries it through the first softmax, ``G = p (g - Σ_k p_k g_k)``."""
     p = torch.softmax(z, dim=1)
-    if double_softmax:
-        q = torch.softmax(p, dim=1)
-        pq, tp = (p * q).sum(1, keepdim=True), (target * p).sum(1, keepdim=True)
-        grad, mag = p * (q - target - pq + tp), p * (q + target + pq + tp)
-    else:
-        grad, mag = p - target, p + target
+    pi = torch.softmax(p, dim=1) if double_softmax else p
+    a = target * pi ** exponent_column(q, z.shape[0])
+    big_a = a.sum(1, keepdim=True)
+    g, g_mag = pi * big_a - a, pi * big_a + a
+    if not double_softmax:
+        return g, g_mag
+    return (p * (g - (p * g).sum(1, keepdim=True)),
+            p * (g_mag + (p * g_mag).sum(1, keepdim=True)))
+
+
+def row_losses64(z, target, double_softmax, q=0.0):
+    """Per-row losses from their definitions in float64: cross-entropy ``-Σ t log π`` where the
+    exponent is 0, else GCE ``Σ_c t_c (1 - π_c^q) / q`` as written (no expm1)."""
+    pi = torch.softmax(torch.softmax(z, dim=1) if double_softmax else z, dim=1)
+    qc = exponent_column(q, z.shape[0])
+    ce = -(target * torch.log(pi)).sum(1)
+    gce = (target * (1 - pi ** qc)).sum(1) / torch.where(qc > 0, qc, 1.0)[:, 0]
+    return torch.where(qc[:, 0] > 0, gce, ce)
+
+
+def target_table64(labels, c, kw):
+    """``reference.soft_targets`` of the target options ``kw`` in float64 on the CPU."""
+    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    table = kw.get("soft_labels")
+    return reference.soft_targets(labels.cpu(), c, kw.get("smoothing", 0.0),
+                                  None if table is None else table.double(),
+                                  kw.get("sample_index"), torch.float64)
+
+
+def logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize=True, q=0.0):
+    """Float64 logits ``z``, the logit gradient ``G`` (closed forms of docs/math.md, rows weighted
+    by ``weights``; ``q``: GCE's exponent, 0 for cross-entropy) and ``M``, the magnitudes of the
+    terms that cancel in ``G``."""
+    z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), normalize)
+    grad, mag = row_logit_terms64(z, target_table64(labels, z.shape[1], kw), double_softmax, q)
     w = weights[:, None]
     return z, grad * w, mag * w.abs()
 
 
 def clip_allowances(x, t, labels, s, kw, double_softmax, weights, normalize=True,
-                    dtype=torch.float32):
+                    dtype=torch.float32, q=0.0):
     """Extra absolute allowances for (loss, grad image, grad text, grad scale): float32
     cancellation in ``G`` plus, in half precision, the rounding of ``G`` stored in that dtype,
-    carried through the closed-form gradients."""
-    z, grad, mag = logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize)
+    carried through the closed-form gradients (``q``: GCE's exponent, 0 for cross-entropy)."""
+    z, grad, mag = logit_terms64(x, t, labels, s, kw, double_softmax, weights, normalize, q)
     error = float32_logit_error(mag)
     if dtype in (torch.float16, torch.bfloat16):
         error = error + half_storage_error([grad], dtype)
@@ -267,14 +308,14 @@ def clip_allowances(x, t, labels, s, kw, double_softmax, weights, normalize=True
 
 
 def prograd_allowances(x, t, t0, labels, s, kw, double_softmax, temperature=1.0,
-                       weights=(1.0, 1.0)):
+                       weights=(1.0, 1.0), q=0.0):
     """Extra absolute allowances for (task, kl, grad image, grad text, grad scale) of the mean
     ProGrad losses in float32: the cancellation in the combined logit gradient
     ``w_task G_task + w_kl G_kl``, whose terms are those of ``G_task`` (as in ``clip_allowances``)
     and ``τ (softmax(z/τ) + softmax(z0/τ)) / N`` for the distillation term, carried through the
     closed-form gradients like ``clip_allowances``."""
     n = x.shape[0]
-    _, _, task_mag = logit_terms64(x, t, labels, s, kw, double_softmax, row_weights(n))
+    _, _, task_mag = logit_terms64(x, t, labels, s, kw, double_softmax, row_weights(n), q=q)
     z = reference.clip_logits(x.double().cpu(), t.double().cpu(), s.double().cpu(), True)
     z0 = reference.clip_logits(x.double().cpu(), t0.double().cpu(), s.double().cpu(), True)
     kl_mag = temperature * (torch.softmax(z / temperature, dim=1)
@@ -293,11 +334,15 @@ def float64_target_options(kw):
     return kw
 
 
-def prograd_formula_rows(z, z0, labels, kw, double_softmax, tau):
-    """Per-row task and distillation losses from the formulas of docs/math.md, in float64."""
+def prograd_formula_rows(z, z0, labels, kw, double_softmax, tau, q=0.0):
+    """Per-row task and distillation losses from the formulas of docs/math.md, in float64 (``q``:
+    the task loss's GCE exponent, 0 for cross-entropy)."""
     target = targets64(labels, z.shape[1], kw)
-    student = torch.softmax(z, dim=1) if double_softmax else z
-    task = torch.logsumexp(student, dim=1) - (target * student).sum(dim=1)
+    if torch.is_tensor(q) or q != 0:
+        task = row_losses64(z, target, double_softmax, q)
+    else:
+        student = torch.softmax(z, dim=1) if double_softmax else z
+        task = torch.logsumexp(student, dim=1) - (target * student).sum(dim=1)
     # -τ² Σ p0 log q = τ² (KL(p0 ‖ q) + H(p0)), written through torch's kl_div
     p0 = torch.softmax(z0 / tau, dim=1)
     kl = tau**2 * (F.kl_div(torch.log_softmax(z / tau, dim=1), p0, reduction="none").sum(1)
@@ -348,3 +393,106 @@ def prograd_half_allowances(x, t, t0, labels, s, kw, dtype, double_softmax=True)
              torch.autograd.grad(kl_rows.sum(), z)[0] / n]
     _, _, scale_allowance = propagate_logit_error(half_storage_error(terms, dtype), x, t, s)
     return 0.0, 0.0, 0.0, 0.0, scale_allowance
+
+
+# --- the logits ops: inputs, results with gradients, float64 truth and allowances ------------
+
+def make_logits_inputs(n, c, *, seed, target="hard", device="cpu", dtype=torch.float32,
+                       spread=4.0, smoothing=0.2):
+    """Random logits ``z`` (N x C, standard deviation ``spread``), labels and the target options
+    of ``target`` as keyword arguments: ``(z, labels, kw)``."""
+    _, _, labels, _, kw = make_inputs(n, c, 1, seed=seed, target=target, device=device,
+                                      smoothing=smoothing)
+    g = torch.Generator().manual_seed(seed + 7)
+    z = spread * torch.randn(n, c, generator=g)
+    return z.to(device, dtype), labels, kw
+
+
+def logits_loss_and_grads(fn, z, labels, kw, *, reduction="mean", upstream=None, **opts):
+    """``(loss, grad logits)`` of ``fn`` (``logits_cross_entropy`` or the reference's), the loss
+    reduced by ``reduction`` (``"none"``: weighted by ``upstream``)."""
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z, labels, reduction=reduction, **kw, **opts)
+    objective = loss if loss.dim() == 0 else (loss * upstream.to(loss)).sum()
+    objective.backward()
+    return loss, z.grad
+
+
+def _float64_options(kw):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kw.items()}
+
+
+def logits_truth(z, labels, kw, **opts):
+    """``logits_loss_and_grads`` of the reference in float64."""
+    return logits_loss_and_grads(reference.logits_cross_entropy, z.double(), labels,
+                                 _float64_options(kw), **opts)
+
+
+def logits_eager(z, labels, kw, **opts):
+    """The eager reference in the logits' own precision: the baseline of the error rule."""
+    return logits_loss_and_grads(reference.logits_cross_entropy, z, labels, kw, **opts)
+
+
+def logits_allowances(z, labels, kw, double_softmax, weights, q=0.0, dtype=torch.float32):
+    """Extra absolute allowances for (loss, grad logits): float32 cancellation in ``G`` weighted
+    by ``weights``, plus in half precision its two roundings to ``dtype`` (``G`` stored by the
+    forward, ``w_i G`` by the backward)."""
+    grad, mag = row_logit_terms64(z.double().cpu(), target_table64(labels, z.shape[1], kw),
+                                  double_softmax, q)
+    w = weights[:, None]
+    error = float32_logit_error(mag * w.abs())
+    if dtype in (torch.float16, torch.bfloat16):
+        error = error + 2 * half_storage_error([grad * w], dtype)
+    return 0.0, error
+
+
+def logits_prograd_and_grads(fn, z, z0, labels, kw, *, weights=(1.0, 1.0), **opts):
+    """``(task loss, kl loss, grad logits)`` of ``fn`` (``logits_prograd_losses`` or the
+    reference's), the gradient that of ``weights[0] task + weights[1] kl``."""
+    z = z.detach().clone().requires_grad_(True)
+    task, kl = fn(z, z0, labels, **kw, **opts)
+    (weights[0] * task + weights[1] * kl).backward()
+    return task, kl, z.grad
+
+
+def logits_prograd_truth(z, z0, labels, kw, **opts):
+    """``logits_prograd_and_grads`` of the reference in float64."""
+    return logits_prograd_and_grads(reference.logits_prograd_losses, z.double(), z0.double(),
+                                    labels, _float64_options(kw), **opts)
+
+
+def logits_prograd_allowances(z, z0, labels, kw, double_softmax, temperature=1.0,
+                              weights=(1.0, 1.0), q=0.0, dtype=torch.float32):
+    """Extra absolute allowances for (task, kl, grad logits) of the mean losses: the float32
+    cancellation in ``w_task G_task + w_kl G_kl`` (the distillation term's terms
+    ``τ (softmax(z/τ) + softmax(z0/τ))``), plus in half precision the roundings of both stored
+    gradients and of their weighted sum."""
+    n = z.shape[0]
+    z64, z064 = z.double().cpu(), z0.double().cpu()
+    task, task_mag = row_logit_terms64(z64, target_table64(labels, z.shape[1], kw),
+                                       double_softmax, q)
+    p_tau = torch.softmax(z64 / temperature, dim=1)
+    p0_tau = torch.softmax(z064 / temperature, dim=1)
+    kl, kl_mag = temperature * (p_tau - p0_tau), temperature * (p_tau + p0_tau)
+    error = float32_logit_error((abs(weights[0]) * task_mag + abs(weights[1]) * kl_mag) / n)
+    if dtype in (torch.float16, torch.bfloat16):
+        error = error + half_storage_error([weights[0] * task / n, weights[1] * kl / n], dtype)
+    return 0.0, 0.0, error
+
+
+# The task losses the ops take: ``loss_options(kind, n)`` gives their keyword arguments.
+LOSS_KINDS = ("ce", "gce", "mae", "gce-rows")
+
+
+def loss_options(kind, n, *, device="cpu", seed=0, q=0.5):
+    """``loss``/``q`` keyword arguments of a loss kind: cross-entropy, GCE with ``q``, MAE, or
+    GCE with one exponent per row ("gce-rows": rows of cross-entropy, MAE, q = 1e-3 and random
+    exponents in (0, 1), as NLPrompt's per-row choice generalised)."""
+    if kind == "gce-rows":
+        rows = torch.rand(n, generator=torch.Generator().manual_seed(seed + 11))
+        rows[0::4], rows[1::4], rows[2::4] = 0.0, 1.0, 1e-3
+        return dict(loss="gce", q=rows.to(device))
+    if kind == "gce":
+        return dict(loss="gce", q=q)
+    return dict(loss=kind)

@@ -1,4 +1,4 @@
-"""fastprompt command line: cache, train, eval, demo, export, predict, sweep, plot.
+"""fastprompt command line: cache, train, eval, demo, export, predict, sweep, plot, import-dassl.
 
 Every command returns 0 on success and 2 on bad input or an anticipated failure (a damaged or
 locked file, a full or read-only disk, a missing GPU), with one line naming the argument or file
@@ -44,6 +44,7 @@ COMMAND_MODULES = {
     "predict": "fastprompt.cli.predict",
     "sweep": "fastprompt.cli.protocols",
     "plot": "fastprompt.cli.protocols",
+    "import-dassl": "fastprompt.cli.dassl",
 }
 
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError, LockedError, RecursionError,

@@ -8,14 +8,36 @@ import sys
 import torch
 import torch.distributed as dist
 
+from fastprompt._checks import SEED_RANGE, check_seed
 from fastprompt.cli.types import int_at_least
 from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
 from fastprompt.data.cache import (DEFAULT_CHUNK_SIZE, build_or_load_cache, check_cache_weights,
                                    torchrun_rank)
+from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import SUBSAMPLES, DataSource
 from fastprompt.models import create_model
+from fastprompt.models.factory import check_device
 from fastprompt.protocols.plots import plot_curves
 from fastprompt.train.distributed import rank_device, world
+
+
+def seed(value: str) -> int:
+    """An argparse type: a seed in the one range every seed takes (``check_seed``), refused by
+    argparse naming the flag otherwise."""
+    try:
+        return check_seed(int(value))
+    except ValueError:  # not an int, or out of range
+        raise argparse.ArgumentTypeError(
+            f"expected an int in {SEED_RANGE}, got {value!r}") from None
+
+
+def noise_rate(value: str) -> float:
+    """An argparse type: a label-noise rate in the range a sweep spec and the library take
+    (``check_noise_rate``), refused by argparse naming the flag otherwise."""
+    try:
+        return check_noise_rate(float(value))
+    except ValueError:  # not a number, or out of range
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {value!r}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,11 +72,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class when the folder has no train/test split (default: %(default)s)")
     g.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class")
-    g.add_argument("--noise-rate", type=float, default=0.0, help="label noise rate for robustness studies")
+    g.add_argument("--noise-rate", type=noise_rate, default=0.0,
+                   help="label noise rate for robustness studies, in [0, 1]")
     g.add_argument("--noise-type", choices=NOISE_TYPES, default="symmetric")
     g.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="augmented views cached per training image (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=1, help="seed of sampling, noise, views and training")
+    g.add_argument("--seed", type=seed, default=1,
+                   help=f"seed of sampling, noise, views and training, in {SEED_RANGE}")
     g.add_argument("--subsample", choices=SUBSAMPLES, default="all",
                    help="base-to-new protocol: train on the base half of the classes (labels "
                    "sorted, the first ceil(C/2)) or the new half (default: %(default)s)")
@@ -75,20 +99,7 @@ def device(name: str | None) -> str:
     """The ``--device`` value, checked: a torch device type this machine has."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    name = rank_device(name)  # torchrun: one GPU per process
-    try:
-        checked = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from e
-    if checked.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name!r} asked for, but torch sees no CUDA GPU")
-        if checked.index is not None and checked.index >= torch.cuda.device_count():
-            raise ValueError(f"--device: {name!r}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-    elif checked.type != "cpu":
-        raise ValueError(f"--device: {name!r} is not supported (cpu or cuda)")
-    return name
+    return check_device(rank_device(name), "--device")  # torchrun: one GPU per process
 
 
 def is_writer() -> bool:

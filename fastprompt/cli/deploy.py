@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.cli.common import seed
+from fastprompt.cli.dassl import add_export_args, cmd_export_dassl
 from fastprompt.cli.types import number_between
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
@@ -17,6 +19,9 @@ DEFAULT_AGREEMENT_LIMIT = 512
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.dassl:  # the official code's checkpoint instead of an ONNX model
+        cmd_export_dassl(args)
+        return
     report = _export_ensemble(args) if args.triton_ensemble else _export_one(args)
     print(report.summary())
 
@@ -113,7 +118,7 @@ def add_commands(subparsers) -> None:
                         help="SoftCPT runs: one shared image encoder, one head per task and one "
                              "ensemble per task in OUT_DIR (every task; float32)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the verification inputs")
+    parser.add_argument("--seed", type=seed, default=None, help="seed of the verification inputs")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime-vs-torch check (not recommended)")
     parser.add_argument("--task", metavar="NAME", default=None,
@@ -122,4 +127,5 @@ def add_commands(subparsers) -> None:
                         help="classify among these class names (one per line) instead of the "
                              "trained ones, with the learned context in front of each (not for "
                              "class-specific contexts)")
+    add_export_args(parser)
     parser.set_defaults(func=cmd_export)

@@ -79,7 +79,7 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--all-images", action="store_true",
                    help="every image of --data is a test image (evaluation-only sets such as "
                    "ImageNet-A/R/Sketch laid out as class folders)")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=common.seed, default=None,
                    help="seed of the test split of a folder without one (default: the run's)")
     g.add_argument("--subsample", choices=SUBSAMPLES, default="all",
                    help="evaluate on this half of --data's classes (default: %(default)s)")

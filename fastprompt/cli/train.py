@@ -11,19 +11,28 @@ from fastprompt.cli.types import int_at_least
 from fastprompt.data import load_cache
 from fastprompt.data.cache import load_cache_for, task_cache_path
 from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
-from fastprompt.train import (METHODS, TARGETS, Task, TrainConfig, coop_epochs, train_run,
-                              train_softcpt_run)
+from fastprompt.train import (LEARNERS, LOSSES, METHODS, TARGETS, Task, TrainConfig, coop_epochs,
+                              train_run, train_softcpt_run)
+from fastprompt.train.config import OPTIMIZERS
 from fastprompt.train.class_sharding import shard_bounds
 from fastprompt.train.distributed import DEFAULT_TIMEOUT_S, torchrun_process_group, world_size
 from fastprompt.train.files import refuse_existing_run
-from fastprompt.train.softcpt import SOFTCPT_EPOCHS
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    g = p.add_argument_group("method (every combination works)")
-    g.add_argument("--method", choices=METHODS, default=d.method,
-                   help="coop: cross-entropy; dspt: double softmax; softcpt: several tasks")
+    g = p.add_argument_group("method (every learner takes every loss and plug-in)")
+    g.add_argument("--learner", choices=tuple(LEARNERS), default=None,
+                   help="the prompt learner (default: coop); its official config sets the "
+                   "defaults of --n-ctx, --ctx-init, --epochs, --batch-size, --lr, --optimizer")
+    g.add_argument("--loss", choices=LOSSES, default=None,
+                   help="ce: cross-entropy (default); dspt: DSPT's double softmax; gce: PTNL's "
+                   "generalized cross-entropy (1 - p^q)/q; mae: 1 - p (GCE with q = 1)")
+    g.add_argument("--gce-q", type=float, default=d.gce_q,
+                   help="GCE's exponent q in (0, 1] (default: %(default)s, PTNL's)")
+    g.add_argument("--method", choices=METHODS, default=None,
+                   help="shorthand: coop (--learner coop), dspt (--learner coop --loss dspt), "
+                   "softcpt (--learner softcpt)")
     g.add_argument("--targets", choices=TARGETS, default=d.targets,
                    help="hard, ls (label smoothing), csl/isl (ATLaS class-/instance-wise soft labels)")
     g.add_argument("--smoothing", type=float, default=d.smoothing, help="weight of the soft part (default: %(default)s)")
@@ -35,16 +44,42 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prograd", action="store_true", help="ProGrad gradient projection")
     g.add_argument("--lam", type=float, default=d.lam, help="ProGrad lambda (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="ProGrad KL temperature")
-    g = p.add_argument_group("prompt (CoOp)")
-    g.add_argument("--n-ctx", type=int, default=d.n_ctx)
-    g.add_argument("--ctx-init", default=d.ctx_init, help='initial phrase, e.g. "a photo of a"')
+    g.add_argument("--kg-weight", type=float, default=d.kg_weight,
+                   help="KgCoOp, TCP: weight of the distance to the hand-made prompt's features "
+                   "(default: %(default)s)")
+    g.add_argument("--kg-template", default=d.kg_template,
+                   help="KgCoOp, TCP: the hand-made prompt, e.g. 'a photo of a {}, a type of pet.' "
+                   "(default: %(default)r)")
+    g.add_argument("--tcp-layer", type=int, default=d.tcp_layer,
+                   help="TCP: the text layer before which its class-aware tokens replace the "
+                   "context (default: %(default)s)")
+    g.add_argument("--dept", action="store_true",
+                   help="DePT: FiLM'd features into a linear head over the training classes, "
+                   "trained beside the prompt; base classes fuse both at test")
+    g.add_argument("--dept-weight", type=float, default=d.dept_weight,
+                   help="DePT: the head's share of the loss and of the fused logits "
+                   "(default: %(default)s)")
+    g.add_argument("--dept-lr-scale", type=float, default=d.dept_lr_scale,
+                   help="DePT: the head's learning rate is --lr times this (default: %(default)s)")
+    g.add_argument("--nlprompt", action="store_true",
+                   help="NLPrompt: each epoch an optimal-transport split of the training images; "
+                   "those it keeps train with the loss, the others with MAE")
+    g.add_argument("--ot-reg", type=float, default=d.ot_reg,
+                   help="NLPrompt: the transport's entropic regularisation (default: %(default)s, "
+                   "the official scripts')")
+    g = p.add_argument_group("prompt (defaults: CoOp's, or --learner's official config)")
+    g.add_argument("--n-ctx", type=int, default=None, help=f"context tokens (CoOp: {d.n_ctx})")
+    g.add_argument("--ctx-init", default=None, help='initial phrase, e.g. "a photo of a"')
     g.add_argument("--class-specific", action="store_true", help="one context per class (CSC)")
     g.add_argument("--class-token-position", choices=("end", "middle", "front"), default="end")
-    g = p.add_argument_group("optimisation (CoOp defaults)")
+    g = p.add_argument_group("optimisation (defaults: CoOp's, or --learner's official config)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"SGD with momentum or Adam (CoOp: {d.optimizer})")
     g.add_argument("--epochs", type=int, default=None,
-                   help="default: CoOp's count for --shots (50/100/200; 200 without --shots)")
-    g.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
+                   help="CoOp: its count for --shots (50/100/200; 200 without --shots)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help=f"(CoOp: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=None, help=f"(CoOp: {d.lr})")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
@@ -86,38 +121,66 @@ def add_softcpt_args(parser: argparse.ArgumentParser) -> None:
                    help="the per-task loss: cross-entropy or DSPT's double softmax (default: %(default)s)")
 
 
+# Flags whose default is the learner's official config (else CoOp's).
+LEARNER_DEFAULTED = ("n_ctx", "ctx_init", "epochs", "batch_size", "lr", "optimizer")
+
+
+def learner_and_loss(args) -> tuple[str, str]:
+    """``(learner, loss)`` from ``--learner``/``--loss`` and their shorthand ``--method`` (with
+    SoftCPT's ``--softcpt-loss``); contradictory flags are refused by name."""
+    if args.method is None:
+        learner = args.learner or ("softcpt" if args.tasks else "coop")
+        loss = args.loss or ("dspt" if learner == "softcpt" and args.softcpt_loss == "dspt"
+                             else "ce")
+        return learner, loss
+    learner = "softcpt" if args.method == "softcpt" else "coop"
+    loss = "dspt" if args.method == "dspt" or (
+        learner == "softcpt" and args.softcpt_loss == "dspt") else "ce"
+    if args.learner is not None and args.learner != learner:
+        raise ValueError(f"--learner: {args.learner} contradicts --method {args.method} (learner "
+                         f"{learner}); give one of them")
+    if args.loss is not None and args.loss != loss:
+        raise ValueError(f"--loss: {args.loss} contradicts --method {args.method} (loss {loss}); "
+                         "give one of them")
+    return learner, loss
+
+
 def config_from(args, shots: int | None) -> TrainConfig:
-    """The TrainConfig of ``train``'s arguments; ``shots`` sets CoOp's default epoch count."""
-    softcpt = args.method == "softcpt"
-    uses_dspt = args.method == "dspt" or (softcpt and args.softcpt_loss == "dspt")
-    if args.epochs is not None:
-        epochs = args.epochs
-    else:
-        epochs = SOFTCPT_EPOCHS if softcpt else coop_epochs(shots)
-    return TrainConfig(
+    """The TrainConfig of ``train``'s arguments: the learner's official defaults (CoOp's epoch
+    count for ``shots``), then every flag given."""
+    learner, loss = learner_and_loss(args)
+    given = {k: getattr(args, k) for k in LEARNER_DEFAULTED if getattr(args, k) is not None}
+    return TrainConfig.for_learner(
+        learner, **{"epochs": coop_epochs(shots), **LEARNERS[learner].defaults, **given},
         model=args.model, pretrained=os.path.abspath(args.pretrained) if args.pretrained else None,
-        n_ctx=args.n_ctx, ctx_init=args.ctx_init, class_specific=args.class_specific,
-        class_token_position=args.class_token_position,
-        learner="softcpt" if softcpt else "coop", loss="dspt" if uses_dspt else "ce",
-        targets=args.targets, smoothing=args.smoothing, alternate=args.alternate,
+        class_specific=args.class_specific, class_token_position=args.class_token_position,
+        loss=loss, gce_q=args.gce_q, targets=args.targets, smoothing=args.smoothing,
+        alternate=args.alternate,
         alternate_period=args.alternate_period, csl_temperature=args.csl_temperature,
         prograd=args.prograd, lam=args.lam, temperature=args.temperature,
-        n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"), epochs=epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-        amp=not args.no_amp)
+        n_task_ctx=args.n_task_ctx, task_ctx=args.task_ctx.replace("-", "_"),
+        kg_weight=args.kg_weight, kg_template=args.kg_template, tcp_layer=args.tcp_layer,
+        dept=args.dept, dept_weight=args.dept_weight, dept_lr_scale=args.dept_lr_scale,
+        nlprompt=args.nlprompt, ot_reg=args.ot_reg,
+        momentum=args.momentum, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, amp=not args.no_amp)
 
 
 def cmd_train(args) -> None:
     with torchrun_process_group(args.device, args.dist_timeout) as device:
         args.device = device
-        if args.method == "softcpt" or args.tasks:
+        if learner_and_loss(args)[0] == "softcpt":
             train_softcpt(args)
         else:
             train_coop(args)
 
 
 def train_coop(args) -> None:
+    """Every learner over one feature cache (all but SoftCPT)."""
+    learner = learner_and_loss(args)[0]
+    if args.tasks:
+        raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
+                         f"(got --learner {learner})")
     if len(getattr(args, "data_all", None) or []) > 1:
         raise ValueError("--data: given several times; several folders train together only "
                          "with --method softcpt")
@@ -159,9 +222,6 @@ def train_coop(args) -> None:
 def train_softcpt(args) -> None:
     """``fastprompt train --method softcpt``: read and check every task, then cache each task's
     features under ``OUT/features/`` and train. Bad input writes nothing."""
-    if args.method != "softcpt":
-        raise ValueError(f"--tasks: training several tasks is SoftCPT's; add --method softcpt "
-                         f"(got --method {args.method})")
     if args.compile:
         raise ValueError("--compile: not supported with --method softcpt (its batches mix tasks "
                          "in proportions that change every step, so no one graph fits); it "

@@ -15,6 +15,18 @@ from fastprompt.data.folders import Sample
 NOISE_TYPES = ("symmetric", "pairflip")
 
 
+def check_noise_rate(rate, name: str = "noise_rate") -> float:
+    """``rate`` as a float in [0, 1] (1: every label corrupted): the one range of a label-noise
+    rate, for the library, a sweep spec and ``--noise-rate``. TypeError or ValueError naming
+    ``name``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {type(rate).__name__} "
+                        f"{rate!r:.40}")
+    if not 0.0 <= rate <= 1.0:  # NaN too
+        raise ValueError(f"{name}: must lie in [0, 1], got {rate}")
+    return float(rate)
+
+
 def few_shot_subset(samples: Sequence[Sample], shots: int, *, seed: int = 1,
                     classnames: Sequence[str] | None = None) -> list[Sample]:
     """``shots`` samples per class, drawn without replacement from ``seed``.
@@ -57,10 +69,7 @@ def add_label_noise(labels: Sequence[int], num_classes: int, rate: float,
         raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
     if num_classes < 2:
         raise ValueError(f"num_classes: label noise needs at least 2 classes, got {num_classes}")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        raise TypeError(f"rate: expected a float, got {type(rate).__name__}")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate: must lie in [0, 1], got {rate}")
+    check_noise_rate(rate, "rate")
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"noise_type: must be one of {NOISE_TYPES}, got {noise_type!r}")
     check_seed(seed)

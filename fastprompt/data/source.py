@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from fastprompt._checks import check_seed
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, Sample, load_dataset
 from fastprompt.data.sampling import few_shot_subset
 
@@ -77,11 +78,20 @@ class DataSource:
     @classmethod
     def create(cls, root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,
                seed: int = 1, subsample: str = "all") -> "DataSource":
-        """Paths made absolute (``split_file`` relative to ``root``, as ``load_dataset`` reads it)."""
+        """Paths made absolute (``split_file`` relative to ``root``, as ``load_dataset`` reads it);
+        the test share and seed checked as ``load_dataset`` checks them, the folders not read."""
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root: expected a path, got {type(root).__name__}")
         root = os.path.abspath(os.fspath(root))
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
+            raise TypeError(f"test_fraction: expected a number in [0, 1), got "
+                            f"{type(test_fraction).__name__} {test_fraction!r:.40}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction: must lie in [0, 1), got {test_fraction}")
+        check_seed(seed)
         if split_file is not None:
+            if not isinstance(split_file, (str, os.PathLike)):
+                raise TypeError(f"split_file: expected a path, got {type(split_file).__name__}")
             split_file = os.path.join(root, os.fspath(split_file))
         if subsample not in SUBSAMPLES:
             raise ValueError(f"subsample: must be one of {SUBSAMPLES}, got {subsample!r}")

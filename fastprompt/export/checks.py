@@ -80,6 +80,23 @@ def check_class_embeddings(class_embeddings) -> None:
         raise ValueError("class_embeddings: a row has zero norm and cannot be normalised")
 
 
+def check_affine(affine, embed_dim: int, num_classes: int) -> None:
+    """None, or ``(A, c)``: finite float tensors of shapes (embed_dim, num_classes) and
+    (num_classes,)."""
+    if affine is None:
+        return
+    if not isinstance(affine, (tuple, list)) or len(affine) != 2:
+        raise TypeError(f"affine: expected (weight, bias) or None, got {type(affine).__name__}")
+    weight, bias = affine
+    check_tensor("affine", weight, ndim=2, floating=True)
+    check_tensor("affine", bias, ndim=1, floating=True)
+    if tuple(weight.shape) != (embed_dim, num_classes) or tuple(bias.shape) != (num_classes,):
+        raise ValueError(f"affine: expected shapes {(embed_dim, num_classes)} and "
+                         f"{(num_classes,)}, got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ValueError("affine: contains NaN or infinite values")
+
+
 def check_class_names(class_names, num_classes: int) -> list[str]:
     """``num_classes`` distinct non-empty names without line breaks, as a list."""
     if isinstance(class_names, str) or not isinstance(class_names, (list, tuple)):

@@ -30,21 +30,39 @@ FP16_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2")
 
 
 class BakedClassifier(nn.Module):
-    """``input -> (logits, probs)`` with a constant head ``classifier`` (D x C, already scaled).
+    """``input -> (logits, probs)`` with a constant head ``classifier`` (D x C, already scaled)
+    and, with ``affine`` ``(A, c)`` (D x C, C), an affine map of the raw features added to the
+    logits (DePT's head of the training classes): ``normalize(f) @ classifier + f @ A + c``.
+    A ``text_head`` module (image features -> similarity logits, the text tower inside: CoCoOp)
+    replaces ``normalize(f) @ classifier``, weighted by ``text_head_weight``.
 
     ``visual`` is the image tower; None makes a head-only graph whose input is image features.
     """
 
-    def __init__(self, visual: nn.Module | None, classifier: torch.Tensor):
+    def __init__(self, visual: nn.Module | None, classifier: torch.Tensor,
+                 affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 text_head: nn.Module | None = None, text_head_weight: float = 1.0):
         super().__init__()
         self.visual = visual
+        self.text_head, self.text_head_weight = text_head, float(text_head_weight)
         self.register_buffer("classifier", classifier)
+        self.affine = affine is not None
+        if affine is not None:
+            self.register_buffer("affine_weight", affine[0].detach().float().cpu().contiguous())
+            self.register_buffer("affine_bias", affine[1].detach().float().cpu().contiguous())
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = inputs if self.visual is None else self.visual(inputs)
         if isinstance(features, (tuple, list)):  # towers built with output_tokens=True
             features = features[0]
-        logits = F.normalize(features, dim=-1) @ self.classifier
+        if self.text_head is not None:
+            logits = self.text_head(features)
+            if self.text_head_weight != 1.0:
+                logits = self.text_head_weight * logits
+        else:
+            logits = F.normalize(features, dim=-1) @ self.classifier
+        if self.affine:
+            logits = logits + features @ self.affine_weight + self.affine_bias
         return logits, logits.softmax(dim=-1)
 
 

@@ -26,7 +26,8 @@ from fastprompt._io import remove_if_present, write_text_atomic
 from fastprompt.export.agreement import (AGREEMENT_FILE, DEFAULT_MIN_AGREEMENT, AgreementReport,
                                          EvaluationSet, check_min_agreement, head_nodes,
                                          measure_agreement, quantize_int8)
-from fastprompt.export.checks import (check_class_embeddings, check_class_names, check_flag,
+from fastprompt.export.checks import (check_affine, check_class_embeddings, check_class_names,
+                                      check_flag,
                                       check_image_model, check_method, check_model_name,
                                       check_opset, check_scale, check_tower_output)
 from fastprompt.export.graph import (DATA_FILE, MODEL_FILE, BakedClassifier, bake_classifier,
@@ -104,8 +105,10 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
                 method: dict | None = None, head_only: bool = False, fp16: bool = False,
                 int8: bool = False, min_agreement: float = DEFAULT_MIN_AGREEMENT,
                 evaluation: EvaluationSet | None = None, triton: TritonSettings | None = None,
-                verify: bool = True, opset: int | None = None,
-                seed: int | None = None) -> ExportReport:
+                verify: bool = True, opset: int | None = None, seed: int | None = None,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                text_head: nn.Module | None = None, text_head_weight: float = 1.0
+                ) -> ExportReport:
     """Export ``model``'s image tower with a baked classifier to ``out_dir/model.onnx``.
 
     Args:
@@ -131,6 +134,13 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
         verify: run onnxruntime against torch before putting the file in place.
         opset: ONNX opset (None: the exporter's default).
         seed: seed of the random verification inputs (None: drawn, and reported).
+        affine: ``(A, c)``, E x C and C: an affine map of the raw image features added to the
+            logits (DePT's head of the training classes, its weight folded in; ``scale`` then
+            carries the similarity's weight too). None: the similarity alone.
+        text_head: a module from image features (N x E) to the similarity logits (N x C) that
+            replaces the baked class embeddings, the text tower inside the graph (prompts that
+            depend on the image: CoCoOp); ``class_embeddings`` then only give the class count and
+            feature size. ``text_head_weight`` multiplies its logits (with ``affine``: DePT).
 
     Returns an ``ExportReport``. Raises ``ExportVerificationError`` if the float32 graph disagrees
     with torch beyond the tolerance and ``AgreementError`` if the reduced model agrees too little
@@ -158,6 +168,7 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
     scale = check_scale(scale)
     check_class_embeddings(class_embeddings)
     class_names = check_class_names(class_names, class_embeddings.shape[0])
+    check_affine(affine, class_embeddings.shape[1], class_embeddings.shape[0])
     if model is None and not head_only:
         raise ValueError("model: None; only a head-only export (head_only=True) needs no model")
     if model is not None:
@@ -173,7 +184,8 @@ def export_onnx(model: nn.Module | None, class_embeddings: torch.Tensor, class_n
                      fastprompt_version=fastprompt.__version__, **preprocess)
     reduced_info = replace(info, precision=triton_settings.precision)
     module = BakedClassifier(None if head_only else plain_fp32_cpu(model.visual),
-                             bake_classifier(class_embeddings, scale)).eval()
+                             bake_classifier(class_embeddings, scale), affine,
+                             text_head, text_head_weight).eval()
     per_item = (embed_dim,) if head_only else (3, *info.image_size)
     if not head_only:
         check_tower_output(module.visual, per_item, embed_dim)

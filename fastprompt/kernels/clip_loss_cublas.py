@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fastprompt.kernels.clip_loss_backward import grad_epilogue
 from fastprompt.kernels.clip_loss_forward import (clip_loss_forward_kernel, forward_outputs,
-                                                  target_arguments)
+                                                  loss_arguments, target_arguments)
 from fastprompt.kernels.launch import INTERPRET, next_pow2_between
 from fastprompt.kernels.row_norms import row_inv_norms
 
@@ -97,8 +97,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
                       sample_index: Optional[torch.Tensor], smoothing: float, double_softmax: bool,
-                      normalize: bool, temperature: float, compute_grad: bool,
-                      chunk_rows: Optional[int] = None):
+                      normalize: bool, temperature: float, compute_grad: bool, q: float = 0.0,
+                      q_rows: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None):
     """The fused schedule's ``clip_loss_forward`` (same arguments and outputs) by chunks of
     ``chunk_rows`` samples (default: ``default_chunk_rows``)."""
     x, t, t0 = image_features, text_features, zeroshot_text_features
@@ -125,6 +125,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
     cfg = row_pass_config(c, has_kl)
     for start in range(0, n, rows_per_chunk):
         end = min(n, start + rows_per_chunk)
+        losses = loss_arguments(q, None if q_rows is None else q_rows[start:end])
         x_op = x[start:end] if x_pow2 is None else scale_rows(x[start:end], x_pow2[start:end])
         products = [matmul_float32(x_op, m.T) for m in class_ops]
         del x_op
@@ -139,7 +140,7 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
             float(temperature), c, c, TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax),
             NORMALIZE=bool(normalize), HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad),
             BLOCK_D=16, CAST_FP32=False, PRECISION="ieee", xt_ptr=products[0],
-            xt0_ptr=products[-1], PRODUCTS_STORED=True, **cfg)
+            xt0_ptr=products[-1], PRODUCTS_STORED=True, **losses, **cfg)
         del products  # before the next chunk's: one chunk of products at a time
     return loss_rows, grad, kl_rows, grad_kl
 

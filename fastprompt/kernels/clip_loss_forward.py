@@ -9,7 +9,10 @@ small float32 workspace by the later passes of the same kernel. The logits are r
 the features in every sweep rather than stored: a bf16 logit buffer would cost precision exactly
 where the softmax is sensitive. The normalisation is folded in as per-row and per-column
 factors, so no normalised copy exists. The logit gradients are written into rows padded to 16
-elements. Sweeps, passes and why: docs/kernels.md.
+elements. The task loss is cross-entropy or, with the GCE constexpr, GCE/MAE with one exponent or
+one per row, whose sums ride in the same sweeps (``row_statistics.py``). The same kernel is the
+row pass of the cuBLAS schedule and of the logits ops (stored products, ``PRODUCTS_STORED``).
+Sweeps, passes and why: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -22,13 +25,12 @@ import triton.language as tl
 from fastprompt.kernels.launch import (INTERPRET, SM_COUNT, dot_precision, mma,
                                         next_pow2_between, on_input_device)
 from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, padded_columns
+from fastprompt.kernels.row_statistics import (NUM_PARTIALS, TARGET_HARD, TARGET_TABLE,
+                                               TARGET_UNIFORM, exp_expm1, expm1, gce_loss,
+                                               gce_online_update, merged_stats, online_lse,
+                                               partial_offsets, summed_partial, targets)
 from fastprompt.kernels.row_norms import row_inv_norms, scaled_rows
 
-TARGET_HARD, TARGET_UNIFORM, TARGET_TABLE = 0, 1, 2
-# Per-row statistics of the split-class passes, each kept for every class range: sweep 1's
-# (m, l, target_gap, target_seen, top, m_τ, l_τ, m⁰, l⁰, kl_gap) and sweep 2's sums
-# (Σ e^{p-1}, spread_q, spread_t, Σ t p).
-NUM_PARTIALS = 14
 # Each program of the split-class passes sweeps at least this many class tiles: its fixed work
 # (the row set-up, merging every range's statistics) stays small next to its sweeps.
 MIN_C_TILES_PER_SPLIT = 4
@@ -71,15 +73,16 @@ def _logit_tiles(x_ptr, t_ptr, t0_ptr, xt_ptr, xt0_ptr, rows, row_mask, cols, co
                  BLOCK_D: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """``z = row_coef_i col_coef_c (x_i · t_c)`` on one tile, and ``z⁰`` from ``t0`` sharing the
     same loads of ``x`` when HAS_T0 (otherwise the second result is a copy of the first).
-    PRODUCTS_STORED: the products ``x_i · t_c`` (and ``x_i · t0_c``) are read from the float32
-    row-major buffers ``xt`` and ``xt0`` (rows x C) instead of computed."""
+    PRODUCTS_STORED: the products ``x_i · t_c`` (and ``x_i · t0_c``) are read from the
+    row-major buffers ``xt`` and ``xt0`` (rows x C; float32, or the half-precision logits of the
+    logits ops, converted as they are loaded) instead of computed."""
     if PRODUCTS_STORED:
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
-        acc = tl.load(xt_ptr + offs, mask=mask, other=0.0)
+        acc = tl.load(xt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc0 = acc
         if HAS_T0:
-            acc0 = tl.load(xt0_ptr + offs, mask=mask, other=0.0)
+            acc0 = tl.load(xt0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         acc0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -114,103 +117,6 @@ def _col_coef(inv_norm_ptr, cols, col_mask, NORMALIZE: tl.constexpr, BLOCK_C: tl
 
 
 @triton.jit
-def _targets(labels, table_base, cols, col_mask, smoothing, C, TARGET: tl.constexpr):
-    """Target probabilities ``(1-ε) [c = y] + ε r_c`` (float32) at the class indices ``cols``,
-    a 2-D index broadcast against the rows (a tile of columns, or one column per row)."""
-    onehot = (cols == labels[:, None]).to(tl.float32)
-    if TARGET == 0:
-        target = onehot
-    elif TARGET == 1:
-        target = (1.0 - smoothing) * onehot + smoothing / C
-    else:
-        r = tl.load(table_base[:, None] + cols, mask=col_mask, other=0.0)
-        target = (1.0 - smoothing) * onehot + smoothing * r
-    return target
-
-
-@triton.jit
-def _online_lse(m, l, z):
-    """One tile of a running log-sum-exp: max ``m`` and ``l = Σ e^{z - m}`` per row."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-    return m_new, l
-
-
-@triton.jit
-def _partial_offsets(stat, rows, N, splits, split):
-    """Where one partial statistic of the split-class passes lives: the float32 workspace is
-    ``NUM_PARTIALS x splits x N``."""
-    return (stat * splits + split).to(tl.int64) * N + rows
-
-
-@triton.jit
-def _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split):
-    return tl.load(partial_ptr + _partial_offsets(stat, rows, N, splits, split), mask=row_mask,
-                   other=0.0)
-
-
-@triton.jit
-def _merged_stats(partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX: tl.constexpr,
-                  HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sweep 1's statistics of whole rows from the ``splits`` partial ones (pass 1), merged
-    exactly: log-sum-exps by their maxima, each gap sum shifted from its split's max to the
-    row's; in split order, so every program merging a row gets the same bits.
-    ``(m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap)``."""
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m_tau = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    top = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    for split in range(0, splits):
-        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
-        if DOUBLE_SOFTMAX:  # the first split holding the row's max, as one sweep picks it
-            top_s = _load_partial(partial_ptr, 4, rows, row_mask, N, splits, split)
-            top_s = top_s.to(tl.int32, bitcast=True)
-            top = tl.where(m_s > m, top_s, top)
-        m = tl.maximum(m, m_s)
-        if HAS_KL:
-            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
-            m_tau = tl.maximum(m_tau, m_tau_s)
-            m0 = tl.maximum(m0, _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split))
-    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    l_tau = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, splits):
-        m_s = _load_partial(partial_ptr, 0, rows, row_mask, N, splits, split)
-        l += _load_partial(partial_ptr, 1, rows, row_mask, N, splits, split) * tl.exp(m_s - m)
-        if not DOUBLE_SOFTMAX:
-            # Σ_c t_c (m - z_c) = Σ_splits (gap_s + seen_s (m - m_s)): non-negative terms.
-            gap_s = _load_partial(partial_ptr, 2, rows, row_mask, N, splits, split)
-            seen_s = _load_partial(partial_ptr, 3, rows, row_mask, N, splits, split)
-            target_gap += gap_s + seen_s * (m - m_s)
-        if HAS_KL:
-            m_tau_s = _load_partial(partial_ptr, 5, rows, row_mask, N, splits, split)
-            l_tau_s = _load_partial(partial_ptr, 6, rows, row_mask, N, splits, split)
-            l_tau += l_tau_s * tl.exp(m_tau_s - m_tau)
-            m0_s = _load_partial(partial_ptr, 7, rows, row_mask, N, splits, split)
-            l0_s = _load_partial(partial_ptr, 8, rows, row_mask, N, splits, split)
-            kl_gap_s = _load_partial(partial_ptr, 9, rows, row_mask, N, splits, split)
-            # Σ_c e^{z0_c/τ - m0} (m_τ - z_c/τ), from each split's sum around its own maxima.
-            kl_gap += tl.exp(m0_s - m0) * (kl_gap_s + l0_s * (m_tau - m_tau_s))
-            l0 += l0_s * tl.exp(m0_s - m0)
-    # Rows past N (never stored) get sums of 1 rather than 0: no infinities downstream.
-    l = tl.where(row_mask, l, 1.0)
-    l_tau = tl.where(row_mask, l_tau, 1.0)
-    l0 = tl.where(row_mask, l0, 1.0)
-    return m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap
-
-
-@triton.jit
-def _summed_partial(partial_ptr, stat, rows, row_mask, N, splits, BLOCK_N: tl.constexpr):
-    """A plain sum over the splits (in split order) of one partial statistic (1 past N)."""
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, splits):
-        total += _load_partial(partial_ptr, stat, rows, row_mask, N, splits, split)
-    return tl.where(row_mask, total, 1.0)
-
-
-@triton.jit
 def clip_loss_forward_kernel(
         x_ptr, t_ptr, t0_ptr, x_inv_norm_ptr, t_inv_norm_ptr, t0_inv_norm_ptr, scale_ptr,
         labels_ptr, table_row_ptr, table_ptr,
@@ -221,7 +127,9 @@ def clip_loss_forward_kernel(
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
         xt_ptr=None, xt0_ptr=None, PRODUCTS_STORED: tl.constexpr = False,
-        partial_ptr=None, c_per_split=0, splits=1, PASS: tl.constexpr = 0):
+        partial_ptr=None, c_per_split=0, splits=1, PASS: tl.constexpr = 0,
+        SCALED: tl.constexpr = True, GCE: tl.constexpr = False, Q_PER_ROW: tl.constexpr = False,
+        q=0.0, q_ptr=None):
     # PRODUCTS_STORED: the row pass of the cuBLAS schedule (clip_loss_cublas.py), the same sweeps
     # over products a matmul stored; the factors turn them into logits as they do x_i · t_c.
     # grad_stride: the row stride of the gradient outputs; c_store: the columns their stores
@@ -231,6 +139,9 @@ def clip_loss_forward_kernel(
     # 1 writes each range's sweep-1 statistics to the float32 workspace at partial_ptr; 2 (double
     # softmax) merges them and writes each range's sweep-2 sums; 3 merges everything, writes the
     # losses (split 0) and its range's gradient.
+    # SCALED=False: the scale is 1 (the logits ops, whose stored products are the logits).
+    # GCE: the task loss is GCE with exponent q (Q_PER_ROW: one per row at q_ptr; rows with
+    # q = 0 get cross-entropy): the same sweeps with GCE's sums added (docs/math.md).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     split = tl.program_id(1)
@@ -252,7 +163,15 @@ def clip_loss_forward_kernel(
         table_base = table_ptr + table_rows.to(tl.int64) * C
     else:
         table_base = table_ptr
-    s = tl.load(scale_ptr).to(tl.float32)
+    if SCALED:
+        s = tl.load(scale_ptr).to(tl.float32)
+    else:
+        s = 1.0
+    if GCE:
+        if Q_PER_ROW:
+            q_row = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+        else:
+            q_row = tl.zeros((BLOCK_N,), dtype=tl.float32) + q
     if NORMALIZE:
         row_coef = s * tl.load(x_inv_norm_ptr + rows, mask=row_mask, other=0.0)
     else:
@@ -275,6 +194,8 @@ def clip_loss_forward_kernel(
         m0 = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         l0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         kl_gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        gce_f = tl.zeros((BLOCK_N,), dtype=tl.float32)  # GCE, soft targets: Σ t (e^{q(z-m)} - 1)
+        gce_e = tl.zeros((BLOCK_N,), dtype=tl.float32)  # and Σ t e^{q(z-m)}
         top = tl.zeros((BLOCK_N,), dtype=tl.int32)  # a column where z is largest (double softmax)
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -289,15 +210,19 @@ def clip_loss_forward_kernel(
             if DOUBLE_SOFTMAX:
                 top = tl.where(tl.max(z_lse, axis=1) > m, tl.argmax(z_lse, axis=1) + c0, top)
             else:
-                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
-                                  smoothing, C, TARGET)
+                target = targets(labels, table_base, cols[None, :], col_mask[None, :],
+                                 smoothing, C, TARGET)
                 target = tl.where(col_mask[None, :], target, 0.0)
                 m_next = tl.maximum(m, tl.max(z_lse, axis=1))
                 shift = tl.where(target_seen > 0, m_next - m, 0.0)
+                if GCE:
+                    if TARGET != 0:
+                        gce_f, gce_e = gce_online_update(gce_f, gce_e, target_seen, shift,
+                                                         target, z_in, m_next, q_row)
                 target_gap += (shift * target_seen
                                + tl.sum(target * (m_next[:, None] - z_in), axis=1))
                 target_seen += tl.sum(target, axis=1)
-            m, l = _online_lse(m, l, z_lse)
+            m, l = online_lse(m, l, z_lse)
             if HAS_KL:
                 z_tau = tl.where(col_mask[None, :], z * inv_temperature, float("-inf"))
                 z0_tau = tl.where(col_mask[None, :], z0 * inv_temperature, float("-inf"))
@@ -310,9 +235,9 @@ def clip_loss_forward_kernel(
                           + tl.sum(e0 * (m_tau_next[:, None] - z_in * inv_temperature), axis=1))
                 l0 = l0 * alpha + tl.sum(e0, axis=1)
                 m0 = m0_next
-                m_tau, l_tau = _online_lse(m_tau, l_tau, z_tau)
+                m_tau, l_tau = online_lse(m_tau, l_tau, z_tau)
         if PASS == 1:
-            at = partial_ptr + _partial_offsets(0, rows, N, splits, split)
+            at = partial_ptr + partial_offsets(0, rows, N, splits, split)
             step = N * splits  # from one statistic to the next (splits > 1 only for small N)
             tl.store(at, m, mask=row_mask)
             tl.store(at + step, l, mask=row_mask)
@@ -324,9 +249,17 @@ def clip_loss_forward_kernel(
             tl.store(at + 7 * step, m0, mask=row_mask)
             tl.store(at + 8 * step, l0, mask=row_mask)
             tl.store(at + 9 * step, kl_gap, mask=row_mask)
+            if GCE:
+                tl.store(at + 14 * step, gce_f, mask=row_mask)
+                tl.store(at + 15 * step, gce_e, mask=row_mask)
     else:
-        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap = _merged_stats(
-            partial_ptr, rows, row_mask, N, splits, DOUBLE_SOFTMAX, HAS_KL, BLOCK_N)
+        if GCE:
+            q_merge = q_row
+        else:
+            q_merge = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m, l, target_gap, top, m_tau, l_tau, m0, l0, kl_gap, gce_f, gce_e = merged_stats(
+            partial_ptr, rows, row_mask, N, splits, q_merge, DOUBLE_SOFTMAX, HAS_KL,
+            GCE and not DOUBLE_SOFTMAX and TARGET != 0, BLOCK_N)
 
     if PASS != 1:
         # softmax as e^{z - m} / l rather than e^{z - lse}: z - m is exact near the top, while
@@ -343,8 +276,14 @@ def clip_loss_forward_kernel(
             #   p_c ((e^{p_c-1} - e^{p_j-1} + Σ_k p_k (e^{p_j-1} - e^{p_k-1})) / Σ e^{p-1}
             #        - (t_c - t_j + Σ_k p_k (t_j - t_k))).
             exp_p_top = tl.exp(inv_l - 1.0)
-            target_top = tl.sum(_targets(labels, table_base, top[:, None], top[:, None] < C,
-                                         smoothing, C, TARGET), axis=1)
+            target_top = tl.sum(targets(labels, table_base, top[:, None], top[:, None] < C,
+                                        smoothing, C, TARGET), axis=1)
+            if GCE:
+                # GCE's target weights a_c = t_c e^{q (p_c - 1)} at the arg-max column, and
+                # their spread Σ_k p_k (a_top - a_k), the counterpart of spread_t.
+                a_top = target_top * (1.0 + expm1(q_row * (inv_l - 1.0)))
+                gce_f = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                spread_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
             if PASS == 0 or PASS == 2:
                 sum_exp_p = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 spread_q = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -363,27 +302,54 @@ def clip_loss_forward_kernel(
                     exp_p = tl.where(col_mask[None, :], tl.exp(p - 1.0), 0.0)
                     sum_exp_p += tl.sum(exp_p, axis=1)
                     spread_q += tl.sum(p * (exp_p_top[:, None] - exp_p), axis=1)
-                    target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
+                    target = targets(labels, table_base, cols[None, :], col_mask[None, :],
                                       smoothing, C, TARGET)
                     spread_t += tl.sum(p * (target_top[:, None] - target), axis=1)
                     target_dot_p += tl.sum(target * p, axis=1)
+                    if GCE:
+                        if TARGET != 0:
+                            em = expm1(q_row[:, None] * (p - 1.0))
+                            gce_f += tl.sum(tl.where(col_mask[None, :], target * em, 0.0),
+                                            axis=1)
+                            spread_a += tl.sum(p * (a_top[:, None] - target * (1.0 + em)),
+                                               axis=1)
                 if PASS == 2:
-                    at = partial_ptr + _partial_offsets(10, rows, N, splits, split)
+                    at = partial_ptr + partial_offsets(10, rows, N, splits, split)
                     step = N * splits
                     tl.store(at, sum_exp_p, mask=row_mask)
                     tl.store(at + step, spread_q, mask=row_mask)
                     tl.store(at + 2 * step, spread_t, mask=row_mask)
                     tl.store(at + 3 * step, target_dot_p, mask=row_mask)
+                    if GCE:
+                        if TARGET != 0:
+                            tl.store(at + 4 * step, gce_f, mask=row_mask)
+                            tl.store(at + 5 * step, spread_a, mask=row_mask)
             else:
-                sum_exp_p = _summed_partial(partial_ptr, 10, rows, row_mask, N, splits, BLOCK_N)
-                spread_q = _summed_partial(partial_ptr, 11, rows, row_mask, N, splits, BLOCK_N)
-                spread_t = _summed_partial(partial_ptr, 12, rows, row_mask, N, splits, BLOCK_N)
-                target_dot_p = _summed_partial(partial_ptr, 13, rows, row_mask, N, splits,
+                sum_exp_p = summed_partial(partial_ptr, 10, rows, row_mask, N, splits, BLOCK_N)
+                spread_q = summed_partial(partial_ptr, 11, rows, row_mask, N, splits, BLOCK_N)
+                spread_t = summed_partial(partial_ptr, 12, rows, row_mask, N, splits, BLOCK_N)
+                target_dot_p = summed_partial(partial_ptr, 13, rows, row_mask, N, splits,
+                                              BLOCK_N)
+                if GCE:
+                    if TARGET != 0:
+                        gce_f = summed_partial(partial_ptr, 14, rows, row_mask, N, splits,
                                                BLOCK_N)
+                        spread_a = summed_partial(partial_ptr, 15, rows, row_mask, N, splits,
+                                                  BLOCK_N)
             loss = tl.log(sum_exp_p) + (1.0 - target_dot_p)
             inv_sum_exp_p = 1.0 / sum_exp_p
+            if GCE:
+                if TARGET == 0:  # a hard label: one term, p_y = Σ t p
+                    gce_f = expm1(q_row * (target_dot_p - 1.0))
+                    spread_a = a_top - target_dot_p * (1.0 + gce_f)
+                # Each e^{q (p - 1)} lies in [e^{-1}, 1]: E = 1 + F loses nothing.
+                loss, a_sum, h1 = gce_loss(gce_f, 1.0 + gce_f, tl.log(sum_exp_p), loss, q_row)
         else:
             loss = tl.log(l) + target_gap
+            if GCE:
+                if TARGET == 0:  # a hard label: one term, z_y - m = -target_gap
+                    gce_e, gce_f = exp_expm1(-q_row * target_gap)
+                loss, a_sum, h1 = gce_loss(gce_f, gce_e, tl.log(l), loss, q_row)
 
     if PASS == 0 or PASS == 3:
         bad_index = tl.where(index_ok, 0.0, float("nan"))
@@ -408,16 +374,32 @@ def clip_loss_forward_kernel(
                     _col_coef(t_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                     _col_coef(t0_inv_norm_ptr, cols, col_mask, NORMALIZE, BLOCK_C),
                     HAS_KL, PRODUCTS_STORED, BLOCK_N, BLOCK_C, BLOCK_D, CAST_FP32, PRECISION)
-                target = _targets(labels, table_base, cols[None, :], col_mask[None, :],
-                                  smoothing, C, TARGET)
+                target = targets(labels, table_base, cols[None, :], col_mask[None, :],
+                                 smoothing, C, TARGET)
                 # Padding columns get p = 0 (their z = 0 may lie far above m and overflow
                 # e^{p-1}).
                 p = tl.where(col_mask[None, :], tl.exp(z - m[:, None]) * inv_l[:, None], 0.0)
                 if DOUBLE_SOFTMAX:
                     dq = ((tl.exp(p - 1.0) - exp_p_top[:, None] + spread_q[:, None])
                           * inv_sum_exp_p[:, None])
-                    dt = target - target_top[:, None] + spread_t[:, None]
-                    grad = p * (dq - dt)
+                    if GCE:
+                        # ∂ℓ/∂p = π A - a, through the first softmax as above (docs/math.md).
+                        if TARGET == 0:
+                            ta = target * (1.0 + gce_f)[:, None]
+                        else:
+                            ta = target * (1.0 + expm1(q_row[:, None] * (p - 1.0)))
+                        da = ta - a_top[:, None] + spread_a[:, None]
+                        grad = p * (a_sum[:, None] * dq - h1[:, None] * da)
+                    else:
+                        dt = target - target_top[:, None] + spread_t[:, None]
+                        grad = p * (dq - dt)
+                elif GCE:
+                    # π A - t π^q: A (p - t) for a hard label.
+                    if TARGET == 0:
+                        grad = a_sum[:, None] * (p - target)
+                    else:
+                        e_q = tl.exp(tl.minimum(q_row[:, None] * (z - m[:, None]), 0.0))
+                        grad = p * a_sum[:, None] - target * e_q * h1[:, None]
                 else:
                     grad = p - target
                 grad = tl.where(col_mask[None, :], grad + bad_index[:, None], 0.0)
@@ -463,6 +445,16 @@ def target_arguments(labels, soft_labels, sample_index, smoothing: float):
     return TARGET_TABLE, soft_labels, labels if sample_index is None else sample_index
 
 
+def loss_arguments(q: float, q_rows: Optional[torch.Tensor]) -> dict:
+    """The kernel's task-loss options: none for cross-entropy (the kernel exactly as without
+    GCE), else GCE with exponent ``q``, or one per row from the float32 ``q_rows``."""
+    if q_rows is not None:
+        return dict(GCE=True, Q_PER_ROW=True, q_ptr=q_rows)
+    if q == 0.0:
+        return {}
+    return dict(GCE=True, q=float(q))
+
+
 def _class_rows(t: torch.Tensor):
     """A class matrix as the products read it, with its inverse row norms: rows scaled by powers
     of two to a largest magnitude near 1 (a C x D copy), so that the float32 product with any
@@ -477,7 +469,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
                       zeroshot_text_features: Optional[torch.Tensor], labels: torch.Tensor,
                       scale: torch.Tensor, soft_labels: Optional[torch.Tensor],
                       sample_index: Optional[torch.Tensor], smoothing: float, double_softmax: bool,
-                      normalize: bool, temperature: float, compute_grad: bool):
+                      normalize: bool, temperature: float, compute_grad: bool, q: float = 0.0,
+                      q_rows: Optional[torch.Tensor] = None):
     """Launch the forward kernel; returns ``(loss_rows, grad_logits, kl_rows, grad_kl_logits)``
     (the last two empty without ``zeroshot_text_features``; gradients empty without
     ``compute_grad``). Arguments as docs/kernels.md has them (validated by the op layer)."""
@@ -511,7 +504,8 @@ def clip_loss_forward(image_features: torch.Tensor, text_features: torch.Tensor,
             n, c, d, 1 if table is None else table.shape[0], smoothing, float(temperature),
             padded_c, padded_c, TARGET=target, DOUBLE_SOFTMAX=bool(double_softmax),
             NORMALIZE=bool(normalize), HAS_KL=has_kl, COMPUTE_GRAD=bool(compute_grad),
-            CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype), **cfg, **pass_args)
+            CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype), **loss_arguments(q, q_rows),
+            **cfg, **pass_args)
 
     if splits == 1:
         launch((row_blocks,))

@@ -23,22 +23,23 @@ def _run(fused_module: str, function: str, args):
 
 
 def clip_cross_entropy_forward(image_features, text_features, labels, scale, soft_labels,
-                               sample_index, smoothing, double_softmax, normalize, compute_grad):
+                               sample_index, smoothing, double_softmax, normalize, compute_grad,
+                               q=0.0, q_rows=None):
     """``fastprompt::clip_cross_entropy_forward``: ``(loss_rows, grad_logits)``."""
     loss_rows, grad_logits, _, _ = _run("clip_loss_forward", "clip_loss_forward", (
         image_features, text_features, None, labels, scale, soft_labels, sample_index, smoothing,
-        double_softmax, normalize, 1.0, compute_grad))
+        double_softmax, normalize, 1.0, compute_grad, q, q_rows))
     return loss_rows, grad_logits
 
 
 def prograd_losses_forward(image_features, text_features, zeroshot_text_features, labels, scale,
                            soft_labels, sample_index, smoothing, double_softmax, temperature,
-                           compute_grad):
+                           compute_grad, q=0.0, q_rows=None):
     """``fastprompt::prograd_losses_forward``: ``(task_rows, kl_rows, grad_task_logits,
     grad_kl_logits)``."""
     task_rows, grad_task, kl_rows, grad_kl = _run("clip_loss_forward", "clip_loss_forward", (
         image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-        sample_index, smoothing, double_softmax, True, temperature, compute_grad))
+        sample_index, smoothing, double_softmax, True, temperature, compute_grad, q, q_rows))
     return task_rows, kl_rows, grad_task, grad_kl
 
 

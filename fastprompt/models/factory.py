@@ -37,18 +37,46 @@ def register_configs() -> None:
         _registered = True
 
 
-def _check_offline_config(name: str) -> dict:
-    # Only built-in or registered names: 'hf-hub:' and 'local-dir:' schemas would fetch configs.
+def check_model_name(name, what: str = "name") -> dict:
+    """The open_clip config of ``name``, a model fastprompt can create offline: a built-in or
+    registered name (``hf-hub:`` and ``local-dir:`` schemas would fetch configs) without a
+    Hugging Face text tower or tokenizer. TypeError or ValueError naming ``what``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: expected a str, got {type(name).__name__}")
+    register_configs()
     if name not in open_clip.list_models():
-        raise ValueError(f"name: unknown open_clip model {name!r} (see open_clip.list_models())")
+        raise ValueError(f"{what}: unknown open_clip model {name!r} (see open_clip.list_models())")
     config = open_clip.get_model_config(name)
     text_cfg = config.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text_cfg.get(key):
-            raise ValueError(f"name: {name!r} uses the Hugging Face {key[3:-5]} {text_cfg[key]!r}, "
-                             "which open_clip would download; fastprompt works offline with "
-                             "open_clip's own text tower and tokenizer")
+            raise ValueError(f"{what}: {name!r} uses the Hugging Face {key[3:-5]} "
+                             f"{text_cfg[key]!r}, which open_clip would download; fastprompt "
+                             "works offline with open_clip's own text tower and tokenizer")
     return config
+
+
+def check_device(name, what: str = "device") -> str:
+    """``name`` (None: ``cuda`` when torch sees a GPU, else ``cpu``), checked: ``cpu``, or
+    ``cuda``/``cuda:N`` of a GPU this machine has. ValueError naming ``what`` otherwise."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(name, str):
+        raise ValueError(f"{what}: expected a device name (cpu, cuda, cuda:N), got "
+                         f"{type(name).__name__} {name!r:.40}")
+    try:
+        checked = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{what}: {name!r} is not a device (cpu, cuda, cuda:N)") from e
+    if checked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: {name!r} asked for, but torch sees no CUDA GPU")
+        if checked.index is not None and checked.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: {name!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif checked.type != "cpu":
+        raise ValueError(f"{what}: {name!r} is not supported (cpu or cuda)")
+    return name
 
 
 def _warn_quickgelu(name: str, config: dict, pretrained: str) -> None:
@@ -123,12 +151,11 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
             model's hash (remembered from an earlier load of the same file, or computed once
             here).
     """
-    register_configs()
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {PRECISIONS}, got {precision!r}")
-    config = _check_offline_config(name)
+    config = check_model_name(name)
     if pretrained is not None:
         if not isinstance(pretrained, (str, os.PathLike)):
             raise TypeError(f"pretrained: expected a file path or None, got {type(pretrained).__name__}")

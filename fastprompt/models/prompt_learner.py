@@ -222,6 +222,20 @@ class PromptLearner(nn.Module):
         index = positions.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
         return token_embeds.to(ctx.dtype).scatter(1, index, ctx)
 
+    def prompts_for(self, ctx: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings of R (context, class) pairs, R x ``prompt_length`` x W: row r is the
+        prompt of class ``classes[r]`` with the context ``ctx[r]`` (R x n_ctx x W), e.g. one per
+        image and class (CoCoOp). Feed them with ``tokenized_prompts[classes]``."""
+        check_tensor("ctx", ctx, ndim=3, floating=True)
+        check_tensor("classes", classes, ndim=1, integer=True)
+        if ctx.shape[0] != classes.shape[0] or ctx.shape[1:] != self.ctx.shape[-2:]:
+            raise ValueError(f"ctx: expected shape ({classes.shape[0]}, {self.n_ctx}, "
+                             f"{self.ctx.shape[-1]}) for {classes.shape[0]} classes, got "
+                             f"{tuple(ctx.shape)}")
+        token_embeds, positions = self.token_embeds[classes], self.ctx_positions[classes]
+        index = positions.unsqueeze(-1).expand(-1, -1, ctx.shape[-1])
+        return token_embeds.to(ctx.dtype).scatter(1, index, ctx)
+
     def extra_repr(self) -> str:
         return (f"n_cls={self.n_cls}, n_ctx={self.n_ctx}, ctx_init={self.ctx_init!r}, "
                 f"class_specific={self.class_specific}, "

@@ -122,13 +122,24 @@ class PromptTextEncoder(nn.Module):
             raise ValueError("tokenized: no prompts (0 rows)")
         return int(self.pool_positions(tokenized).max().item()) + 1
 
-    def forward(self, prompt_embeddings: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def forward(self, prompt_embeddings: torch.Tensor, tokenized: torch.Tensor,
+                deep_prompts: dict[int, torch.Tensor] | None = None,
+                deep_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Text features (C x E, unnormalised, as ``encode_text``) of C prompts.
 
         ``prompt_embeddings`` (C x L x W) are token embeddings without positional embedding;
         ``tokenized`` (C x L, int64) are the matching token ids, used only to find the pooled
         position. L may be less than the context length (a truncated batch) where truncation is
         exact; see ``needed_length``.
+
+        Deep prompts: ``deep_prompts`` maps a layer index ``i`` (1 <= i < layers) to the tokens
+        (n x W shared by every prompt, or C x n x W) that replace, right before layer ``i``, the
+        hidden states at ``deep_positions`` (C x n: each prompt's context positions, e.g.
+        ``PromptLearner.ctx_positions``), as MaPLe's, IVLP's and TCP's text towers do.
         """
         check_tensor("prompt_embeddings", prompt_embeddings, ndim=3, floating=True)
         check_tensor("tokenized", tokenized, ndim=2, integer=True)
@@ -150,7 +161,10 @@ class PromptTextEncoder(nn.Module):
         cast_dtype = self.transformer.get_cast_dtype()
         x = prompt_embeddings.to(cast_dtype) + self.positional_embedding[:length].to(cast_dtype)
         attn_mask = self.attn_mask[:length, :length] if self.attn_mask is not None else None
-        x = self.transformer(x, attn_mask=attn_mask)
+        if deep_prompts:
+            x = self._deep_transformer(x, attn_mask, deep_prompts, deep_positions)
+        else:
+            x = self.transformer(x, attn_mask=attn_mask)
         # The final norm acts on each position alone: pooling first is exact and skips L-1 rows.
         x = text_global_pool(x, tokenized, self.pool_type, eos_token_id=self.eos_id)
         x = self.ln_final(x)
@@ -159,6 +173,47 @@ class PromptTextEncoder(nn.Module):
                 x = self.text_projection(x)
             else:
                 x = x @ self.text_projection
+        return x
+
+    def _deep_transformer(self, x: torch.Tensor, attn_mask, deep_prompts: dict,
+                          positions: torch.Tensor | None) -> torch.Tensor:
+        """The transformer's blocks one by one (as open_clip's ``Transformer.forward`` runs
+        them), with ``deep_prompts[i]`` written over ``positions`` before block ``i``."""
+        n, length = x.shape[:2]
+        if positions is None or positions.dim() != 2 or positions.shape[0] != n:
+            raise ValueError(f"deep_positions: expected the {n} prompts' context positions "
+                             f"(C x n_ctx), got {None if positions is None else tuple(positions.shape)}")
+        if int(positions.max()) >= length:
+            raise ValueError(f"deep_positions: a position lies past the prompts' length {length}")
+        layers = self.num_layers
+        for i, tokens in deep_prompts.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i < layers:
+                raise ValueError(f"deep_prompts: layer {i!r} must be an int in [1, {layers}) "
+                                 f"(this text tower has {layers} layers)")
+            if tokens.shape[-2:] != (positions.shape[1], x.shape[-1]) or tokens.dim() not in (2, 3):
+                raise ValueError(f"deep_prompts: layer {i}: expected tokens of shape "
+                                 f"({positions.shape[1]}, {x.shape[-1]}) or "
+                                 f"({n}, {positions.shape[1]}, {x.shape[-1]}), got "
+                                 f"{tuple(tokens.shape)}")
+        transformer = self.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1).contiguous()  # NLD -> LND
+        index = positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        for i, block in enumerate(transformer.resblocks):
+            tokens = deep_prompts.get(i)
+            if tokens is not None:
+                tokens = tokens.to(x.dtype).expand(n, -1, -1)
+                if transformer.batch_first:
+                    x = x.scatter(1, index, tokens)
+                else:
+                    x = x.transpose(0, 1).scatter(1, index, tokens).transpose(0, 1)
+            if transformer.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(block, x, None, None, attn_mask,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)  # LND -> NLD
         return x
 
     def encode_tokens(self, tokenized: torch.Tensor) -> torch.Tensor:

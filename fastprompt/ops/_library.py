@@ -73,7 +73,7 @@ def pads_logit_gradients(device: torch.device) -> bool:
     return triton_serves and schedule_choice.schedule() == "fused"
 
 
-def refuse_float64(backend: str, dtype: torch.dtype) -> None:
+def refuse_float64(backend: str, dtype: torch.dtype, name: str = "image_features") -> None:
     if dtype == torch.float64 and backend != "meta":
-        raise TypeError(f"image_features: float64 has no fused {backend} kernel; use float32, "
+        raise TypeError(f"{name}: float64 has no fused {backend} kernel; use float32, "
                         "bfloat16 or float16, or fastprompt.reference for float64 checks")

@@ -1,8 +1,9 @@
 """``fastprompt.clip_cross_entropy``: the fused prompt-tuning loss as two torch ops.
 
 * ``fastprompt::clip_cross_entropy_forward`` -> ``(loss_rows, grad_logits)``: the per-row loss
-  (float32) and, when a gradient will be needed, ``∂loss_i/∂z`` (N x C, input dtype) written
-  during the forward, so the backward is products only.
+  (float32: cross-entropy, or GCE with exponent ``q``, one per row from ``q_rows`` if given) and,
+  when a gradient will be needed, ``∂loss_i/∂z`` (N x C, input dtype) written during the
+  forward, so the backward is products only.
 * ``fastprompt::clip_cross_entropy_backward``: from ``grad_logits`` and the upstream per-row
   gradient to the gradients of the image features, text features and scale (docs/math.md).
 
@@ -23,7 +24,7 @@ _EMPTY = (0,)
 
 
 def _forward_fake(image_features, text_features, labels, scale, soft_labels, sample_index,
-                  smoothing, double_softmax, normalize, compute_grad):
+                  smoothing, double_softmax, normalize, compute_grad, q=0.0, q_rows=None):
     n, c = image_features.shape[0], text_features.shape[0]
     loss_rows = image_features.new_empty((n,), dtype=torch.float32)
     grad_logits = (logit_gradient_buffer(image_features, n, c,
@@ -35,7 +36,7 @@ def _forward_fake(image_features, text_features, labels, scale, soft_labels, sam
 clip_cross_entropy_forward = define_op(
     "clip_cross_entropy_forward(Tensor image_features, Tensor text_features, Tensor labels, "
     "Tensor scale, Tensor? soft_labels, Tensor? sample_index, float smoothing, bool double_softmax, "
-    "bool normalize, bool compute_grad) -> (Tensor, Tensor)",
+    "bool normalize, bool compute_grad, float q=0.0, Tensor? q_rows=None) -> (Tensor, Tensor)",
     _forward_fake, triton_kernel("loss_entry_points", "clip_cross_entropy_forward"))
 
 
@@ -78,10 +79,10 @@ class ClipCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, labels, scale, soft_labels, sample_index,
-                smoothing, double_softmax, normalize, compute_grad):
+                smoothing, double_softmax, normalize, compute_grad, q, q_rows):
         loss_rows, grad_logits = clip_cross_entropy_forward(
             image_features, text_features, labels, scale, soft_labels, sample_index, smoothing,
-            double_softmax, normalize, compute_grad)
+            double_softmax, normalize, compute_grad, q, q_rows)
         ctx.save_for_backward(image_features, text_features, scale, grad_logits)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(grad_logits)
@@ -93,7 +94,7 @@ class ClipCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, _unused):
         if grad_rows is None:
-            return (None,) * 10
+            return (None,) * 12
         image_features, text_features, scale, grad_logits = ctx.saved_tensors
         if grad_logits.dim() != 2:
             raise RuntimeError("clip_cross_entropy: backward called, but the forward ran without "
@@ -103,7 +104,7 @@ class ClipCrossEntropyFunction(torch.autograd.Function):
             grad_rows.float().contiguous(), grad_logits, image_features, text_features, scale,
             ctx.normalize, need_x, need_t, need_s)
         return (gx if need_x else None, gt if need_t else None, None, gs if need_s else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def fused_targets(smoothing: float, soft_labels, sample_index):
@@ -118,10 +119,27 @@ def fused_targets(smoothing: float, soft_labels, sample_index):
     return soft_labels, sample_index
 
 
+def fused_exponents(choice):
+    """The loss choice as the kernels take it: ``(q, q_rows)``, the per-row exponents a contiguous
+    float32 tensor."""
+    if choice.q_rows is None:
+        return choice.q, None
+    return 0.0, choice.q_rows.detach().float().contiguous()
+
+
+def reduced(loss_rows, reduction):
+    if reduction == "mean":
+        return loss_rows.mean()
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows
+
+
 def clip_cross_entropy(image_features, text_features, labels, scale, *, double_softmax=False,
                        smoothing=0.0, soft_labels=None, sample_index=None, normalize=True,
-                       reduction="mean"):
-    """Cross-entropy of CLIP logits ``scale * x̂ t̂ᵀ`` against hard or soft targets, fused.
+                       reduction="mean", loss="ce", q=0.5):
+    """Cross-entropy (or GCE, MAE) of CLIP logits ``scale * x̂ t̂ᵀ`` against hard or soft
+    targets, fused.
 
     Args:
         image_features: N x D (cached image features; may require grad).
@@ -137,30 +155,35 @@ def clip_cross_entropy(image_features, text_features, labels, scale, *, double_s
         normalize: L2-normalise the rows of both feature matrices first (CLIP does); any finite
             nonzero row is accepted, however large or small.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (N per-row losses).
+        loss: ``"ce"`` (cross-entropy), ``"gce"`` (generalized cross-entropy
+            ``Σ_c t_c (1 - π_c^q) / q`` over the softmax, or DSPT's double softmax, ``π``) or
+            ``"mae"`` (GCE at q = 1; ``1 - π_y`` for a hard label). Every target kind composes.
+        q: GCE's exponent in [0, 1] (0 is cross-entropy, the limit), or an N float tensor of one
+            exponent per row for ``loss="gce"``: NLPrompt's clean rows cross-entropy and the
+            others MAE in one call is ``q=torch.where(clean, 0.0, 1.0)``. Ignored by ``"ce"``
+            and ``"mae"``; a fixed setting (a tensor that requires grad is refused).
 
     Returns the float32 loss. Runs the Triton kernels on CUDA and the C++ kernels on CPU
     (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
     Validation: docs/kernels.md.
     """
     backend = backend_for(image_features.device) if isinstance(image_features, torch.Tensor) else None
-    s = check_clip_cross_entropy_args(
+    s, choice = check_clip_cross_entropy_args(
         image_features, text_features, labels, scale, smoothing=smoothing, soft_labels=soft_labels,
-        sample_index=sample_index, normalize=normalize, reduction=reduction,
+        sample_index=sample_index, normalize=normalize, reduction=reduction, loss=loss, q=q,
         kernel_checks_values=backend == "cpp")
     smoothing = float(smoothing)
     if backend == "reference":
         return reference.clip_cross_entropy_unchecked(
             image_features, text_features, labels, s, double_softmax, smoothing, soft_labels,
-            sample_index, normalize, reduction)
+            sample_index, normalize, reduction, choice.q, choice.q_rows)
     refuse_float64(backend, image_features.dtype)
     soft_labels, sample_index = fused_targets(smoothing, soft_labels, sample_index)
+    q, q_rows = fused_exponents(choice)
     compute_grad = torch.is_grad_enabled() and (
         image_features.requires_grad or text_features.requires_grad or s.requires_grad)
     loss_rows, _ = ClipCrossEntropyFunction.apply(
         image_features.contiguous(), text_features.contiguous(), labels.contiguous(), s,
-        soft_labels, sample_index, smoothing, bool(double_softmax), normalize, compute_grad)
-    if reduction == "mean":
-        return loss_rows.mean()
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows
+        soft_labels, sample_index, smoothing, bool(double_softmax), normalize, compute_grad, q,
+        q_rows)
+    return reduced(loss_rows, reduction)

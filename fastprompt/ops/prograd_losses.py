@@ -21,13 +21,15 @@ from fastprompt._validation import check_prograd_losses_args
 from fastprompt.kernels.logit_gradient_layout import logit_gradient_buffer, with_padded_rows
 from fastprompt.ops._library import (backend_for, define_op, pads_logit_gradients, refuse_float64,
                                      triton_kernel)
-from fastprompt.ops.clip_cross_entropy import clip_cross_entropy_backward, fused_targets
+from fastprompt.ops.clip_cross_entropy import (clip_cross_entropy_backward, fused_exponents,
+                                               fused_targets)
 
 _EMPTY = (0,)
 
 
 def _losses_fake(image_features, text_features, zeroshot_text_features, labels, scale,
-                 soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad):
+                 soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad,
+                 q=0.0, q_rows=None):
     n, c = image_features.shape[0], text_features.shape[0]
     task_rows = image_features.new_empty((n,), dtype=torch.float32)
     kl_rows = image_features.new_empty((n,), dtype=torch.float32)
@@ -43,7 +45,7 @@ prograd_losses_forward = define_op(
     "prograd_losses_forward(Tensor image_features, Tensor text_features, "
     "Tensor zeroshot_text_features, Tensor labels, Tensor scale, Tensor? soft_labels, "
     "Tensor? sample_index, float smoothing, bool double_softmax, float temperature, "
-    "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool compute_grad, float q=0.0, Tensor? q_rows=None) -> (Tensor, Tensor, Tensor, Tensor)",
     _losses_fake, triton_kernel("loss_entry_points", "prograd_losses_forward"))
 
 
@@ -53,10 +55,11 @@ class ProGradLossesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, zeroshot_text_features, labels, scale,
-                soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad):
+                soft_labels, sample_index, smoothing, double_softmax, temperature, compute_grad,
+                q, q_rows):
         outputs = prograd_losses_forward(
             image_features, text_features, zeroshot_text_features, labels, scale, soft_labels,
-            sample_index, smoothing, double_softmax, temperature, compute_grad)
+            sample_index, smoothing, double_softmax, temperature, compute_grad, q, q_rows)
         _, _, grad_task_logits, grad_kl_logits = outputs
         ctx.save_for_backward(image_features, text_features, scale, grad_task_logits, grad_kl_logits)
         ctx.mark_non_differentiable(grad_task_logits, grad_kl_logits)
@@ -68,7 +71,7 @@ class ProGradLossesFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_task_rows, grad_kl_rows, _unused_task, _unused_kl):
         if grad_task_rows is None and grad_kl_rows is None:
-            return (None,) * 11
+            return (None,) * 13
         image_features, text_features, scale, grad_task_logits, grad_kl_logits = ctx.saved_tensors
         if grad_task_logits.dim() != 2:
             raise RuntimeError("prograd_losses: backward called, but the forward ran without "
@@ -93,13 +96,14 @@ class ProGradLossesFunction(torch.autograd.Function):
             upstream, grad_logits, image_features, text_features, scale, True, need_x, need_t,
             need_s)
         return (gx if need_x else None, gt if need_t else None, None, None, gs if need_s else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_features: Tensor,
                    labels: Tensor, scale, *, temperature: float = 1.0, double_softmax: bool = False,
                    smoothing: float = 0.0, soft_labels: Optional[Tensor] = None,
-                   sample_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   sample_index: Optional[Tensor] = None, loss: str = "ce",
+                   q=0.5) -> tuple[Tensor, Tensor]:
     """ProGrad's task loss and distillation loss towards zero-shot CLIP, fused.
 
     Args:
@@ -112,8 +116,9 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
         scale: the logit multiplier (``logit_scale.exp()``), a float or a 0-d tensor; it scales
             both the prompt logits ``z`` and the zero-shot logits ``z⁰``.
         temperature: τ > 0 of the distillation loss.
-        double_softmax, smoothing, soft_labels, sample_index: the task loss's options, exactly
-            as in ``clip_cross_entropy`` (a ``soft_labels`` table requiring grad is refused).
+        double_softmax, smoothing, soft_labels, sample_index, loss, q: the task loss's options,
+            exactly as in ``clip_cross_entropy`` (GCE/MAE included; a ``soft_labels`` table or
+            ``q`` requiring grad is refused).
 
     Returns ``(task_loss, kl_loss)``, both float32 scalar means over the batch, with
     ``kl_loss = mean_i -τ² Σ_c softmax(z⁰_i/τ)_c log softmax(z_i/τ)_c``. Feed them to
@@ -121,21 +126,22 @@ def prograd_losses(image_features: Tensor, text_features: Tensor, zeroshot_text_
     (``FASTPROMPT_BACKEND`` forces one); float64 inputs are for ``fastprompt.reference``.
     """
     backend = backend_for(image_features.device) if isinstance(image_features, torch.Tensor) else None
-    s, temperature = check_prograd_losses_args(
+    s, temperature, choice = check_prograd_losses_args(
         image_features, text_features, zeroshot_text_features, labels, scale,
         temperature=temperature, smoothing=smoothing, soft_labels=soft_labels,
-        sample_index=sample_index, kernel_checks_values=backend == "cpp")
+        sample_index=sample_index, loss=loss, q=q, kernel_checks_values=backend == "cpp")
     smoothing = float(smoothing)
     if backend == "reference":
         return reference.prograd_losses_unchecked(
             image_features, text_features, zeroshot_text_features, labels, s, temperature,
-            double_softmax, smoothing, soft_labels, sample_index)
+            double_softmax, smoothing, soft_labels, sample_index, choice.q, choice.q_rows)
     refuse_float64(backend, image_features.dtype)
     soft_labels, sample_index = fused_targets(smoothing, soft_labels, sample_index)
+    q, q_rows = fused_exponents(choice)
     compute_grad = torch.is_grad_enabled() and (
         image_features.requires_grad or text_features.requires_grad or s.requires_grad)
     task_rows, kl_rows, _, _ = ProGradLossesFunction.apply(
         image_features.contiguous(), text_features.contiguous(),
         zeroshot_text_features.detach().contiguous(), labels.contiguous(), s, soft_labels,
-        sample_index, smoothing, bool(double_softmax), temperature, compute_grad)
+        sample_index, smoothing, bool(double_softmax), temperature, compute_grad, q, q_rows)
     return task_rows.mean(), kl_rows.mean()

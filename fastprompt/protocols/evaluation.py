@@ -23,7 +23,7 @@ from fastprompt.data.folders import DatasetSplits
 from fastprompt.data.source import DataSource
 from fastprompt.models import zeroshot_text_features
 from fastprompt.protocols.stats import harmonic_mean
-from fastprompt.train import accuracy, load_run, load_runs
+from fastprompt.train import load_run, load_runs
 from fastprompt.train.files import METRICS, read_metrics
 from fastprompt.train.runs import run_caches
 from fastprompt.train.softcpt import task_mean
@@ -55,12 +55,11 @@ def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
 
 
 @torch.no_grad()
-def per_class_accuracy(features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor,
+def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor,
                        classnames: list[str]) -> tuple[float, list[dict]]:
-    """Top-1 accuracy over all images and, per class, ``{"class", "accuracy", "num_images"}``
-    (accuracy None for a class without test images)."""
-    text = torch.nn.functional.normalize(text_features.float(), dim=-1)
-    predicted = (features.float().to(text.device) @ text.t()).argmax(1).cpu()
+    """Top-1 accuracy of the ``predicted`` classes (N) over all images and, per class,
+    ``{"class", "accuracy", "num_images"}`` (accuracy None for a class without test images)."""
+    predicted = predicted.cpu()
     correct = predicted == labels
     per_class = []
     for c, name in enumerate(classnames):
@@ -97,11 +96,11 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
                                 run.model_name, run.preprocess_val, run.preprocess_val, splits,
                                 views=1, seed=source.seed, batch_size=batch_size,
                                 progress=progress)
-    acc, per_class = per_class_accuracy(cache.test_features, cache.test_labels,
-                                        run.text_features, run.class_names)
+    acc, per_class = per_class_accuracy(run.predictions(cache.test_features), cache.test_labels,
+                                        run.class_names)
     zeroshot = zeroshot_text_features(run.model, run.tokenizer, run.class_names).to(device)
-    zs_acc, _ = per_class_accuracy(cache.test_features, cache.test_labels, zeroshot,
-                                   run.class_names)
+    zs_predicted = (cache.test_features.float().to(device) @ zeroshot.t()).argmax(1)
+    zs_acc, _ = per_class_accuracy(zs_predicted, cache.test_labels, run.class_names)
     return {"data": {**source.to_dict(), "all_images": all_images}, "test_acc": acc,
             "zeroshot_test_acc": zs_acc, "num_test_images": int(cache.test_labels.shape[0]),
             "num_classes": len(run.class_names), "per_class": per_class,
@@ -168,8 +167,8 @@ def evaluate_run(run_dir, cache=None, device: str | torch.device = "cpu",
         if list(c.classnames) != list(run.class_names):
             raise ValueError(f"cache: its classes {c.classnames[:5]}... differ from the run's "
                              f"{run.class_names[:5]}...")
-        result = {"test_acc": accuracy(c.test_features, c.test_labels, run.text_features),
-                  "val_acc": accuracy(c.val_features, c.val_labels, run.text_features),
+        result = {"test_acc": run.accuracy(c.test_features, c.test_labels),
+                  "val_acc": run.accuracy(c.val_features, c.val_labels),
                   "num_test_images": int(c.test_features.shape[0])}
         results.append(result if run.task is None else {"name": run.task, **result})
     if not softcpt:

@@ -8,8 +8,9 @@ import re
 
 from fastprompt._checks import slug
 from fastprompt._io import atomic_path
+from fastprompt.protocols.records import run_metrics
 from fastprompt.protocols.stats import mean_std
-from fastprompt.train.files import METRICS, read_metrics
+from fastprompt.train.files import METRICS
 
 CURVES = "curves.png"
 
@@ -27,16 +28,16 @@ def plot_curves(run_dir) -> str:
     """``RUN/curves.png``: the loss (and ProGrad's KL term) and the train accuracy on the noisy
     labels trained on and on the clean labels, per epoch, from the run's metrics.json."""
     run_dir = os.fspath(run_dir)
-    metrics = read_metrics(run_dir, "plot", missing="not a finished run folder")
+    metrics = run_metrics(run_dir, "plot", missing="not a finished run folder")
     history = metrics.get("epochs") or []
     if not history:
         raise ValueError(f"plot: {os.path.join(run_dir, METRICS)} records no epochs")
     epochs = [h["epoch"] for h in history]
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    left.plot(epochs, [h["loss"] for h in history], marker=".", label="training loss")
+    left.plot(epochs, [_number(h, "loss") for h in history], marker=".", label="training loss")
     if any("kl_loss" in h for h in history):
-        left.plot(epochs, [h.get("kl_loss", math.nan) for h in history], marker=".",
+        left.plot(epochs, [_number(h, "kl_loss") for h in history], marker=".",
                   label="KL to zero-shot (ProGrad)")
     left.set(xlabel="epoch", ylabel="loss (mean over the epoch)", title="Loss")
     left.legend(fontsize="small")
@@ -57,16 +58,22 @@ def plot_curves(run_dir) -> str:
     return out
 
 
+def _number(record: dict, key: str) -> float:
+    """``record[key]``, NaN where it is absent or null (strict JSON's non-finite values)."""
+    value = record.get(key)
+    return math.nan if value is None else value
+
+
 def _run_title(metrics: dict) -> str:
     """'coop+ls, 4 shots, symmetric label noise 0.2, seed 1' from a run's metrics."""
-    fingerprints = [metrics.get("cache", {}).get("fingerprint")] + [
-        t.get("cache", {}).get("fingerprint") for t in metrics.get("tasks", [])]
+    fingerprints = [(metrics.get("cache") or {}).get("fingerprint")] + [
+        (t.get("cache") or {}).get("fingerprint") for t in metrics.get("tasks") or []]
     fp = next((f for f in fingerprints if f), {})
     parts = [str(metrics.get("method", "run"))]
     if fp:
         parts.append(f"{fp['shots']} shots" if fp.get("shots") else "all images")
         if fp.get("noise_rate"):
-            parts.append(f"{fp['noise_type']} label noise {fp['noise_rate']:g}")
+            parts.append(f"{fp.get('noise_type', '')} label noise {fp['noise_rate']:g}")
     parts.append(f"seed {metrics.get('seed')}")
     return ", ".join(parts)
 
@@ -105,7 +112,7 @@ def plot_lines(table, path: str, xlabel: str, log2: bool) -> None:
     if log2:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=table.title)
+    ax.set(xlabel=xlabel, ylabel=table.measure, title=table.title)
     ax.title.set_fontsize("medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -131,7 +138,7 @@ def plot_bars(table, path: str) -> None:
         style = dict(color="lightgrey", hatch="//") if label == "zero-shot" else {}
         ax.bar(positions, means, width, yerr=stds, capsize=2, label=label, **style)
     ax.set_xticks(range(len(table.columns)), table.columns)
-    ax.set(ylabel="test accuracy (%)", title=table.title)
+    ax.set(ylabel=table.measure, title=table.title)
     ax.title.set_fontsize("medium")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from fastprompt._io import read_json, write_text_atomic
 from fastprompt.protocols.plots import plot_curves, sweep_plots
+from fastprompt.protocols.records import run_evaluation, run_metrics
 from fastprompt.protocols.stats import format_number, harmonic_mean, mean_std
 from fastprompt.protocols.sweep_grid import EVALUATION, SPEC_COPY, Job, SweepSpec, jobs_of
-from fastprompt.train.files import METRICS, read_metrics
+from fastprompt.train.files import METRICS
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -35,6 +36,7 @@ class Table:
     rows: list[tuple[str, list[list[float]]]] = field(default_factory=list)  # values per seed
     # column -> (base column, new column): its mean is the harmonic mean of theirs
     harmonic: dict[int, tuple[int, int]] = field(default_factory=dict)
+    measure: str = "test accuracy (%)"   # what the values are (a plot's axis)
 
     def stats(self, cells: list[list[float]], column: int) -> tuple[float, float]:
         """Mean and sample standard deviation of a row's cell (NaN where undefined)."""
@@ -49,11 +51,17 @@ def run_record(job: Job) -> dict | None:
     """The numbers of one finished run (accuracies in [0, 1]); None while it is not finished."""
     if not os.path.isfile(os.path.join(job.run_dir, METRICS)):
         return None
-    metrics = read_metrics(job.run_dir)
+    metrics = run_metrics(job.run_dir)
     record = {"test_acc": metrics.get("test_acc"), "zeroshot": metrics.get("zeroshot_test_acc")}
+    # A label-noise method's split (NLPrompt's, JoAPR's): how clean the samples it kept in its
+    # last epoch are.
+    last = (metrics.get("epochs") or [{}])[-1]
+    for key, value in last.items():
+        if key.endswith("_kept_precision") and isinstance(value, (int, float)):
+            record["kept_precision"] = value
     evaluation_path = os.path.join(job.run_dir, EVALUATION)
     if os.path.isfile(evaluation_path):
-        evaluation = read_json(evaluation_path, "run")
+        evaluation = run_evaluation(evaluation_path)
         if "base_to_new" in evaluation:
             b = evaluation["base_to_new"]
             record.update(base=b["base_acc"], new=b["new_acc"], hm=b["hm"],
@@ -96,6 +104,16 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
             t.rows.append((m.label, [cell(m.label, i, False) for i in range(len(columns))]))
         return t
 
+    def kept_table(title, columns, cell) -> list[Table]:
+        """The clean-label share of the samples a label-noise method kept, for the methods
+        that keep some (none: no table)."""
+        t = Table(title, columns, measure="correct labels among the samples kept (%)")
+        for m in spec.methods:
+            cells = [cell(m.label, i) for i in range(len(columns))]
+            if any(cells):
+                t.rows.append((m.label, cells))
+        return [t] if t.rows else []
+
     def noise_title(noise) -> str:
         return "no label noise" if noise[1] == 0 else f"{noise[0]} label noise {format_number(noise[1])}"
 
@@ -114,6 +132,12 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
                         [format_number(n[1]) for n in cols],
                         lambda m, i, zs, cols=cols, shots=shots: values(
                             m, shots, cols[i], "zeroshot" if zs else "test_acc", zs)))
+                    tables += kept_table(
+                        f"Correct labels among the samples kept (%) against {kind} label-noise "
+                        f"rate, {shots_title(shots)}",
+                        [format_number(n[1]) for n in cols],
+                        lambda m, i, cols=cols, shots=shots: values(
+                            m, shots, cols[i], "kept_precision"))
         else:
             noise = settings[0]
             tables.append(table(
@@ -121,6 +145,10 @@ def build_tables(spec: SweepSpec, out: str) -> list[Table]:
                 [f"{s} shots" if s else "all" for s in spec.shots],
                 lambda m, i, zs: values(m, spec.shots[i], noise,
                                         "zeroshot" if zs else "test_acc", zs)))
+            tables += kept_table(
+                f"Correct labels among the samples kept (%), {noise_title(noise)}",
+                [f"{s} shots" if s else "all" for s in spec.shots],
+                lambda m, i: values(m, spec.shots[i], noise, "kept_precision"))
     elif spec.protocol == "base-to-new":
         keys = ("base", "new", "hm")
         for shots in spec.shots:
@@ -204,7 +232,10 @@ def write_report(out, log=print) -> str:
     spec_path = os.path.join(out, SPEC_COPY)
     if not os.path.isfile(spec_path):
         raise ValueError(f"sweep: {out} has no {SPEC_COPY}; is it a sweep folder?")
-    spec = SweepSpec.from_dict(read_json(spec_path, "sweep"))
+    try:
+        spec = SweepSpec.from_dict(read_json(spec_path, "sweep"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e} ({spec_path})") from None
     tables = build_tables(spec, out)
     plots = sweep_plots(spec, tables, out)
     write_text_atomic(os.path.join(out, REPORT_MD), markdown(tables, spec, plots))

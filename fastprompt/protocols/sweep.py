@@ -5,7 +5,10 @@ paper-style report (``fastprompt.protocols.report``). The spec and the grid it e
 
 Layout of the sweep folder ``OUT``::
 
-    sweep.json                the spec as read (paths absolute): what the report is made from
+    .lock                     held while a sweep runs in the folder: one sweep at a time
+    sweep.json                the spec as read (paths absolute): what the report is made from;
+                              written once every check has passed, and a folder holding runs
+                              takes no other spec
     features/                 one cache per (data half, shots, seed, views), encoded once; one
                               label-noise variant of it per noise rate and type (no re-encoding)
     features/eval/            test-only caches of the evaluated data (base/new halves, targets)
@@ -21,18 +24,23 @@ resumes interrupted ones from their last epoch's checkpoint and trains the rest.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from fastprompt._io import write_json_atomic
+from fastprompt._io import dumps_json, exclusive_lock, read_json, write_json_atomic
 from fastprompt.data import build_or_load_cache, load_cache
 from fastprompt.data.cache import noisy_variant
 from fastprompt.models import create_model
+from fastprompt.models.factory import check_device
 from fastprompt.protocols.evaluation import base_to_new, evaluate_on_data
 from fastprompt.protocols.plots import CURVES, plot_curves
 from fastprompt.protocols.report import write_report
@@ -40,6 +48,47 @@ from fastprompt.protocols.sweep_grid import (EVALUATION, SPEC_COPY, Job, SweepSp
                                              jobs_of)
 from fastprompt.train import Task, TrainConfig, train_run, train_softcpt_run
 from fastprompt.train.files import CHECKPOINT, METRICS, read_metrics
+
+SWEEP_LOCK = ".lock"
+# How often a worker process looks whether the sweep that started it is still there.
+PARENT_POLL_SECONDS = 0.5
+
+# ---------------------------------------------------------------------------------------------
+# The sweep folder
+
+
+def sweep_lock(out: str):
+    """The lock of the sweep folder ``out`` (``OUT/.lock``), held while a sweep runs there: a
+    second sweep into it is refused naming the holder's pid. It dies with its process."""
+    return exclusive_lock(os.path.join(out, SWEEP_LOCK), f"sweep folder {out}")
+
+
+def _holds_runs(out: str) -> bool:
+    """Whether ``out/runs`` holds a finished or interrupted run (what a report is made of)."""
+    for _, _, files in os.walk(os.path.join(out, "runs")):
+        if METRICS in files or CHECKPOINT in files:
+            return True
+    return False
+
+
+def check_folder_spec(spec: SweepSpec, out: str) -> None:
+    """Refuse ``spec`` in a sweep folder whose sweep.json records another spec and which holds
+    runs: its report is made from its sweep.json, so that spec is kept (the fields that differ
+    named). The ``device`` may differ; a folder without runs takes any spec (nothing is lost)."""
+    path = os.path.join(out, SPEC_COPY)
+    if not os.path.isfile(path):
+        return
+    recorded = read_json(path, "sweep")
+    if not isinstance(recorded, dict):
+        raise ValueError(f"sweep: {path} is not a sweep spec (expected a JSON object)")
+    wanted = json.loads(dumps_json(spec.to_dict()))
+    differ = sorted(k for k in set(wanted) | set(recorded)
+                    if k != "device" and wanted.get(k) != recorded.get(k))
+    if differ and _holds_runs(out):
+        raise ValueError(f"sweep: {out} holds runs of another spec ({path}; fields that differ: "
+                         f"{', '.join(differ)}); sweep into another --out, or remove {SPEC_COPY} "
+                         "there to make this spec its record")
+
 
 # ---------------------------------------------------------------------------------------------
 # Running
@@ -69,6 +118,23 @@ def _model(name: str, pretrained: str | None, device: str, image_tower: bool = T
             return _MODELS[(*key, tower)]
     _MODELS[(*key, image_tower)] = create_model(name, pretrained, device, image_tower=image_tower)
     return _MODELS[(*key, image_tower)]
+
+
+def watch_parent(parent: int) -> None:
+    """Run in each worker process as it starts: a daemon thread that ends the worker once the
+    sweep process ``parent`` is gone (killed with SIGKILL, its workers would otherwise wait for
+    work forever). A dead parent's children are adopted by another process, so the parent pid
+    seen from here changes. The worker's run keeps its last finished epoch's checkpoint."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        with contextlib.suppress(OSError):  # stderr may have gone with the parent
+            print(f"fastprompt sweep: worker {os.getpid()}: the sweep (pid {parent}) is gone; "
+                  "stopping (rerun the sweep to resume)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastprompt-watch-parent", daemon=True).start()
 
 
 def train_job(job: Job, device: str, threads: int | None = None) -> dict:
@@ -145,20 +211,46 @@ def run_sweep(spec: SweepSpec, out, *, jobs: int = 1, progress: bool | None = No
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs: expected an int >= 1, got {jobs!r}")
+    device = check_device(spec.device, "device")
     out = os.path.abspath(os.fspath(out))
+    created = not os.path.lexists(out)
     os.makedirs(out, exist_ok=True)
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    write_json_atomic(os.path.join(out, SPEC_COPY), spec.to_dict())
+    with sweep_lock(out):
+        try:
+            grid, states = _prepare(spec, out, device, progress, log)
+        except BaseException:
+            if created:  # refused before the spec was written: leave no empty folder behind
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, SWEEP_LOCK))
+                    os.rmdir(out)
+            raise
+        # Every check has passed and the data has loaded: the folder's record of its spec.
+        write_json_atomic(os.path.join(out, SPEC_COPY), spec.to_dict())
+        return _run_grid(spec, out, grid, states, device, jobs, log)
+
+
+def _prepare(spec: SweepSpec, out: str, device: str, progress: bool | None,
+             log) -> tuple[list[Job], dict]:
+    """The grid and each run's state once the folder is checked (its spec; no run of other
+    settings where the spec's runs go), with the caches the runs to train need."""
+    check_folder_spec(spec, out)
     grid = jobs_of(spec, out)
-    states = {job.key: run_state(job) for job in grid}  # refuses foreign runs before any work
-    result = SweepResult()
+    states = {job.key: run_state(job) for job in grid}
     todo = [j for j in grid if states[j.key] != "finished"]
-    result.skipped = [j for j in grid if states[j.key] == "finished"]
-    log(f"sweep: {len(grid)} runs ({spec.protocol}): {len(result.skipped)} finished, "
+    log(f"sweep: {len(grid)} runs ({spec.protocol}): {len(grid) - len(todo)} finished, "
         f"{sum(states[j.key] == 'interrupted' for j in todo)} to resume, "
         f"{sum(states[j.key] == 'new' for j in todo)} to train")
     if todo:
         build_caches(spec, out, device, progress, log)
+    return grid, states
+
+
+def _run_grid(spec: SweepSpec, out: str, grid: list[Job], states: dict, device: str, jobs: int,
+              log) -> SweepResult:
+    """Train (or resume) the runs not finished, evaluate them, and write the report."""
+    result = SweepResult()
+    todo = [j for j in grid if states[j.key] != "finished"]
+    result.skipped = [j for j in grid if states[j.key] == "finished"]
     for job in result.skipped:
         if not os.path.isfile(os.path.join(job.run_dir, CURVES)):
             plot_curves(job.run_dir)
@@ -182,7 +274,9 @@ def run_sweep(spec: SweepSpec, out, *, jobs: int = 1, progress: bool | None = No
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                    initializer=watch_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             starts = {}
             futures = {}
             for job in todo:

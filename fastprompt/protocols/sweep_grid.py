@@ -9,12 +9,14 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from fastprompt._checks import slug
+from fastprompt._checks import check_int, check_seed, slug
 from fastprompt._io import read_json
-from fastprompt.data import NOISE_TYPES
+from fastprompt.data import DEFAULT_TEST_FRACTION, NOISE_TYPES
+from fastprompt.data.sampling import check_noise_rate
 from fastprompt.data.source import DataSource
+from fastprompt.models.factory import check_device, check_model_name
 from fastprompt.protocols.stats import format_number
-from fastprompt.train import TrainConfig, coop_epochs
+from fastprompt.train import LEARNERS, LOSSES, TrainConfig, coop_epochs
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
 DEFAULT_SEEDS = (1, 2, 3)
@@ -34,36 +36,55 @@ class Method:
     overrides: dict
 
 
+# A method's name before its plug-ins: CoOp's by loss, or a learner with its loss in brackets.
+_HEAD = re.compile(r"^([a-z]+)(?:\(([a-z]+)\))?$")
+_COOP_LOSSES = {"coop": "ce", "dspt": "dspt", "gce": "gce", "mae": "mae"}
+_FLAGS = ("prograd", "dept", "nlprompt")
+
+
 def parse_method(entry, where: str = "methods") -> Method:
-    """A method as the spec names it: ``"coop"``, ``"dspt"``, ``"softcpt"`` with plug-ins as
-    ``TrainConfig.describe`` writes them (``"dspt+isl(alt)+prograd"``, ``"coop+ls"``), or an
-    object ``{"name": LABEL, "method": ..., any TrainConfig field: value}``."""
+    """A method as the spec names it, as ``TrainConfig.describe`` writes it: CoOp by its loss
+    (``coop``, ``dspt``, ``gce``, ``mae``) or a learner (``softcpt``, ``kgcoop``, ``cocoop``,
+    ...) with a loss in brackets (``kgcoop(dspt)``), then plug-ins (``+ls``, ``+isl(alt)``,
+    ``+prograd``, ``+dept``, ``+nlprompt``): ``"dspt+isl(alt)+prograd"``,
+    ``"cocoop(gce)+dept"``; or an object ``{"name": LABEL, "method": ..., any TrainConfig
+    field: value}``. A learner starts from its official config (``TrainConfig.for_learner``)."""
     if isinstance(entry, dict):
         entry = dict(entry)
         label = entry.pop("name", None)
         method = entry.pop("method", "coop")
-        base = parse_method(method, where).overrides
-        if not isinstance(label, str) or not label.strip():
+        base = parse_method(method, f"{where}.method").overrides
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f"{where}.name: expected a str, got {type(label).__name__} "
+                             f"{label!r:.60}")
+        if not label or not label.strip():
             label = method
         return Method(label.strip(), {**base, **entry})
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"{where}: expected a method name or object, got {entry!r}")
     parts = entry.strip().split("+")
-    head = parts[0]
-    if head not in ("coop", "dspt", "softcpt"):
-        raise ValueError(f"{where}: {entry!r} must start with coop, dspt or softcpt")
-    overrides: dict = {"learner": "softcpt" if head == "softcpt" else "coop",
-                       "loss": "dspt" if head == "dspt" else "ce"}
+    head = _HEAD.match(parts[0])
+    if head and head.group(1) in _COOP_LOSSES and head.group(2) is None:
+        overrides: dict = {"learner": "coop", "loss": _COOP_LOSSES[head.group(1)]}
+    elif head and head.group(1) in LEARNERS and head.group(1) != "coop":
+        overrides = {"learner": head.group(1), "loss": head.group(2) or "ce"}
+        if overrides["loss"] not in LOSSES:
+            raise ValueError(f"{where}: unknown loss {head.group(2)!r} in {entry!r} (one of "
+                             f"{', '.join(LOSSES)})")
+    else:
+        raise ValueError(f"{where}: {entry!r} must start with coop, dspt, gce or mae (CoOp by "
+                         f"its loss) or a learner ({', '.join(sorted(set(LEARNERS) - {'coop'}))}"
+                         ", optionally with a loss in brackets: kgcoop(dspt))")
     for part in parts[1:]:
         match = _PLUGIN.match(part)
         if match:
             overrides["targets"] = match.group(1)
             overrides["alternate"] = bool(match.group(2))
-        elif part == "prograd":
-            overrides["prograd"] = True
+        elif part in _FLAGS:
+            overrides[part] = True
         else:
             raise ValueError(f"{where}: unknown plug-in {part!r} in {entry!r} (ls, csl, isl, "
-                             "each optionally with (alt), and prograd)")
+                             f"each optionally with (alt), and {', '.join(_FLAGS)})")
     return Method(entry.strip(), overrides)
 
 
@@ -120,6 +141,10 @@ class SweepSpec:
 _SPEC_KEYS = {"data", "split_file", "test_fraction", "methods", "protocol", "model", "pretrained",
               "shots", "noise_rates", "noise_types", "seeds", "views", "train", "targets",
               "device"}
+_TARGET_KEYS = {"name", "data", "split_file", "all_images", "test_fraction"}
+# The spec sets model, pretrained and seed; each method its learner and loss.
+_SETTABLE = frozenset({f.name for f in dataclasses.fields(TrainConfig)} -
+                      {"model", "pretrained", "seed"})
 
 
 def _read_spec_file(path: str) -> dict:
@@ -137,110 +162,175 @@ def _read_spec_file(path: str) -> dict:
     return read_json(path, "spec")
 
 
-def _list(d: dict, key: str, default: list, valid, what: str) -> list:
-    """``d[key]`` as a non-empty list without repeats whose entries pass ``valid``."""
+def _list(d: dict, key: str, default: list, check) -> list:
+    """``d[key]`` (one value or a list of them) as a non-empty list without repeats, each entry
+    ``check(value, "key[i]")``-ed."""
     value = d.get(key, default)
     if not isinstance(value, list):
         value = [value]
     if not value:
-        raise ValueError(f"spec: {key!r} is empty")
-    for v in value:
-        if isinstance(v, bool) or not valid(v):
-            raise ValueError(f"spec: {key!r}: {v!r} is not {what}")
+        raise ValueError(f"{key}: is empty")
+    value = [check(v, f"{key}[{i}]") for i, v in enumerate(value)]
     if len(set(value)) != len(value):
-        raise ValueError(f"spec: {key!r} lists a value twice: {value}")
+        raise ValueError(f"{key}: lists a value twice: {value}")
     return value
+
+
+def _shots(value, where: str):
+    return None if value is None else check_int(where, value, 1)
+
+
+def _one_of(choices):
+    def check(value, where: str):
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{where}: must be one of {choices}, got {value!r:.60}")
+        return value
+    return check
+
+
+def _method_folder(label: str, where: str, taken: dict) -> None:
+    """Refuse a label whose folder under ``runs/`` is not one ordinary path component of its
+    own (empty, ``.``/``..``, hidden, too long, or another method's)."""
+    folder = _label_slug(label)
+    if not folder or folder.startswith(".") or len(folder.encode()) > 200:
+        raise ValueError(f"{where}: {label!r:.80} gives the run folder name {folder!r:.80}: "
+                         "empty, hidden or over 200 characters; name it with letters and digits")
+    if folder in taken:
+        raise ValueError(f"{where}: {label!r:.80} has the run folder name {folder!r} of "
+                         f"{taken[folder]}; name the methods apart")
+    taken[folder] = where
+
+
+def _check_config(config: dict, sources: list[tuple[str, dict]]) -> None:
+    """``TrainConfig`` of ``config``; a refusal names the field by where the spec sets it
+    (``methods[1].epochs``, ``train.batch_size``)."""
+    try:
+        TrainConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        field_name = str(e).split(":", 1)[0]
+        where = next((w for w, fields in sources if field_name in fields), None)
+        raise type(e)(f"{where}.{e}" if where else str(e)) from None
+
+
+def _existing(path: str, key: str, folder: bool) -> str:
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise ValueError(f"{key}: {path} is not {'a folder' if folder else 'a file'}")
+    return path
+
+
+def _source(d: dict, where: str, resolve, subsample: str = "all") -> DataSource:
+    """The ``DataSource`` of a spec's ``data`` (``where``: "" or "targets[i]."); the folder and
+    split file must exist."""
+    root = resolve(d["data"], f"{where}data")
+    try:
+        source = DataSource.create(root, split_file=d.get("split_file"),
+                                   test_fraction=d.get("test_fraction", DEFAULT_TEST_FRACTION),
+                                   subsample=subsample)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}{e}") from None
+    _existing(source.root, f"{where}data", folder=True)
+    if source.split_file is not None:
+        _existing(source.split_file, f"{where}split_file", folder=False)
+    return source
 
 
 def load_spec(path) -> SweepSpec:
     """Read and check a sweep spec (JSON; YAML when PyYAML is installed). Relative paths are
-    relative to the spec file's folder. See docs/protocols.md for the fields."""
+    relative to the spec file's folder. See docs/protocols.md for the fields.
+
+    Everything is checked here, before a sweep creates anything: the fields' types and values
+    (a refusal names the file and the field, ``methods[1].epochs``), every run's TrainConfig,
+    that the data folders, split files and weights file exist, the model name and the device."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"spec: {path} is not a file")
     d = _read_spec_file(path)
+    try:
+        return _checked_spec(d, os.path.dirname(os.path.abspath(path)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"spec {path}: {e}") from None
+
+
+def _checked_spec(d, here: str) -> SweepSpec:
     if not isinstance(d, dict):
-        raise ValueError(f"spec: {path} must hold an object (mapping)")
+        raise ValueError("must hold an object (mapping)")
     unknown = sorted(set(d) - _SPEC_KEYS)
     if unknown:
-        raise ValueError(f"spec: unknown field(s) {unknown}; fields: {sorted(_SPEC_KEYS)}")
-    here = os.path.dirname(os.path.abspath(path))
+        raise ValueError(f"unknown field(s) {unknown}; fields: {sorted(_SPEC_KEYS)}")
 
     def resolve(p, key):
         if p is None:
             return None
         if not isinstance(p, str) or not p:
-            raise ValueError(f"spec: {key!r} must be a path, got {p!r}")
+            raise ValueError(f"{key}: must be a path, got {p!r:.60}")
         return os.path.join(here, os.path.expanduser(p))
 
     if "data" not in d:
-        raise ValueError("spec: 'data' (the image folder to train on) is required")
-    protocol = d.get("protocol", "few-shot")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"spec: 'protocol' must be one of {PROTOCOLS}, got {protocol!r}")
-    data = DataSource.create(resolve(d["data"], "data"), split_file=d.get("split_file"),
-                             test_fraction=d.get("test_fraction", 0.2),
-                             subsample="base" if protocol == "base-to-new" else "all")
+        raise ValueError("'data' (the image folder to train on) is required")
+    protocol = _one_of(PROTOCOLS)(d.get("protocol", "few-shot"), "protocol")
+    data = _source(d, "", resolve, "base" if protocol == "base-to-new" else "all")
     methods = d.get("methods")
     if not isinstance(methods, list) or not methods:
-        raise ValueError("spec: 'methods' must be a non-empty list")
-    methods = [parse_method(m, f"spec: methods[{i}]") for i, m in enumerate(methods)]
-    folders = [_label_slug(m.label) for m in methods]
-    if len(set(folders)) != len(folders):
-        raise ValueError(f"spec: two methods have the same name (or folder name): "
-                         f"{[m.label for m in methods]}")
+        raise ValueError("'methods' must be a non-empty list")
+    methods = [parse_method(m, f"methods[{i}]") for i, m in enumerate(methods)]
+    folders: dict = {}
+    for i, m in enumerate(methods):
+        _method_folder(m.label, f"methods[{i}].name", folders)
     train = d.get("train", {})
     if not isinstance(train, dict):
-        raise ValueError("spec: 'train' must be an object of TrainConfig fields")
-    # The spec sets model, pretrained and seed; each method its learner and loss.
-    settable = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "pretrained", "seed"}
-    for where, fields, allowed in [("train", train, settable - {"learner", "loss"})] + [
-            (f"methods {m.label!r}", m.overrides, settable) for m in methods]:
+        raise ValueError("train: must be an object of TrainConfig fields")
+    for where, fields, allowed in [("train", train, _SETTABLE - {"learner", "loss"})] + [
+            (f"methods[{i}]", m.overrides, _SETTABLE) for i, m in enumerate(methods)]:
         bad = sorted(set(fields) - allowed)
         if bad:
-            raise ValueError(f"spec: {where}: {bad} cannot be set there; settable: "
-                             f"{sorted(allowed)}")
-    for m in methods:
+            raise ValueError(f"{where}: {bad} cannot be set there; settable: {sorted(allowed)}")
+    for i, m in enumerate(methods):
         if m.overrides.get("learner") == "softcpt" and protocol == "base-to-new":
-            raise ValueError(f"spec: methods {m.label!r}: SoftCPT trains on whole tasks; "
+            raise ValueError(f"methods[{i}]: {m.label!r}: SoftCPT trains on whole tasks; "
                              "base-to-new sweeps take coop and dspt methods")
     targets = []
     raw_targets = d.get("targets", [])
     if protocol == "cross-dataset":
         if not isinstance(raw_targets, list) or not raw_targets:
-            raise ValueError("spec: a cross-dataset sweep needs 'targets': "
+            raise ValueError("a cross-dataset sweep needs 'targets': "
                              '[{"name": ..., "data": DIR}, ...]')
         for i, t in enumerate(raw_targets):
-            if not isinstance(t, dict) or "data" not in t or set(t) - {"name", "data", "split_file", "all_images", "test_fraction"}:
-                raise ValueError(f"spec: targets[{i}] must be an object with 'data' and optionally "
+            if not isinstance(t, dict) or "data" not in t or set(t) - _TARGET_KEYS:
+                raise ValueError(f"targets[{i}]: must be an object with 'data' and optionally "
                                  "'name', 'split_file', 'test_fraction', 'all_images'")
-            source = DataSource.create(resolve(t["data"], f"targets[{i}].data"),
-                                       split_file=t.get("split_file"),
-                                       test_fraction=t.get("test_fraction", 0.2))
-            targets.append(Target(str(t.get("name") or os.path.basename(source.root)), source,
-                                  bool(t.get("all_images", False))))
+            source = _source(t, f"targets[{i}].", resolve)
+            name = t.get("name")
+            if name is not None and not isinstance(name, str):
+                raise ValueError(f"targets[{i}].name: expected a str, got {name!r:.60}")
+            all_images = t.get("all_images", False)
+            if not isinstance(all_images, bool):
+                raise ValueError(f"targets[{i}].all_images: expected a bool, got "
+                                 f"{all_images!r:.60}")
+            targets.append(Target(name or os.path.basename(source.root), source, all_images))
         if len({t.name for t in targets}) != len(targets):
-            raise ValueError("spec: two targets have the same name")
+            raise ValueError("targets: two targets have the same name")
     elif raw_targets:
-        raise ValueError(f"spec: 'targets' belong to a cross-dataset sweep, not {protocol!r}")
-    views = d.get("views", 8)
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"spec: 'views' must be an int >= 1, got {views!r}")
+        raise ValueError(f"targets: belong to a cross-dataset sweep, not {protocol!r}")
+    model = d.get("model", "fastprompt-tiny")
+    check_model_name(model, "model")
+    pretrained = resolve(d.get("pretrained"), "pretrained")
+    if pretrained is not None:
+        _existing(pretrained, "pretrained", folder=False)
+    device = d.get("device")
+    if device is not None:
+        check_device(device, "device")
     spec = SweepSpec(
-        data=data, methods=methods, protocol=protocol, model=d.get("model", "fastprompt-tiny"),
-        pretrained=resolve(d.get("pretrained"), "pretrained"),
-        shots=_list(d, "shots", [None], lambda v: v is None or isinstance(v, int) and v >= 1,
-                    "a shot count >= 1 (or null: every image)"),
-        noise_rates=[float(r) for r in _list(
-            d, "noise_rates", [0.0], lambda v: isinstance(v, (int, float)) and 0.0 <= v < 1.0,
-            "a noise rate in [0, 1)")],
-        noise_types=_list(d, "noise_types", ["symmetric"], lambda v: v in NOISE_TYPES,
-                          f"one of {NOISE_TYPES}"),
-        seeds=_list(d, "seeds", list(DEFAULT_SEEDS), lambda v: isinstance(v, int), "an int"),
-        views=views, train=dict(train),
-        targets=targets, device=d.get("device"))
-    for setting in jobs_of(spec, "/nonexistent"):
-        TrainConfig.from_dict(setting.config)  # every run's config is valid before any work
+        data=data, methods=methods, protocol=protocol, model=model, pretrained=pretrained,
+        shots=_list(d, "shots", [None], _shots),
+        noise_rates=_list(d, "noise_rates", [0.0], check_noise_rate),
+        noise_types=_list(d, "noise_types", ["symmetric"], _one_of(NOISE_TYPES)),
+        seeds=_list(d, "seeds", list(DEFAULT_SEEDS), check_seed),
+        views=check_int("views", d.get("views", 8), 1), train=dict(train),
+        targets=targets, device=device)
+    for i, m in enumerate(methods):  # every run's config is valid before any work
+        for shots in spec.shots:
+            _check_config(run_config(spec, m, shots, spec.seeds[0]),
+                          [(f"methods[{i}]", m.overrides), ("train", train)])
     return spec
 
 
@@ -285,6 +375,14 @@ def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "n
     return os.path.join(out, "features", name + ".safetensors")
 
 
+def run_config(spec: SweepSpec, method: Method, shots, seed: int) -> dict:
+    """The TrainConfig fields of a run: its learner's official config (CoOp's epoch count for
+    ``shots`` where the learner sets none), then the spec's ``train``, then the method's."""
+    defaults = LEARNERS[method.overrides.get("learner", "coop")].defaults
+    return {"epochs": coop_epochs(shots), **defaults, "model": spec.model,
+            "pretrained": spec.pretrained, **spec.train, **method.overrides, "seed": seed}
+
+
 def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
     """Every run of the grid, in the order they are trained: by shots, seed, noise, method (so
     runs sharing a cache follow each other)."""
@@ -293,9 +391,7 @@ def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
         for seed in spec.seeds:
             for noise_type, rate in spec.noise_settings():
                 for m in spec.methods:
-                    config = {"model": spec.model, "pretrained": spec.pretrained,
-                              "epochs": coop_epochs(shots), **spec.train, **m.overrides,
-                              "seed": seed}
+                    config = run_config(spec, m, shots, seed)
                     run_dir = os.path.join(out, "runs", _label_slug(m.label), f"shots-{shots or 'all'}",
                                            f"noise-{noise_type}-{format_number(rate)}", f"seed-{seed}")
                     softcpt = m.overrides.get("learner") == "softcpt"

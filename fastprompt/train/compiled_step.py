@@ -84,23 +84,25 @@ def sgd_update_(params: list[Tensor], grads: list[Tensor | None], buffers: list[
 
 
 class CompiledStep:
-    """The training step of a CoOp-style prompt (``prompted``: a ``PromptedTextModel``) with
-    ``optimizer`` (SGD over its trainable parameters), compiled on first use; ``run_epoch``
-    replaces ``fastprompt.train.epoch.optimise_epoch`` for one epoch.
+    """The training step of a prompt whose C class text features ``text_features()`` computes
+    from ``params`` (a CoOp-style prompt: ``PromptedTextModel.__call__``), with ``optimizer``
+    (SGD over ``params``) and an optional learner's own loss term ``extra_loss(text)``, compiled
+    on first use; ``run_epoch`` replaces ``fastprompt.train.epoch.optimise_epoch`` for one epoch.
 
     One graph per batch size (a short last batch is a second) and target kind (ATLaS's hard and
     soft epochs): at most four, however many epochs; learning rates never recompile.
     """
 
-    def __init__(self, prompted, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                 zeroshot: Tensor | None, device: torch.device):
-        self.prompted, self.optimizer, self.config = prompted, optimizer, config
-        self.zeroshot, self.device = zeroshot, device
+    def __init__(self, text_features, params: list[Tensor], optimizer: torch.optim.Optimizer,
+                 config: TrainConfig, zeroshot: Tensor | None, device: torch.device,
+                 extra_loss=None):
+        self.text_features, self.optimizer, self.config = text_features, optimizer, config
+        self.zeroshot, self.device, self.extra_loss = zeroshot, device, extra_loss
         if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
             raise ValueError(f"compile: torch {torch.__version__} cannot trace the backward into "
                              "the step's graph (no dynamo trace_autograd_ops); upgrade torch or "
                              "train without --compile")
-        self.params = [p for p in prompted.parameters() if p.requires_grad]
+        self.params = list(params)
         self.hyper = check_sgd(optimizer)
         self.mode = compile_mode(device)
         # Read and written by the compiled step at fixed addresses (CUDA graphs replay on them).
@@ -119,9 +121,12 @@ class CompiledStep:
     def _step(self, images: Tensor, labels: Tensor, targets_rows: Tensor | None) -> None:
         options = with_batch_soft_labels(self.options, targets_rows)
         with autocast(self.device, self.config.amp):
-            text = self.prompted()
+            text = self.text_features()
         loss, kl = fused_losses(images, text, labels, self.scale, self.config, options,
                                 self.zeroshot)
+        extra = self.extra_loss(text) if self.extra_loss is not None else None
+        if extra is not None:
+            loss = loss + extra
         if kl is None:
             grads = list(torch.autograd.grad(loss, self.params))
         else:

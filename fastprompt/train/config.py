@@ -4,6 +4,9 @@ Defaults follow CoOp (SGD lr 0.002, momentum 0.9, weight decay 5e-4, batch 32, c
 with one constant warm-up epoch at 1e-5, 16 context tokens, class token at the end) and ProGrad
 (λ = 1, T = 1). DSPT has no hyper-parameter. ATLaS publishes neither its period K nor its
 smoothing weight; see ``--alternate-period`` and ``--smoothing`` for the defaults chosen here.
+Other learners' official configs differ (CoCoOp: 4 context tokens from "a photo of a", 10
+epochs; TCP: Adam, 50 epochs, ...): ``TrainConfig.for_learner`` starts from those, and each
+learner's ``defaults`` says what they are.
 """
 from __future__ import annotations
 
@@ -11,18 +14,26 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from fastprompt._checks import check_seed
 from fastprompt.data.soft_labels import DEFAULT_CSL_TEMPERATURE
 from fastprompt.models.prompt_learner import CLASS_TOKEN_POSITIONS
 
-# The command line's --method names: the learner with its loss (DSPT is CoOp's prompt learner
-# with the double-softmax loss; SoftCPT takes its loss from --softcpt-loss).
+# fastprompt 0.1's --method names (CoOp with cross-entropy, CoOp with DSPT's double softmax,
+# SoftCPT), which version 1 run files record.
 METHODS = ("coop", "dspt", "softcpt")
 # The learners by TrainConfig.learner name: filled by fastprompt.train.learner.register as each
 # learner's module is imported (fastprompt.train imports every built-in one).
 LEARNERS: dict[str, type] = {}
-LOSSES = ("ce", "dspt")
+# cross-entropy, DSPT's double softmax, PTNL's generalized cross-entropy (1 - p_y^q) / q and
+# NLPrompt's mean absolute error 1 - p_y (GCE at q = 1).
+LOSSES = ("ce", "dspt", "gce", "mae")
+OPTIMIZERS = ("sgd", "adam")
 TASK_CONTEXTS = ("shared", "per_task")
 TARGETS = ("hard", "ls", "csl", "isl")
+# What each field's annotation admits (a bool is no number here), and how a refusal says it.
+_FIELD_TYPES = {"int": ((int,), "an int"), "float": ((int, float), "a number"),
+                "bool": ((bool,), "a bool"), "str": ((str,), "a str"),
+                "str | None": ((str, type(None)), "a str or null")}
 
 
 def coop_epochs(shots: int | None) -> int:
@@ -45,6 +56,7 @@ class TrainConfig:
     # learner (one CoOp prompt, or SoftCPT's meta network over tasks), loss and plug-ins
     learner: str = "coop"
     loss: str = "ce"
+    gce_q: float = 0.5
     targets: str = "hard"
     smoothing: float = 0.1
     alternate: bool = False
@@ -56,7 +68,23 @@ class TrainConfig:
     # SoftCPT (learner "softcpt"): task context tokens, shared or per task
     n_task_ctx: int = 4
     task_ctx: str = "shared"
+    # KgCoOp and TCP: w · (1 - mean_c cos(t_c, t_c^clip)), t^clip from the hand-made template
+    kg_weight: float = 8.0
+    kg_template: str = "a photo of a {}."
+    # TCP: the text layer before which the class-aware tokens replace the context
+    tcp_layer: int = 8
+    # DePT (any learner): FiLM'd features into a linear head over the training classes, its
+    # loss weighted by dept_weight, its parameters' learning rate lr * dept_lr_scale
+    dept: bool = False
+    dept_weight: float = 0.7
+    dept_lr_scale: float = 6.5
+    # NLPrompt (any learner): each epoch an optimal-transport split of the training images;
+    # those it keeps train with the run's loss, the others with MAE. ot_reg: the transport's
+    # entropic regularisation (the official scripts' 0.001)
+    nlprompt: bool = False
+    ot_reg: float = 0.001
     # optimisation (CoOp)
+    optimizer: str = "sgd"
     epochs: int = 50
     batch_size: int = 32
     lr: float = 0.002
@@ -71,15 +99,26 @@ class TrainConfig:
         def bad(name, message):
             return ValueError(f"{name}: {message}")
 
+        for f in dataclasses.fields(self):
+            types, what = _FIELD_TYPES.get(f.type, ((object,), ""))
+            value = getattr(self, f.name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise TypeError(f"{f.name}: expected {what}, got {type(value).__name__} "
+                                f"{value!r:.60}")
+        check_seed(self.seed)
         if self.learner not in LEARNERS:
             raise bad("learner", f"must be one of {tuple(LEARNERS)}, got {self.learner!r}")
         if self.loss not in LOSSES:
             raise bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
-                     "weight_decay", "warmup_lr"):
+        for name in ("gce_q", "smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
+                     "weight_decay", "warmup_lr", "kg_weight", "dept_weight", "dept_lr_scale",
+                     "ot_reg"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
+        if not 0.0 < self.gce_q <= 1.0:
+            raise bad("gce_q", f"must lie in (0, 1] (0 is cross-entropy: --loss ce), got "
+                      f"{self.gce_q}")
         if self.targets not in TARGETS:
             raise bad("targets", f"must be one of {TARGETS}, got {self.targets!r}")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
@@ -111,6 +150,25 @@ class TrainConfig:
             raise bad("warmup_lr", f"must be positive, got {self.warmup_lr}")
         if self.warmup_epochs < 0:
             raise bad("warmup_epochs", f"must be non-negative, got {self.warmup_epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.kg_weight < 0:
+            raise bad("kg_weight", f"must be non-negative, got {self.kg_weight}")
+        if not isinstance(self.kg_template, str) or self.kg_template.count("{}") != 1:
+            raise bad("kg_template", f"must hold one '{{}}' for the class name, got "
+                      f"{self.kg_template!r}")
+        if isinstance(self.tcp_layer, bool) or not isinstance(self.tcp_layer, int) or self.tcp_layer < 1:
+            raise bad("tcp_layer", f"must be an int >= 1, got {self.tcp_layer!r}")
+        if not 0.0 <= self.dept_weight <= 1.0:
+            raise bad("dept_weight", f"must lie in [0, 1], got {self.dept_weight}")
+        if self.dept_lr_scale <= 0:
+            raise bad("dept_lr_scale", f"must be positive, got {self.dept_lr_scale}")
+        if self.ot_reg <= 0:
+            raise bad("ot_reg", f"must be positive, got {self.ot_reg}")
+        if self.nlprompt and self.loss in ("gce", "mae"):
+            raise bad("nlprompt", f"NLPrompt chooses each image's loss (the run's loss on the "
+                      f"images it keeps, MAE on the others): combine it with loss ce or dspt, "
+                      f"not {self.loss}")
         if self.task_ctx not in TASK_CONTEXTS:
             raise bad("task_ctx", f"must be one of {TASK_CONTEXTS}, got {self.task_ctx!r}")
         if self.n_task_ctx < 1:
@@ -128,11 +186,11 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        """The command line's ``--method`` name: CoOp's ``dspt`` or ``coop`` by loss, else the
-        learner's name."""
-        if self.learner != "coop":
-            return self.learner
-        return "dspt" if self.loss == "dspt" else "coop"
+        """The method's name: CoOp's by its loss (``coop``, ``dspt``, ``gce`` as PTNL trains
+        it, ``mae``), else the learner's (as fastprompt 0.1 recorded ``softcpt``)."""
+        if self.learner == "coop":
+            return "coop" if self.loss == "ce" else self.loss
+        return self.learner
 
     def soft_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) trains on soft targets.
@@ -149,6 +207,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_learner(cls, learner: str, **fields) -> "TrainConfig":
+        """The config of ``learner`` with its official defaults (the learner's ``defaults``:
+        context length and initialisation, epochs, batch size, optimiser, ...) where ``fields``
+        does not set them."""
+        if learner not in LEARNERS:
+            raise ValueError(f"learner: must be one of {tuple(LEARNERS)}, got {learner!r}")
+        return cls(learner=learner, **{**LEARNERS[learner].defaults, **fields})
 
     @classmethod
     def from_dict(cls, d: dict, *, format_version: int | None = None) -> "TrainConfig":
@@ -169,14 +236,16 @@ class TrainConfig:
         return cls(**d)
 
     def describe(self) -> str:
-        """A short name for tables: 'dspt+isl(alt)+prograd'."""
+        """A short name for tables, the method then its plug-ins: 'dspt+isl(alt)+prograd',
+        'kgcoop(gce)+dept'."""
         name = self.method
-        if self.learner != "coop" and self.loss == "dspt":
-            name = f"{self.learner}(dspt)"
+        if self.learner != "coop" and self.loss != "ce":
+            name += f"({self.loss})"
         if self.targets != "hard":
             name += f"+{self.targets}" + ("(alt)" if self.alternate else "")
-        if self.prograd:
-            name += "+prograd"
+        for plugin in ("prograd", "dept", "nlprompt"):
+            if getattr(self, plugin):
+                name += f"+{plugin}"
         return name
 
 

@@ -7,25 +7,27 @@ its metadata, the class names.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
-from fastprompt.models import PromptedTextModel, count_parameters, zeroshot_text_features
+from fastprompt.models import PromptedTextModel, zeroshot_text_features
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk, sharded_text_features
 from fastprompt.train.compiled_step import CompiledStep
 from fastprompt.train.config import TrainConfig
 from fastprompt.train.distributed import world_size
-from fastprompt.train.epoch import autocast, epoch_order, logit_scale
+from fastprompt.train.epoch import autocast, epoch_order, logit_scale, view_rows
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
-                                      classifier_metrics, method_summary, register,
-                                      resolve_device, train_accuracy)
+                                      classifier_metrics, learner_class, method_summary,
+                                      register, resolve_device, train_accuracy)
 from fastprompt.train.objective import Objective
 from fastprompt.train.text_backward import TextEncoding, check_text_chunk
 
@@ -37,6 +39,18 @@ def prompted_model(model, tokenizer, classnames, config: TrainConfig,
     return PromptedTextModel(model, tokenizer, list(classnames), n_ctx=config.n_ctx,
                              ctx_init=config.ctx_init, class_specific=config.class_specific,
                              class_token_position=config.class_token_position, where=where)
+
+
+@torch.no_grad()
+def context_text_features(classifier: TrainedClassifier, classnames, config: TrainConfig,
+                          ctx: Tensor, device) -> Tensor:
+    """Text features (float32) of ``classnames`` with the shared context ``ctx`` (n_ctx x W) in
+    front of each, as ``config``'s prompts place it."""
+    with torch.random.fork_rng(devices=[]):  # the prompt learner draws an unused initial context
+        prompted = prompted_model(classifier.model, classifier.tokenizer, classnames,
+                                  dataclasses.replace(config, class_specific=False,
+                                                      ctx_init=None)).to(device)
+    return prompted(ctx.to(device, prompted.prompt_learner.ctx.dtype)).float()
 
 
 def coop_encoding(prompted: PromptedTextModel) -> TextEncoding:
@@ -63,8 +77,9 @@ class CachedBatch(NamedTuple):
 class CacheOrder(EpochOrder):
     """An epoch over one cache (``fastprompt.train.epoch.epoch_order``)."""
 
-    def __init__(self, samples: Tensor, rows: Tensor, options: dict):
+    def __init__(self, samples: Tensor, rows: Tensor, options: dict, record: dict | None = None):
         self.samples, self.rows, self.options = samples, rows, options
+        self.record = record or {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,37 +87,58 @@ class CacheOrder(EpochOrder):
     def batch(self, start: int, stop: int) -> CachedBatch:
         return CachedBatch(self.samples[start:stop], self.rows[start:stop], self.options)
 
+    def summary(self) -> dict:
+        return self.record
+
 
 @register
 class CoOpLearner(Learner):
     """CoOp's context on one cache. ``compile``: run each step compiled as one graph
-    (``fastprompt.train.compiled_step``)."""
+    (``fastprompt.train.compiled_step``).
+
+    The base of the learners whose prompts extend CoOp's (KgCoOp, TCP, ...): a subclass adds
+    its own modules in ``setup`` (called after the context is drawn and before the optimiser is
+    built) and names them in ``trainable``."""
     name = "coop"
     method_keys = ("ctx_init", "class_specific")
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, model, tokenizer,
                  device: torch.device, *, compile: bool = False, text_chunk: int | str = 0):
+        if compile and config.nlprompt:
+            raise ValueError("compile: the compiled step takes one loss for every row; "
+                             "NLPrompt's changes per image and epoch (drop --compile)")
         self.config, self.cache, self.model, self.device = config, cache, model, device
+        self.tokenizer = tokenizer
         torch.manual_seed(config.seed)  # the random context initialisation
         self.prompted = prompted_model(model, tokenizer, cache.classnames, config,
                                        f"classnames of {cache.path}").to(device)
+        self.ctx = self.prompted.prompt_learner.ctx
         self.encoding = coop_encoding(self.prompted)
+        self.setup()
         self.text_chunk = local_text_chunk(text_chunk, self.encoding, device,
                                            lambda: autocast(device, config.amp))
-        self.ctx = self.prompted.prompt_learner.ctx
-        self.optimizer = self.sgd()
         self.zeroshot = zeroshot_text_features(model, tokenizer, cache.classnames).to(device)
         self.objective = Objective(config, cache, self.zeroshot, device)
+        self.optimizer = self.make_optimizer()
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = cache.num_train_images
-        self.compiled = (CompiledStep(self.prompted, self.optimizer, config,
-                                      self.zeroshot if config.prograd else None, device)
+        self.compiled = (CompiledStep(self.step_text_features, list(self.trainable().values()),
+                                      self.optimizer, config,
+                                      self.zeroshot if config.prograd else None, device,
+                                      extra_loss=lambda text: self.extra_loss(text, None))
                          if compile else None)
+
+    def setup(self) -> None:
+        """A subclass's own modules (drawn from the seeded generator after the context) and,
+        where its text side differs from CoOp's, its ``self.encoding``."""
 
     # -- what is trained, saved and loaded
 
     def trainable(self) -> dict:
-        return {"ctx": self.ctx}
+        return {"ctx": self.ctx, **self.objective.trainable()}
+
+    def lr_scales(self) -> dict:
+        return dict.fromkeys(self.objective.trainable(), self.config.dept_lr_scale)
 
     def identity(self) -> dict:
         return {"config": self.config.to_dict(), "cache": self.cache.fingerprint,
@@ -132,22 +168,31 @@ class CoOpLearner(Learner):
                                   preprocess_val)]
 
     @classmethod
-    def shared_context(cls, prompt, classifier, device) -> Tensor:
+    def text_features_for(cls, prompt, classifier, classnames, device) -> Tensor:
+        """The learned (shared) context in front of each of ``classnames``."""
         if prompt.config.class_specific:
             raise ValueError(f"run: {classifier.run_dir!r} learned one context per class "
                              "(--class-specific); such contexts belong to the trained classes "
                              "and cannot be applied to other class names (train with a shared "
                              "context)")
-        return prompt.tensors["ctx"].to(device)
+        return context_text_features(classifier, classnames, prompt.config,
+                                     prompt.tensors["ctx"], device)
 
     # -- one epoch
 
     def epoch_order(self, epoch: int) -> CacheOrder:
         samples, rows = epoch_order(self.config, self.cache, epoch)
-        return CacheOrder(samples, rows, self.objective.epoch_options(epoch))
+        options, record = self.objective.epoch_options(
+            epoch, lambda: self.logits(self.cache.train_features[view_rows(samples, rows)]))
+        return CacheOrder(samples, rows, options, record)
 
     def text_encoding(self, batch) -> TextEncoding:
         return self.encoding
+
+    def step_text_features(self) -> Tensor:
+        """All C class text features with grad: the text side of a step (what the compiled step
+        runs)."""
+        return self.encoding.encode(self.encoding.source(), 0, self.encoding.num_classes)
 
     def batch_losses(self, text: Tensor, batch: CachedBatch):
         loss, kl = self.objective.losses(text, batch.rows, batch.samples, batch.options,
@@ -182,17 +227,26 @@ class CoOpLearner(Learner):
         every rank calls this, as every rank computes the epoch's metrics)."""
         if world_size() > 1:
             return sharded_text_features(self.encoding).float()
-        return self.prompted().float()
+        return self.step_text_features().float()
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        """The current classifier's similarity logits (N x C, float32, on the device) of image
+        features (what NLPrompt's transport scores)."""
+        text = F.normalize(self.text_features(), dim=-1)
+        return self.scale * F.normalize(features.to(self.device).float(), dim=-1) @ text.t()
 
     def train_accuracy(self) -> dict:
-        noisy, clean = train_accuracy(self.cache, self.text_features())
+        noisy, clean = train_accuracy(self.cache, self.text_features(),
+                                      self.objective.fused_head(self.scale))
         return {"train_acc_noisy": noisy, "train_acc_clean": clean}
 
     def final_metrics(self) -> dict:
         cache = self.cache
         return {"compile": self.compiled.mode if self.compiled is not None else None,
-                **classifier_metrics(cache, self.text_features(), self.zeroshot),
-                "trainable_parameters": count_parameters(self.prompted),
+                **classifier_metrics(cache, self.text_features(), self.zeroshot,
+                                     self.objective.fused_head(self.scale)),
+                "trainable_parameters": sum(p.numel() for p in self.trainable().values()),
                 "num_classes": cache.num_classes, "num_train_images": cache.num_train_images,
                 "views": cache.views, "cache": cache_record(cache)}
 
@@ -201,9 +255,10 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
               resume: bool = False, progress: bool | None = None,
               device: str | torch.device | None = None, data: dict | None = None,
               compile: bool = False, text_chunk: int | str = 0) -> dict:
-    """Train CoOp's context with ``config`` on ``cache`` into ``out_dir`` and return the metrics
-    (also written to ``out_dir/metrics.json``; ``data``, where the cache's images came from, is
-    recorded there as given: ``fastprompt.data.source.DataSource.to_dict``).
+    """Train ``config``'s learner (CoOp, or one built on it: KgCoOp, TCP, ...) on ``cache`` into
+    ``out_dir`` and return the metrics (also written to ``out_dir/metrics.json``; ``data``,
+    where the cache's images came from, is recorded there as given:
+    ``fastprompt.data.source.DataSource.to_dict``).
 
     ``model`` is the frozen open_clip model the cache was built with. With ``resume=True`` an
     existing checkpoint in ``out_dir`` is continued (it must come from the same config, cache and
@@ -226,13 +281,17 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     ``out_dir``, and every rank returns the metrics. The number of ranks is not part of the
     run's identity: a run resumes on any number of them.
     """
-    if config.learner != "coop":
-        raise ValueError("config: learner 'softcpt' trains several tasks: use "
-                         "fastprompt.train.train_softcpt_run")
+    cls = learner_class(config.learner)
+    if not issubclass(cls, CoOpLearner):
+        raise ValueError(f"config: learner {config.learner!r} does not train on one cache (SoftCPT "
+                         "trains several tasks: use fastprompt.train.train_softcpt_run)")
     text_chunk = check_text_chunk(text_chunk)
     if compile and text_chunk:  # "auto" too: it may choose chunks
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
                          "step; drop compile (--compile) or text_chunk (--text-chunk)")
+    if compile and config.dept:
+        raise ValueError("compile: the compiled step runs the prompt's own loss; DePT's head is "
+                         "not part of it: drop --compile or --dept")
     if compile and world_size() > 1:
         # The compiled step is one graph over all C classes, for small C where Python overhead
         # dominates; sharding is for large C, where the text encoder dominates.
@@ -243,9 +302,9 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
         raise ValueError("cache: needs at least two classes to train a classifier")
     out_dir = os.fspath(out_dir)
     device = resolve_device(device)
-    refuse_existing_run(out_dir, resume, CoOpLearner.name)  # before any work
-    learner = CoOpLearner(config, cache, model.to(device), tokenizer, device, compile=compile,
-                          text_chunk=text_chunk)
+    refuse_existing_run(out_dir, resume, cls.name)  # before any work
+    learner = cls(config, cache, model.to(device), tokenizer, device, compile=compile,
+                  text_chunk=text_chunk)
     return fit(learner, out_dir, resume=resume, progress=progress,
                text_chunk_auto=text_chunk == "auto", data=data)
 

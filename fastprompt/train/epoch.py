@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,13 @@ def epoch_order(config: TrainConfig, cache: FeatureCache, epoch: int) -> tuple[T
     return sample, view[sample] * m + sample
 
 
+def view_rows(sample: Tensor, row: Tensor) -> Tensor:
+    """Each image's cached row of an epoch (``epoch_order``'s ``(sample, row)``), by image."""
+    out = torch.empty_like(row)
+    out[sample] = row
+    return out
+
+
 def autocast(device: torch.device, enabled: bool):
     """The text side's mixed precision: bf16 autocast on CUDA when ``enabled``, else none."""
     if enabled and device.type == "cuda":
@@ -64,16 +72,39 @@ def logit_scale(model) -> Tensor:
     return model.logit_scale.detach().float().exp().clamp(max=100.0)
 
 
+class FusedHead(NamedTuple):
+    """A classifier whose logits add an affine map of the raw image features to the scaled,
+    weighted similarity (DePT's training classes): ``w_s · s · x̂ t̂ᵀ + x A + c``."""
+    scale: float
+    similarity_weight: float
+    weight: Tensor   # A, E x C
+    bias: Tensor     # c, C
+
+    def logits(self, features: Tensor, text_features: Tensor) -> Tensor:
+        x = features.float()
+        text = F.normalize(text_features.float(), dim=-1).to(x.device)
+        return self.combine(self.scale * F.normalize(x, dim=-1) @ text.t(), x)
+
+    def combine(self, similarity: Tensor, features: Tensor) -> Tensor:
+        """The fused logits from the (scaled) similarity logits and the image features."""
+        x = features.float()
+        return (self.similarity_weight * similarity.float() + x @ self.weight.to(x.device)
+                + self.bias.to(x.device))
+
+
 @torch.no_grad()
-def accuracy(features: Tensor, labels: Tensor, text_features: Tensor, batch_size: int = 4096) -> float:
-    """Top-1 accuracy (in [0, 1]) of the classifier ``text_features`` on ``features``."""
+def accuracy(features: Tensor, labels: Tensor, text_features: Tensor, batch_size: int = 4096,
+             head: FusedHead | None = None) -> float:
+    """Top-1 accuracy (in [0, 1]) of the classifier ``text_features`` (with ``head``: its
+    fused logits) on ``features``."""
     if features.shape[0] == 0:
         return float("nan")
     text = F.normalize(text_features.float(), dim=-1)
     correct = 0
     for i in range(0, features.shape[0], batch_size):
         x = features[i:i + batch_size].to(text.device, torch.float32)
-        pred = (x @ text.t()).argmax(1).cpu()
+        logits = x @ text.t() if head is None else head.logits(x, text)
+        pred = logits.argmax(1).cpu()
         correct += int((pred == labels[i:i + batch_size]).sum())
     return correct / features.shape[0]
 
@@ -88,7 +119,7 @@ def set_epoch_lr(config: TrainConfig, optimizer: torch.optim.Optimizer, epoch: i
     """Set the epoch's learning rate on every parameter group; returns it."""
     lr = learning_rate(config, epoch)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -18,6 +18,10 @@ Layout of ``RUN_DIR``::
 Every file is written to a temporary name and renamed into place, so an interrupted run leaves
 the previous epoch's files whole.
 
+A run imported from an official (Dassl) checkpoint (``fastprompt.train.dassl``) has the same
+files but no ``checkpoint.pt``; its metrics.json records ``imported_from`` and no epochs, and
+training into its folder is refused.
+
 Format versions. Version 2 (fastprompt 0.2) names the learner in the checkpoint and prompt file
 (``learner``) and writes ``format_version`` into all three files. Version 1 (fastprompt 0.1) told
 the learner by the file's format name (``fastprompt-run-1``: a CoOp-style prompt,
@@ -176,6 +180,10 @@ def refuse_existing_run(run_dir: str, resume: bool, learner: str) -> bool:
     one of another learner or damaged is refused either way (before anything is written)."""
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
+        if os.path.isfile(os.path.join(run_dir, PROMPT)) and os.path.isfile(
+                os.path.join(run_dir, METRICS)) and "imported_from" in read_metrics(run_dir):
+            raise ValueError(f"out: {run_dir!r} holds a run imported from a Dassl checkpoint "
+                             "(import-dassl); train into another folder")
         return False
     if not resume:
         raise ValueError(f"out: {run_dir!r} already holds a training run; pass --resume to "

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastprompt.data.cache import FeatureCache
 from fastprompt.train import epoch as epoch_module
-from fastprompt.train.epoch import accuracy
+from fastprompt.train.epoch import FusedHead, accuracy
 from fastprompt.train.config import LEARNERS, TrainConfig
 from fastprompt.train.files import PromptFile
 from fastprompt.train.text_backward import TextEncoding
@@ -57,14 +58,55 @@ class TrainedClassifier:
     method: dict
     preprocess_val: object = None
     task: str | None = None      # SoftCPT: the task this classifier is for
+    # DePT's training classes: the similarity, weighted, plus an affine map of the image
+    # features; None: the similarity ``scale · x̂ T̂ᵀ`` alone.
+    fused: FusedHead | None = None
     # A learner whose class prompts depend on the image gives the module that maps image
-    # features (N x D) to logits (N x C); None: the fixed head ``scale * x̂ T̂ᵀ``.
+    # features (N x D) to logits (N x C), with ``for_export()``: the module an exported graph
+    # holds (float32, CPU, every image in one pass); None: the fixed head above.
     head: nn.Module | None = None
 
     def with_class_names(self, class_names: list, text_features: Tensor) -> "TrainedClassifier":
+        """The classifier over other class names: their text features, the similarity alone
+        (a DePT head belongs to the trained classes)."""
         return dataclasses.replace(self, class_names=list(class_names),
-                                   text_features=text_features,
+                                   text_features=text_features, fused=None,
                                    method={**self.method, "classnames_transferred": True})
+
+    @torch.no_grad()
+    def logits(self, features: Tensor, batch_size: int = 4096) -> Tensor:
+        """Logits (N x C, float32, on the CPU) of image features (N x E), as the exported
+        classifier computes them."""
+        out = []
+        for i in range(0, features.shape[0], batch_size):
+            x = features[i:i + batch_size].float().to(self.text_features.device)
+            if self.head is not None:
+                z = self.head(x).float()
+                out.append((z if self.fused is None else self.fused.combine(z, x)).cpu())
+            elif self.fused is not None:
+                out.append(self.fused.logits(x, self.text_features).cpu())
+            else:
+                out.append((self.scale * F.normalize(x, dim=-1)
+                            @ F.normalize(self.text_features.float(), dim=-1).t()).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+
+    @torch.no_grad()
+    def predictions(self, features: Tensor) -> Tensor:
+        """The top-1 class of each image feature (N, int64, on the CPU)."""
+        if self.head is not None or self.fused is not None:
+            return self.logits(features).argmax(1)
+        # The similarity's argmax needs neither the scale nor the image features' norms.
+        text = F.normalize(self.text_features.float(), dim=-1)
+        return (features.float().to(text.device) @ text.t()).argmax(1).cpu()
+
+    def accuracy(self, features: Tensor, labels: Tensor) -> float:
+        """Top-1 accuracy (in [0, 1]) on image features, as training reports it; NaN for
+        none."""
+        if self.head is None:
+            return accuracy(features, labels, self.text_features, head=self.fused)
+        if features.shape[0] == 0:
+            return float("nan")
+        return int((self.predictions(features) == labels).sum()) / features.shape[0]
 
 
 class EpochOrder(abc.ABC):
@@ -92,6 +134,9 @@ class Learner(abc.ABC):
     name: ClassVar[str]
     # TrainConfig fields of this learner that an export records (``method_summary``).
     method_keys: ClassVar[tuple[str, ...]] = ()
+    # TrainConfig fields as the method's official config sets them (``TrainConfig.for_learner``
+    # and ``fastprompt train --learner`` start from these).
+    defaults: ClassVar[dict] = {}
     config: TrainConfig
     model: nn.Module
     device: torch.device
@@ -118,11 +163,24 @@ class Learner(abc.ABC):
                                      f"expected {tuple(param.shape)}")
                 param.copy_(state[key].to(param.device, param.dtype))
 
-    def sgd(self) -> torch.optim.Optimizer:
-        """CoOp's optimiser over ``trainable()``: SGD with the config's lr, momentum and weight
-        decay (the learning rate is set per epoch)."""
+    def lr_scales(self) -> dict[str, float]:
+        """Trained tensors whose learning rate is a multiple of the run's (by name; the others:
+        1), e.g. DePT's head."""
+        return {}
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The config's optimiser over ``trainable()``: SGD with momentum (CoOp's) or Adam, with
+        the config's weight decay; one parameter group per learning-rate scale (``lr_scale``,
+        which ``epoch.set_epoch_lr`` applies: the rate itself is set per epoch)."""
         c = self.config
-        return torch.optim.SGD(list(self.trainable().values()), lr=c.lr, momentum=c.momentum,
+        scales = self.lr_scales()
+        groups: dict[float, list] = {}
+        for name, param in self.trainable().items():
+            groups.setdefault(scales.get(name, 1.0), []).append(param)
+        param_groups = [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+        if c.optimizer == "adam":
+            return torch.optim.Adam(param_groups, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum,
                                weight_decay=c.weight_decay)
 
     @abc.abstractmethod
@@ -148,12 +206,20 @@ class Learner(abc.ABC):
         run with one classifier), on ``model`` (checked to hold the run's weights)."""
 
     @classmethod
-    def shared_context(cls, prompt: PromptFile, classifier: TrainedClassifier,
-                       device) -> Tensor:
-        """The context (n_ctx x W) ``classifier`` puts in front of any class name, for
-        classifying among other class names (cross-dataset transfer, base-to-new, ``export
-        --classnames``); a learner whose context belongs to its classes refuses."""
-        raise ValueError(f"run: {classifier.run_dir!r} is a {cls.name!r} run, whose context "
+    def for_classnames(cls, prompt: PromptFile, classifier: TrainedClassifier,
+                       classnames: list[str], device) -> TrainedClassifier:
+        """``classifier`` over other class names (cross-dataset transfer, base-to-new,
+        ``export --classnames``): by default their ``text_features_for``, the similarity alone."""
+        return classifier.with_class_names(
+            classnames, cls.text_features_for(prompt, classifier, classnames, device))
+
+    @classmethod
+    def text_features_for(cls, prompt: PromptFile, classifier: TrainedClassifier,
+                          classnames: list[str], device) -> Tensor:
+        """Class text features (C' x E, float32) of ``classnames`` from what ``classifier`` has
+        learned, for classifying among other class names (cross-dataset transfer, base-to-new,
+        ``export --classnames``); a learner whose prompts belong to its classes refuses."""
+        raise ValueError(f"run: {classifier.run_dir!r} is a {cls.name!r} run, whose prompts "
                          "cannot be applied to other class names")
 
     # -- one epoch ---------------------------------------------------------------------------
@@ -225,19 +291,22 @@ def method_summary(config: TrainConfig) -> dict:
     return {"method": config.method, **{k: d[k] for k in keys}, "name": config.describe()}
 
 
-def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor) -> dict:
-    """Zero-shot, test and validation accuracy of the classifier ``text`` on ``cache``."""
+def classifier_metrics(cache: FeatureCache, text: Tensor, zeroshot: Tensor,
+                       head: FusedHead | None = None) -> dict:
+    """Zero-shot, test and validation accuracy of the classifier ``text`` (with ``head``, its
+    fused logits) on ``cache``."""
     return {"zeroshot_test_acc": accuracy(cache.test_features, cache.test_labels, zeroshot),
-            "test_acc": accuracy(cache.test_features, cache.test_labels, text),
-            "val_acc": accuracy(cache.val_features, cache.val_labels, text)}
+            "test_acc": accuracy(cache.test_features, cache.test_labels, text, head=head),
+            "val_acc": accuracy(cache.val_features, cache.val_labels, text, head=head)}
 
 
-def train_accuracy(cache: FeatureCache, text: Tensor) -> tuple[float, float]:
+def train_accuracy(cache: FeatureCache, text: Tensor,
+                   head: FusedHead | None = None) -> tuple[float, float]:
     """Train accuracy on the first augmented view of each image: noisy and clean labels."""
     m = cache.num_train_images
     first_view = cache.train_features[:m]
-    return (accuracy(first_view, cache.train_labels[:m], text),
-            accuracy(first_view, cache.train_clean_labels[:m], text))
+    return (accuracy(first_view, cache.train_labels[:m], text, head=head),
+            accuracy(first_view, cache.train_clean_labels[:m], text, head=head))
 
 
 def resolve_device(device) -> torch.device:

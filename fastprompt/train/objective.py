@@ -5,6 +5,14 @@ produced, the loss is cross-entropy or DSPT's double softmax (``config.loss``) o
 targets (ATLaS: one-hot labels in its hard epochs, else label smoothing, the class-wise table
 or the instance-wise table), and with ProGrad also the distillation term towards the zero-shot
 classifier, both from one fused op (``fastprompt.prograd_losses``).
+
+DePT (``Koorye/DePT: trainers/elp_coop.py``, ``--dept``) adds a head of its own: FiLM (a
+per-channel scale and bias, from 1 and 0) on the image features and on each sample's class text
+features, both into one linear layer over the training classes; the loss is
+``(1 - w) · loss_similarity + w · CE(head([FiLM_t(t_y); FiLM_x(x)]), [y; y])`` with
+``w = dept_weight`` (0.7), and the head's parameters learn at ``dept_lr_scale`` (6.5) times the
+rate. At test the training classes' logits are ``(1 - w) · s·x̂ᵀt̂ + w · head(FiLM_x(x))``: an
+affine map of the raw image features added to the similarity (``DePTHead.fused_affine``).
 """
 from __future__ import annotations
 
@@ -12,12 +20,15 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 import fastprompt
 from fastprompt.data.cache import FeatureCache
 from fastprompt.data.soft_labels import class_soft_labels, file_backed_table, instance_soft_labels
 from fastprompt.train.config import TrainConfig
+from fastprompt.train.epoch import FusedHead
+from fastprompt.train.nlprompt import NLPromptSelection
 
 
 @dataclass
@@ -70,6 +81,8 @@ def loss_options(config: TrainConfig, targets: Targets, epoch: int) -> dict:
     For instance-wise targets ``soft_labels`` is the host table, whose rows each batch gathers
     (``Objective.batch_options``)."""
     options = {"double_softmax": config.double_softmax}
+    if config.loss in ("gce", "mae"):
+        options.update(loss=config.loss, q=config.gce_q)
     if not config.soft_epoch(epoch):
         return options
     options["smoothing"] = config.smoothing
@@ -91,17 +104,90 @@ def fused_losses(images: Tensor, text: Tensor, labels: Tensor, scale: Tensor,
     return fastprompt.clip_cross_entropy(images, text, labels, scale, **options), None
 
 
+class FiLM(nn.Module):
+    """DePT's per-channel ``scale · x + bias``, from the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale.to(x.dtype) * x + self.bias.to(x.dtype)
+
+
+class DePTHead(nn.Module):
+    """DePT's linear head over C training classes, under the official module names
+    (``film_lp_img``, ``film_lp_text``, ``linear_probe_proj``). The linear layer's initial
+    weights come from the global generator."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.film_lp_img = FiLM(dim)
+        self.film_lp_text = FiLM(dim)
+        self.linear_probe_proj = nn.Linear(dim, num_classes)
+
+    def loss(self, class_text: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+        """The head's cross-entropy on the text features of each sample's class
+        (``class_text``, N x E) and on the image features (N x E), both labelled ``labels``."""
+        features = torch.cat([self.film_lp_text(class_text.float()),
+                              self.film_lp_img(images.float())])
+        return F.cross_entropy(self.linear_probe_proj(features), torch.cat([labels, labels]))
+
+    @torch.no_grad()
+    def fused(self, weight: float, scale: float) -> FusedHead:
+        """The test-time classifier of the training classes: ``(1 - w)`` times the similarity
+        plus ``w · head(FiLM_x(x)) = x A + c`` (A = w (W diag(s_x))ᵀ, c = w (W β_x + b))."""
+        w, b = self.linear_probe_proj.weight.double(), self.linear_probe_proj.bias.double()
+        film_scale, film_bias = self.film_lp_img.scale.double(), self.film_lp_img.bias.double()
+        return FusedHead(float(scale), 1.0 - weight,
+                         (weight * w * film_scale).T.float().contiguous().cpu(),
+                         (weight * (w @ film_bias + b)).float().contiguous().cpu())
+
+
+def dept_head(tensors: dict[str, Tensor], prefix: str = "") -> DePTHead:
+    """The ``DePTHead`` held in ``tensors`` under ``prefix`` (a prompt file's)."""
+    weight = tensors[f"{prefix}linear_probe_proj.weight"]
+    head = DePTHead(weight.shape[1], weight.shape[0])
+    head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
+                          and k[len(prefix):].split(".")[0] in ("film_lp_img", "film_lp_text",
+                                                                "linear_probe_proj")})
+    return head
+
+
 class Objective:
-    """The loss over one cache's classes: its soft-label tables (computed once, offline) and
-    its zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``)."""
+    """The loss over one cache's classes: its soft-label tables (computed once, offline), its
+    zero-shot classifier (``zeroshot``, C x E unit rows, on ``device``), with DePT its head
+    (``dept``; its tensors are ``trainable()``), and with a label-noise method its per-epoch
+    split of the training images (``selection``: NLPrompt's)."""
 
     def __init__(self, config: TrainConfig, cache: FeatureCache, zeroshot: Tensor,
                  device: torch.device):
         self.config, self.cache, self.zeroshot, self.device = config, cache, zeroshot, device
         self.targets = make_targets(config, cache, zeroshot).to(device)
+        self.dept = (DePTHead(cache.feature_dim, cache.num_classes).to(device)
+                     if config.dept else None)
+        self.selection = NLPromptSelection(config, cache, device) if config.nlprompt else None
 
-    def epoch_options(self, epoch: int) -> dict:
-        return loss_options(self.config, self.targets, epoch)
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The objective's own trained tensors (DePT's head), by their official names."""
+        return dict(self.dept.named_parameters()) if self.dept is not None else {}
+
+    def fused_head(self, scale) -> FusedHead | None:
+        """The test-time head of the training classes (DePT's), or None: the similarity."""
+        return (self.dept.fused(self.config.dept_weight, float(scale))
+                if self.dept is not None else None)
+
+    def epoch_options(self, epoch: int, logits=None) -> tuple[dict, dict]:
+        """The loss options of epoch ``epoch`` and what the epoch records about them. A
+        label-noise method's split needs ``logits()``: the current classifier's logits (M x C)
+        of each training image's view this epoch, by image (``view_rows``), taken without
+        grad; it is called only then."""
+        options = loss_options(self.config, self.targets, epoch)
+        if self.selection is None:
+            return options, {}
+        with torch.no_grad():
+            return self.selection.epoch_options(options, logits)
 
     def instance_wise(self, options: dict) -> bool:
         """Whether ``options`` (of ``epoch_options``) take each batch's rows of the ISL table."""
@@ -115,7 +201,10 @@ class Objective:
         return gather_soft_labels(options["soft_labels"], samples, self.device)
 
     def batch_options(self, options: dict, samples: Tensor) -> dict:
-        return with_batch_soft_labels(options, self.batch_rows(options, samples))
+        options = with_batch_soft_labels(options, self.batch_rows(options, samples))
+        if self.selection is not None:
+            options = self.selection.batch_options(options, samples)
+        return options
 
     def losses(self, text: Tensor, rows: Tensor, samples: Tensor, options: dict, scale: Tensor):
         """``(loss, kl_loss or None)`` of the cached training ``rows`` (their images ``samples``)
@@ -123,6 +212,32 @@ class Objective:
         cache = self.cache
         images = cache.train_features[rows].to(self.device)
         labels = cache.train_labels[rows].to(self.device)
-        return fused_losses(images, text, labels, scale, self.config,
-                            self.batch_options(options, samples),
-                            self.zeroshot if self.config.prograd else None)
+        loss, kl = fused_losses(images, text, labels, scale, self.config,
+                                self.batch_options(options, samples),
+                                self.zeroshot if self.config.prograd else None)
+        return self._with_dept(loss, kl, text[labels], images, labels)
+
+    def logit_losses(self, logits: Tensor, rows: Tensor, samples: Tensor, options: dict,
+                     zeroshot_logits: Tensor | None, class_text: Tensor | None = None):
+        """``(loss, kl_loss or None)`` of the cached training ``rows`` from their logits (N x C,
+        e.g. CoCoOp's per-image ones) with the fused loss on given logits; ProGrad's teacher
+        is ``zeroshot_logits`` (N x C), DePT's text features of each row's class
+        ``class_text`` (N x E)."""
+        cache = self.cache
+        labels = cache.train_labels[rows].to(self.device)
+        options = self.batch_options(options, samples)
+        if self.config.prograd:
+            loss, kl = fastprompt.logits_prograd_losses(
+                logits, zeroshot_logits.to(logits.dtype), labels,
+                temperature=self.config.temperature, **options)
+        else:
+            loss, kl = fastprompt.logits_cross_entropy(logits, labels, **options), None
+        images = cache.train_features[rows].to(self.device) if self.dept is not None else None
+        return self._with_dept(loss, kl, class_text, images, labels)
+
+    def _with_dept(self, loss: Tensor, kl, class_text, images, labels):
+        """DePT's mix of the similarity loss and its head's (none without DePT)."""
+        if self.dept is None:
+            return loss, kl
+        w = self.config.dept_weight
+        return (1 - w) * loss + w * self.dept.loss(class_text, images, labels), kl

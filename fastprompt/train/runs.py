@@ -2,6 +2,7 @@
 whatever the learner (the prompt file names it; its ``Learner`` class loads it)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -11,6 +12,7 @@ from fastprompt.models.softcpt import normalize_task_name
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.files import PromptFile, read_metrics, read_prompt_file
 from fastprompt.train.learner import TrainedClassifier, learner_class
+from fastprompt.train.objective import dept_head
 
 
 def _model_for(prompt: PromptFile, run_dir: str, device, image_tower: bool):
@@ -41,12 +43,30 @@ def _select_tasks(run_dir: str, names: list[str] | None, task: str | None) -> li
     return matches[:1]
 
 
+def _with_dept_heads(prompt: PromptFile, classifiers: list[TrainedClassifier],
+                     names: list[str] | None) -> list[TrainedClassifier]:
+    """The classifiers of a ``--dept`` run with their heads (SoftCPT: each task's, under
+    ``tasks.<index>.``); others as they are."""
+    config = prompt.config
+    if not config.dept:
+        return classifiers
+    out = []
+    for clf in classifiers:
+        prefix = "" if clf.task is None else f"tasks.{names.index(clf.task)}."
+        head = dept_head(prompt.tensors, prefix).fused(config.dept_weight, clf.scale)
+        out.append(dataclasses.replace(clf, fused=head))
+    return out
+
+
 def _load(run_dir: str, prompt: PromptFile, device, task: str | None,
           image_tower: bool = True) -> list[TrainedClassifier]:
     cls = learner_class(prompt.learner)
-    tasks = _select_tasks(run_dir, cls.task_names(prompt), task)
+    names = cls.task_names(prompt)
+    tasks = _select_tasks(run_dir, names, task)
     model, preprocess_val, tokenizer = _model_for(prompt, run_dir, device, image_tower)
-    return cls.load_classifiers(prompt, run_dir, model, preprocess_val, tokenizer, device, tasks)
+    classifiers = cls.load_classifiers(prompt, run_dir, model, preprocess_val, tokenizer, device,
+                                       tasks)
+    return _with_dept_heads(prompt, classifiers, names)
 
 
 def load_runs(run_dir, device: str | torch.device = "cpu", task: str | None = None, *,
@@ -75,6 +95,10 @@ def run_caches(run_dir) -> dict[str | None, str]:
     """The feature cache each classifier of a run was trained on, from its ``metrics.json``:
     ``{task name (None for a single classifier): cache path}``."""
     metrics = read_metrics(run_dir, missing="pass --cache FILE")
+    if "imported_from" in metrics:  # fastprompt import-dassl
+        raise ValueError(f"run: {os.fspath(run_dir)!r} was imported from a Dassl checkpoint "
+                         "and has no feature cache of its own; pass --cache FILE (a cache of "
+                         "its classes) or --data DIR")
     try:
         if "tasks" in metrics:
             return {t["name"]: t["cache"]["path"] for t in metrics["tasks"]}

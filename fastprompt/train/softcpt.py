@@ -31,15 +31,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.data.cache import FeatureCache
-from fastprompt.models import zeroshot_text_features
+from fastprompt.models import PromptedTextModel, zeroshot_text_features
 from fastprompt.models.softcpt import SoftCPTModel, normalize_task_name, softcpt_parameter_count
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.class_sharding import local_text_chunk
 from fastprompt.train.config import TrainConfig
-from fastprompt.train.epoch import SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale
+from fastprompt.train.epoch import (SHUFFLE_STREAM, VIEW_STREAM, autocast, logit_scale,
+                                    view_rows)
 from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, cache_record,
@@ -201,9 +203,10 @@ class MultitaskOrder(EpochOrder):
     """An epoch over every task's cache; sums each task's loss for the epoch's record."""
 
     def __init__(self, order: tuple[Tensor, Tensor, Tensor], options: list[dict],
-                 tasks: list[Task], device: torch.device):
+                 tasks: list[Task], device: torch.device, records: list[dict] | None = None):
         self.task, self.sample, self.rows = order
         self.options, self.tasks = options, tasks
+        self.records = records or [{} for _ in tasks]
         self.per_task_total = torch.zeros(len(tasks), device=device)
 
     def __len__(self) -> int:
@@ -216,7 +219,12 @@ class MultitaskOrder(EpochOrder):
     def summary(self) -> dict:
         counts = torch.tensor([t.cache.num_train_images for t in self.tasks],
                               dtype=torch.float32)
-        return {"task_loss": (self.per_task_total.cpu() / counts).tolist()}
+        out = {"task_loss": (self.per_task_total.cpu() / counts).tolist()}
+        # A label-noise method's split, per task and averaged over the tasks.
+        for key in self.records[0]:
+            out[f"task_{key}"] = [r[key] for r in self.records]
+            out[key] = task_mean(self.records, key)
+        return out
 
 
 @register
@@ -224,6 +232,7 @@ class SoftCPTLearner(Learner):
     """SoftCPT's task context and meta network over several tasks."""
     name = "softcpt"
     method_keys = ("n_task_ctx", "task_ctx")
+    defaults = {"epochs": SOFTCPT_EPOCHS}
 
     def __init__(self, config: TrainConfig, tasks: list[Task], model, tokenizer,
                  device: torch.device, text_chunk: int | str = 0):
@@ -235,21 +244,34 @@ class SoftCPTLearner(Learner):
         self.text_chunk = local_text_chunk(text_chunk,
                                            softcpt_encoding(self.net, list(range(len(tasks))))[0],
                                            device, lambda: autocast(device, config.amp))
-        self.optimizer = self.sgd()
         self.zeroshot = [zeroshot_text_features(model, tokenizer, t.cache.classnames).to(device)
                          for t in tasks]
         self.objectives = [Objective(config, t.cache, z, device)
                            for t, z in zip(tasks, self.zeroshot)]
+        self.optimizer = self.make_optimizer()
         self.scale = logit_scale(model).to(device)
         self.images_per_epoch = sum(t.cache.num_train_images for t in tasks)
 
     # -- what is trained, saved and loaded
 
+    def _objective_tensors(self) -> dict:
+        """Each task's objective's tensors (DePT's heads), under ``tasks.<index>.``."""
+        return {f"tasks.{i}.{k}": v for i, o in enumerate(self.objectives)
+                for k, v in o.trainable().items()}
+
     def trainable(self) -> dict:
-        return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight}
+        return {"task_ctx": self.net.task_prompt.ctx, "meta_weight": self.net.meta_net.weight,
+                **self._objective_tensors()}
+
+    def lr_scales(self) -> dict:
+        return dict.fromkeys(self._objective_tensors(), self.config.dept_lr_scale)
 
     def load_trainable(self, state: dict) -> None:
         self.net.load_trainable_state(state)
+        heads = self._objective_tensors()
+        with torch.no_grad():
+            for key, param in heads.items():
+                param.copy_(state[key])
 
     def identity(self) -> dict:
         return {"config": self.config.to_dict(),
@@ -293,17 +315,33 @@ class SoftCPTLearner(Learner):
         return out
 
     @classmethod
-    def shared_context(cls, prompt, classifier, device) -> Tensor:
+    @torch.no_grad()
+    def text_features_for(cls, prompt, classifier, classnames, device) -> Tensor:
+        """The context the meta network makes for the classifier's task, in front of each of
+        ``classnames``."""
         net = cls._net(prompt, classifier.model, classifier.tokenizer, device)
-        with torch.no_grad():
-            return net.contexts([classifier.task])[0]
+        ctx = net.contexts([classifier.task])[0]
+        with torch.random.fork_rng(devices=[]):  # the unused initial context draw
+            prompted = PromptedTextModel(classifier.model, classifier.tokenizer, list(classnames),
+                                         n_ctx=prompt.config.n_ctx,
+                                         class_token_position=prompt.config.class_token_position
+                                         ).to(device)
+        return prompted(ctx.to(prompted.prompt_learner.ctx.dtype)).float()
 
     # -- one epoch
 
     def epoch_order(self, epoch: int) -> MultitaskOrder:
-        options = [o.epoch_options(epoch) for o in self.objectives]
-        return MultitaskOrder(multitask_epoch_order(self.config, self.tasks, epoch), options,
-                              self.tasks, self.device)
+        order = multitask_epoch_order(self.config, self.tasks, epoch)
+        task, sample, row = order
+        options, records = [], []
+        for t, objective in enumerate(self.objectives):
+            mine = task == t
+            rows = view_rows(sample[mine], row[mine])
+            o, record = objective.epoch_options(
+                epoch, lambda t=t, rows=rows: self.task_logits(t, rows))
+            options.append(o)
+            records.append(record)
+        return MultitaskOrder(order, options, self.tasks, self.device, records)
 
     def text_encoding(self, batch: TaskBatch) -> TextEncoding:
         return softcpt_encoding(self.net, [t for t, _, _ in batch.groups])[0]
@@ -326,21 +364,30 @@ class SoftCPTLearner(Learner):
         return [self.net([t])[0].float() for t in range(self.net.num_tasks)]
 
     @torch.no_grad()
+    def task_logits(self, task: int, rows: Tensor) -> Tensor:
+        """Task ``task``'s current similarity logits (N x C_t, float32) of its cached training
+        ``rows`` (what NLPrompt's transport scores)."""
+        text = F.normalize(self.net([task])[0].float(), dim=-1)
+        x = self.tasks[task].cache.train_features[rows].to(self.device).float()
+        return self.scale * F.normalize(x, dim=-1) @ text.t()
+
+    @torch.no_grad()
     def train_accuracy(self) -> dict:
-        noisy, clean = zip(*(train_accuracy(t.cache, text.float())
-                             for t, text in zip(self.tasks, self.net())))
+        noisy, clean = zip(*(train_accuracy(t.cache, text.float(), o.fused_head(self.scale))
+                             for t, text, o in zip(self.tasks, self.net(), self.objectives)))
         return {"task_train_acc_noisy": list(noisy), "task_train_acc_clean": list(clean),
                 "train_acc_noisy": sum(noisy) / len(noisy),
                 "train_acc_clean": sum(clean) / len(clean)}
 
     def final_metrics(self) -> dict:
         per_task = []
-        for t, text, z in zip(self.tasks, self.task_text_features(), self.zeroshot):
+        for t, text, z, o in zip(self.tasks, self.task_text_features(), self.zeroshot,
+                                 self.objectives):
             c = t.cache
             per_task.append({
                 "name": t.name, "num_classes": c.num_classes, "classnames": list(c.classnames),
                 "num_train_images": c.num_train_images, "views": c.views,
-                **classifier_metrics(c, text, z),
+                **classifier_metrics(c, text, z, o.fused_head(self.scale)),
                 "num_test_images": int(c.test_features.shape[0]), "cache": cache_record(c),
             })
 

@@ -1,20 +1,19 @@
 """A trained run's context applied to other class names: the text side of cross-dataset transfer,
 base-to-new evaluation and exports with another vocabulary.
 
-A CoOp-style run's learned context (one shared ``n_ctx x W`` block) goes in front of each new
-name exactly as it went in front of the trained ones. A SoftCPT run's context for a task is the
-one its meta network generates from that task's name. A class-specific context (``--class-
-specific``) belongs to the classes it was trained for and cannot be moved to other names.
+Each learner says how (``Learner.text_features_for``): a CoOp-style run's learned context (one
+shared ``n_ctx x W`` block) goes in front of each new name exactly as it went in front of the
+trained ones; a SoftCPT run's context for a task is the one its meta network generates from that
+task's name. A class-specific context (``--class-specific``) belongs to the classes it was
+trained for and cannot be moved to other names.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 
 from fastprompt._checks import check_class_name, check_class_names
-from fastprompt.train.coop import prompted_model
 from fastprompt.train.files import read_prompt_file
 from fastprompt.train.learner import TrainedClassifier, learner_class
 from fastprompt.train.runs import load_run
@@ -58,14 +57,13 @@ def with_classnames(run: TrainedClassifier, classnames, device: str | torch.devi
     if names == list(run.class_names):
         return run
     prompt = read_prompt_file(run.run_dir)
-    ctx = learner_class(prompt.learner).shared_context(prompt, run, device)
-    with torch.random.fork_rng(devices=[]):  # the prompt learner draws an unused initial context
-        prompted = prompted_model(run.model, run.tokenizer, names,
-                                  dataclasses.replace(prompt.config, class_specific=False,
-                                                      ctx_init=None), where).to(device)
-    with torch.no_grad():
-        text = prompted(ctx.to(prompted.prompt_learner.ctx.dtype)).float()
-    return run.with_class_names(names, text)
+    try:
+        return learner_class(prompt.learner).for_classnames(prompt, run, names, device)
+    except ValueError as e:  # the prompt learner calls them "classnames": say where they are from
+        message = str(e)
+        if where == "classnames" or not message.startswith("classnames: "):
+            raise
+        raise ValueError(f"{where}: {message.removeprefix('classnames: ')}") from None
 
 
 def load_run_with_classnames(run_dir, classnames, *, task: str | None = None,

@@ -453,3 +453,135 @@ def test_cache_skips_a_fifo_named_like_an_image(world, tmp_path):
     _no_raw_warnings(proc.stderr)
     warned = [w for w in proc.stderr.splitlines() if "upload.jpg" in w]
     assert len(warned) == 1 and "a FIFO, not a regular file" in warned[0]
+
+
+# ----- issue 23: sweeps, seeds, noise rates, plot --------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["cache", "--data", "d", "--out", "c.safetensors"], "--seed", "100000000000000000000000"),
+    (["train", "--data", "d", "--out", "r"], "--seed", "-1"),
+    (["train", "--data", "d", "--out", "r"], "--seed", "1e23"),
+    (["eval", "r", "--data", "d"], "--seed", "4294967296"),
+    (["export", "r", "--out", "e"], "--seed", "4294967296"),
+    (["cache", "--data", "d", "--out", "c.safetensors"], "--noise-rate", "1.5"),
+    (["train", "--data", "d", "--out", "r"], "--noise-rate", "nan"),
+])
+def test_seed_and_noise_rate_flags_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, flag,
+                                                       value):
+    """Every --seed takes the one seed range, --noise-rate the one rate range, and a value
+    outside is refused by the flag before anything is done (issue 23, items 9 and 21)."""
+    from fastprompt.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, f"{flag}={value}"])
+    assert e.value.code == 2
+    expected = "an int in [0, 2**32)" if flag == "--seed" else "a rate in [0, 1]"
+    assert (f"fastprompt {argv[0]}: error: argument {flag}: expected {expected}, got {value!r}"
+            in capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_train_seed_is_one_line_naming_the_flag(world, tmp_path):
+    root, weights, *_ = world
+    proc = fastprompt("train", "--pretrained", weights, "--data", root / "shapes", "--out",
+                      tmp_path / "r", "--seed", 10**23, "--no-progress")
+    one_line_error(proc, "train", "--seed", "[0, 2**32)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _sweep_spec(world, path, **fields):
+    root, weights, *_ = world
+    spec = {"data": str(root / "shapes"), "pretrained": weights, "views": 1,
+            "methods": ["coop"], "seeds": [1], "train": {"epochs": 1, "n_ctx": 2}, **fields}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    ({"device": "tpu"}, ["device", "'tpu'"]),
+    ({"data": "/no/such/folder"}, ["data", "/no/such/folder"]),
+    ({"methods": [{"name": "..", "method": "coop"}]}, ["methods[0].name", "'..'"]),
+])
+def test_a_refused_sweep_spec_creates_nothing(world, tmp_path, fields, fragments):
+    """Spec errors are found before OUT is created (issue 23, items 8, 19 and 20)."""
+    spec = _sweep_spec(world, tmp_path / "spec.json", **fields)
+    proc = fastprompt("sweep", spec, "--out", tmp_path / "out", "--no-progress")
+    one_line_error(proc, "sweep", str(spec), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_folder_in_use_is_one_line_naming_the_holder(world, tmp_path):
+    from fastprompt.protocols.sweep import sweep_lock
+    spec = _sweep_spec(world, tmp_path / "spec.json")
+    out = tmp_path / "out"
+    with sweep_lock(str(out)):
+        proc = fastprompt("sweep", spec, "--out", out, "--no-progress")
+    one_line_error(proc, "sweep", f"sweep folder {out}", "in use", f"pid {os.getpid()}")
+    assert not (out / "sweep.json").exists()
+
+
+def test_plot_of_a_damaged_metrics_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"epochs": [1, 2], "test_acc": 0.5}))
+    one_line_error(fastprompt("plot", tmp_path), "plot", str(tmp_path / "metrics.json"),
+                   "epochs[0]")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by whoever adopted it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process tree from /proc")
+def test_killing_a_sweep_takes_its_workers_with_it(world, tmp_path):
+    """`kill -9` of `sweep --jobs 2` leaves no worker (nor the resource tracker) behind: each
+    worker notices that its parent is gone and exits (issue 23, item 6)."""
+    import signal
+    import time
+    spec = _sweep_spec(world, tmp_path / "spec.json", seeds=[1, 2],
+                       train={"epochs": 100000, "n_ctx": 2})
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w") as stderr:
+        sweep = subprocess.Popen([sys.executable, "-m", "fastprompt", "sweep", str(spec),
+                                  "--out", str(out), "--jobs", "2", "--no-progress"],
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
+    children = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("runs/*/*/*/*/checkpoint.pt"))) < 2:   # both workers train
+            assert sweep.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, "the workers did not start training"
+            time.sleep(0.5)
+        children = _children(sweep.pid)
+        assert len(children) >= 2, children         # two workers (and the resource tracker)
+        sweep.kill()
+        sweep.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in children if _alive(pid)], (tmp_path / "stderr").read_text()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        for pid in children:   # only on failure: what this test started, by pid
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

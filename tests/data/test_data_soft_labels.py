@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastprompt
+from fastprompt import _backend
 from fastprompt.data import class_soft_labels, instance_soft_labels
 from fastprompt.models import zeroshot_text_features
 
@@ -93,8 +94,16 @@ def test_instance_soft_labels_bad_input():
         instance_soft_labels(feats, torch.tensor([0, 1, 1, 0]), text, scale=-1.0)
 
 
-def test_tables_feed_clip_cross_entropy(cached_shapes, monkeypatch):
-    monkeypatch.setenv("FASTPROMPT_BACKEND", "reference")
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not _backend.cpp_available(),
+                                                 reason="C++ extension not built"))])
+def test_tables_feed_clip_cross_entropy(cached_shapes, monkeypatch, backend):
+    """The ISL (M x C, a row per image, read through ``sample_index``) and CSL (C x C, a row per
+    class, read through the labels) tables of a real cache, fed to ``clip_cross_entropy``,
+    give the mean over the views of ``(1-ε)·CE(hard) + ε·(-Σ_c r_c log p_c)`` with ``r`` the
+    view's image's (ISL) or label's (CSL) row: written out here in float64."""
+    monkeypatch.setenv("FASTPROMPT_BACKEND", backend)
     shared = cached_shapes()
     model, tokenizer, cache = shared.model, shared.tokenizer, shared.cache
     text = zeroshot_text_features(model, tokenizer, cache.classnames)
@@ -102,11 +111,30 @@ def test_tables_feed_clip_cross_entropy(cached_shapes, monkeypatch):
                                scale=model.logit_scale.exp().item(),
                                num_samples=cache.num_train_images)
     csl = class_soft_labels(text)
-    feats = cache.train_features.float()
-    for soft, index in ((isl, cache.train_sample_index), (csl, None)):
-        loss = fastprompt.clip_cross_entropy(feats, text, cache.train_labels, 10.0,
-                                             smoothing=0.1, soft_labels=soft, sample_index=index)
-        assert torch.isfinite(loss)
+    feats, labels = cache.train_features.float(), cache.train_labels
+    scale, smoothing = 10.0, 0.1
+
+    x = feats.double() / feats.double().norm(dim=1, keepdim=True)
+    t = text.double() / text.double().norm(dim=1, keepdim=True)
+    logp = torch.log_softmax(scale * x @ t.T, dim=1)                      # N x C
+    hard = -logp[torch.arange(len(labels)), labels]
+
+    def truth(rows):
+        """The loss with soft-label rows ``rows`` (N x C, one per view)."""
+        return ((1 - smoothing) * hard - smoothing * (rows.double() * logp).sum(dim=1)).mean()
+
+    uniform = truth(torch.full_like(logp, 1 / cache.num_classes))
+    for name, table, index, rows in (("isl", isl, cache.train_sample_index,
+                                      isl[cache.train_sample_index]),
+                                     ("csl", csl, None, csl[labels])):
+        loss = fastprompt.clip_cross_entropy(feats, text, labels, scale, smoothing=smoothing,
+                                             soft_labels=table, sample_index=index)
+        expected = truth(rows)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} on {backend}: {m}")
+        # The table's rows decide the loss: uniform smoothing lies far outside that tolerance.
+        assert abs(expected - uniform).item() > 1e-3, name
 
 
 def test_instance_soft_labels_into_a_file_backed_table(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from onnxlib import CLASS_NAMES, METHOD, SCALE
 
 def test_cli_export_from_run(cli, class_embeddings, tiny, tmp_path, monkeypatch, capsys):
     # fastprompt.train.load_run is written elsewhere; stand in for it with the documented fields.
-    run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
+    run = types.SimpleNamespace(fused=None, head=None, model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method=METHOD,
                                 run_dir=str(tmp_path / "run"))
     monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)

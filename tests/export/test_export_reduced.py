@@ -156,7 +156,7 @@ def test_evaluation_from_image_files(tiny, class_embeddings, tmp_path, image_fil
 
 
 def test_cli_int8_and_refusal(cli, tiny, class_embeddings, tmp_path, monkeypatch, capsys):
-    run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
+    run = types.SimpleNamespace(fused=None, head=None, model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={"name": "coop"},
                                 run_dir=str(tmp_path / "run"))
     monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run

@@ -126,7 +126,7 @@ def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
 
     def load_softcpt_run(path, task):
         calls.append(task)
-        return types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", scale=SCALE,
+        return types.SimpleNamespace(fused=None, head=None, model=tiny[0], model_name="fastprompt-tiny", scale=SCALE,
                                      class_names=TASKS[task], text_features=features[task],
                                      method={"name": "softcpt", "task": task})
 
@@ -142,7 +142,7 @@ def test_cli_triton_ensemble(cli, tiny, tmp_path, monkeypatch, capsys, seed):
 
 def test_cli_triton_flags_become_the_settings(cli, class_embeddings, tiny, tmp_path, monkeypatch,
                                               capsys):
-    run = types.SimpleNamespace(model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
+    run = types.SimpleNamespace(fused=None, head=None, model=tiny[0], model_name="fastprompt-tiny", class_names=CLASS_NAMES,
                                 text_features=class_embeddings, scale=SCALE, method={},
                                 run_dir=str(tmp_path / "run"))
     monkeypatch.setattr(pipeline, "load_run", lambda run_dir: run)  # fastprompt.train.load_run

@@ -1,9 +1,10 @@
 """Every Triton kernel compiled for real GPUs (sm_80 and sm_90) without one, with the ptxas of
 the triton wheel, at the configurations the host code launches for N in {1, 33, 256, 65536},
 C in {1, 7, 1000, 21843}, D in {20, 512, 768, 1024}, float32 (IEEE and TF32), bfloat16 and
-float16, both CUDA schedules, both loss ops and the projection: ``bench/kernel_schedules.py
---grid ci`` (its docstring has the matrix and which launches share one compile; the script also
-prints the table for a person).
+float16, both CUDA schedules, both loss ops and the projection, plus the GCE/MAE variants and the
+logits ops at one representative shape each: ``bench/kernel_schedules.py --grid ci`` (its
+docstring has the matrix and which launches share one compile; the script also prints the table
+for a person).
 
 The compiles run in a subprocess: the interpreter that tests/conftest.py turns on for the whole
 process replaces compilation."""
@@ -103,3 +104,30 @@ def test_fused_schedule_split_paths_are_compiled(compiled):
         products = [r for r in compiled
                     if r["arch"] == arch and r["kernel"] == "_grad_matmul_kernel"]
         assert any(r["grid_y"] > 1 for r in products), f"sm_{arch}: no split over N compiled"
+
+
+def test_robust_loss_and_logits_variants_are_compiled(compiled):
+    # GCE (one exponent, and one per row) in every pass of the fused forward and in the cuBLAS
+    # schedule's row pass, and the logits ops' launches of the row kernel (scale 1, the logits
+    # read in their dtype), for both architectures.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from kernel_schedules import LOSS_SCENARIOS
+
+    for arch in (80, 90):
+        forward = [r for r in compiled
+                   if r["arch"] == arch and r["kernel"] == "clip_loss_forward_kernel"]
+        gce = [r for r in forward if "GCE=True" in r["config"]]
+        passes = {int(re.search(r"\bPASS=(\d)", r["config"]).group(1)) for r in gce}
+        assert passes == {0, 1, 2, 3}, f"sm_{arch}: GCE passes compiled: {sorted(passes)}"
+        assert any("Q_PER_ROW=True" in r["config"] for r in gce)
+        assert any("DOUBLE_SOFTMAX=False" in r["config"] for r in gce)
+        assert any("PRODUCTS_STORED=True" in r["config"] and "SCALED=True" in r["config"]
+                   for r in gce)
+        logits = [r for r in forward if "SCALED=False" in r["config"]]
+        for option in ("GCE=True", "GCE=False", "HAS_KL=True", "HAS_KL=False"):
+            assert any(option in r["config"] for r in logits), f"sm_{arch}: logits {option}"
+    labels = {label for r in compiled for label in r["used_by"]}
+    for sch, op, n, c, d, dtype, options in LOSS_SCENARIOS:
+        label = (f"{sch} {op} N={n} C={c} D={d} {dtype} "
+                 + " ".join(f"{k}={v}" for k, v in options.items()))
+        assert label in labels

@@ -1,5 +1,6 @@
 """clip_cross_entropy: every backend against the float64 reference, plus the reference against
-torch's own cross-entropy, bad input, torch.compile and the fallback."""
+torch's own cross-entropy, bad input, torch.compile and the fallback; GCE and MAE (one exponent or
+one per row) the same way."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,8 @@ import fastprompt
 from fastprompt import _backend, reference
 from testlib import (TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
                      clip_allowances, clip_eager, clip_loss_and_grads, clip_truth, logit_terms64,
-                     make_inputs, propagate_logit_error, row_weights)
+                     loss_exponent, loss_options, make_inputs, propagate_logit_error,
+                     row_weights)
 
 
 def tolerance(dtype, backend_name):
@@ -237,6 +239,13 @@ def _bad_cases(device):
         ("sample_index", ValueError, (x, t, labels, s),
          {"smoothing": 0.1, "sample_index": torch.tensor([0, 1, 2, 0], device=device)}),
         ("reduction", ValueError, (x, t, labels, s), {"reduction": "avg"}),
+        ("loss", ValueError, (x, t, labels, s), {"loss": "GCE"}),
+        ("q", ValueError, (x, t, labels, s), {"loss": "gce", "q": 1.01}),
+        ("q", TypeError, (x, t, labels, s), {"loss": "gce", "q": None}),
+        ("q", ValueError, (x, t, labels, s), {"loss": "gce", "q": torch.ones(3, device=device)}),
+        ("q", ValueError, (x, t, labels, s), {"loss": "ce", "q": torch.ones(4, device=device)}),
+        ("q", ValueError, (x, t, labels, s),
+         {"loss": "gce", "q": torch.tensor([0.0, 0.5, float("nan"), 1.0], device=device)}),
     ]
 
 
@@ -422,3 +431,139 @@ def test_ops_registered_by_dispatch_key():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastprompt::{op}", key), (op, key)
     assert not [name for name in torch._C._dispatch_get_all_op_names()
                 if name.startswith("fastprompt_cpp::")]
+
+
+# --- GCE and MAE (issue 21): one exponent, or one per row ---------------------------------------
+
+def check_gce(x, t, labels, s, kw, *, rtol=1e-5, atol=1e-5, dtype=torch.float32, **opts):
+    got = clip_loss_and_grads(fastprompt.clip_cross_entropy, x, t, labels, s, kw, **opts)
+    want = clip_truth(x, t, labels, s, kw, **opts)
+    base = clip_eager(x, t, labels, s, kw, **opts)
+    weights = row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream"))
+    extra = clip_allowances(x, t, labels, s, kw, opts.get("double_softmax", False), weights,
+                            normalize=opts.get("normalize", True), dtype=dtype,
+                            q=loss_exponent(opts))
+    for what, a, b, e, x_atol in zip(("loss", "grad image", "grad text", "grad scale"), got, want,
+                                     base, extra):
+        assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
+    return got
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", ["hard", "instancewise"])
+def test_reference_gce_gradcheck(target, double_softmax, seed):
+    x, t, labels, s, kw = make_inputs(5, 4, 3, target=target, seed=seed)
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    q = loss_options("gce-rows", 5, seed=seed)["q"].double()
+    x, t, s = (v.double().requires_grad_() for v in (x, t, s))
+    fn = lambda x, t, s: reference.clip_cross_entropy(  # noqa: E731
+        x, t, labels, s, double_softmax=double_softmax, loss="gce", q=q, **kw)
+    assert torch.autograd.gradcheck(fn, (x, t, s))
+
+
+@pytest.mark.parametrize("kind", ["gce", "mae", "gce-rows"])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_backend_gce_matches_float64(backend, target, double_softmax, kind, seed):
+    name, device = backend
+    n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
+    x, t, labels, s, kw = make_inputs(n, c, d, target=target, device=device, seed=seed)
+    upstream = torch.rand(n, dtype=torch.float64)
+    check_gce(x, t, labels, s, kw, double_softmax=double_softmax, reduction="none",
+              upstream=upstream, **loss_options(kind, n, device=device, seed=seed))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backend_gce_reductions(backend, reduction, seed):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(10, 7, 9, target="classwise", device=device, seed=seed)
+    check_gce(x, t, labels, s, kw, double_softmax=True, reduction=reduction,
+              **loss_options("gce-rows", 10, device=device, seed=seed))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 3), (5, 1, 16), (2, 3, 129), (33, 17, 5)])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_gce_odd_sizes(backend, shape, double_softmax, seed):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(*shape, target="uniform", device=device, seed=seed)
+    check_gce(x, t, labels, s, kw, double_softmax=double_softmax,
+              **loss_options("gce-rows", shape[0], device=device, seed=seed))
+
+
+@pytest.mark.parametrize("q", [1e-3, 1.0])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", ["hard", "uniform"])
+def test_backend_gce_saturated_rows(backend, target, double_softmax, q, seed):
+    # scale 100 with image rows equal (or opposite) to their class rows: logits of ±100, π^q of
+    # e^{-200 q} next to 1; q near 0 (GCE close to cross-entropy) and at 1 (MAE).
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(12, 8, 16, target=target, device=device, scale=100.0,
+                                      seed=seed)
+    x = t[labels].clone()
+    x[::2] = -x[::2]
+    check_gce(x, t, labels, s, kw, rtol=1e-4, double_softmax=double_softmax, loss="gce", q=q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_backend_gce_half_precision(backend, dtype, double_softmax, seed):
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(16, 10, 24, target="instancewise", device=device,
+                                      dtype=dtype, seed=seed)
+    got = check_gce(x, t, labels, s, kw, rtol=2e-2, atol=2e-2, dtype=dtype,
+                    double_softmax=double_softmax,
+                    **loss_options("gce-rows", 16, device=device, seed=seed))
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype
+
+
+def test_backend_per_row_choice_is_one_call(backend, seed):
+    # NLPrompt: clean rows cross-entropy (q = 0), the others MAE (q = 1), in one call; each row
+    # as a call of its own kind gives it (the C++ kernel runs the cross-entropy rows themselves).
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(14, 9, 12, target="classwise", device=device, seed=seed)
+    clean = torch.rand(14, generator=torch.Generator().manual_seed(seed)) < 0.5
+    q = torch.where(clean, 0.0, 1.0).to(device)
+    rows = fastprompt.clip_cross_entropy(x, t, labels, s, reduction="none", loss="gce", q=q,
+                                         double_softmax=True, **kw)
+    for loss, mask in (("ce", clean), ("mae", ~clean)):
+        want = fastprompt.clip_cross_entropy(x, t, labels, s, reduction="none", loss=loss,
+                                             double_softmax=True, **kw)
+        if name == "cpp" and loss == "ce":
+            assert torch.equal(rows[mask.to(device)], want[mask.to(device)])
+        torch.testing.assert_close(rows[mask.to(device)], want[mask.to(device)], rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_torch_compile_fullgraph_gce(backend, seed):
+    name, device = backend
+    if name == "triton" and device.type == "cpu":
+        pytest.skip("inductor does not run the Triton interpreter on CPU tensors")
+    x, t, labels, s, kw = make_inputs(8, 6, 16, target="uniform", device=device, seed=seed)
+    q = loss_options("gce-rows", 8, device=device, seed=seed)["q"]
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    def step(x, t, labels, s, q):
+        return (fastprompt.clip_cross_entropy(x, t, labels, s, loss="gce", q=q, **kw)
+                + fastprompt.prograd_losses(x, t, t.detach(), labels, s, loss="mae")[0])
+
+    t_req = t.clone().requires_grad_()
+    step(x, t_req, labels, s, q).backward()
+    t64 = t.double().requires_grad_()
+    (reference.clip_cross_entropy(x.double(), t64, labels, s.double(), loss="gce", q=q, **kw)
+     + reference.prograd_losses(x.double(), t64, t.double(), labels, s.double(),
+                                loss="mae")[0]).backward()
+    assert_close_to_truth(t_req.grad, t64.grad, 1e-5, 1e-5, "compiled grad text")
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="C++ extension not built")
+def test_opcheck_cpp_forward_gce(seed):
+    x, t, labels, s, kw = make_inputs(6, 5, 8, target="classwise", seed=seed)
+    q = loss_options("gce-rows", 6, seed=seed)["q"]
+    for extra in ((0.5, None), (0.0, q)):
+        args = (x, t, labels, s, kw["soft_labels"], None, 0.2, True, True, True, *extra)
+        torch.library.opcheck(torch.ops.fastprompt.clip_cross_entropy_forward.default, args)
+    with pytest.raises(ValueError, match=r"^q: values must lie in \[0, 1\]"):
+        torch.ops.fastprompt.clip_cross_entropy_forward(x, t, labels, s, None, None, 0.0, True,
+                                                        True, True, 0.0, q + 1)
+

@@ -1,5 +1,5 @@
 """Both CUDA schedules of the loss ops (``FASTPROMPT_CUDA_SCHEDULE=cublas|fused``) against the
-float64 reference: every target kind, DSPT, ProGrad, odd and small shapes, half precision, the
+float64 reference: every target kind, DSPT, GCE/MAE, ProGrad, odd and small shapes, half precision, the
 fused schedule's split paths forced at test sizes, and the forward of one schedule with the
 backward of the other. On a machine without a GPU the Triton kernels run under the interpreter
 on CPU tensors. The schedules' own modules (the choice, the cuBLAS forward's chunks, the split
@@ -15,7 +15,8 @@ import fastprompt
 from fastprompt import _backend
 from fastprompt.kernels import schedule_choice
 from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, clip_allowances, clip_eager,
-                     clip_loss_and_grads, clip_truth, logit_terms64, make_inputs,
+                     clip_loss_and_grads, clip_truth, logit_terms64, loss_exponent,
+                     loss_options, make_inputs,
                      make_prograd_inputs, prograd_allowances, prograd_eager,
                      prograd_half_allowances, prograd_losses_and_grads, prograd_truth,
                      row_weights)
@@ -46,7 +47,8 @@ def check_clip(x, t, labels, s, kw, rtol=1e-5, atol=1e-5, dtype=torch.float32, *
     base = clip_eager(x, t, labels, s, kw, **opts)
     weights = row_weights(x.shape[0], opts.get("reduction", "mean"), opts.get("upstream"))
     extra = clip_allowances(x, t, labels, s, kw, opts.get("double_softmax", False), weights,
-                            normalize=opts.get("normalize", True), dtype=dtype)
+                            normalize=opts.get("normalize", True), dtype=dtype,
+                            q=loss_exponent(opts))
     for what, a, b, e, x_atol in zip(CLIP_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
 
@@ -57,7 +59,8 @@ def check_prograd(x, t, t0, labels, s, kw, rtol=1e-5, atol=1e-5, extra=None, **o
     base = prograd_eager(x, t, t0, labels, s, kw, **opts)
     if extra is None and x.dtype == torch.float32:
         extra = prograd_allowances(x, t, t0, labels, s, kw, opts.get("double_softmax", False),
-                                   opts.get("temperature", 1.0), opts.get("weights", (1.0, 1.0)))
+                                   opts.get("temperature", 1.0), opts.get("weights", (1.0, 1.0)),
+                                   q=loss_exponent(opts))
     extra = extra if extra is not None else (0.0,) * 5
     for what, a, b, e, x_atol in zip(PROGRAD_NAMES, got, want, base, extra):
         assert_close_to_truth(a, b, rtol, atol, what, baseline=e, extra_atol=x_atol)
@@ -289,3 +292,48 @@ def test_fused_logit_gradient_rows_are_padded(fused_split_paths, seed):
     first = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     again = backward(grad_rows, grad_logits, x, t, s, True, True, True, True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# --- GCE and MAE under both schedules, and through the fused schedule's split paths -------------
+
+@pytest.mark.parametrize("kind", ["gce", "gce-rows"])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_gce_matches_float64(schedule, target, double_softmax, kind, seed):
+    x, t, labels, s, kw = make_inputs(13, 11, 19, target=target, device=DEVICE, seed=seed)
+    upstream = torch.rand(13, dtype=torch.float64)
+    check_clip(x, t, labels, s, kw, double_softmax=double_softmax, reduction="none",
+               upstream=upstream, **loss_options(kind, 13, device=DEVICE, seed=seed))
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", TARGETS)
+def test_fused_split_paths_gce_match_float64(fused_split_paths, target, double_softmax, seed):
+    # GCE's sums in the class ranges and their merge (F and E over softmax(z), F and the target
+    # weights' spread under the double softmax), one exponent per row.
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target=target, device=DEVICE, seed=seed)
+    upstream = torch.rand(SPLIT_SHAPE[0], dtype=torch.float64)
+    check_clip(x, t, labels, s, kw, double_softmax=double_softmax, reduction="none",
+               upstream=upstream, **loss_options("gce-rows", SPLIT_SHAPE[0], device=DEVICE,
+                                                 seed=seed))
+    assert_split_paths_ran(fused_split_paths, double_softmax)
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_fused_split_paths_prograd_gce(fused_split_paths, double_softmax, seed):
+    x, t, t0, labels, s, kw = make_prograd_inputs(*SPLIT_SHAPE, target="uniform", device=DEVICE,
+                                                  seed=seed)
+    check_prograd(x, t, t0, labels, s, kw, double_softmax=double_softmax, temperature=1.6,
+                  weights=(0.7, -1.9), loss="mae")
+    assert_split_paths_ran(fused_split_paths, double_softmax)
+
+
+@pytest.mark.parametrize("q", [1e-3, 1.0])
+def test_fused_split_paths_gce_saturated(fused_split_paths, q, seed):
+    # Logits of ±100 whose maxima lie in different class ranges: the merge rescales F and E.
+    x, t, labels, s, kw = make_inputs(*SPLIT_SHAPE, target="classwise", device=DEVICE,
+                                      scale=100.0, seed=seed)
+    x = t[labels].clone()
+    x[::2] = -x[::2]
+    check_clip(x, t, labels, s, kw, rtol=1e-4, loss="gce", q=q)
+

@@ -1,6 +1,6 @@
 """prograd_losses: the fused task and distillation losses on every backend against float64
-evaluations of the formulas, bad input, gradcheck of the reference, torch.compile, opcheck and
-vmap of the backward."""
+evaluations of the formulas (the task loss cross-entropy, DSPT, GCE or MAE), bad input, gradcheck
+of the reference, torch.compile, opcheck and vmap of the backward."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import fastprompt
 from fastprompt import reference
 from testlib import (PROGRAD_NAMES, TARGETS, assert_close_to_truth, backend,  # noqa: F401 (fixture)
-                     float64_target_options, make_prograd_inputs, prograd_eager,
+                     float64_target_options, loss_exponent, loss_options,
+                     make_prograd_inputs, prograd_eager,
                      prograd_allowances, prograd_formula_rows, prograd_half_allowances,
                      prograd_losses_and_grads, prograd_truth)
 
@@ -289,3 +290,66 @@ def test_functorch_vmap_of_the_backward(backend, seed):
     for i, loss in enumerate((task, kl, ce)):
         (want,) = torch.autograd.grad(loss, [t_req], retain_graph=True)
         torch.testing.assert_close(rows[i], want, rtol=1e-6, atol=1e-7)
+
+
+# --- GCE and MAE as the task loss -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gce", "mae", "gce-rows"])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", ["hard", "uniform", "instancewise"])
+def test_backend_gce_logit_gradients_match_formulas(backend, target, double_softmax, kind, seed):
+    # The op's own outputs: per-row losses and both logit gradients against autograd through
+    # the float64 formulas.
+    name, device = backend
+    if name == "reference":
+        pytest.skip("the reference has no fused forward op (it is checked through autograd)")
+    x, t, t0, labels, s, kw = make_prograd_inputs(11, 9, 17, target=target, device=device,
+                                                  seed=seed)
+    opts = loss_options(kind, 11, device=device, seed=seed)
+    q = loss_exponent(opts)
+    q_scalar, q_rows = (0.0, q) if torch.is_tensor(q) else (float(q), None)
+    soft = kw.get("soft_labels")
+    task_rows, kl_rows, grad_task, grad_kl = torch.ops.fastprompt.prograd_losses_forward(
+        x, t, t0, labels, s, None if soft is None else soft.float(), kw.get("sample_index"),
+        float(kw.get("smoothing", 0.0)), double_softmax, 1.3, True, q_scalar, q_rows)
+    z = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t.double(), dim=1).T).cpu()
+    z0 = (s.double() * F.normalize(x.double(), dim=1) @ F.normalize(t0.double(), dim=1).T).cpu()
+    z.requires_grad_()
+    kw_cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    want_task, want_kl = prograd_formula_rows(z, z0, labels.cpu(), float64_target_options(kw_cpu),
+                                              double_softmax, 1.3, q)
+    (want_grad_task,) = torch.autograd.grad(want_task.sum(), z)
+    (want_grad_kl,) = torch.autograd.grad(want_kl.sum(), z)
+    for what, a, b in zip(("task rows", "kl rows", "grad task logits", "grad kl logits"),
+                          (task_rows, kl_rows, grad_task, grad_kl),
+                          (want_task, want_kl, want_grad_task, want_grad_kl)):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what)
+
+
+@pytest.mark.parametrize("kind", ["mae", "gce-rows"])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("target", ["hard", "classwise"])
+def test_backend_gce_matches_float64(backend, target, double_softmax, kind, seed):
+    name, device = backend
+    n, c, d = (13, 11, 19) if name == "triton" else (37, 53, 70)
+    x, t, t0, labels, s, kw = make_prograd_inputs(n, c, d, target=target, device=device, seed=seed)
+    opts = dict(double_softmax=double_softmax, temperature=1.6, weights=(0.7, -1.9),
+                **loss_options(kind, n, device=device, seed=seed))
+    got = prograd_losses_and_grads(fastprompt.prograd_losses, x, t, t0, labels, s, kw, **opts)
+    want = prograd_truth(x, t, t0, labels, s, kw, **opts)
+    base = prograd_eager(x, t, t0, labels, s, kw, **opts)
+    extra = prograd_allowances(x, t, t0, labels, s, kw, double_softmax, 1.6, (0.7, -1.9),
+                               q=loss_exponent(opts))
+    for what, a, b, e, x_atol in zip(PROGRAD_NAMES, got, want, base, extra):
+        assert_close_to_truth(a, b, 1e-5, 1e-5, what, baseline=e, extra_atol=x_atol)
+
+
+def test_bad_loss_choice_names_the_argument(backend):
+    x, t, t0, labels, s, _ = make_prograd_inputs(4, 3, 5, seed=0)
+    for kw, exc, arg in (({"loss": "huber"}, ValueError, "loss"),
+                         ({"loss": "gce", "q": 2.0}, ValueError, "q"),
+                         ({"loss": "gce", "q": torch.zeros(5)}, ValueError, "q")):
+        for fn in (fastprompt.prograd_losses, reference.prograd_losses):
+            with pytest.raises(exc, match=f"^{arg}"):
+                fn(x, t, t0, labels, s, **kw)
+

@@ -101,6 +101,50 @@ def test_unchecked_bad_label_gives_nan_loss_never_a_fault(backend, validation_of
         torch.testing.assert_close(rows[good], want, rtol=1e-5, atol=1e-5)
 
 
+def test_loss_choice_and_logits_checks_cost_at_most_one_sync(backend, monkeypatch, seed):
+    # Per-row exponents and the logits ops' checks join the one read-back of each call; none
+    # without a table on the C++ backend, whose kernels check the values themselves.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(6, 5, 8, target="instancewise", device=device, seed=seed)
+    q = torch.tensor([0.0, 1.0, 0.5, 0.2, 0.0, 1.0], device=device)
+    z = torch.randn(6, 5).to(device)
+    calls = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(self.shape)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    fastprompt.clip_cross_entropy(x, t, labels, s, loss="gce", q=q, **kw)
+    fastprompt.logits_cross_entropy(z, labels, loss="gce", q=q, **kw)
+    fastprompt.logits_prograd_losses(z, z + 1, labels, loss="gce", q=q, **kw)
+    assert len(calls) <= 3, calls
+    calls.clear()
+    fastprompt.logits_cross_entropy(z, labels, loss="gce", q=q)
+    fastprompt.logits_prograd_losses(z, z + 1, labels, loss="mae")
+    assert len(calls) == (0 if name == "cpp" else 2)
+
+
+def test_unchecked_exponents_give_the_formula_never_a_fault(backend, validation_off, seed):
+    # With validation off an exponent outside [0, 1] is not refused by the Python layer: the
+    # fused Triton kernel and the reference evaluate the same formula (finite for q = 2); the
+    # C++ kernel checks the exponents as it reads them (free there) and still raises.
+    name, device = backend
+    x, t, labels, s, kw = make_inputs(7, 5, 8, target="uniform", device=device, seed=seed)
+    q = torch.tensor([0.0, 2.0, 0.5, 1.0, 0.3, 2.0, 0.0], device=device)
+    opts = dict(kw, loss="gce", q=q, reduction="none", double_softmax=True)
+    if name == "cpp":
+        with pytest.raises(ValueError, match=r"^q: values must lie in \[0, 1\]"):
+            fastprompt.clip_cross_entropy(x, t, labels, s, **opts)
+        return
+    rows = fastprompt.clip_cross_entropy(x, t, labels, s, **opts)
+    want = fastprompt.reference.clip_cross_entropy(x.double(), t.double(), labels, s.double(),
+                                                   **opts)
+    assert torch.isfinite(rows).all()
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launches_run_on_the_tensors_device(seed):
     # Tensors on cuda:1 while cuda:0 is current: the kernels must launch on cuda:1.

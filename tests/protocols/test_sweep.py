@@ -4,6 +4,7 @@ noise derived without re-encoding, and --jobs K gives the same runs."""
 import csv
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -45,6 +46,15 @@ def test_method_names():
     assert m.label == "coop lr 0.01" and m.overrides["targets"] == "ls" and m.overrides["lr"] == 0.01
     with pytest.raises(ValueError, match="plug-in"):
         parse_method("coop+mixup")
+    assert parse_method("gce+nlprompt").overrides == {"learner": "coop", "loss": "gce",
+                                                      "nlprompt": True}
+    assert parse_method("kgcoop(dspt)+dept").overrides == {"learner": "kgcoop", "loss": "dspt",
+                                                           "dept": True}
+    assert parse_method("cocoop").overrides == {"learner": "cocoop", "loss": "ce"}
+    with pytest.raises(ValueError, match="must start with"):
+        parse_method("coop(dspt)")
+    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+        parse_method("kgcoop(focal)")
 
 
 def test_bad_specs_are_refused_by_name(world):
@@ -56,6 +66,32 @@ def test_bad_specs_are_refused_by_name(world):
         load_spec(_spec(world, "c.json", methods=["coop"], protocol="cross-dataset"))
     with pytest.raises(ValueError, match="seed"):
         load_spec(_spec(world, "d.json", methods=["coop"], train={"seed": 3}))
+    with pytest.raises(ValueError, match=r"methods\[1\].*nlprompt.*not mae"):
+        load_spec(_spec(world, "e.json", methods=["coop", "mae+nlprompt"]))
+
+
+def test_label_noise_methods_get_a_row_each_and_a_purity_table(world, tmp_path):
+    """PTNL's GCE, MAE and NLPrompt (on DSPT) against CoOp, clean and at 50% noise: a row per
+    method in each table, and the kept samples' correct-label share for NLPrompt alone."""
+    spec = load_spec(_spec(world, "noise.json", methods=["coop", "gce", "mae", "dspt+nlprompt"],
+                           noise_rates=[0.0, 0.5], seeds=[1],
+                           train={"epochs": 1, "n_ctx": 2, "ot_reg": 0.01}))
+    out = tmp_path / "sweep"
+    run_sweep(spec, out, log=lambda *_: None)
+    run = out / "runs" / "dspt+nlprompt" / "shots-all" / "noise-symmetric-0.5" / "seed-1"
+    metrics = _metrics(run)
+    assert metrics["config"]["nlprompt"] and metrics["config"]["loss"] == "dspt"
+    kept = metrics["epochs"][-1]["nlprompt_kept_precision"]
+    report = (out / "report.md").read_text()
+    sections = report.split("## ")
+    accuracy = next(s for s in sections if s.startswith("Accuracy (%) against symmetric"))
+    assert [line.split("|")[1].strip() for line in accuracy.splitlines()
+            if line.startswith("| ") and "---" not in line][1:] == [
+        "zero-shot", "coop", "gce", "mae", "dspt+nlprompt"]
+    purity = next(s for s in sections if s.startswith("Correct labels among the samples kept"))
+    rows = [line for line in purity.splitlines() if line.startswith("| dspt")]
+    assert len(rows) == 1 and f"{100 * kept:.1f}" in rows[0].split("|")[3]
+    assert "| coop |" not in purity
 
 
 def test_sweep_report_rerun_and_resume(world, tmp_path, capsys, monkeypatch):
@@ -191,3 +227,100 @@ def test_base_to_new_and_cross_dataset_sweeps(world, tmp_path, capsys):
     assert rows["zero-shot", "other"] == pytest.approx(
         100 * targets["other"]["zeroshot_test_acc"])
     assert (tmp_path / "cross" / "report.md").read_text().count(".png)") == 1
+
+
+def test_a_refused_sweep_leaves_the_folder_as_it_was(world, tmp_path):
+    """A different spec is refused in a folder holding runs of another (the differing fields
+    named), and a sweep refused by any check writes no sweep.json (issue 23, item 1)."""
+    first = _spec(world, "keep.json", methods=["coop"], seeds=[1],
+                  train={"epochs": 1, "n_ctx": 2})
+    out = tmp_path / "sweep"
+    run_sweep(load_spec(first), out, log=lambda *_: None)
+    record, report = (out / "sweep.json").read_bytes(), (out / "report.md").read_bytes()
+    other = _spec(world, "other.json", methods=["coop", "dspt"], seeds=[1, 2],
+                  train={"epochs": 1, "n_ctx": 2})
+    with pytest.raises(ValueError, match=r"another spec.*fields that differ: methods, seeds"):
+        run_sweep(load_spec(other), out, log=lambda *_: None)
+    assert (out / "sweep.json").read_bytes() == record
+    assert main(["plot", str(out)]) == 0
+    assert (out / "report.md").read_bytes() == report   # the finished run is still reported
+
+    # A check that reads the folder (a run of other settings where the spec's run goes) comes
+    # before the spec is written too.
+    foreign = tmp_path / "foreign"
+    run = foreign / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1"
+    run.mkdir(parents=True)
+    metrics = _metrics(out / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1")
+    metrics["config"]["lr"] = 0.5
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="finished run of other settings"):
+        run_sweep(load_spec(first), foreign, log=lambda *_: None)
+    assert sorted(p.name for p in foreign.iterdir()) == [".lock", "runs"]
+
+
+def test_a_sweep_folder_without_results_takes_a_new_spec(world, tmp_path):
+    """A spec whose sweep trained nothing (here: its only run failed) may be replaced: nothing
+    of it is lost."""
+    out = tmp_path / "sweep"
+    (out / "runs" / "coop" / "shots-all" / "noise-none-0").mkdir(parents=True)
+    # A file where the run folder goes: the run fails, the sweep finishes with it failed.
+    (out / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1").write_text("")
+    failing = _spec(world, "fails.json", methods=["coop"], seeds=[1],
+                    train={"epochs": 1, "n_ctx": 2})
+    result = run_sweep(load_spec(failing), out, log=lambda *_: None)
+    assert len(result.failed) == 1 and (out / "sweep.json").exists()
+    (out / "runs" / "coop" / "shots-all" / "noise-none-0" / "seed-1").unlink()
+    fixed = _spec(world, "fixed.json", methods=["coop"], seeds=[2],
+                  train={"epochs": 1, "n_ctx": 2})
+    result = run_sweep(load_spec(fixed), out, log=lambda *_: None)
+    assert len(result.trained) == 1
+    assert json.loads((out / "sweep.json").read_text())["seeds"] == [2]
+
+
+def test_a_sweep_folder_in_use_is_refused_naming_the_holder(world, tmp_path):
+    """One sweep at a time in a folder (issue 23, item 14)."""
+    from fastprompt._io import LockedError
+    from fastprompt.protocols.sweep import sweep_lock
+    out = tmp_path / "sweep"
+    spec = load_spec(_spec(world, "locked.json", methods=["coop"], seeds=[1],
+                           train={"epochs": 1, "n_ctx": 2}))
+    with sweep_lock(str(out)):
+        with pytest.raises(LockedError, match=f"sweep folder {out} is in use .*pid {os.getpid()}"):
+            run_sweep(spec, out, log=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_plot_refuses_damaged_numbers_naming_the_file(world, tmp_path):
+    """`plot` checks what it reads from metrics.json and evaluation.json (issue 23, item 17)."""
+    from fastprompt.protocols.report import redraw
+    from fastprompt.protocols.sweep_grid import SPEC_COPY, jobs_of
+    run = tmp_path / "run"
+    run.mkdir()
+    for metrics, where in [({"epochs": [1, 2]}, "epochs[0]"),
+                           ({"epochs": [{"epoch": 0, "loss": "low"}]}, "epochs[0].loss"),
+                           ({"epochs": [{"epoch": "0", "loss": 1.0}]}, "epochs[0].epoch"),
+                           ({"epochs": [{"epoch": 0, "loss": 1.0}], "test_acc": "x"}, "test_acc"),
+                           ({"epochs": {"0": 1}}, "epochs")]:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        with pytest.raises(ValueError, match=f"{run / 'metrics.json'}: {re.escape(where)}: "):
+            redraw([run])
+    spec = load_spec(_spec(world, "plotted.json", methods=["coop"], seeds=[1]))
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / SPEC_COPY).write_text(json.dumps(spec.to_dict()))
+    job = jobs_of(spec, str(out))[0]
+    os.makedirs(job.run_dir)
+    good = {"epochs": [{"epoch": 0, "loss": 1.0}], "test_acc": 0.5, "zeroshot_test_acc": 0.25}
+    for metrics, evaluation, name, where in [
+            ({**good, "test_acc": [0.5]}, None, "metrics.json", "test_acc"),
+            ({**good, "zeroshot_test_acc": "x"}, None, "metrics.json", "zeroshot_test_acc"),
+            (good, {"base_to_new": {"base_acc": 0.5}}, "evaluation.json", "base_to_new.new_acc"),
+            (good, {"targets": {"t": 3}}, "evaluation.json", "targets.t")]:
+        with open(os.path.join(job.run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        if evaluation is not None:
+            with open(os.path.join(job.run_dir, "evaluation.json"), "w") as f:
+                json.dump(evaluation, f)
+        path = os.path.join(job.run_dir, name)
+        with pytest.raises(ValueError, match=f"{re.escape(path)}: {re.escape(where)}"):
+            redraw([out])

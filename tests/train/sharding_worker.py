@@ -116,6 +116,45 @@ def run_case(name: str, seed: int, model, tokenizer, chunk: int | None = None) -
     return {"loss": loss.detach(), "grads": [p.grad.clone() for p in params]}
 
 
+# Learners over the cache: (learner, TrainConfig fields, text chunk). CoCoOp's step encodes
+# batch x classes prompts (4 x 3), which a chunk of 5 cuts across images.
+LEARNER_CASES = {
+    "kgcoop": ("kgcoop", {}, 0),
+    "kgcoop-dspt-chunk2": ("kgcoop", {"loss": "dspt", "targets": "csl"}, 2),
+    "cocoop": ("cocoop", {}, 0),
+    "cocoop-prograd-chunk5": ("cocoop", {"prograd": True, "targets": "isl"}, 5),
+}
+
+
+def run_learner_case(name: str, seed: int, model, tokenizer, cache, chunk: int | None = None
+                     ) -> dict:
+    """One step of a learner on ``cache``'s first batch: ``{"loss", "grads"}`` of its trained
+    tensors; classes (CoCoOp: image x class prompts) sharded under several ranks."""
+    from fastprompt.train import TrainConfig
+    from fastprompt.train.learner import learner_class
+    learner_name, fields, case_chunk = LEARNER_CASES[name]
+    chunk = case_chunk if chunk is None else chunk
+    config = TrainConfig.for_learner(learner_name, n_ctx=2, ctx_init=None, batch_size=4,
+                                     seed=seed % 10000,
+                                     **fields)
+    learner = learner_class(learner_name)(config, cache, model, tokenizer, torch.device("cpu"))
+    order = learner.epoch_order(1)  # an ATLaS soft epoch, where the fields ask for soft targets
+    batch = order.batch(0, 4)
+    encoding = learner.text_encoding(batch)
+    params = list(learner.trainable().values())
+    step = text_step(encoding, chunk)
+    text = (encoding.encode(encoding.source(), 0, encoding.num_classes) if step is None
+            else step.features())
+    loss, kl = learner.batch_losses(text, batch)
+    if step is not None:
+        step.backward(loss, kl, lam=LAM)
+    elif kl is not None:
+        fastprompt.prograd_backward(loss, kl, params, lam=LAM)
+    else:
+        loss.backward()
+    return {"loss": loss.detach(), "grads": [p.grad.clone() for p in params]}
+
+
 def _error(fn) -> tuple[str, str] | None:
     try:
         fn()
@@ -135,6 +174,8 @@ def steps(out: str, seed: int, cache_path: str) -> None:
     model, _, _, tokenizer = create_model(TINY_MODEL)
     results = {name: run_case(name, seed, model, tokenizer) for name in CASES}
     cache = load_cache(cache_path)
+    results.update({name: run_learner_case(name, seed, model, tokenizer, cache)
+                    for name in LEARNER_CASES})
     config = TrainConfig(epochs=1, n_ctx=2, batch_size=8)
     errors = {"compile": _error(lambda: train_run(config, cache, model, tokenizer,
                                                   os.path.join(out, "compiled"), compile=True,

@@ -13,8 +13,7 @@ import torch
 
 from fastprompt._io import exclusive_lock
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, make_shapes_dataset
-from fastprompt.models import TINY_MODEL, create_model
+from fastprompt.data import load_cache, make_shapes_dataset
 from fastprompt.train import read_prompt
 from fastprompt.train.class_sharding import shard_bounds
 
@@ -42,13 +41,11 @@ def test_shard_bounds_are_contiguous_and_even(classes, ranks, sizes):
 
 
 @pytest.fixture(scope="module")
-def cache_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    splits = make_shapes_dataset(root / "shapes", num_classes=7, images_per_class=3,
-                                 test_images_per_class=1, seed=3)
-    model, pt, pv, _ = create_model(TINY_MODEL)
-    return build_or_load_cache(root / "cache.safetensors", model, TINY_MODEL, pt, pv, splits,
-                               views=2, seed=2, progress=False).path
+def cache_file(cached_shapes):
+    """A shapes cache of the tiny model for the ranks' refusals (shared: read-only; the ranks
+    only load it)."""
+    return cached_shapes(3, images_per_class=4, test_images_per_class=2, size=32, data_seed=2,
+                         views=2, seed=1).cache.path
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +59,14 @@ def sharded(tmp_path_factory, session_seed, cache_file):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("case", list(sharding_worker.CASES))
-def test_sharded_step_equals_one_process(sharded, tiny_text, session_seed, case):
+@pytest.mark.parametrize("case", [*sharding_worker.CASES, *sharding_worker.LEARNER_CASES])
+def test_sharded_step_equals_one_process(sharded, tiny_text, session_seed, cache_file, case):
     model, tokenizer = tiny_text
-    expected = sharding_worker.run_case(case, session_seed, model, tokenizer, chunk=0)
+    if case in sharding_worker.LEARNER_CASES:
+        expected = sharding_worker.run_learner_case(case, session_seed, model, tokenizer,
+                                                    load_cache(cache_file), chunk=0)
+    else:
+        expected = sharding_worker.run_case(case, session_seed, model, tokenizer, chunk=0)
     rank0, rank1 = (r["results"][case] for r in sharded)
     torch.testing.assert_close(rank0["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
     for got, want in zip(rank0["grads"], expected["grads"]):

@@ -18,8 +18,6 @@ import pytest
 import torch
 
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, make_shapes_dataset
-from fastprompt.models import create_model
 from fastprompt.train import TrainConfig, read_prompt, train_run
 from fastprompt.train import compiled_step
 from fastprompt.train.compiled_step import check_sgd, compile_mode, sgd_update_
@@ -27,16 +25,12 @@ from fastprompt.train import CoOpLearner
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights):
-    """The tiny model from a weights file, a 4-class shapes set and its cache (24 training
-    images: batches of 10 end in a short one of 4)."""
-    root = tmp_path_factory.mktemp("compiled")
-    splits = make_shapes_dataset(root / "shapes", num_classes=4, images_per_class=6,
-                                 test_images_per_class=3, seed=5)
-    model, pt, pv, tok = create_model("fastprompt-tiny", tiny_weights)
-    cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv,
-                                splits, views=3, noise_rate=0.25, seed=2, progress=False)
-    return model, tok, cache, tiny_weights
+def setup(cached_shapes):
+    """The tiny model (its weights also as a file), a 4-class shapes set and its cache (shared:
+    read-only; 24 training images: batches of 10 end in a short one of 4)."""
+    shared = cached_shapes(4, images_per_class=6, test_images_per_class=3, data_seed=5, views=3,
+                           noise_rate=0.25, seed=2)
+    return shared.model, shared.tokenizer, shared.cache, shared.weights
 
 
 # train_run's default device, and so the mode metrics.json records.

@@ -7,24 +7,17 @@ import os
 import pytest
 import torch
 
-from fastprompt.data import build_or_load_cache, make_shapes_dataset
-from fastprompt.models import create_model
 from fastprompt.train import TrainConfig, epoch_order, learning_rate, load_run, read_prompt, train_run
 from fastprompt.train import CoOpLearner
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights):
-    """The tiny model loaded from a file (so runs can be rebuilt), a 4-class shapes set and its
-    cache."""
-    root = tmp_path_factory.mktemp("train")
-    splits = make_shapes_dataset(root / "shapes", num_classes=4, images_per_class=6,
-                                 test_images_per_class=3, seed=5)
-    weights = tiny_weights
-    model, pt, pv, tok = create_model("fastprompt-tiny", weights)
-    cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv, splits,
-                                views=3, noise_rate=0.25, seed=2, progress=False)
-    return model, tok, cache, weights
+def setup(cached_shapes):
+    """The tiny model (its weights also as a file, so runs can be rebuilt), a 4-class shapes
+    set and its cache (shared: read-only)."""
+    shared = cached_shapes(4, images_per_class=6, test_images_per_class=3, data_seed=5, views=3,
+                           noise_rate=0.25, seed=2)
+    return shared.model, shared.tokenizer, shared.cache, shared.weights
 
 
 def config(weights, **kw):

@@ -19,14 +19,12 @@ from fastprompt.train.files import LOCK, read_checkpoint, run_lock
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_clip):
-    root = tmp_path_factory.mktemp("safety")
-    splits = make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=4,
-                                 test_images_per_class=2, seed=2, size=32)
-    model, pt, pv, tok = tiny_clip
-    cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv,
-                                splits, views=2, seed=1, progress=False)
-    return model, tok, cache
+def world(cached_shapes):
+    """The tiny model, a 3-class shapes set (32-pixel images, no validation split) and its
+    cache (shared: read-only)."""
+    shared = cached_shapes(3, images_per_class=4, test_images_per_class=2, size=32, data_seed=2,
+                           views=2, seed=1)
+    return shared.model, shared.tokenizer, shared.cache
 
 
 def config(**kw):

@@ -4,20 +4,16 @@ device indexed by ``sample_index`` did."""
 import pytest
 import torch
 
-from fastprompt.data import build_or_load_cache, instance_soft_labels, make_shapes_dataset
-from fastprompt.models import create_model
+from fastprompt.data import instance_soft_labels
 from fastprompt.train import CoOpLearner, TrainConfig, objective
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("isl")
-    splits = make_shapes_dataset(root / "shapes", num_classes=3, images_per_class=5,
-                                 test_images_per_class=1, seed=4)
-    model, pt, pv, tok = create_model("fastprompt-tiny")
-    cache = build_or_load_cache(root / "cache.st", model, "fastprompt-tiny", pt, pv, splits,
-                                views=2, progress=False)
-    return model, tok, cache
+def setup(cached_shapes):
+    """The tiny model and a 3-class shapes cache (shared: read-only)."""
+    shared = cached_shapes(3, images_per_class=4, test_images_per_class=2, size=32, data_seed=2,
+                           views=2, seed=1)
+    return shared.model, shared.tokenizer, shared.cache
 
 
 def _whole_table_on_the_device(config, cache, zeroshot):

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, load_dataset
 from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
-from fastprompt.models import create_model
 from fastprompt.pipeline import export_run
 from fastprompt.train import (Task, TrainConfig, epoch_order, load_run, train_run,
                               train_softcpt_run)
@@ -27,21 +25,12 @@ def trained_tensors(run_dir):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights):
-    """The tiny model loaded from a file, three generated tasks (3 disjoint classes each), their
-    caches."""
-    root = tmp_path_factory.mktemp("softcpt")
-    tasks_file = make_shapes_tasks(root / "tasks", num_tasks=3, classes_per_task=3,
-                                   images_per_class=4, test_images_per_class=2, size=32, seed=4)
-    weights = tiny_weights
-    model, pt, pv, tok = create_model("fastprompt-tiny", weights)
-    tasks = []
-    for i, spec in enumerate(read_tasks_file(tasks_file)):
-        cache = build_or_load_cache(root / f"cache-{i}.safetensors", model, "fastprompt-tiny", pt,
-                                    pv, load_dataset(spec.data), views=2, noise_rate=0.25,
-                                    seed=2, progress=False)
-        tasks.append(Task(spec.name, cache))
-    return model, tok, tasks, weights, tasks_file
+def setup(cached_shapes_tasks):
+    """The tiny model (its weights also as a file), three generated tasks (3 disjoint classes
+    each), their caches (shared: read-only)."""
+    shared = cached_shapes_tasks(3, 3, images_per_class=4, test_images_per_class=2, size=32,
+                                 data_seed=4, views=2, noise_rate=0.25, seed=2)
+    return shared.model, shared.tokenizer, list(shared.tasks), shared.weights, shared.tasks_file
 
 
 def config(weights, **kw):

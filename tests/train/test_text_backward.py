@@ -9,12 +9,10 @@ import torch
 
 import fastprompt
 from fastprompt.cli import main
-from fastprompt.data import build_or_load_cache, load_dataset, make_shapes_dataset
-from fastprompt.data.tasks import make_shapes_tasks, read_tasks_file
 from fastprompt.data.soft_labels import class_soft_labels
-from fastprompt.models import PromptedTextModel, create_model
+from fastprompt.models import PromptedTextModel
 from fastprompt.models.softcpt import SoftCPTModel
-from fastprompt.train import (CoOpLearner, Task, TrainConfig, read_prompt, text_backward,
+from fastprompt.train import (CoOpLearner, TrainConfig, read_prompt, text_backward,
                               train_run, train_softcpt_run)
 from fastprompt.train.coop import coop_encoding
 from fastprompt.train.files import read_prompt_file
@@ -166,14 +164,12 @@ def test_backward_before_features_is_refused(tiny_text):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_weights):
-    root = tmp_path_factory.mktemp("chunked")
-    splits = make_shapes_dataset(root / "shapes", num_classes=5, images_per_class=4,
-                                 test_images_per_class=2, seed=3)
-    model, pt, pv, tok = create_model("fastprompt-tiny", tiny_weights)
-    cache = build_or_load_cache(root / "cache.safetensors", model, "fastprompt-tiny", pt, pv,
-                                splits, views=2, noise_rate=0.2, seed=2, progress=False)
-    return model, tok, cache, tiny_weights, root
+def setup(cached_shapes):
+    """The tiny model (its weights also as a file), a 5-class shapes set and its cache (shared:
+    read-only)."""
+    shared = cached_shapes(5, images_per_class=4, test_images_per_class=2, data_seed=3, views=2,
+                           noise_rate=0.2, seed=2)
+    return shared.model, shared.tokenizer, shared.cache, shared.weights
 
 
 def config(weights, **kw):
@@ -185,7 +181,7 @@ def config(weights, **kw):
                                    dict(targets="isl", class_specific=True)],
                          ids=["coop", "dspt-csl-prograd", "isl-csc"])
 def test_training_gives_the_same_prompt(setup, tmp_path, combo):
-    model, tok, cache, weights, _ = setup
+    model, tok, cache, weights = setup
     cfg = config(weights, **combo)
     plain = train_run(cfg, cache, model, tok, tmp_path / "plain", progress=False)
     chunked = train_run(cfg, cache, model, tok, tmp_path / "chunked", progress=False,
@@ -199,7 +195,7 @@ def test_training_gives_the_same_prompt(setup, tmp_path, combo):
 
 def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch,
                                               interrupt_at_epoch):
-    model, tok, cache, weights, _ = setup
+    model, tok, cache, weights = setup
     cfg = config(weights, epochs=4)
     full = train_run(cfg, cache, model, tok, tmp_path / "full", progress=False)
     interrupt_at_epoch(CoOpLearner, 2)
@@ -212,15 +208,12 @@ def test_chunked_run_resumes_without_chunking(setup, tmp_path, monkeypatch,
     assert resumed["epochs"][-1]["loss"] == pytest.approx(full["epochs"][-1]["loss"], rel=1e-5)
 
 
-def test_softcpt_training_gives_the_same_prompt(setup, tmp_path):
-    model, tok, _, weights, root = setup
-    tasks_file = make_shapes_tasks(root / "tasks", num_tasks=2, classes_per_task=3,
-                                   images_per_class=3, test_images_per_class=1, size=32, seed=4)
-    _, pt, pv, _ = create_model("fastprompt-tiny", weights)
-    tasks = [Task(spec.name, build_or_load_cache(root / f"task-{i}.safetensors", model,
-                                                 "fastprompt-tiny", pt, pv, load_dataset(spec.data),
-                                                 views=2, seed=2, progress=False))
-             for i, spec in enumerate(read_tasks_file(tasks_file))]
+def test_softcpt_training_gives_the_same_prompt(cached_shapes_tasks, tmp_path):
+    """Two generated tasks of 3 classes each (shared caches: read-only)."""
+    shared = cached_shapes_tasks(3, 3, images_per_class=4, test_images_per_class=2, size=32,
+                                 data_seed=4, views=2, noise_rate=0.25, seed=2)
+    model, tok, weights = shared.model, shared.tokenizer, shared.weights
+    tasks = list(shared.tasks[:2])
     cfg = config(weights, learner="softcpt", epochs=2, prograd=True, targets="ls")
     plain = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "plain", progress=False)
     chunked = train_softcpt_run(cfg, tasks, model, tok, tmp_path / "chunked", progress=False,
@@ -260,7 +253,7 @@ def test_activation_bytes_per_class_is_what_a_class_adds(tiny_text):
 def test_auto_text_chunk_follows_free_memory(setup, tmp_path, monkeypatch):
     """``text_chunk="auto"`` takes the plain backward when the classes fit and chunks when they
     do not; either way the run trains the plain run's prompt."""
-    model, tok, cache, weights, _ = setup
+    model, tok, cache, weights = setup
     cfg = config(weights, epochs=2)
     per_class = activation_bytes_per_class(coop_encoding(
         PromptedTextModel(model, tok, cache.classnames, n_ctx=cfg.n_ctx)))
@@ -280,7 +273,7 @@ def test_auto_text_chunk_follows_free_memory(setup, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "automatic"])
 def test_bad_text_chunk_is_refused(setup, tmp_path, bad):
-    model, tok, cache, weights, _ = setup
+    model, tok, cache, weights = setup
     with pytest.raises(ValueError, match="text_chunk"):
         train_run(config(weights), cache, model, tok, tmp_path / "bad", progress=False,
                   text_chunk=bad)
@@ -288,7 +281,7 @@ def test_bad_text_chunk_is_refused(setup, tmp_path, bad):
 
 
 def test_cli_text_chunk_is_recorded(setup, tmp_path, capsys):
-    _, _, cache, weights, _ = setup
+    _, _, cache, weights = setup
     for value, expected in (("2", 2), ("auto", 0)):
         out = tmp_path / f"run-{value}"
         code = main(["train", "--pretrained", weights, "--cache", cache.path, "--out", str(out),

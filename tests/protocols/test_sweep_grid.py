@@ -1,0 +1,101 @@
+"""A sweep spec is checked whole when it is read, before anything is created: each refusal names
+the spec file and the field by its path in the spec (``methods[1].epochs``, ``seeds[2]``), and
+what the spec names (data, model, weights, device) must exist (issue 23, items 8, 9, 11, 19, 20
+and 21)."""
+import json
+
+import pytest
+
+from fastprompt.data.sampling import check_noise_rate
+from fastprompt.protocols.sweep_grid import jobs_of, load_spec
+
+
+@pytest.fixture(scope="module")
+def world(shapes_data, tiny_weights):
+    root, _ = shapes_data(4, images_per_class=3, test_images_per_class=2, data_seed=5)
+    return str(root), tiny_weights
+
+
+def _spec(world, tmp_path, **fields):
+    root, weights = world
+    spec = {"data": root, "pretrained": weights, "views": 1, "methods": ["coop"],
+            "train": {"epochs": 1, "n_ctx": 2}, **fields}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+REFUSED = [
+    # item 11: types, by their path in the spec
+    ({"methods": ["coop", {"method": "dspt", "epochs": "3"}]},
+     "methods[1].epochs: expected an int, got str '3'"),
+    ({"train": {"batch_size": "x"}}, "train.batch_size: expected an int, got str 'x'"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: must be at least 1"),
+    ({"methods": [{"method": "coop", "epochs": 0}]}, "methods[0].epochs: must be at least 1"),
+    ({"methods": [{"method": "coop", "alternate": "yes"}]},
+     "methods[0].alternate: expected a bool, got str 'yes'"),
+    ({"train": {"lr": "0.1"}}, "train.lr: expected a number, got str '0.1'"),
+    ({"methods": [{"name": 5, "method": "coop"}]}, "methods[0].name: expected a str"),
+    ({"seeds": [1, 2, "3"]}, "seeds[2]: expected an int"),
+    ({"shots": [1, "2"]}, "shots[1]: expected an int >= 1"),
+    ({"views": "8"}, "views: expected an int >= 1"),
+    ({"noise_types": ["symmetric", 3]}, "noise_types[1]: must be one of"),
+    ({"protocol": ["few-shot"]}, "protocol: must be one of"),
+    ({"protocol": "cross-dataset", "targets": [{"data": 5}]}, "targets[0].data: must be a path"),
+    # item 20: a method's folder must be one safe path component, and its own
+    ({"methods": [{"name": "..", "method": "coop"}]}, "methods[0].name: '..'"),
+    ({"methods": [{"name": ".", "method": "coop"}]}, "methods[0].name: '.'"),
+    ({"methods": [{"name": "!!!", "method": "coop"}]}, "methods[0].name: '!!!'"),
+    ({"methods": [{"name": ".hidden", "method": "coop"}]}, "methods[0].name: '.hidden'"),
+    ({"methods": ["coop", {"name": "coop!", "method": "dspt"}]}, "methods[1].name: 'coop!'"),
+    # item 9: seeds outside the one range
+    ({"seeds": [1, 10**23]}, "seeds[1]: expected an int in [0, 2**32)"),
+    ({"seeds": [-1]}, "seeds[0]: expected an int in [0, 2**32)"),
+    ({"seeds": [1, 1.5]}, "seeds[1]: expected an int in [0, 2**32)"),
+    # item 21: the one noise-rate range
+    ({"noise_rates": [0.0, 1.5]}, "noise_rates[1]: must lie in [0, 1]"),
+    # item 8: the device
+    ({"device": "tpu"}, "device: 'tpu' is not a device"),
+    ({"device": 7}, "device: expected a device name"),
+    ({"device": "cuda:x"}, "device: 'cuda:x' is not a device"),
+    # item 19: what the spec names must exist, found before anything is created
+    ({"data": "no-such-folder"}, "data: "),
+    ({"split_file": "split_zhou_None.json"}, "split_file: "),
+    ({"test_fraction": 1.5}, "test_fraction: must lie in [0, 1)"),
+    ({"test_fraction": "a lot"}, "test_fraction: expected a number"),
+    ({"model": "ViT-Nope-16"}, "model: unknown open_clip model 'ViT-Nope-16'"),
+    ({"model": 16}, "model: expected a str"),
+    ({"pretrained": "missing.safetensors"}, "pretrained: "),
+    ({"protocol": "cross-dataset", "targets": [{"data": "nowhere"}]}, "targets[0].data: "),
+    ({"protocol": "cross-dataset", "targets": [{"data": ".", "test_fraction": -1}]},
+     "targets[0].test_fraction: must lie in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("fields, message", REFUSED, ids=[m for _, m in REFUSED])
+def test_a_bad_spec_is_refused_naming_the_file_and_the_field(world, tmp_path, fields, message):
+    path = _spec(world, tmp_path, **fields)
+    with pytest.raises(ValueError) as refused:
+        load_spec(path)
+    assert str(refused.value).startswith(f"spec {path}: "), str(refused.value)
+    assert message in str(refused.value), str(refused.value)
+
+
+def test_method_folders_are_single_components_under_runs(world, tmp_path):
+    spec = load_spec(_spec(world, tmp_path, methods=[{"name": "a/b (x)", "method": "coop"},
+                                                     {"name": "v1.2+ls", "method": "coop+ls"}]))
+    runs = tmp_path / "out" / "runs"
+    for job in jobs_of(spec, str(tmp_path / "out")):
+        assert (tmp_path / "out").joinpath(job.run_dir).parents[3] == runs, job.run_dir
+
+
+def test_one_noise_rate_range_for_spec_library_and_flag(world, tmp_path):
+    """[0, 1] everywhere: a spec takes the rate 1 that `cache --noise-rate 1` and
+    add_label_noise take, and the same check refuses what is outside."""
+    assert load_spec(_spec(world, tmp_path, noise_rates=[0.0, 1.0])).noise_rates == [0.0, 1.0]
+    assert check_noise_rate(1, "x") == 1.0
+    for rate in (-0.1, 1.01, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^x: must lie in \[0, 1\]"):
+            check_noise_rate(rate, "x")
+    with pytest.raises(TypeError, match="^x: expected a number"):
+        check_noise_rate("0.5", "x")
