@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fastprompt._checks import SEED_RANGE, check_seed
+from fastprompt.cli.types import int_at_least
 from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
 from fastprompt.data.cache import (DEFAULT_CHUNK_SIZE, build_or_load_cache, check_cache_weights,
                                    torchrun_rank)
@@ -18,21 +19,6 @@ from fastprompt.models import create_model
 from fastprompt.models.factory import check_device
 from fastprompt.protocols.plots import plot_curves
 from fastprompt.train.distributed import rank_device, world
-
-
-def int_at_least(low: int):
-    """An argparse type: an int >= ``low``, refused by argparse naming the flag otherwise (the
-    library's own errors would name its parameters, e.g. ``batch_size``)."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}")
-        return number
-    parse.__name__ = f"int >= {low}"
-    return parse
 
 
 def seed(value: str) -> int:
@@ -79,7 +65,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", action=_DataFolders,
                    help="image folder (one sub-folder per class, or train/ and test/), or the "
                    "image root of a CoOp split file (SoftCPT: once per task)")
-    g.add_argument("--split-file", metavar="FILE", help="CoOp split_zhou_<Name>.json (relative to --data)")
+    g.add_argument("--split-file", metavar="FILE",
+                   help="CoOp split_zhou_<Name>.json in --data (a path relative to --data, or an "
+                   "absolute one inside it); the images it lists are read relative to its own "
+                   "folder")
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class when the folder has no train/test split (default: %(default)s)")
     g.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class")
