@@ -14,6 +14,8 @@ from fastprompt.data.source import DataSource
 from fastprompt.train import TrainConfig
 from fastprompt.train.epoch import epoch_order
 
+OUTSIDE = [-1, SEED_LIMIT, 10**23]
+
 
 @pytest.mark.parametrize("name, shown", [
     ("cat\u202egnp.exe", "U+202E RIGHT-TO-LEFT OVERRIDE"),
