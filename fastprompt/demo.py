@@ -64,7 +64,8 @@ DEMO_METHODS = (
     ("coop+dept", {"dept": True}),
     # Other learners, each from its official config, with the same epochs and batch size.
     ("kgcoop", {"learner": "kgcoop"}),
-    ("tcp", {"learner": "tcp"}),
+    # TCP injects at text layer 8 of ViT-B's 12; the tiny tower has 2, so its last one.
+    ("tcp", {"learner": "tcp", "tcp_layer": 1}),
     ("cocoop", {"learner": "cocoop"}),
 )
 
