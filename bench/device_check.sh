@@ -81,6 +81,11 @@ for schedule in cublas fused; do
     --no-compile --name "clip_cross_entropy-n65536-$schedule"
 done
 step kernel_schedules 90 python3 bench/kernel_schedules.py --n 65536 --c 1000 --d 512 --jobs 8
+# GCE/MAE in the loss op (default schedule) and the logits op on given logits (fp32, bf16).
+step bench_loss_gce 120 python3 bench/bench_clip_cross_entropy.py --n 256 4096 --c 1000 \
+  --d 512 --loss ce gce nlprompt --modes forward_backward --name clip_cross_entropy-gce
+step bench_logits 150 python3 bench/bench_logits_cross_entropy.py --n 256 4096 65536 \
+  --c 1000 --rounds 3 --min-run-time 0.2
 # train --compile (CUDA graphs): the whole CoOp step at the target point, then its tests on CUDA.
 step bench_train_step 200 python3 bench/bench_train_step.py --models ViT-B-16 fastprompt-tiny \
   --n 256 --classes 100 --methods coop coop+prograd --min-run-time 2

@@ -11,7 +11,9 @@ ONNX models, Triton configs). Needs no torch: serving imports it too.
 * Locks: ``exclusive_lock`` (an ``flock`` on a lock file that names the holder's pid) keeps two
   processes from writing one run folder or one cache at the same time.
 * Strict JSON: ``write_json_atomic`` writes ``null`` for NaN and infinities (RFC 8259 has neither).
-* ``IMAGE_EXTENSIONS``: the file names read as images, for data sets and serving alike.
+* ``IMAGE_EXTENSIONS``: the file names read as images, for data sets and serving alike; only
+  regular files are images (``regular_file_problem``, ``open_regular_file``): a FIFO, socket or
+  device named ``x.jpg`` would block the reader or never end, so it is skipped or refused.
 * Progress, the one display: ``progress_bar`` is a tqdm bar on a terminal and plain log lines
   (``Progress``) elsewhere (CI logs, scripts), so a long step never looks hung; ``Progress`` with
   ``rate`` is predict's images-per-second count, redrawn on a terminal (serving has no tqdm).
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -34,6 +37,50 @@ from typing import Callable, Iterator
 # File names read as images, by data-set readers and by ``fastprompt predict`` on folders alike.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+
+
+def regular_file_problem(path) -> str | None:
+    """Why ``path`` cannot be read as a file's content (symbolic links followed), worded to
+    follow the path: ``"is a FIFO, not a regular file"`` (or a socket, device, folder),
+    ``"does not exist"``, ``"cannot be read (...)"``; None for a regular file. Opening a FIFO
+    blocks until a writer comes and a device may never end, so only regular files are images,
+    for data sets and serving alike."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None if stat.S_ISREG(mode) else f"is {_kind(mode)}, not a regular file"
+
+
+def open_regular_file(path):
+    """``path`` opened for binary reading if it is a regular file, else ``ValueError`` naming it
+    and what it is (``FileNotFoundError`` when it does not exist). The check is made on the
+    opened file, so nothing can be swapped in between, and the file is opened without blocking:
+    a FIFO is refused at once instead of waiting for a writer."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a socket (ENXIO), no permission, ...
+        raise ValueError(f"{path!r} {regular_file_problem(path) or f'cannot be read ({e})'}"
+                         ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ValueError(f"{path!r} is {_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 class LockedError(RuntimeError):
@@ -86,7 +133,9 @@ def remove_stale_temporaries(final: str) -> list[str]:
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and
-    rename it to ``path``; when it fails, remove it."""
+    rename it to ``path``; when it fails, remove it. A system error that names no file, or the
+    temporary one (a full disk, a file-size limit), is raised naming ``path``: the file that
+    could not be written."""
     path = os.fspath(path)
     folder, prefix, suffix = _temp_pattern(path)
     os.makedirs(folder, exist_ok=True)
@@ -99,6 +148,11 @@ def atomic_path(path: str) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        remove_if_present(tmp)
+        if e.strerror and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         remove_if_present(tmp)
         raise

@@ -41,12 +41,12 @@ DEMO_CLASSES_PER_TASK = 4
 DEMO_TASK_IMAGES_PER_CLASS = 16
 DEMO_TASK_VIEWS = 4
 # Sweep section: a few methods x 2 noise rates x 2 seeds, few-shot, to show the report and plots.
-DEMO_SWEEP_METHODS = ("coop", "dspt", "dspt+isl(alt)")
+DEMO_SWEEP_METHODS = ("coop", "dspt", "dspt+isl(alt)", "gce", "coop+nlprompt")
 DEMO_SWEEP_NOISE_RATES = (0.0, 0.5)
 DEMO_SWEEP_SEEDS = (1, 2)
 DEMO_SWEEP_SHOTS = 4
 DEMO_SWEEP_VIEWS = 2
-DEMO_SWEEP_MAX_EPOCHS = 10  # 12 runs: kept short so the demo stays well under a minute
+DEMO_SWEEP_MAX_EPOCHS = 10  # 20 runs: kept short so the demo stays near a minute
 # Marks a run folder as the demo's own: only such folders are ever cleared for a retrain.
 DEMO_MARKER = ".fastprompt-demo"
 
@@ -59,6 +59,14 @@ DEMO_METHODS = (
     ("coop+isl(alt)", {"targets": "isl", "alternate": True}),
     ("coop+prograd", {"prograd": True}),
     ("dspt+isl(alt)+prograd", {"loss": "dspt", "targets": "isl", "alternate": True, "prograd": True}),
+    ("gce", {"loss": "gce"}),
+    ("coop+nlprompt", {"nlprompt": True}),
+    ("coop+dept", {"dept": True}),
+    # Other learners, each from its official config, with the same epochs and batch size.
+    ("kgcoop", {"learner": "kgcoop"}),
+    # TCP injects at text layer 8 of ViT-B's 12; the tiny tower has 2, so its last one.
+    ("tcp", {"learner": "tcp", "tcp_layer": 1}),
+    ("cocoop", {"learner": "cocoop"}),
 )
 
 
@@ -135,8 +143,10 @@ def run_demo(out: str = "demo_runs", *, epochs: int = 40, progress: bool = True)
     rows = []
     first_run = None
     for label, overrides in DEMO_METHODS:
-        config = TrainConfig(model=TINY_MODEL, pretrained=os.path.abspath(weights), epochs=epochs,
-                             **overrides)
+        overrides = dict(overrides)
+        config = TrainConfig.for_learner(overrides.pop("learner", "coop"), model=TINY_MODEL,
+                                         pretrained=os.path.abspath(weights), epochs=epochs,
+                                         batch_size=32, **overrides)
         run_dir = os.path.join(out, "runs", label.replace("(", "-").replace(")", ""))
         metrics = _train(train_run, run_dir, config, cache, model, tokenizer, progress=progress)
         if not rows:

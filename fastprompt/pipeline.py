@@ -17,17 +17,18 @@ from fastprompt.train.transfer import with_classnames
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: str | None = None,
-               classnames: list[str] | None = None, triton: TritonSettings | None = None,
-               **kwargs) -> ExportReport:
+               classnames: list[str] | None = None, classnames_from: str = "classnames",
+               triton: TritonSettings | None = None, **kwargs) -> ExportReport:
     """Export one classifier of a finished training run (``fastprompt.train.load_run``; SoftCPT:
     the one of ``task``) with ``fastprompt.export.export_onnx``; ``triton`` (``TritonSettings``,
     None: the defaults) and ``kwargs`` are its keyword options (head_only, fp16, int8, seed, ...).
     ``classnames``: classify among these names instead of the trained ones, with the run's
     learned context in front of each (``fastprompt.train.transfer``; refused for class-specific
-    contexts). Returns its ``ExportReport``."""
+    contexts); ``classnames_from`` names them in errors (e.g. the file they were read from).
+    Returns its ``ExportReport``."""
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
     if classnames is not None:
-        run = with_classnames(run, classnames)
+        run = with_classnames(run, classnames, where=classnames_from)
     scale, affine, weight = float(run.scale), None, 1.0
     if run.fused is not None:  # DePT's training classes: the weighted similarity + the head
         weight, affine = run.fused.similarity_weight, (run.fused.weight, run.fused.bias)

@@ -19,6 +19,7 @@
 import dataclasses
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,38 @@ def image_files(tmp_path_factory, session_seed):
         paths.append(folder / f"img{i}.{ext}")
         random_image(rng, *size, mode).save(paths[-1])
     return paths
+
+
+@pytest.fixture
+def within():
+    """``within(seconds, fn, *args, fifos=())``: ``fn(*args)``'s result, failing the test instead
+    of hanging when it does not return within ``seconds`` (a FIFO opened for reading blocks until
+    a writer comes: each of ``fifos`` is then opened for writing once, which lets the stuck
+    reader go on)."""
+    def run(seconds, fn, *args, fifos=()):
+        outcome = {}
+
+        def target():
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as e:  # re-raised in the test's thread
+                outcome["error"] = e
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            for fifo in fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+            thread.join(10)
+            pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {seconds} s "
+                        "(blocked on a FIFO?)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+    return run
 
 
 @pytest.fixture

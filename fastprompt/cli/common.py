@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fastprompt._checks import SEED_RANGE, check_seed
+from fastprompt.cli.types import int_at_least
 from fastprompt.data import DEFAULT_TEST_FRACTION, DEFAULT_VIEWS, NOISE_TYPES
 from fastprompt.data.cache import (DEFAULT_CHUNK_SIZE, build_or_load_cache, check_cache_weights,
                                    torchrun_rank)
@@ -18,21 +19,6 @@ from fastprompt.models import create_model
 from fastprompt.models.factory import check_device
 from fastprompt.protocols.plots import plot_curves
 from fastprompt.train.distributed import rank_device, world
-
-
-def int_at_least(low: int):
-    """An argparse type: an int >= ``low``, refused by argparse naming the flag otherwise (the
-    library's own errors would name its parameters, e.g. ``batch_size``)."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value!r}")
-        return number
-    parse.__name__ = f"int >= {low}"
-    return parse
 
 
 def seed(value: str) -> int:
@@ -79,12 +65,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", action=_DataFolders,
                    help="image folder (one sub-folder per class, or train/ and test/), or the "
                    "image root of a CoOp split file (SoftCPT: once per task)")
-    g.add_argument("--split-file", metavar="FILE", help="CoOp split_zhou_<Name>.json (relative to --data)")
+    g.add_argument("--split-file", metavar="FILE",
+                   help="CoOp split_zhou_<Name>.json in --data (a path relative to --data, or an "
+                   "absolute one inside it); the images it lists are read relative to its own "
+                   "folder")
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class when the folder has no train/test split (default: %(default)s)")
     g.add_argument("--shots", type=int, default=None, help="few-shot: K training images per class")
     g.add_argument("--noise-rate", type=noise_rate, default=0.0,
-                   help="label noise rate for robustness studies, in [0, 1]")
+                   help="label noise rate for robustness studies, in [0, 1]: each label "
+                   "corrupted with that probability")
+    g.add_argument("--noise-per-class", type=int_at_least(0), default=None, metavar="K",
+                   help="label noise by exact counts (PTNL, JoAPR), instead of --noise-rate: K "
+                   "training images of every class get another class's label, and every label "
+                   "goes to K images of other classes")
     g.add_argument("--noise-type", choices=NOISE_TYPES, default="symmetric")
     g.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                    help="augmented views cached per training image (default: %(default)s)")
@@ -160,6 +154,10 @@ def build_cache(args, path, model, preprocess_train, preprocess_val, *, splits=N
     ``--rebuild-cache``."""
     if splits is None and not args.data:
         raise ValueError("--data: a data folder is required (or --cache FILE of a built cache)")
+    if args.noise_per_class is not None and args.noise_rate > 0:
+        raise ValueError(f"--noise-per-class: one label-noise protocol at a time, got "
+                         f"--noise-per-class {args.noise_per_class} and --noise-rate "
+                         f"{args.noise_rate:g}; drop one of them")
     check_cache_weights(path, model, args.rebuild_cache)
     if splits is None:
         # Unreadable images are skipped with a warning that counts and names them.
@@ -168,7 +166,8 @@ def build_cache(args, path, model, preprocess_train, preprocess_val, *, splits=N
     print_classes(splits.classnames, where)
     return build_or_load_cache(path, model, args.model, preprocess_train, preprocess_val, splits,
                                views=args.views, shots=args.shots, noise_rate=args.noise_rate,
-                               noise_type=args.noise_type, seed=args.seed,
+                               noise_type=args.noise_type,
+                               noise_per_class=args.noise_per_class, seed=args.seed,
                                batch_size=args.batch_size_cache, num_workers=args.workers,
                                progress=show_progress, chunk_size=args.cache_chunk)
 

@@ -9,6 +9,7 @@ import sys
 
 from fastprompt.cli.common import seed
 from fastprompt.cli.dassl import add_export_args, cmd_export_dassl
+from fastprompt.cli.types import number_between
 from fastprompt.export.agreement import EvaluationSet
 from fastprompt.export.triton import TritonSettings
 from fastprompt.pipeline import agreement_set, export_run, export_run_ensemble
@@ -53,7 +54,8 @@ def _export_one(args: argparse.Namespace):
     return export_run(args.run_dir, args.out_dir, head_only=args.head_only, fp16=args.fp16,
                       int8=args.int8, min_agreement=args.min_agreement, evaluation=evaluation,
                       triton=triton, opset=args.opset, seed=args.seed,
-                      verify=not args.no_verify, task=args.task, classnames=classnames)
+                      verify=not args.no_verify, task=args.task, classnames=classnames,
+                      classnames_from=f"--classnames: {args.classnames}")
 
 
 def _export_ensemble(args: argparse.Namespace):
@@ -92,7 +94,8 @@ def add_commands(subparsers) -> None:
     precision.add_argument("--int8", action="store_true",
                            help="dynamic int8 quantisation of the image tower's weight products "
                                 "for CPU serving (the class head stays float32)")
-    parser.add_argument("--min-agreement", type=float, default=0.99, metavar="FRACTION",
+    parser.add_argument("--min-agreement", type=number_between(0, 1), default=0.99,
+                        metavar="FRACTION",
                         help="refuse an --int8/--fp16 export whose top-1 agreement with the "
                              "float32 export is lower (default: %(default)s)")
     parser.add_argument("--agreement-limit", type=int, default=DEFAULT_AGREEMENT_LIMIT, metavar="N",

@@ -36,8 +36,9 @@ def _eval_on_data(args) -> None:
                    progress=False if args.no_progress else None)
     if args.base_to_new:
         if args.data or args.subsample != "all" or args.task:
-            raise ValueError("--base-to-new: evaluates on the data the run was trained on; drop "
-                             "--data, --subsample and --task")
+            raise ValueError("--base-to-new: evaluates on the data the run was trained on "
+                             "(recorded in its metrics.json); drop --data, --subsample and "
+                             "--task")
         result = base_to_new(args.run, **options)
         if args.json:
             print(dumps_json(result, indent=2))
@@ -70,7 +71,9 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR",
                    help="evaluate on this data set's test images, classifying among ITS class "
                    "names with the run's learned context")
-    g.add_argument("--split-file", metavar="FILE", help="CoOp split file of --data (relative to it)")
+    g.add_argument("--split-file", metavar="FILE",
+                   help="CoOp split file in --data (a path relative to --data, or an absolute "
+                   "one inside it); the images it lists are read relative to its own folder")
     g.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="test share per class of a folder without a split (default: %(default)s)")
     g.add_argument("--all-images", action="store_true",

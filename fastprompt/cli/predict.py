@@ -2,6 +2,10 @@
 
 Needs onnxruntime, numpy and Pillow only (``pip install fastprompt[serve]``): this module and
 what it imports never load torch, so ``fastprompt predict`` runs where torch is not installed.
+
+Image file names and the class names of a model file are untrusted: the text output shows their
+non-printable characters escaped (``fastprompt._checks.printable``), so an ESC sequence cannot
+act on the terminal and a newline cannot forge a line; ``--json``/``--jsonl`` are JSON-escaped.
 """
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import argparse
 import json
 import sys
 
+from fastprompt._checks import printable
 from fastprompt._io import Progress
 from fastprompt.cli import PartlyFailed
+from fastprompt.cli.types import int_at_least
 from fastprompt.serve import CPU, CUDA, OnnxClassifier, list_images, read_image_list
 
 
@@ -39,11 +45,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
             elif args.json:
                 results.append(entry)
             elif error is not None:
-                print(f"{image}\n  error: {error}")
+                print(f"{printable(str(image))}\n  error: {printable(error)}")
             else:
-                print(image)
+                print(printable(str(image)))
                 for c, p in top:
-                    print(f"  {p:.4f}  {c}")
+                    print(f"  {p:.4f}  {printable(c)}")
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
     if failed:
@@ -69,7 +75,7 @@ def add_commands(subparsers) -> None:
     output.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     output.add_argument("--jsonl", action="store_true",
                         help="stream JSON lines, one per image, in input order")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32,
                         help="images per onnxruntime call (default: %(default)s)")
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                         help="execution provider (default: %(default)s)")

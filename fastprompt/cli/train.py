@@ -7,6 +7,7 @@ import argparse
 import os
 
 from fastprompt.cli import common
+from fastprompt.cli.types import int_at_least
 from fastprompt.data import load_cache
 from fastprompt.data.cache import load_cache_for, task_cache_path
 from fastprompt.data.tasks import load_task_datasets, read_tasks_file, task_specs_from_folders
@@ -93,7 +94,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"SGD with momentum or Adam (CoOp: {d.optimizer})")
     g.add_argument("--epochs", type=int, default=None,
                    help="CoOp: its count for --shots (50/100/200; 200 without --shots)")
-    g.add_argument("--batch-size", type=int, default=None, help=f"(CoOp: {d.batch_size})")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help=f"(CoOp: {d.batch_size})")
     g.add_argument("--lr", type=float, default=None, help=f"(CoOp: {d.lr})")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -111,9 +113,13 @@ def text_chunk(value: str):
     if value == "auto":
         return value
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected classes per chunk or 'auto', got {value!r}")
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected classes per chunk (an int >= 0) or 'auto', "
+                                         f"got {value!r}")
+    return number
 
 
 def add_softcpt_args(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ from fastprompt.data.cache import (CACHE_FORMAT, DEFAULT_VIEWS, CacheChunk, Cach
                                    merge_cache_chunks, plan_feature_cache)
 from fastprompt.data.folders import (DEFAULT_TEST_FRACTION, IMAGE_EXTENSIONS, DatasetSplits,
                                      load_coop_split, load_dataset, load_image_folder)
-from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
+from fastprompt.data.sampling import (NOISE_TYPES, add_label_noise, add_label_noise_per_class,
+                                      few_shot_subset)
 from fastprompt.data.soft_labels import (DEFAULT_CSL_TEMPERATURE, DEFAULT_ISL_SCALE,
                                          class_soft_labels, instance_soft_labels)
 from fastprompt.data.synthetic import make_shapes_dataset
@@ -25,8 +26,8 @@ from fastprompt.data.synthetic import make_shapes_dataset
 __all__ = [
     "CACHE_FORMAT", "DEFAULT_CSL_TEMPERATURE", "DEFAULT_ISL_SCALE",
     "DEFAULT_TEST_FRACTION", "DEFAULT_VIEWS", "IMAGE_EXTENSIONS", "NOISE_TYPES", "CacheChunk",
-    "CachePlan", "DatasetSplits", "FeatureCache", "add_label_noise", "build_feature_cache",
-    "build_or_load_cache", "cache_fingerprint", "class_soft_labels", "encode_cache_chunks",
-    "few_shot_subset", "instance_soft_labels", "load_cache", "load_coop_split", "load_dataset",
+    "CachePlan", "DatasetSplits", "FeatureCache", "add_label_noise", "add_label_noise_per_class",
+    "build_feature_cache", "build_or_load_cache", "cache_fingerprint", "class_soft_labels",
+    "encode_cache_chunks", "few_shot_subset", "instance_soft_labels", "load_cache", "load_coop_split", "load_dataset",
     "load_image_folder", "make_shapes_dataset", "merge_cache_chunks", "plan_feature_cache",
 ]

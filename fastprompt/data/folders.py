@@ -3,9 +3,12 @@
 Both readers return a :class:`DatasetSplits`: class names, and ``(path, label)`` lists per split
 with absolute paths. Nothing is decoded here beyond an optional header check per file.
 
-Unreadable images. With ``check_images=True`` (the default) every listed file is opened with
-PIL and ``verify()``-ed (a header/structure read, not a full decode). A file that fails is left
-out: it is recorded in ``DatasetSplits.skipped`` and one ``UserWarning`` gives the count. A file
+Unreadable images. Only regular files are images: a FIFO, socket or device named like an image
+is never opened (a FIFO would block the reader until a writer comes); it is left out and
+recorded in ``DatasetSplits.skipped`` (a split file that lists one is refused). With
+``check_images=True`` (the default) every listed file is opened with PIL and ``verify()``-ed (a
+header/structure read, not a full decode). A file that fails is left out: it is recorded in
+``DatasetSplits.skipped`` and one ``UserWarning`` gives the count. A file
 that passes this check but still cannot be decoded later fails the feature cache build with a
 ``ValueError`` naming it (dropping it there would silently shift the few-shot draw and the sample
 indices).
@@ -16,22 +19,23 @@ with class folders, or has two folders for one split, is refused rather than gue
 Symbolic links that point back inside the tree are skipped (a link to ``.`` would otherwise
 become a class holding copies of every image); links to elsewhere are followed.
 
-Class names are checked where the data is read (no control characters such as newlines) and
-normalised to Unicode NFC, so folders copied from macOS (NFD) name the same classes.
+Class names are checked where the data is read, by the one check of every source of class
+names (``fastprompt._checks.check_class_name``: no control or format characters such as
+newlines or U+202E, a byte-order mark dropped) and normalised to Unicode NFC, so folders copied
+from macOS (NFD) name the same classes.
 """
 from __future__ import annotations
 
 import glob
 import os
 import random
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from fastprompt._checks import check_seed
-from fastprompt._io import IMAGE_EXTENSIONS, read_json
+from fastprompt._checks import check_class_name, check_seed
+from fastprompt._io import IMAGE_EXTENSIONS, open_regular_file, read_json, regular_file_problem
 
 DEFAULT_TEST_FRACTION = 0.2
 
@@ -62,13 +66,14 @@ SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val",
 
 
 def classname_from_folder(name: str, where: str = "root") -> str:
-    """A class folder's name as a class name: underscores become spaces, Unicode NFC. A name
-    with a control character (a newline, a tab, ...) raises ValueError naming ``where``."""
-    bad = [c for c in name if unicodedata.category(c).startswith("C")]
-    if bad:
-        raise ValueError(f"{where}: class name {name!r} contains the control character(s) "
-                         f"{sorted(set(bad))!r}; rename it")
-    return unicodedata.normalize("NFC", name.replace("_", " ").strip())
+    """A class folder's name as a class name: underscores become spaces, checked and normalised
+    as every class name is (``check_class_name``: Unicode NFC, no control or format characters,
+    not empty); ValueError naming ``where`` otherwise."""
+    name = check_class_name(name, where)
+    text = name.replace("_", " ").strip()
+    if not text:
+        raise ValueError(f"{where}: class name {name!r} is empty once underscores are spaces")
+    return text
 
 
 def _is_image_file(name: str) -> bool:
@@ -87,9 +92,10 @@ def _loops_back(path: str, tree: str) -> bool:
     return os.path.islink(path) and _inside(path, tree)
 
 
-def _list_images(folder: str, tree: str) -> list[str]:
+def _list_images(folder: str, tree: str, skipped: list[str] | None = None) -> list[str]:
     """Image files under ``folder`` (recursively, following links that lead out of ``tree``),
-    sorted, hidden entries ignored."""
+    sorted, hidden entries ignored. Entries that are not regular files (FIFOs, sockets,
+    devices) are left out, and added to ``skipped`` when given."""
     found = []
     seen = {os.path.realpath(folder)}  # a link cycle outside the tree is walked once
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -101,8 +107,14 @@ def _list_images(folder: str, tree: str) -> list[str]:
             seen.add(os.path.realpath(path))
             keep.append(d)
         dirnames[:] = keep
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_file(f)
-                     and not _loops_back(os.path.join(dirpath, f), tree))
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not _is_image_file(f) or _loops_back(path, tree):
+                continue
+            if regular_file_problem(path) is None:
+                found.append(path)
+            elif skipped is not None:
+                skipped.append(path)
     return sorted(found)
 
 
@@ -124,7 +136,7 @@ def _image_class_folders(folder: str, tree: str) -> list[str]:
 
 def _readable(path: str) -> bool:
     try:
-        with Image.open(path) as im:
+        with open_regular_file(path) as f, Image.open(f) as im:
             im.verify()
         return True
     except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError...)
@@ -143,9 +155,15 @@ def _drop_unreadable(samples: list[Sample], skipped: list[str]) -> list[Sample]:
 
 def _warn_skipped(skipped: list[str], where: str) -> None:
     if skipped:
-        shown = ", ".join(repr(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        shown = ", ".join(_described(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3
+                                                                   else "")
         warnings.warn(f"fastprompt: skipped {len(skipped)} unreadable image file(s) in {where}: "
                       f"{shown}", UserWarning, stacklevel=3)
+
+
+def _described(path: str) -> str:
+    problem = regular_file_problem(path)
+    return repr(path) if problem is None else f"{path!r} ({problem.removeprefix('is ')})"
 
 
 def _check_root(root) -> str:
@@ -170,13 +188,14 @@ def _check_classes(classnames: list[str], where: str) -> None:
                          "(underscores become spaces)")
 
 
-def _read_class_tree(folder: str, folders: list[str], tree: str) -> list[Sample]:
+def _read_class_tree(folder: str, folders: list[str], tree: str,
+                     skipped: list[str]) -> list[Sample]:
     samples = []
     for label, name in enumerate(folders):
         sub = os.path.join(folder, name)
         if not os.path.isdir(sub):
             continue
-        samples.extend((p, label) for p in _list_images(sub, tree))
+        samples.extend((p, label) for p in _list_images(sub, tree, skipped))
     return samples
 
 
@@ -209,7 +228,7 @@ def _split_folders(root: str) -> dict[str, str]:
 
 
 def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 1,
-                      check_images: bool = True) -> DatasetSplits:
+                      check_images: bool = True, for_testing: bool = False) -> DatasetSplits:
     """Read a class-folder data set: ``root/<class>/.../<image>``.
 
     If ``root/train`` and ``root/test`` exist they are the splits (and ``root/val`` the
@@ -224,6 +243,10 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     sorted by folder name; labels index that order. Image files are those ending in
     :data:`IMAGE_EXTENSIONS`, found recursively; hidden files and folders, and links back into
     the tree, are ignored.
+
+    With ``check_images`` every class must keep a readable training image; ``for_testing``
+    (the data set is read to be evaluated on): a readable image in any split, and the error
+    calls them test images.
     """
     root = _check_root(root)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)):
@@ -249,11 +272,11 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
             if extra:
                 raise ValueError(f"root: {split_dir!r} has class folder(s) {extra} with images "
                                  f"that {train_dir!r} lacks")
-            samples = _read_class_tree(split_dir, folders, root)
+            samples = _read_class_tree(split_dir, folders, root, skipped)
             splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
         _warn_skipped(skipped, root)
         if check_images:
-            _check_every_class_kept(splits["train"], classnames, train_dir)
+            _check_every_class_kept(splits, classnames, train_dir, for_testing)
         return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], root,
                              skipped)
 
@@ -262,14 +285,14 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     _check_classes(classnames, root)
     per_class = []
     for label, name in enumerate(folders):
-        paths = _list_images(os.path.join(root, name), root)
+        paths = _list_images(os.path.join(root, name), root, skipped)
         if check_images:
             paths = [p for p, _ in _drop_unreadable([(p, label) for p in paths], skipped)]
         per_class.append(paths)
     _warn_skipped(skipped, root)
     if check_images:
-        _check_every_class_kept([(p, y) for y, ps in enumerate(per_class) for p in ps],
-                                classnames, root)
+        readable = [(p, y) for y, ps in enumerate(per_class) for p in ps]
+        _check_every_class_kept({"train": readable}, classnames, root, for_testing)
     train, test = [], []
     for label, (name, paths) in enumerate(zip(folders, per_class)):
         rng = random.Random(f"fastprompt.split:{seed}:{name}")
@@ -285,13 +308,16 @@ def load_image_folder(root, *, test_fraction: float = DEFAULT_TEST_FRACTION, see
     return DatasetSplits(classnames, train, test, [], root, skipped)
 
 
-def _check_every_class_kept(train: list[Sample], classnames: list[str], where: str,
-                            arg: str = "root") -> None:
-    present = {y for _, y in train}
+def _check_every_class_kept(splits: dict[str, list[Sample]], classnames: list[str], where: str,
+                            for_testing: bool, arg: str = "root") -> None:
+    """Every class keeps a readable image: a training one, or (``for_testing``: the data set is
+    read to be evaluated on) one in any split, called a test image."""
+    used = [s for split, s in splits.items() if for_testing or split == "train"]
+    present = {y for samples in used for _, y in samples}
     missing = [c for i, c in enumerate(classnames) if i not in present]
     if missing:
-        raise ValueError(f"{arg}: class(es) {missing} in {where!r} have no readable training "
-                         "images")
+        raise ValueError(f"{arg}: class(es) {missing} in {where!r} have no readable "
+                         f"{'test' if for_testing else 'training'} images")
 
 
 def find_split_file(root) -> str | None:
@@ -313,14 +339,16 @@ def _image_root_for(base: str, first: str) -> str:
     return base
 
 
-def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -> DatasetSplits:
+def load_coop_split(split_file, image_root=None, *, check_images: bool = True,
+                    for_testing: bool = False) -> DatasetSplits:
     """Read a CoOp split file ``{"train"|"val"|"test": [[relative_path, label, classname], ...]}``.
 
     Paths are relative to ``image_root``; by default the split file's folder, or the first of its
     sub-folders holding the first listed image (CoOp's ``$DATA/oxford_pets/images`` with the
     split in ``$DATA/oxford_pets``). Class names come from the file (underscores as spaces),
     ordered by label; labels must be ``0..C-1`` and each label must always carry one class name.
-    A listed file that does not exist raises ``ValueError`` naming it.
+    A listed file that does not exist raises ``ValueError`` naming it. ``check_images`` and
+    ``for_testing`` as for :func:`load_image_folder`.
     """
     if not isinstance(split_file, (str, os.PathLike)):
         raise TypeError(f"split_file: expected a path, got {type(split_file).__name__}")
@@ -367,14 +395,15 @@ def load_coop_split(split_file, image_root=None, *, check_images: bool = True) -
         samples = []
         for rel, label, _ in content.get(split, []):
             path = os.path.normpath(os.path.join(image_root, rel))
-            if not os.path.isfile(path):
+            problem = regular_file_problem(path)
+            if problem is not None:
                 raise ValueError(f"split_file: {split_file!r} lists {rel!r} ({split}), but "
-                                 f"{path!r} does not exist")
+                                 f"{path!r} {problem}")
             samples.append((path, label))
         splits[split] = _drop_unreadable(samples, skipped) if check_images else samples
     _warn_skipped(skipped, split_file)
     if check_images:
-        _check_every_class_kept(splits["train"], classnames, split_file, "split_file")
+        _check_every_class_kept(splits, classnames, split_file, for_testing, "split_file")
     return DatasetSplits(classnames, splits["train"], splits["test"], splits["val"], image_root,
                          skipped)
 
@@ -396,15 +425,26 @@ def _confine(split_file: str, image_root: str, content: dict) -> None:
 
 
 def load_dataset(root, *, split_file=None, test_fraction: float = DEFAULT_TEST_FRACTION,
-                 seed: int = 1, check_images: bool = True) -> DatasetSplits:
+                 seed: int = 1, check_images: bool = True,
+                 for_testing: bool = False) -> DatasetSplits:
     """Read a data set in either layout: a CoOp split file if ``split_file`` is given or ``root``
-    holds one ``split_zhou_*.json``, class folders otherwise (see :func:`load_image_folder`)."""
+    holds one ``split_zhou_*.json``, class folders otherwise (see :func:`load_image_folder`).
+
+    ``split_file`` lies in ``root``: a path relative to it, or an absolute path inside it (one
+    outside is refused: the images a split file lists are read relative to its own folder, so
+    ``root`` would be silently ignored)."""
     root = _check_root(root)
     if split_file is None:
         split_file = find_split_file(root)
         if split_file is None:
             return load_image_folder(root, test_fraction=test_fraction, seed=seed,
-                                     check_images=check_images)
-    elif not os.path.isabs(os.fspath(split_file)):
-        split_file = os.path.join(root, os.fspath(split_file))
-    return load_coop_split(split_file, check_images=check_images)
+                                     check_images=check_images, for_testing=for_testing)
+    else:
+        given = os.fspath(split_file)
+        split_file = os.path.normpath(os.path.join(root, given))
+        if os.path.commonpath([root, split_file]) != root:
+            raise ValueError(f"split_file: {given!r} is outside the data folder {root!r}; give "
+                             "the split file of that folder (relative to it, or an absolute path "
+                             "inside it): the images a split file lists are read relative to its "
+                             "own folder")
+    return load_coop_split(split_file, check_images=check_images, for_testing=for_testing)

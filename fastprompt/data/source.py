@@ -97,11 +97,13 @@ class DataSource:
             raise ValueError(f"subsample: must be one of {SUBSAMPLES}, got {subsample!r}")
         return cls(root, split_file, float(test_fraction), seed, subsample)
 
-    def load(self, shots: int | None = None) -> DatasetSplits:
+    def load(self, shots: int | None = None, *, for_testing: bool = False) -> DatasetSplits:
         """The splits of this source (its class half), with the few-shot draw of ``shots`` per
-        class at ``seed`` made before the half is taken (see ``subsample_classes``)."""
+        class at ``seed`` made before the half is taken (see ``subsample_classes``).
+        ``for_testing``: read to be evaluated on (``load_dataset``)."""
         splits = load_dataset(self.root, split_file=self.split_file,
-                              test_fraction=self.test_fraction, seed=self.seed)
+                              test_fraction=self.test_fraction, seed=self.seed,
+                              for_testing=for_testing)
         return subsample_classes(splits, self.subsample, shots=shots, seed=self.seed)
 
     def with_subsample(self, subsample: str) -> "DataSource":

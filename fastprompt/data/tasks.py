@@ -16,6 +16,7 @@ and every task's data set read, before anything is written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fastprompt._checks import check_class_name
 from fastprompt._io import dumps_json, read_json
 from fastprompt.data.folders import DEFAULT_TEST_FRACTION, DatasetSplits, load_dataset
 from fastprompt.data.synthetic import make_shapes_dataset
@@ -45,8 +47,10 @@ def _name_key(name: str) -> str:
 
 
 def check_task_specs(specs: Sequence[TaskSpec], where: str = "tasks") -> list[TaskSpec]:
-    """Validate tasks: at least one, non-empty distinct names, existing folders and split files.
-    Raises ValueError naming ``where`` and the task."""
+    """Validate tasks: at least one, non-empty distinct names checked as class names are
+    (``check_class_name``: NFC, no control or format characters), existing folders and split
+    files. Returns the specs with their names normalised; raises ValueError naming ``where``
+    and the task."""
     specs = list(specs)
     if not specs:
         raise ValueError(f"{where}: no tasks given")
@@ -54,6 +58,8 @@ def check_task_specs(specs: Sequence[TaskSpec], where: str = "tasks") -> list[Ta
     for i, spec in enumerate(specs):
         if not isinstance(spec.name, str) or not _name_key(spec.name):
             raise ValueError(f"{where}: task {i + 1} has an empty name")
+        spec = specs[i] = dataclasses.replace(
+            spec, name=check_class_name(spec.name, where, f"task {i + 1} name"))
         key = _name_key(spec.name)
         if key in seen:
             raise ValueError(f"{where}: duplicate task name {spec.name!r} (tasks {seen[key]} and "

@@ -9,6 +9,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from fastprompt._checks import check_class_name
 from fastprompt._validation import check_tensor
 
 
@@ -107,9 +108,9 @@ def check_class_names(class_names, num_classes: int) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"class_names: entry {i} ({name!r}) is not a non-empty str")
-        if "\n" in name or "\r" in name:
-            raise ValueError(f"class_names: entry {i} ({name!r}) contains a line break (the "
-                             "labels file holds one name per line)")
+        # As every source of class names: NFC, no control or format characters (labels.txt
+        # holds one name per line; the names are shown on terminals).
+        name = names[i] = check_class_name(name, "class_names", f"entry {i}")
         if name in seen:
             raise ValueError(f"class_names: {name!r} appears twice")
         seen.add(name)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastprompt._checks import shown
 from fastprompt._validation import check_tensor
 from fastprompt.models.text_encoder import PromptTextEncoder
 
@@ -47,6 +48,12 @@ class PromptLearner(nn.Module):
             the first ``n_ctx // 2`` vectors before the name) or ``"front"`` (``name X X X X.``).
         truncate: cut the prompts after the last end-of-text token (exact; see
             ``PromptTextEncoder.needed_length``); False keeps the full context length.
+        where: what the class names are called in errors (default ``"classnames"``; callers
+            that know where the names came from say so, e.g. the file holding them).
+
+    Class names whose prompts the tokenizer makes identical (it lower-cases and normalises
+    text: ``Cat`` and ``cat``) are refused, naming both: they would get identical text features,
+    two classes tied for ever. So is a name whose prompt does not fit the context length.
 
     The learned context is the parameter ``ctx``, the only entry of ``state_dict()``; the token
     embeddings and ids are non-persistent buffers rebuilt from the model and class names.
@@ -56,15 +63,17 @@ class PromptLearner(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, classnames: Sequence[str], *,
                  n_ctx: int | None = 16, ctx_init: str | None = None, class_specific: bool = False,
-                 class_token_position: str = "end", truncate: bool = True):
+                 class_token_position: str = "end", truncate: bool = True,
+                 where: str = "classnames"):
         super().__init__()
         encoder = PromptTextEncoder(model)  # validates the model
         _check_tokenizer(tokenizer)
         if isinstance(classnames, str) or not isinstance(classnames, Sequence) or not classnames:
-            raise ValueError("classnames: expected a non-empty sequence of class names")
+            raise ValueError(f"{where}: expected a non-empty sequence of class names")
         for name in classnames:
             if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"classnames: every class name must be a non-empty string, got {name!r}")
+                raise ValueError(f"{where}: every class name must be a non-empty string, got "
+                                 f"{name!r:.80}")
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"class_token_position: must be one of {CLASS_TOKEN_POSITIONS}, "
                              f"got {class_token_position!r}")
@@ -109,11 +118,17 @@ class PromptLearner(nn.Module):
         period_ids = tokenizer.encode(".")
         half = n_ctx // 2
         rows, ctx_positions = [], []
+
+        def too_long(c: int, needed: int) -> ValueError:
+            return ValueError(f"{where}: class {c + 1} of {len(classnames)}, "
+                              f"{shown(classnames[c])}, needs {needed} tokens in its prompt "
+                              f"(with {n_ctx} context tokens), more than the model's context "
+                              f"length {full_length}; shorten it")
+
         for c, (name, text) in enumerate(zip(classnames, end_texts)):
             end_length = len(tokenizer.encode(text)) + 2
             if end_length > full_length:
-                raise ValueError(f"classnames: the prompt {text!r} needs {end_length} tokens, more "
-                                 f"than the model's context length {full_length}")
+                raise too_long(c, end_length)
             row = end_rows[c].tolist()
             if row[0] != tokenizer.sot_token_id or row[1:1 + n_ctx] != ctx_ids:
                 raise ValueError("tokenizer: it does not place the context tokens at positions "
@@ -133,11 +148,11 @@ class PromptLearner(nn.Module):
                 positions = [*range(1, 1 + half),
                              *range(1 + half + len(name_ids), 1 + len(name_ids) + n_ctx)]
             if len(body) + 2 > full_length:
-                raise ValueError(f"classnames: the prompt {text!r} needs {len(body) + 2} tokens, "
-                                 f"more than the model's context length {full_length}")
+                raise too_long(c, len(body) + 2)
             rows.append([tokenizer.sot_token_id, *body, tokenizer.eot_token_id]
                         + [0] * (full_length - len(body) - 2))
             ctx_positions.append(list(positions))
+        _refuse_identical_prompts(rows, classnames, where)
         tokens = torch.tensor(rows, dtype=torch.int64)
         ctx_positions = torch.tensor(ctx_positions, dtype=torch.int64)
 
@@ -226,6 +241,19 @@ class PromptLearner(nn.Module):
                 f"class_specific={self.class_specific}, "
                 f"class_token_position={self.class_token_position!r}, "
                 f"prompt_length={self.prompt_length}")
+
+
+def _refuse_identical_prompts(rows: list[list[int]], classnames: Sequence[str], where: str) -> None:
+    """ValueError naming the first two classes whose token rows are equal."""
+    first: dict[tuple, int] = {}
+    for c, row in enumerate(rows):
+        other = first.setdefault(tuple(row), c)
+        if other != c:
+            raise ValueError(
+                f"{where}: classes {other + 1} and {c + 1}, {shown(classnames[other])} and "
+                f"{shown(classnames[c])}, are the same to the tokenizer (it lower-cases and "
+                "normalises text), so their text features would be identical and the classes "
+                "tied for ever; merge them or rename one")
 
 
 class PromptedTextModel(nn.Module):

@@ -148,15 +148,16 @@ class SoftCPTModel(nn.Module):
         # Random draws, in this order: the task context, then the meta network.
         self.task_prompt = PromptLearner(model, tokenizer, names, n_ctx=n_task_ctx,
                                          class_specific=(task_ctx == "per_task"),
-                                         truncate=truncate)
+                                         truncate=truncate, where="task_names")
         width = self.text_encoder.width
         self.meta_net = MetaNet(_embed_dim(self.text_encoder), n_ctx, width, device=device)
         # The class prompts: CoOp's prompt learners whose context is always supplied. Their own
         # (unused) context draws must not move the global generator.
         with torch.random.fork_rng(devices=[]):
             learners = [PromptLearner(model, tokenizer, list(classes), n_ctx=n_ctx,
-                                      class_token_position=class_token_position, truncate=truncate)
-                        for classes in task_classnames]
+                                      class_token_position=class_token_position, truncate=truncate,
+                                      where=f"task_classnames: task {name!r}")
+                        for name, classes in zip(names, task_classnames)]
         for learner in learners:
             learner.ctx.requires_grad_(False)
             with torch.no_grad():

@@ -42,7 +42,7 @@ def eval_cache_path(cache_dir: str, source: DataSource, all_images: bool) -> str
 
 
 def _test_split(source: DataSource, all_images: bool) -> DatasetSplits:
-    splits = source.load()
+    splits = source.load(for_testing=True)
     if splits.num_classes < 2:
         raise ValueError(f"data: the {source.subsample} half of {source.root!r} has "
                          f"{splits.num_classes} class; a classifier needs at least 2 (base-to-new "
@@ -87,7 +87,8 @@ def evaluate_on_data(run_dir, source: DataSource, *, all_images: bool = False,
     run_dir = os.fspath(run_dir)
     run = load_run(run_dir, device, task)
     splits = _test_split(source, all_images)
-    run = with_classnames(run, splits.classnames, device)
+    run = with_classnames(run, splits.classnames, device,
+                          where=f"classnames of {source.root}")
     cache_dir = cache_dir if cache_dir is not None else os.path.join(run_dir, EVAL_CACHE_DIR)
     os.makedirs(cache_dir, exist_ok=True)
     # Test images get one plain view; the training transform enters the fingerprint only.
@@ -111,8 +112,11 @@ def trained_source(run_dir) -> DataSource:
     path = os.path.join(os.fspath(run_dir), METRICS)
     data = read_metrics(run_dir).get("data")
     if data is None:
-        raise ValueError(f"run: {path} records no data folder (the run was trained from a "
-                         "--cache alone, or by an older fastprompt); pass --data DIR")
+        raise ValueError(f"--base-to-new: {path} records no data folder (the run was trained "
+                         "from --cache alone, or by an older fastprompt), so its base and new "
+                         "classes are unknown; base-to-new evaluates a run trained with --data "
+                         "DIR --subsample base (eval --data DIR --subsample new evaluates this "
+                         "one on a half of DIR's classes)")
     return DataSource.from_dict(data, f"run: {path}: 'data'")
 
 

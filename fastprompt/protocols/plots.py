@@ -74,6 +74,9 @@ def _run_title(metrics: dict) -> str:
         parts.append(f"{fp['shots']} shots" if fp.get("shots") else "all images")
         if fp.get("noise_rate"):
             parts.append(f"{fp.get('noise_type', '')} label noise {fp['noise_rate']:g}")
+        elif fp.get("noise_per_class"):
+            parts.append(f"{fp.get('noise_type', '')} label noise {fp['noise_per_class']} per "
+                         "class")
     parts.append(f"seed {metrics.get('seed')}")
     return ", ".join(parts)
 

@@ -66,6 +66,7 @@ def run_metrics(run_dir, what: str = "run", *, missing: str = "did training fini
             _optional(fingerprint, "shots", "int", what, path, where)
             _optional(fingerprint, "noise_rate", "number", what, path, where)
             _optional(fingerprint, "noise_type", "str", what, path, where)
+            _optional(fingerprint, "noise_per_class", "int", what, path, where)
     return metrics
 
 

@@ -5,7 +5,8 @@ embedded) and ``report.csv`` (one line per cell, full precision, the seeds' valu
 Tables by protocol:
 
 * few-shot: one column per shot count; with several noise rates, one table per shot count and
-  noise type with one column per noise rate (the clean runs in the 0 column);
+  noise type with one column per noise rate (the clean runs in the 0 column; under the
+  per-class noise protocol a rate r is r x shots noisy labels per class, said in the header);
 * base-to-new: Base, New and H = 2·B·N/(B+N) of the mean B and N (as CoCoOp's and ProGrad's
   tables; the ± of H is the standard deviation of the seeds' own H);
 * cross-dataset: the source data set, each target, and the targets' average.
@@ -27,6 +28,13 @@ from fastprompt.train.files import METRICS
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
 ZERO_SHOT = "zero-shot"
+NOISE_PROTOCOL_LINES = {
+    "rate": "Label noise (rate protocol): each training label is corrupted independently with "
+            "probability the noise rate.",
+    "per-class": "Label noise (per-class protocol, as PTNL and JoAPR): at noise rate r, exactly "
+                 "r × shots training images of every class carry another class's label, and "
+                 "every label is carried by exactly r × shots images of other classes.",
+}
 
 
 @dataclass
@@ -190,12 +198,14 @@ def format_cell(table: Table, cells: list[list[float]], column: int) -> str:
 
 
 def markdown(tables: list[Table], spec: SweepSpec, plots: list[tuple[str, str]]) -> str:
+    noise = ([NOISE_PROTOCOL_LINES[spec.noise_protocol]]
+             if any(rate > 0 for rate in spec.noise_rates) else [])
     lines = [f"# Sweep report: {spec.protocol}", "",
              f"Data: `{spec.data.root}`; model {spec.model} "
              f"({spec.pretrained or 'random weights'}); seeds {spec.seeds}; "
              f"{spec.views} augmented views per training image.",
              "Accuracy in %, mean ± sample standard deviation over the seeds (n - 1); `-`: no "
-             "finished run yet.", ""]
+             "finished run yet.", *noise, ""]
     for t in tables:
         lines += [f"## {t.title}", "",
                   "| method | " + " | ".join(t.columns) + " |",

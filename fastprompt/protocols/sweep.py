@@ -10,12 +10,15 @@ Layout of the sweep folder ``OUT``::
                               written once every check has passed, and a folder holding runs
                               takes no other spec
     features/                 one cache per (data half, shots, seed, views), encoded once; one
-                              label-noise variant of it per noise rate and type (no re-encoding)
+                              label-noise variant of it per noise rate and type (no re-encoding):
+                              ...-<type><rate>, or ...-<type>-k<N> under the per-class protocol
+                              (N noisy labels per class)
     features/eval/            test-only caches of the evaluated data (base/new halves, targets)
     runs/<method>/shots-<K>/noise-<type>-<rate>/seed-<S>/
-                              an ordinary run folder (``fastprompt eval``, ``export`` and
-                              ``plot`` take it), plus ``evaluation.json`` (base-to-new or
-                              target accuracies) and ``curves.png``
+                              (per-class protocol: noise-<type>-k<N>) an ordinary run folder
+                              (``fastprompt eval``, ``export`` and ``plot`` take it), plus
+                              ``evaluation.json`` (base-to-new or target accuracies) and
+                              ``curves.png``
     report.md, report.csv     the tables; plots as PNG beside them
 
 Rerunning a sweep skips finished runs (``metrics.json`` of the same config, and its evaluation),
@@ -190,9 +193,12 @@ def build_caches(spec: SweepSpec, out: str, device: str, progress: bool | None, 
                 f"{clean.views} views, {time.perf_counter() - t:.1f} s)")
             for noise_type, rate in spec.noise_settings():
                 if rate > 0:
+                    per_class = spec.noise_per_class(shots, rate)
+                    noise = ({"noise_rate": rate} if per_class is None
+                             else {"noise_per_class": per_class})
                     noisy_variant(clean, cache_path(out, spec, shots, seed, noise_type, rate),
-                                  model, spec.model, pt, pv, splits, noise_rate=rate,
-                                  noise_type=noise_type)
+                                  model, spec.model, pt, pv, splits, noise_type=noise_type,
+                                  **noise)
 
 
 @dataclass

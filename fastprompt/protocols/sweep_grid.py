@@ -5,6 +5,7 @@ plots report. No training here: ``fastprompt.protocols.sweep`` runs the grid,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from fastprompt.protocols.stats import format_number
 from fastprompt.train import LEARNERS, LOSSES, TrainConfig, coop_epochs
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
+# How a noise rate r of the spec corrupts labels: each independently with probability r
+# (add_label_noise), or exactly r x shots per class (add_label_noise_per_class; PTNL, JoAPR).
+NOISE_PROTOCOLS = ("rate", "per-class")
 DEFAULT_SEEDS = (1, 2, 3)
 EVALUATION = "evaluation.json"
 SPEC_COPY = "sweep.json"
@@ -106,6 +110,7 @@ class SweepSpec:
     shots: list = field(default_factory=lambda: [None])
     noise_rates: list = field(default_factory=lambda: [0.0])
     noise_types: list = field(default_factory=lambda: ["symmetric"])
+    noise_protocol: str = "rate"
     seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
     views: int = 8
     train: dict = field(default_factory=dict)
@@ -115,6 +120,10 @@ class SweepSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["methods"] = [{"name": m.label, **m.overrides} for m in self.methods]
+        if self.noise_protocol == "rate":
+            # The default is left out: a sweep folder made before the per-class protocol keeps
+            # a sweep.json equal to its spec's, and its runs.
+            del d["noise_protocol"]
         return d
 
     @classmethod
@@ -137,10 +146,18 @@ class SweepSpec:
         out += [(t, r) for t in self.noise_types for r in self.noise_rates if r > 0]
         return out
 
+    def noise_per_class(self, shots, rate: float) -> int | None:
+        """Under the per-class protocol, the noisy labels per class of ``rate`` at ``shots``
+        (``rate x shots``, whole: checked when the spec is read); None under the rate
+        protocol and for the clean setting."""
+        if self.noise_protocol != "per-class" or rate == 0:
+            return None
+        return round(rate * shots)
+
 
 _SPEC_KEYS = {"data", "split_file", "test_fraction", "methods", "protocol", "model", "pretrained",
-              "shots", "noise_rates", "noise_types", "seeds", "views", "train", "targets",
-              "device"}
+              "shots", "noise_rates", "noise_types", "noise_protocol", "seeds", "views", "train",
+              "targets", "device"}
 _TARGET_KEYS = {"name", "data", "split_file", "all_images", "test_fraction"}
 # The spec sets model, pretrained and seed; each method its learner and loss.
 _SETTABLE = frozenset({f.name for f in dataclasses.fields(TrainConfig)} -
@@ -178,6 +195,23 @@ def _list(d: dict, key: str, default: list, check) -> list:
 
 def _shots(value, where: str):
     return None if value is None else check_int(where, value, 1)
+
+
+def _check_per_class_counts(shots: list, rates: list) -> None:
+    """Under the per-class protocol every noise rate times every shot count must be a whole
+    number of images (PTNL's 12.5/25/50% of 16 shots: 2, 4, 8 per class)."""
+    for i, rate in enumerate(rates):
+        if rate == 0:
+            continue
+        for j, n in enumerate(shots):
+            if n is None:
+                raise ValueError(f"noise_rates: the per-class noise protocol corrupts rate x "
+                                 f"shots images per class, so it needs a number of shots, got "
+                                 f"shots[{j}] null")
+            if not math.isclose(rate * n, round(rate * n), rel_tol=0, abs_tol=1e-9):
+                raise ValueError(f"noise_rates[{i}]: {format_number(rate)} x shots[{j}] {n} = "
+                                 f"{rate * n:g} images per class, not a whole number (the "
+                                 "per-class noise protocol corrupts exactly rate x shots)")
 
 
 def _one_of(choices):
@@ -324,9 +358,13 @@ def _checked_spec(d, here: str) -> SweepSpec:
         shots=_list(d, "shots", [None], _shots),
         noise_rates=_list(d, "noise_rates", [0.0], check_noise_rate),
         noise_types=_list(d, "noise_types", ["symmetric"], _one_of(NOISE_TYPES)),
+        noise_protocol=_one_of(NOISE_PROTOCOLS)(d.get("noise_protocol", "rate"),
+                                                "noise_protocol"),
         seeds=_list(d, "seeds", list(DEFAULT_SEEDS), check_seed),
         views=check_int("views", d.get("views", 8), 1), train=dict(train),
         targets=targets, device=device)
+    if spec.noise_protocol == "per-class":
+        _check_per_class_counts(spec.shots, spec.noise_rates)
     for i, m in enumerate(methods):  # every run's config is valid before any work
         for shots in spec.shots:
             _check_config(run_config(spec, m, shots, spec.seeds[0]),
@@ -356,6 +394,7 @@ class Job:
     config: dict
     data: dict                 # the DataSource of its cache (recorded in its metrics.json)
     task: str | None = None    # SoftCPT: the data set as its one task
+    noise_per_class: int | None = None   # the per-class protocol's count of noise_rate
 
     @property
     def key(self) -> tuple:
@@ -363,14 +402,21 @@ class Job:
 
     def describe(self) -> str:
         noise = "clean" if self.noise_rate == 0 else f"{self.noise_type} {format_number(self.noise_rate)}"
+        if self.noise_per_class is not None:
+            noise += f" ({self.noise_per_class} per class)"
         return f"{self.method}, {self.shots or 'all'} shots, {noise}, seed {self.seed}"
 
 
 def cache_path(out: str, spec: SweepSpec, shots, seed: int, noise_type: str = "none",
                noise_rate: float = 0.0) -> str:
+    """The cache of a (shots, seed, noise) of the grid; a per-class cache is named by its count
+    (``-<type>-k<K>``), never as a rate cache."""
     name = (f"{_label_slug(os.path.basename(spec.data.root))}-{spec.data.subsample}-"
             f"shots{shots or 'all'}-seed{seed}-views{spec.views}")
-    if noise_rate > 0:
+    per_class = spec.noise_per_class(shots, noise_rate)
+    if per_class is not None:
+        name += f"-{noise_type}-k{per_class}"
+    elif noise_rate > 0:
         name += f"-{noise_type}{format_number(noise_rate)}"
     return os.path.join(out, "features", name + ".safetensors")
 
@@ -390,13 +436,17 @@ def jobs_of(spec: SweepSpec, out: str) -> list[Job]:
     for shots in spec.shots:
         for seed in spec.seeds:
             for noise_type, rate in spec.noise_settings():
+                per_class = spec.noise_per_class(shots, rate)
+                noise = f"noise-{noise_type}-" + (format_number(rate) if per_class is None
+                                                  else f"k{per_class}")
                 for m in spec.methods:
                     config = run_config(spec, m, shots, seed)
                     run_dir = os.path.join(out, "runs", _label_slug(m.label), f"shots-{shots or 'all'}",
-                                           f"noise-{noise_type}-{format_number(rate)}", f"seed-{seed}")
+                                           noise, f"seed-{seed}")
                     softcpt = m.overrides.get("learner") == "softcpt"
                     jobs.append(Job(m.label, shots, noise_type, rate, seed, run_dir,
                                     cache_path(out, spec, shots, seed, noise_type, rate), config,
                                     dataclasses.replace(spec.data, seed=seed).to_dict(),
-                                    os.path.basename(spec.data.root) if softcpt else None))
+                                    os.path.basename(spec.data.root) if softcpt else None,
+                                    per_class))
     return jobs

@@ -49,6 +49,7 @@ class OnnxClassifier:
             raise ValueError(f"model: {self.path} has inputs {inputs} and outputs {outputs}, but "
                              f"its metadata promises [{self.info.input_name!r}] and ['logits', "
                              "'probs']; the file was altered")
+        _check_against_graph(self.path, self.info, self.session)
 
     @property
     def class_names(self) -> list[str]:
@@ -179,6 +180,37 @@ class OnnxClassifier:
         if not np.isfinite(images).all():
             raise ValueError("images: contains NaN or infinite values")
         return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def _check_against_graph(path: str, info: ModelInfo, session) -> None:
+    """Refuse metadata that disagrees with the graph's fixed dimensions (image size, feature
+    size, number of classes): serving trusts the metadata for preprocessing and for naming the
+    scores, so a mismatch would allocate without bound, index past the class names or fail
+    inside onnxruntime. Dimensions the graph leaves free are not compared."""
+    def fixed(dim):
+        return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+    shape = list(session.get_inputs()[0].shape)
+    problems = []
+    if info.input_kind == "image":
+        expected = [3, *info.image_size]
+        graph = [fixed(d) for d in shape[1:]]
+        if len(shape) != 4 or any(g is not None and g != e for g, e in zip(graph, expected)):
+            problems.append(f"image_size {list(info.image_size)} but its graph takes images of "
+                            f"shape {' x '.join(str(d) for d in shape[1:])}")
+    elif len(shape) != 2 or fixed(shape[1]) not in (None, info.embed_dim):
+        problems.append(f"embed_dim {info.embed_dim} but its graph takes features of shape "
+                        f"{' x '.join(str(d) for d in shape[1:])}")
+    for output in session.get_outputs()[:2]:
+        scores = fixed(output.shape[-1]) if len(output.shape) == 2 else -1
+        if scores not in (None, info.num_classes):
+            problems.append(f"{info.num_classes} class names but its graph gives "
+                            f"{output.shape[-1] if scores != -1 else output.shape} scores per "
+                            f"image ({output.name})")
+            break
+    if problems:
+        raise ValueError(f"model: {path}: its metadata says " + "; ".join(problems)
+                         + "; the file was altered")
 
 
 def _check_top_k(top_k) -> None:

@@ -127,6 +127,20 @@ class ModelInfo:
             problems.append("scale is not finite")
         if info.input_kind == "image" and info.image_size is None:
             problems.append("an image classifier without image_size")
+        if info.embed_dim < 1:
+            problems.append(f"embed_dim {info.embed_dim} is not positive")
+        if info.image_size is not None and (len(info.image_size) != 2 or min(info.image_size) < 1):
+            problems.append(f"image_size {list(info.image_size)} is not two positive sizes "
+                            "(height, width)")
+        for key in ("mean", "std"):
+            values = getattr(info, key)
+            if values is None:
+                if info.image_size is not None:
+                    problems.append(f"image_size without {key}")
+            elif len(values) != 3 or not all(map(math.isfinite, values)):
+                problems.append(f"{key} {list(values)} is not three finite numbers (R, G, B)")
+        if info.std is not None and len(info.std) == 3 and 0.0 in info.std:
+            problems.append(f"std {list(info.std)} holds a zero")
         if problems:
             raise ValueError(f"model: {source} has damaged fastprompt metadata: " + "; ".join(problems))
         return info
@@ -135,7 +149,13 @@ class ModelInfo:
 def _tuple(props: dict[str, str], key: str, cast) -> tuple | None:
     if key not in props:
         return None
-    return tuple(cast(v) for v in json.loads(props[key]))
+    values = json.loads(props[key])
+    if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (cast is float or float(v).is_integer()) for v in values):
+        raise ValueError(f"{key} {props[key]:.80} is not a list of "
+                         f"{'integers' if cast is int else 'numbers'}")
+    return tuple(cast(v) for v in values)
 
 
 def read_metadata_props(path: str | os.PathLike) -> dict[str, str]:

@@ -32,12 +32,13 @@ from fastprompt.train.objective import Objective
 from fastprompt.train.text_backward import TextEncoding, check_text_chunk
 
 
-def prompted_model(model, tokenizer, classnames, config: TrainConfig) -> PromptedTextModel:
+def prompted_model(model, tokenizer, classnames, config: TrainConfig,
+                   where: str = "classnames") -> PromptedTextModel:
     """CoOp's prompted text side for ``config`` (n_ctx, ctx_init, class-specific context, class
-    token position) over ``classnames``."""
+    token position) over ``classnames``; ``where`` names them in errors (where they came from)."""
     return PromptedTextModel(model, tokenizer, list(classnames), n_ctx=config.n_ctx,
                              ctx_init=config.ctx_init, class_specific=config.class_specific,
-                             class_token_position=config.class_token_position)
+                             class_token_position=config.class_token_position, where=where)
 
 
 @torch.no_grad()
@@ -119,7 +120,8 @@ class CoOpLearner(Learner):
         self.config, self.cache, self.model, self.device = config, cache, model, device
         self.tokenizer = tokenizer
         torch.manual_seed(config.seed)  # the random context initialisation
-        self.prompted = prompted_model(model, tokenizer, cache.classnames, config).to(device)
+        self.prompted = prompted_model(model, tokenizer, cache.classnames, config,
+                                       f"classnames of {cache.path}").to(device)
         self.ctx = self.prompted.prompt_learner.ctx
         self.encoding = coop_encoding(self.prompted)
         self.setup()

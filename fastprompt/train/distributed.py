@@ -8,12 +8,18 @@ broadcast, so they need no shared file system. A failure in a step that involves
 (preparing the run folder, checking that the ranks loaded the same model, cache and config) is
 raised on every rank, so that no rank waits forever for one that gave up; a rank that dies
 elsewhere is ended by ``torchrun`` (which stops the other workers when one fails), and a hung
-collective by the process group's timeout (``--dist-timeout``).
+collective by the process group's timeout (``--dist-timeout``). A collective that fails because
+another rank stopped (killed, out of memory, its machine lost) raises ``RankStoppedError`` on
+the ranks that see it: which rank stopped when it ran on this machine, and that ``--resume``
+continues from the last finished epoch, instead of the backend's raw error.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
+import time
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -27,6 +33,20 @@ DEFAULT_TIMEOUT_S = 1800
 
 class OtherRankError(ValueError):
     """Another rank of the run failed in a step every rank takes part in; it says why."""
+
+
+class RankStoppedError(OtherRankError):
+    """A collective failed because another rank stopped (or its connection did); it says which
+    when known, and that ``--resume`` continues."""
+
+
+# What gloo and NCCL say when a peer is gone or does not answer: a reset or closed connection,
+# a failed read or write on it, a collective that timed out waiting for it.
+_PEER_LOST = re.compile(r"connection (reset|closed|refused)|broken pipe|read error|write error|"
+                        r"socket (closed|timeout)|timed? ?out|timeout|remote process exited|"
+                        r"communicator was aborted", re.IGNORECASE)
+# (hostname, pid) of every rank, gathered when the process group starts.
+_peers: list[tuple[str, int]] = []
 
 
 def world() -> tuple[int, int]:
@@ -92,6 +112,58 @@ def check_same_on_all_ranks(what: str, values: dict) -> None:
                          "rank must load the same model weights, data and settings")
 
 
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` of this machine has ended (a zombie not yet reaped included)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+def stopped_ranks(peers: list[tuple[str, int]], wait_s: float = 0.05) -> list[int]:
+    """The ranks among ``peers`` (``(hostname, pid)`` by rank) whose process on this machine has
+    ended; waits up to ``wait_s`` for one (a connection can break a moment before its process
+    is gone; short: torchrun soon stops the ranks left). Ranks on other machines cannot be
+    told apart: never listed."""
+    host, rank = socket.gethostname(), world()[0]
+    local = [(r, pid) for r, (h, pid) in enumerate(peers) if r != rank and h == host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [r for r, pid in local if _gone(pid)]
+        if gone or not local or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.01)
+
+
+def collective_failure(error: BaseException, peers: list[tuple[str, int]] | None = None
+                       ) -> RankStoppedError | None:
+    """``error`` (raised by a collective of a run on several ranks) as a ``RankStoppedError``
+    when it says that another rank stopped or lost its connection; None for other errors."""
+    if not isinstance(error, RuntimeError) or not _PEER_LOST.search(str(error)):
+        return None
+    peers = _peers if peers is None else peers
+    gone = stopped_ranks(peers) if peers else []
+    reason = str(error).split("]", 1)[-1].strip().split(". ")[0][:160]
+    if gone:
+        who = (f"rank {gone[0]}" if len(gone) == 1 else
+               f"ranks {', '.join(map(str, gone))}") + " stopped (its process ended)"
+    else:
+        who = "another rank stopped or cannot be reached"
+    return RankStoppedError(
+        f"torchrun: {who}, so rank {world()[0]} cannot go on ({reason}); the finished epochs "
+        "are kept: run the same command with --resume (on any number of processes) to "
+        "continue")
+
+
 def check_timeout(seconds) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"--dist-timeout: expected seconds > 0, got {seconds!r}")
@@ -142,6 +214,16 @@ def torchrun_process_group(device: str | None, timeout_s: float = DEFAULT_TIMEOU
         raise ValueError(f"--device: {name!r} is not supported under torchrun (cpu or cuda)")
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     try:
-        yield name
+        peers: list = [None] * dist.get_world_size()
+        dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+        _peers[:] = peers
+        try:
+            yield name
+        except RuntimeError as e:
+            stopped = collective_failure(e)
+            if stopped is None:
+                raise
+            raise stopped from e
     finally:
+        _peers.clear()
         dist.destroy_process_group()

@@ -13,48 +13,57 @@ import os
 
 import torch
 
+from fastprompt._checks import check_class_name, check_class_names
 from fastprompt.train.files import read_prompt_file
 from fastprompt.train.learner import TrainedClassifier, learner_class
 from fastprompt.train.runs import load_run
 
 
 def check_classnames(classnames, where: str = "classnames") -> list[str]:
-    """Class names as a list of distinct, non-empty, single-line strings (at least two)."""
+    """Class names checked as every class name is (``fastprompt._checks.check_class_names``:
+    Unicode NFC, no control or format characters, non-empty, distinct), at least two."""
     if isinstance(classnames, str) or not isinstance(classnames, (list, tuple)):
         raise TypeError(f"{where}: expected a list of class names, got {type(classnames).__name__}")
-    names = list(classnames)
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip() or "\n" in name or "\r" in name:
-            raise ValueError(f"{where}: entry {i + 1} ({name!r}) is not a one-line class name")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"{where}: {duplicates} appear more than once")
+    names = check_class_names(list(classnames), where)
     if len(names) < 2:
         raise ValueError(f"{where}: a classifier needs at least 2 class names, got {len(names)}")
     return names
 
 
 def read_classnames_file(path) -> list[str]:
-    """Class names from a text file, one per line (surrounding spaces and blank lines dropped)."""
+    """Class names from a text file, one per line (a UTF-8 byte-order mark, surrounding spaces
+    and blank lines dropped), each checked as every class name is; a bad one is named by its
+    line number."""
+    where = f"--classnames: {path}"
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read().split("\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--classnames: {path} is not UTF-8 text ({e})") from None
-    return check_classnames([line.strip() for line in lines if line.strip()],
-                            f"--classnames: {path}")
+        raise ValueError(f"{where} is not UTF-8 text ({e})") from None
+    # Split on newlines only: any other line break inside a line is refused by the check.
+    names = [check_class_name(line.removesuffix("\r"), where, f"line {n}")
+             for n, line in enumerate(lines, start=1)
+             if line.removesuffix("\r").strip().lstrip("\ufeff").strip()]
+    return check_classnames(names, where)
 
 
-def with_classnames(run: TrainedClassifier, classnames,
-                    device: str | torch.device = "cpu") -> TrainedClassifier:
+def with_classnames(run: TrainedClassifier, classnames, device: str | torch.device = "cpu", *,
+                    where: str = "classnames") -> TrainedClassifier:
     """``run`` (from ``load_run``) as a classifier over ``classnames``: its learned context in
     front of each of them, through the frozen text encoder. The run's own names give the run
-    back unchanged (class-specific contexts included); other names need a shared context."""
-    names = check_classnames(classnames)
+    back unchanged (class-specific contexts included); other names need a shared context.
+    ``where`` names the class names in errors (where they came from)."""
+    names = check_classnames(classnames, where)
     if names == list(run.class_names):
         return run
     prompt = read_prompt_file(run.run_dir)
-    return learner_class(prompt.learner).for_classnames(prompt, run, names, device)
+    try:
+        return learner_class(prompt.learner).for_classnames(prompt, run, names, device)
+    except ValueError as e:  # the prompt learner calls them "classnames": say where they are from
+        message = str(e)
+        if where == "classnames" or not message.startswith("classnames: "):
+            raise
+        raise ValueError(f"{where}: {message.removeprefix('classnames: ')}") from None
 
 
 def load_run_with_classnames(run_dir, classnames, *, task: str | None = None,

@@ -121,7 +121,8 @@ def test_nested_split_file_and_bad_device(world, tmp_path):
     nested = tmp_path / "split_zhou_Deep.json"
     nested.write_text("[" * 200000 + "]" * 200000)
     base = ["train", "--pretrained", weights, "--out", tmp_path / "r", "--no-progress"]
-    one_line_error(fastprompt(*base, "--data", root / "shapes", "--split-file", nested),
+    # The split file lies in --data (one outside it is refused: issue 23, item 15).
+    one_line_error(fastprompt(*base, "--data", tmp_path, "--split-file", nested),
                    "train", "split_zhou_Deep.json", "not valid JSON")
     one_line_error(fastprompt(*base, "--data", root / "shapes", "--device", "tpu9"), "train",
                    "--device", "tpu9")
@@ -142,6 +143,21 @@ def test_file_size_limit_and_unwritable_output(world, tmp_path):
     proc = fastprompt("cache", "--pretrained", weights, "--data", root / "shapes", "--views", "1",
                       "--out", tmp_path / "file" / "c.safetensors")
     one_line_error(proc, "cache", str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("limit", [600, 3000])
+def test_a_full_disk_during_train_names_the_file(world, tmp_path, limit):
+    """A write that fails for lack of space (here a file-size limit: EFBIG, as ENOSPC) names the
+    file it was writing, and leaves no temporary file (issue 23, item 12)."""
+    root, weights, *_ = world
+    run = tmp_path / "r"
+    proc = fastprompt("train", "--pretrained", weights, "--cache", root / "cache.safetensors",
+                      "--out", run, "--epochs", "1", "--batch-size", "8", "--n-ctx", "4",
+                      "--no-progress", limit_file_size=limit)
+    line = one_line_error(proc, "train", "File too large: ")
+    written = line.rsplit("File too large: ", 1)[1]
+    assert os.path.dirname(written) == str(run) and not os.path.basename(written).startswith(".")
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--momentum", "inf"),
@@ -315,6 +331,128 @@ def test_cache_sizes_are_refused_by_their_flag(tmp_path, capsys, flag, value, lo
     assert (f"fastprompt cache: error: argument {flag}: expected an int >= {low}, got {value!r}"
             in capsys.readouterr().err)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("names, fragments", [
+    ("dog\n\ncat\u202egnp.exe\n", ["line 3", "U+202E RIGHT-TO-LEFT OVERRIDE"]),
+    ("\ufeffdog\ncat\x1b[2J\n", ["line 2", "U+001B"]),
+    ("dog\nCat\ncat\n", ["classes 2 and 3, 'Cat' and 'cat'", "same to the tokenizer"]),
+    ("dog\n" + "very " * 2000 + "\n", ["class 2 of 2, 'very very", "(9999 characters)",
+                                       "context length 77"]),
+])
+def test_export_classnames_are_checked_as_class_folders_are(world, tmp_path, names, fragments):
+    """--classnames goes through the one check of class names (issue 23, item 4), names the
+    classes the tokenizer makes equal (item 5) and a name too long for the context briefly, with
+    the file (item 16)."""
+    root, *_ = world
+    path = tmp_path / "names.txt"
+    path.write_text(names, encoding="utf-8")
+    line = one_line_error(fastprompt("export", root / "run", tmp_path / "onnx", "--classnames",
+                                     path), "export", f"--classnames: {path}", *fragments)
+    assert len(line) < 400
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("argv, flag, expected", [
+    (["train", "--out", "{tmp}/r", "--batch-size=0"], "--batch-size", "an int >= 1"),
+    (["train", "--out", "{tmp}/r", "--text-chunk=-1"], "--text-chunk",
+     "classes per chunk (an int >= 0) or 'auto'"),
+    (["export", "{tmp}/run", "{tmp}/onnx", "--int8", "--min-agreement=1.5"], "--min-agreement",
+     "a number in [0, 1]"),
+    (["export", "{tmp}/run", "{tmp}/onnx", "--fp16", "--min-agreement=nan"], "--min-agreement",
+     "a number in [0, 1]"),
+    (["predict", "{tmp}/model.onnx", "{tmp}/x.png", "--batch-size=0"], "--batch-size",
+     "an int >= 1"),
+])
+def test_sizes_are_refused_by_their_flag(tmp_path, capsys, argv, flag, expected):
+    """Messages name the flag, not the library parameter it becomes (batch_size, text_chunk,
+    min_agreement): issue 23, item 21."""
+    from fastprompt.cli import main
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2
+    value = argv[-1].split("=", 1)[1]
+    assert (f"fastprompt {argv[0]}: error: argument {flag}: expected {expected}, got {value!r}"
+            in capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def exported(world, tmp_path_factory):
+    """The world's run exported (unverified: what is checked here is predict's behaviour)."""
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    fastprompt("export", world[0] / "run", out, "--no-verify", check_rc=0)
+    return out
+
+
+@pytest.mark.parametrize("output", [[], ["--jsonl"]])
+def test_predict_into_a_closed_pipe_stops_quietly(exported, tmp_path, output):
+    """`fastprompt predict ... | head`: when the reader goes away, predict stops without a
+    message and with 141, the status of a Unix tool killed by SIGPIPE (issue 23, item 21)."""
+    from PIL import Image
+    model = exported
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "fastprompt", "predict", model, tmp_path,
+                             *output], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", (proc.returncode, err)
+
+
+def test_base_to_new_of_a_cache_run_gives_advice_that_works(world):
+    """A run trained from --cache alone has no recorded data: the message says what base-to-new
+    needs instead of advising --data, which --base-to-new refuses (issue 23, item 13)."""
+    root, *_ = world
+    line = one_line_error(fastprompt("eval", root / "run", "--base-to-new", "--no-progress"),
+                          "eval", "--base-to-new", "--subsample base", "--data DIR")
+    assert "pass --data" not in line and "trained from --cache" in line
+    line = one_line_error(fastprompt("eval", root / "run", "--base-to-new", "--data",
+                                     root / "shapes"), "eval", "drop --data")
+    assert "recorded in its metrics.json" in line
+
+
+def _unreadable_folder(path, classes=("cat", "dog")):
+    for name in classes:
+        (path / name).mkdir(parents=True)
+        for i in range(2):
+            (path / name / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return path
+
+
+def _no_raw_warnings(stderr):
+    assert "UserWarning" not in stderr and "warnings.warn" not in stderr, stderr
+
+
+def test_eval_all_images_of_unreadable_files_says_test_images(world, tmp_path):
+    """eval --data --all-images on a folder of unreadable files: the skipped files are one
+    warning line of the fastprompt logger (not Python's UserWarning with its source line), and
+    the error calls them test images, which they are (issue 23, item 18)."""
+    root, *_ = world
+    data = _unreadable_folder(tmp_path / "data")
+    for extra in (["--all-images"], []):
+        proc = fastprompt("eval", root / "run", "--data", data, *extra, "--no-progress")
+        line = one_line_error(proc, "eval", "have no readable test images")
+        assert "training" not in line
+        _no_raw_warnings(proc.stderr)
+        assert all(line.startswith("fastprompt") for line in proc.stderr.splitlines())
+        assert [w for w in proc.stderr.splitlines() if "skipped 4 unreadable" in w]
+
+
+def test_cache_skips_a_fifo_named_like_an_image(world, tmp_path):
+    """cache --data with a FIFO named like an image in a class folder: skipped, listed in one
+    warning line, the cache built (issue 23, item 2)."""
+    root, weights, *_ = world
+    data = tmp_path / "data"
+    shutil.copytree(root / "shapes", data)
+    os.mkfifo(data / "train" / "red_circle" / "upload.jpg")
+    proc = subprocess.run([sys.executable, "-m", "fastprompt", "cache", "--pretrained", weights,
+                           "--data", data, "--views", "1", "--out", tmp_path / "c.safetensors"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _no_raw_warnings(proc.stderr)
+    warned = [w for w in proc.stderr.splitlines() if "upload.jpg" in w]
+    assert len(warned) == 1 and "a FIFO, not a regular file" in warned[0]
 
 
 # ----- issue 23: sweeps, seeds, noise rates, plot --------------------------------------------

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from fastprompt.data import DatasetSplits, load_coop_split, load_dataset, load_image_folder
+from fastprompt.data.source import DataSource
 
 
 def _flat_tree(root, write_image, counts):
@@ -99,6 +100,31 @@ def test_a_class_of_only_unreadable_images_is_an_error(tmp_path, write_image):
         load_image_folder(tmp_path)
 
 
+def test_fifos_named_like_images_are_skipped_never_opened(tmp_path, write_image, within):
+    """A FIFO (or socket, device) named like an image is not an image: opening it would block
+    until a writer comes. The readers list it as skipped and never open it (issue 23, item 2)."""
+    _flat_tree(tmp_path, write_image, {"a": 3, "b": 3})
+    fifo = tmp_path / "a" / "upload.jpg"
+    os.mkfifo(fifo)
+    for check in (True, False):
+        with pytest.warns(UserWarning, match=r"upload\.jpg"):
+            s = within(30, lambda: load_image_folder(tmp_path, check_images=check), fifos=[fifo])
+        assert s.skipped == [str(fifo)]
+        assert str(fifo) not in {p for p, _ in s.train + s.test}
+        assert len(s.train + s.test) == 6
+
+
+def test_a_split_file_listing_a_fifo_is_refused(tmp_path, write_image, within):
+    write_image(os.path.join(tmp_path, "a", "0.png"))
+    write_image(os.path.join(tmp_path, "b", "0.png"))
+    os.mkfifo(tmp_path / "b" / "1.png")
+    split = tmp_path / "split_zhou_Fifo.json"
+    split.write_text(json.dumps({"train": [["a/0.png", 0, "a"], ["b/0.png", 1, "b"]],
+                                 "test": [["b/1.png", 1, "b"]]}))
+    with pytest.raises(ValueError, match=r"^split_file: .*b/1.png.* a FIFO, not a regular file"):
+        within(30, load_coop_split, split, fifos=[tmp_path / "b" / "1.png"])
+
+
 def _coop_tree(tmp_path, write_image):
     """CoOp-style: dataset/split_zhou_Toy.json, images in dataset/images/<class>/..."""
     root = tmp_path / "toy"
@@ -145,6 +171,25 @@ def test_coop_split_malformed(tmp_path, write_image, mutate, message):
     (root / "split_zhou_Toy.json").write_text(json.dumps(entries))
     with pytest.raises(ValueError, match="^split_file: .*" + message):
         load_coop_split(root / "split_zhou_Toy.json")
+
+
+def test_a_split_file_outside_the_data_folder_is_refused(tmp_path, write_image):
+    """--split-file is relative to --data, or an absolute path inside it; one outside would
+    silently ignore --data (its images are read relative to the split file's own folder), so it
+    is refused (issue 23, item 15)."""
+    root, _ = _coop_tree(tmp_path, write_image)
+    split = root / "split_zhou_Toy.json"
+    inside = load_dataset(root, split_file="split_zhou_Toy.json")
+    assert load_dataset(root, split_file=str(split)) == inside  # absolute, inside: the same
+    assert DataSource.create(root, split_file=str(split)).load() == inside
+    other = tmp_path / "other"
+    other.mkdir()
+    for given in (str(split), "../toy/split_zhou_Toy.json"):
+        with pytest.raises(ValueError, match=r"^split_file: .*split_zhou_Toy.json.* is outside "
+                                             r"the data folder .*other"):
+            load_dataset(other, split_file=given)
+        with pytest.raises(ValueError, match="is outside the data folder"):
+            DataSource.create(other, split_file=given).load()
 
 
 def test_load_dataset_falls_back_to_folders(tmp_path, write_image):
@@ -209,6 +254,26 @@ def test_class_names_with_control_characters_are_refused_when_read(tmp_path, wri
     write_image(os.path.join(tmp_path, "bad\nname", "0.png"))
     with pytest.raises(ValueError, match=r"^root: class name 'bad\\nname' contains the control"):
         load_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["cat\u202egnp.exe", "zero\u200bwidth", "tab\tbed",
+                                    "esc\x1b[2J", "_"])
+def test_hostile_class_folders_are_refused(tmp_path, write_image, folder):
+    """Class folders are checked as every source of class names (issue 23, item 4)."""
+    write_image(os.path.join(tmp_path, "dog", "0.png"))
+    write_image(os.path.join(tmp_path, folder, "0.png"))
+    with pytest.raises(ValueError, match=r"^root: class name .* (contains the control|is empty)"):
+        load_image_folder(tmp_path)
+
+
+def test_hostile_class_names_in_a_split_file_are_refused(tmp_path, write_image):
+    write_image(os.path.join(tmp_path, "a", "0.png"))
+    write_image(os.path.join(tmp_path, "b", "0.png"))
+    split = tmp_path / "split_zhou_X.json"
+    split.write_text(json.dumps({"train": [["a/0.png", 0, "a"], ["b/0.png", 1, "b\u200b"]],
+                                 "test": []}))
+    with pytest.raises(ValueError, match=r"^split_file: .*U\+200B ZERO WIDTH SPACE"):
+        load_coop_split(split)
 
 
 def test_class_names_are_nfc(tmp_path, write_image):

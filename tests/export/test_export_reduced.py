@@ -172,6 +172,8 @@ def test_cli_int8_and_refusal(cli, tiny, class_embeddings, tmp_path, monkeypatch
     assert cli(["export", run.run_dir, str(refused), "--int8"]) == 1
     assert "below --min-agreement 0.99; nothing was written" in capsys.readouterr().err
     assert not refused.exists()
-    assert cli(["export", run.run_dir, str(refused), "--int8", "--min-agreement", "1.5"]) == 2
-    assert "min_agreement: expected a number in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli(["export", run.run_dir, str(refused), "--int8", "--min-agreement", "1.5"])
+    assert e.value.code == 2
+    assert "--min-agreement: expected a number in [0, 1], got '1.5'" in capsys.readouterr().err
     assert not refused.exists()

@@ -39,12 +39,15 @@ def test_the_coupling_has_the_marginals(seed):
 
 def test_balanced_labels_and_row_constants(seed):
     """The class marginal spreads the labels over the classes even where one class wins every
-    row's prediction; a constant added to a row changes nothing."""
+    row's prediction; a constant added to a row changes nothing. The marginal binds the coupling,
+    not its row-wise argmax, so the counts are near N / C rather than equal to it."""
     g = torch.Generator().manual_seed(seed)
     scores = nlprompt_scores(g, 60, 3)
-    scores[:, 0] += 0.5  # class 0 is every row's most probable one
+    scores[:, 0] += 1.5  # more than the scores' spread: class 0 is every row's most probable one
+    assert (scores.argmax(1) == 0).all()
     labels = fastprompt.ot_pseudo_labels(scores, reg=0.01)
-    assert sorted(torch.bincount(labels, minlength=3).tolist()) == [20, 20, 20]
+    counts = torch.bincount(labels, minlength=3)
+    assert ((counts - 20).abs() <= 8).all(), counts
     shifted = scores + torch.randn(60, 1, generator=g, dtype=torch.float64)
     assert torch.equal(fastprompt.ot_pseudo_labels(shifted, reg=0.01), labels)
 
@@ -65,3 +68,16 @@ def test_small_reg_stays_finite_where_the_plain_kernel_underflows(seed):
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastprompt.ot_pseudo_labels(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
+def test_the_official_scripts_reg_agrees_with_pots_log_domain_solver(seed):
+    """At reg 0.001 (NLPrompt's scripts) POT's plain kernel underflows; its log-domain solver
+    does not, and gives the same labels."""
+    g = torch.Generator().manual_seed(seed)
+    scores = nlprompt_scores(g, 160, 10)
+    ours = fastprompt.ot_pseudo_labels(scores, reg=0.001)
+    a, b = np.full(160, 1.0 / 160), np.full(10, 1.0 / 10)
+    pot = ot.sinkhorn(a, b, -scores.numpy(), 0.001, method="sinkhorn_log", numItermax=1000,
+                      stopThr=1e-6).argmax(1)
+    assert (ours.numpy() == pot).mean() >= 0.99

@@ -174,6 +174,37 @@ def test_noise_variant_equals_a_built_cache(world, tiny_clip, tmp_path):
     load_cache(derived.path)  # checksum intact
 
 
+def test_a_per_class_noise_sweep(world, tmp_path):
+    """noise_protocol per-class: noise rate 0.5 of 2 shots is 1 wrong label in every class (and
+    every label on 1 image of another class), derived from the clean cache; the table stays
+    indexed by rate, the report says the protocol, and a rate sweep is refused in its folder."""
+    import collections
+    spec_path = _spec(world, "per-class.json", methods=["coop"], seeds=[1], shots=[2],
+                      noise_rates=[0.0, 0.5], noise_protocol="per-class",
+                      train={"epochs": 1, "n_ctx": 2})
+    out = tmp_path / "sweep"
+    result = run_sweep(load_spec(spec_path), out, log=lambda *_: None)
+    assert len(result.trained) == 2 and not result.failed
+    run = out / "runs" / "coop" / "shots-2" / "noise-symmetric-k1" / "seed-1"
+    fingerprint = _metrics(run)["cache"]["fingerprint"]
+    assert fingerprint["noise_per_class"] == 1 and fingerprint["noise_rate"] == 0.0
+    cache = load_cache(out / "features" / "shapes-all-shots2-seed1-views1-symmetric-k1.safetensors",
+                       fingerprint)
+    wrong = [(y, z) for y, z in zip(cache.train_clean_labels.tolist(), cache.train_labels.tolist())
+             if y != z]
+    assert collections.Counter(y for y, _ in wrong) == {c: 1 for c in range(4)}
+    assert collections.Counter(z for _, z in wrong) == {c: 1 for c in range(4)}
+    report = (out / "report.md").read_text()
+    assert "Label noise (per-class protocol, as PTNL and JoAPR)" in report
+    assert "| method | 0 | 0.5 |" in report
+    assert json.loads((out / "sweep.json").read_text())["noise_protocol"] == "per-class"
+
+    rate = _spec(world, "rate.json", methods=["coop"], seeds=[1], shots=[2],
+                 noise_rates=[0.0, 0.5], train={"epochs": 1, "n_ctx": 2})
+    with pytest.raises(ValueError, match="fields that differ: noise_protocol"):
+        run_sweep(load_spec(rate), out, log=lambda *_: None)
+
+
 def test_jobs_run_the_same_runs(world, tmp_path, capsys):
     spec_path = _spec(world, "jobs.json", methods=["coop"], seeds=[1, 2],
                       train={"epochs": 1, "n_ctx": 2})

@@ -3,11 +3,12 @@ the spec file and the field by its path in the spec (``methods[1].epochs``, ``se
 what the spec names (data, model, weights, device) must exist (issue 23, items 8, 9, 11, 19, 20
 and 21)."""
 import json
+import os
 
 import pytest
 
 from fastprompt.data.sampling import check_noise_rate
-from fastprompt.protocols.sweep_grid import jobs_of, load_spec
+from fastprompt.protocols.sweep_grid import SweepSpec, cache_path, jobs_of, load_spec
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,13 @@ REFUSED = [
     ({"seeds": [1, 1.5]}, "seeds[1]: expected an int in [0, 2**32)"),
     # item 21: the one noise-rate range
     ({"noise_rates": [0.0, 1.5]}, "noise_rates[1]: must lie in [0, 1]"),
+    # the per-class noise protocol: K = rate x shots, a whole number of images per class
+    ({"noise_protocol": "counts"}, "noise_protocol: must be one of ('rate', 'per-class')"),
+    ({"noise_protocol": "per-class", "noise_rates": [0.0, 0.25]},
+     "noise_rates: the per-class noise protocol corrupts rate x shots images per class, so it "
+     "needs a number of shots, got shots[0] null"),
+    ({"noise_protocol": "per-class", "shots": [16, 4], "noise_rates": [0.0, 0.125]},
+     "noise_rates[1]: 0.125 x shots[1] 4 = 0.5 images per class, not a whole number"),
     # item 8: the device
     ({"device": "tpu"}, "device: 'tpu' is not a device"),
     ({"device": 7}, "device: expected a device name"),
@@ -99,3 +107,38 @@ def test_one_noise_rate_range_for_spec_library_and_flag(world, tmp_path):
             check_noise_rate(rate, "x")
     with pytest.raises(TypeError, match="^x: expected a number"):
         check_noise_rate("0.5", "x")
+
+
+def test_per_class_noise_names_its_caches_and_runs_by_the_count(world, tmp_path):
+    """Under the per-class protocol a rate r is r x shots noisy labels per class, in the names
+    of its caches and run folders, so none is taken for a rate run or cache; the rate
+    protocol's names and sweep.json are as before it existed."""
+    fields = dict(shots=[2, 4], noise_rates=[0.0, 0.5], noise_types=["symmetric", "pairflip"],
+                  seeds=[1])
+    per_class = load_spec(_spec(world, tmp_path, noise_protocol="per-class", **fields))
+    rate = load_spec(_spec(world, tmp_path, **fields))
+    out = str(tmp_path / "out")
+    names = {(j.shots, j.noise_type): (os.path.relpath(j.run_dir, out), os.path.basename(j.cache))
+             for j in jobs_of(per_class, out) if j.noise_rate}
+    assert names[(2, "symmetric")][0] == "runs/coop/shots-2/noise-symmetric-k1/seed-1"
+    assert names[(2, "symmetric")][1].endswith("-shots2-seed1-views1-symmetric-k1.safetensors")
+    assert names[(4, "pairflip")][0] == "runs/coop/shots-4/noise-pairflip-k2/seed-1"
+    assert names[(4, "pairflip")][1].endswith("-shots4-seed1-views1-pairflip-k2.safetensors")
+    assert [j.describe() for j in jobs_of(per_class, out) if j.noise_rate][0] == \
+        "coop, 2 shots, symmetric 0.5 (1 per class), seed 1"
+    rate_jobs = {j.key: j for j in jobs_of(rate, out)}
+    for job in jobs_of(per_class, out):
+        same = rate_jobs[job.key]
+        assert (job.run_dir == same.run_dir) == (job.cache == same.cache) == (job.noise_rate == 0)
+    assert os.path.basename(cache_path(out, rate, 2, 1, "symmetric", 0.5)).endswith(
+        "-shots2-seed1-views1-symmetric0.5.safetensors")
+    assert "noise_protocol" not in rate.to_dict()
+    assert per_class.to_dict()["noise_protocol"] == "per-class"
+    assert SweepSpec.from_dict(per_class.to_dict()).noise_protocol == "per-class"
+    assert SweepSpec.from_dict(rate.to_dict()).noise_protocol == "rate"
+
+
+def test_per_class_counts_are_whole_despite_float_rounding(world, tmp_path):
+    spec = load_spec(_spec(world, tmp_path, noise_protocol="per-class", shots=[10],
+                           noise_rates=[0.3, 0.7]))   # 0.3 * 10 = 3.0000000000000004
+    assert [spec.noise_per_class(10, r) for r in (0.0, 0.3, 0.7)] == [None, 3, 7]

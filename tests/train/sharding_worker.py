@@ -4,6 +4,9 @@
                                                        and the refusals; rank r writes OUT/rank{r}.pt
     python sharding_worker.py interrupt EPOCH ARGS... ``fastprompt ARGS`` stopped (as by Ctrl-C)
                                                        when epoch EPOCH starts
+    python sharding_worker.py die RANK EPOCH ARGS...  ``fastprompt ARGS``, rank RANK killed
+                                                       (SIGKILL) when epoch EPOCH starts; the
+                                                       other ranks ignore torchrun's SIGTERM
 
 The step cases also run in one process (``run_case`` with ``chunk=0``): the test's reference.
 """
@@ -200,10 +203,33 @@ def interrupt(epoch: int, argv: list[str]) -> int:
     return main(argv)
 
 
+def die(rank: int, epoch: int, argv: list[str]) -> int:
+    import signal
+
+    from fastprompt.cli import main
+    from fastprompt.train import CoOpLearner
+    real_epoch = CoOpLearner.train_epoch
+
+    def killed(self, *, epoch: int, bar):
+        if epoch == die_at and int(os.environ["RANK"]) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_epoch(self, epoch=epoch, bar=bar)
+
+    die_at = epoch
+    CoOpLearner.train_epoch = killed
+    if int(os.environ["RANK"]) != rank:
+        # torchrun's agent stops the other ranks as soon as it sees one fail: ignored here, so
+        # that the test sees what a survivor says and its exit status whatever the timing.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return main(argv)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "steps":
         steps(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif sys.argv[1] == "interrupt":
         sys.exit(interrupt(int(sys.argv[2]), sys.argv[3:]))
+    elif sys.argv[1] == "die":
+        sys.exit(die(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]))
     else:
         raise SystemExit(f"sharding_worker: unknown mode {sys.argv[1]!r}")

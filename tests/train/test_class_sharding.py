@@ -143,6 +143,24 @@ def test_a_two_rank_run_resumes_on_one_process(one_process_run):
                                rtol=1e-4, atol=1e-6)
 
 
+def test_a_killed_rank_is_named_and_resume_advised(one_process_run):
+    """A rank killed mid-training: the survivor does not print gloo's raw RuntimeError as an
+    unexpected error (exit 1) but says that another rank stopped, which, and that --resume
+    continues, with exit 2 (issue 23, item 10). The survivor ignores torchrun's SIGTERM (see
+    sharding_worker.die) so that it is not stopped before it has said so."""
+    root = one_process_run
+    args = train_args(root / "shapes", root / "cache.safetensors", root / "killed")
+    done = torchrun(WORKER, "die", 1, 2, *args)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("fastprompt train")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("fastprompt train: error: torchrun: rank 1 "), lines[0]
+    assert "stopped" in lines[0] and "--resume" in lines[0]
+    assert "unexpected error" not in done.stderr and "pair.cc" not in done.stderr
+    assert "exitcode  : 2 " in done.stderr  # torchrun's report of rank 0
+    assert torch.load(root / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
 @pytest.mark.parametrize("bad", ["0", "-5", "nan"])
 def test_bad_dist_timeout_is_refused(tmp_path, capsys, bad):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),

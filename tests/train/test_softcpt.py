@@ -233,7 +233,7 @@ def test_load_run_errors(setup, tmp_path):
               tasks[0].cache, model, tok, tmp_path / "coop", progress=False)
     with pytest.raises(ValueError, match="not a SoftCPT run; --task applies"):
         load_run(tmp_path / "coop", task="shapes a")
-    with pytest.raises(ValueError, match="learner 'softcpt' trains several tasks"):
+    with pytest.raises(ValueError, match="learner 'softcpt' does not train on one cache"):
         train_run(config(weights), tasks[0].cache, model, tok, tmp_path / "x", progress=False)
 
 

@@ -293,7 +293,7 @@ def test_cli_text_chunk_is_recorded(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--cache", cache.path, "--out", str(tmp_path / "x"), "--text-chunk", "k"])
     assert e.value.code == 2
-    assert "--text-chunk: expected classes per chunk or 'auto', got 'k'" in capsys.readouterr().err
+    assert "--text-chunk: expected classes per chunk (an int >= 0) or 'auto', got 'k'" in capsys.readouterr().err
 
 
 def test_chunked_backward_and_compiled_step_do_not_combine(tiny_text, tmp_path):

@@ -42,9 +42,9 @@ processes may encode chunks (``torchrun`` ranks, a Ray cluster); a chunk file is
 atomically, so a killed build resumes from the ones it left.
 
 What a cache is built from is one :class:`CacheSpec` (model, model name, the two transforms,
-the splits, views, shots, label noise, seed, flip, encoder batch and chunk size), checked when
-it is made; the fingerprint is computed from it. Every function that builds takes a spec, or,
-as in 0.1, its arguments in its place::
+the splits, views, shots, label noise (a rate or a count per class), seed, flip, encoder batch
+and chunk size), checked when it is made; the fingerprint is computed from it. Every function
+that builds takes a spec, or, as in 0.1, its arguments in its place::
 
     spec = CacheSpec(model, "ViT-B-32", preprocess_train, preprocess_val, splits, views=8,
                      shots=16, seed=1)

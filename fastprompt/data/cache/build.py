@@ -129,12 +129,13 @@ def build_feature_cache(path, spec: CacheSpec | torch.nn.Module | None = None, *
     ``spec`` (a :class:`~fastprompt.data.cache.CacheSpec`) says what is cached; as in 0.1,
     its arguments may stand in its place: ``build_feature_cache(path, model, model_name,
     preprocess_train, preprocess_val, splits, views=..., shots=..., noise_rate=...,
-    noise_type=..., seed=..., add_flip=..., batch_size=..., chunk_size=..., num_workers=...,
-    progress=...)``.
+    noise_type=..., noise_per_class=..., seed=..., add_flip=..., batch_size=..., chunk_size=...,
+    num_workers=..., progress=...)``.
 
     The training split is first reduced to ``shots`` images per class (all when None) and its
-    labels corrupted at ``noise_rate`` (see :func:`~fastprompt.data.few_shot_subset` and
-    :func:`~fastprompt.data.add_label_noise`; both seeded from ``seed``). Each training image
+    labels corrupted at ``noise_rate``, or ``noise_per_class`` per class (see
+    :func:`~fastprompt.data.few_shot_subset`, :func:`~fastprompt.data.add_label_noise` and
+    :func:`~fastprompt.data.add_label_noise_per_class`; all seeded from ``seed``). Each training image
     then gets ``views`` views from ``preprocess_train`` — plus a random horizontal flip when
     ``add_flip`` and the transform has none — and each test/val image one from
     ``preprocess_val``. The model runs where its parameters are, in their dtype, under

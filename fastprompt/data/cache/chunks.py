@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -19,6 +20,8 @@ from fastprompt.data.cache.plan import CacheChunk, CachePlan
 from fastprompt.data.cache.stream import TensorSource, file_pieces, read_header, streaming_checksum
 
 CHUNK_FORMAT = "fastprompt.feature_cache_chunk/1"
+# A chunk file's name (CachePlan.chunk_path), and that of its temporaries while written.
+CHUNK_NAME = re.compile(r"(?P<file>\d{6}\.safetensors)|\.(?P<of>\d{6}\.safetensors)\..+\.tmp")
 
 
 def chunk_metadata(plan: CachePlan, chunk: CacheChunk) -> dict[str, str]:
@@ -111,11 +114,25 @@ def write_chunk(plan: CachePlan, chunk: CacheChunk, features: Tensor) -> None:
 
 
 def remove_chunk_files(plan: CachePlan) -> None:
-    """Remove the plan's chunk files (and their temporaries), then their folder when empty."""
+    """Remove the plan's chunk files (and their temporaries), then those of other layouts (a
+    build interrupted with another chunk size leaves files the plan does not name), then the
+    folder when empty. Called once the cache is merged, holding the cache's lock."""
     for c in plan.chunks:
         remove_if_present(plan.chunk_path(c.index))
         remove_stale_temporaries(plan.chunk_path(c.index))
     try:
+        names = os.listdir(plan.chunk_dir)
+    except OSError:
+        names = []
+    for name in names:
+        match = CHUNK_NAME.fullmatch(name)
+        if match is None:
+            continue  # not a chunk file: left alone
+        final = os.path.join(plan.chunk_dir, match["file"] or match["of"])
+        if match["file"]:
+            remove_if_present(final)
+        remove_stale_temporaries(final)  # only those no live writer holds
+    try:
         os.rmdir(plan.chunk_dir)
     except OSError:
-        pass  # files of another layout, or a writer still at work: left alone
+        pass  # other files, or a writer still at work: left alone

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from fastprompt._checks import check_int
-from fastprompt._io import progress_bar
+from fastprompt._io import open_regular_file, progress_bar
 from fastprompt.data.cache.chunks import chunk_problem, file_key, write_chunk
 from fastprompt.data.cache.plan import CacheChunk, CachePlan, torchrun_rank
 from fastprompt.data.cache.spec import check_path, check_run_options, view_seed
@@ -28,11 +28,21 @@ logger = logging.getLogger("fastprompt.data")
 def open_rgb(path: str) -> Image.Image:
     """The image at ``path`` as RGB (``ValueError`` naming a file that cannot be decoded)."""
     try:
-        with Image.open(path) as im:
+        # Regular files only: a FIFO named like an image would block the build forever.
+        file = open_regular_file(path)
+    except ValueError as e:
+        raise ValueError(f"splits: image file {e}") from None
+    except OSError as e:
+        raise _undecodable(path, e) from None
+    try:
+        with file, Image.open(file) as im:
             return im.convert("RGB")
     except Exception as e:  # PIL raises many exception types for bad files
-        raise ValueError(f"splits: image file {path!r} cannot be decoded ({type(e).__name__}: "
-                         f"{e})") from None
+        raise _undecodable(path, e) from None
+
+
+def _undecodable(path: str, e: Exception) -> ValueError:
+    return ValueError(f"splits: image file {path!r} cannot be decoded ({type(e).__name__}: {e})")
 
 
 class ImageViews(torch.utils.data.Dataset):

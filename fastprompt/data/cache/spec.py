@@ -21,7 +21,8 @@ from fastprompt import __version__
 from fastprompt._checks import check_int, check_seed
 from fastprompt._hashing import new_digest
 from fastprompt.data.folders import DatasetSplits, Sample
-from fastprompt.data.sampling import NOISE_TYPES, add_label_noise, few_shot_subset
+from fastprompt.data.sampling import (NOISE_TYPES, add_label_noise, add_label_noise_per_class,
+                                      check_noise_rate, few_shot_subset)
 from fastprompt.models.weights import model_weights_hash
 
 CACHE_FORMAT = "fastprompt.feature_cache/1"
@@ -73,12 +74,14 @@ class CacheSpec:
     ``model`` (an open_clip model; its image tower encodes), ``model_name`` (recorded in the
     fingerprint), ``preprocess_train`` (the training views' transform), ``preprocess_val`` (the
     test and validation images' one), ``splits``; then, by keyword: ``views`` per training
-    image, ``shots`` per class (all images when None), label noise (``noise_rate``,
-    ``noise_type``), ``seed`` (of the few-shot draw, the noise and the views), ``add_flip`` (a
-    random horizontal flip after ``preprocess_train`` when it has none), ``batch_size`` (views
-    per encoder batch, rounded down to whole images) and ``chunk_size`` (views per chunk file,
-    rounded down to whole encoder batches). ``batch_size`` and ``chunk_size`` decide how the work
-    is cut, not the features: they are not part of the fingerprint.
+    image, ``shots`` per class (all images when None), label noise (``noise_type`` with either
+    ``noise_rate``, each label corrupted with that probability, or ``noise_per_class``, exactly
+    that many per class: :func:`~fastprompt.data.add_label_noise_per_class`), ``seed`` (of the
+    few-shot draw, the noise and the views), ``add_flip`` (a random horizontal flip after
+    ``preprocess_train`` when it has none), ``batch_size`` (views per encoder batch, rounded
+    down to whole images) and ``chunk_size`` (views per chunk file, rounded down to whole
+    encoder batches). ``batch_size`` and ``chunk_size`` decide how the work is cut, not the
+    features: they are not part of the fingerprint.
 
     Made once, the spec also holds what the arguments resolve to: ``train`` (the few-shot
     subset of ``splits.train``), ``noisy_labels`` (its training labels) and ``flip_added``.
@@ -95,6 +98,7 @@ class CacheSpec:
     shots: int | None = None
     noise_rate: float = 0.0
     noise_type: str = "symmetric"
+    noise_per_class: int | None = None
     seed: int = 1
     add_flip: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -128,8 +132,25 @@ class CacheSpec:
         # few_shot_subset checks shots, add_label_noise the noise rate.
         train = list(splits.train) if self.shots is None else few_shot_subset(
             splits.train, self.shots, seed=self.seed, classnames=splits.classnames)
-        noisy = add_label_noise([y for _, y in train], splits.num_classes, self.noise_rate,
-                                self.noise_type, seed=self.seed)
+        labels = [y for _, y in train]
+        if self.noise_per_class is None:
+            noisy = add_label_noise(labels, splits.num_classes, self.noise_rate, self.noise_type,
+                                    seed=self.seed)
+        else:
+            check_int("noise_per_class", self.noise_per_class, 0)
+            if check_noise_rate(self.noise_rate) != 0:
+                raise ValueError(f"noise_per_class: one label-noise protocol per cache, got "
+                                 f"noise_per_class={self.noise_per_class} and noise_rate="
+                                 f"{self.noise_rate}; set noise_rate to 0 or noise_per_class to "
+                                 "None")
+            try:
+                noisy = add_label_noise_per_class(labels, splits.num_classes,
+                                                  self.noise_per_class, self.noise_type,
+                                                  seed=self.seed, classnames=splits.classnames)
+            except ValueError as e:  # a class with fewer images: name the spec's field
+                if not str(e).startswith("per_class: "):
+                    raise
+                raise ValueError(f"noise_{e}") from None
         object.__setattr__(self, "train", train)
         object.__setattr__(self, "noisy_labels", noisy)
         object.__setattr__(self, "flip_added",
@@ -145,7 +166,7 @@ class CacheSpec:
                           f"{stable_repr(self.preprocess_val)}|"
                           f"flip_added={self.flip_added}".encode())
         splits = self.splits
-        return {
+        fingerprint = {
             "format": CACHE_FORMAT,
             "fastprompt_version": __version__,
             "model_name": self.model_name,
@@ -166,6 +187,11 @@ class CacheSpec:
                 "train": [(p, y, n) for (p, y), n in zip(self.train, self.noisy_labels)],
                 "test": list(splits.test), "val": list(splits.val)}),
         }
+        if self.noise_per_class:
+            # Only when set (0 is no noise, as None): every other cache keeps the fingerprint
+            # it had before the per-class protocol existed, and is not rebuilt.
+            fingerprint["noise_per_class"] = self.noise_per_class
+        return fingerprint
 
 
 def as_spec(spec, args: tuple = (), kwargs: dict | None = None) -> CacheSpec:
@@ -191,17 +217,19 @@ def cache_fingerprint(spec: CacheSpec | torch.nn.Module | None = None, *args,
                       **spec_args) -> dict:
     """The fingerprint a cache built from ``spec`` records (a JSON-able dict); also callable as
     in 0.1, ``cache_fingerprint(model, model_name, preprocess_train, preprocess_val, splits,
-    views=..., shots=..., noise_rate=..., noise_type=..., seed=..., add_flip=...)``.
+    views=..., shots=..., noise_rate=..., noise_type=..., noise_per_class=..., seed=...,
+    add_flip=...)``.
 
     Keys: ``format``, ``fastprompt_version``, ``model_name``, ``model_weights``
     (:func:`~fastprompt.models.weights.model_weights_hash`), ``image_size``, ``transforms``
     (hash of both transforms' reprs and whether a flip is added), ``views``, ``num_classes``,
-    ``num_{train,test,val}_images``, ``shots``, ``seed``, ``noise_rate``, ``noise_type``, and
-    ``data``: a hash of the class names and, per split, every image's path, size, mtime and
-    labels (clean and noisy). Two caches are interchangeable exactly when their fingerprints
-    are equal but for ``fastprompt_version``, which records the version that built the cache
-    (``same_fingerprint``): a new version of fastprompt reuses the caches of an older one
-    (the cache ``format`` changes when the layout does).
+    ``num_{train,test,val}_images``, ``shots``, ``seed``, ``noise_rate``, ``noise_type``,
+    ``noise_per_class`` (only when it is set and not 0), and ``data``: a hash of the class
+    names and, per split, every image's path, size, mtime and labels (clean and noisy). Two
+    caches are interchangeable exactly when their fingerprints are equal but for
+    ``fastprompt_version``, which records the version that built the cache
+    (``same_fingerprint``): a new version of fastprompt reuses the caches of an older one (the
+    cache ``format`` changes when the layout does).
     """
     return as_spec(spec, args, spec_args).fingerprint()
 

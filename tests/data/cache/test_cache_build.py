@@ -170,3 +170,12 @@ def test_undecodable_image_fails_the_build_naming_it(tmp_path, tiny_clip):
         build_feature_cache(tmp_path / "c.st", model, NAME, pre_train, pre_val, splits, views=1,
                             progress=False)
     assert not os.path.exists(tmp_path / "c.st")
+
+
+def test_a_fifo_is_refused_not_opened(tmp_path, within):
+    """The cache build opens regular files only: a FIFO would block it forever (issue 23)."""
+    from fastprompt.data.cache.encode import open_rgb
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"x\.png.* a FIFO, not a regular file"):
+        within(30, open_rgb, str(fifo), fifos=[fifo])

@@ -179,6 +179,31 @@ def test_missing_chunks_are_named_and_any_process_can_encode_them(tmp_path, shap
         encode_cache_chunks(plan, [6], model)
 
 
+def test_chunk_files_of_another_chunk_size_go_with_the_merge(tmp_path, shapes, tiny_clip,
+                                                            single):
+    """A build interrupted with one --cache-chunk and rerun with another: once the cache is
+    merged, the old layout's chunk files (and killed writers' temporaries) go with the current
+    ones, and so does the chunk folder (issue 23, item 20)."""
+    model, pre_train, pre_val, _ = tiny_clip
+    splits = load_image_folder(shapes)
+    path = tmp_path / "c.st"
+    old = plan_feature_cache(path, model, NAME, pre_train, pre_val, splits, views=2,
+                             batch_size=4, chunk_size=4)
+    assert len(old.chunks) == 12
+    encode_cache_chunks(old, range(1, 12), model, progress=False)   # chunk 0 "killed"
+    stale = os.path.join(old.chunk_dir, ".000011.safetensors.x1y2.tmp")
+    open(stale, "wb").close()
+    (tmp_path / "c.st.chunks" / "notes.txt").write_text("not a chunk file: kept")
+    merged = build_feature_cache(path, model, NAME, pre_train, pre_val, splits, **SMALL)
+    _assert_same(merged, single)
+    assert sorted(os.listdir(old.chunk_dir)) == ["notes.txt"]
+    os.remove(old.chunk_dir + "/notes.txt")
+    encode_cache_chunks(old, [11], model, progress=False)
+    build_feature_cache(path, model, NAME, pre_train, pre_val, splits,
+                        **{**SMALL, "chunk_size": 12})
+    assert sorted(os.listdir(tmp_path)) == ["c.st"]
+
+
 def test_bad_chunk_size_plan_and_launch_environment(tmp_path, shapes, tiny_clip, monkeypatch):
     model, pre_train, pre_val, _ = tiny_clip
     splits = load_image_folder(shapes)

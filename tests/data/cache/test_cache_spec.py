@@ -6,8 +6,9 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from fastprompt.data import (add_label_noise, build_feature_cache, cache_fingerprint,
-                             few_shot_subset, load_image_folder, plan_feature_cache)
+from fastprompt.data import (add_label_noise, add_label_noise_per_class, build_feature_cache,
+                             cache_fingerprint, few_shot_subset, load_cache, load_image_folder,
+                             plan_feature_cache)
 from fastprompt.data.cache import CacheSpec
 from fastprompt.data.cache.spec import view_seed
 
@@ -67,6 +68,58 @@ def test_the_spec_resolves_the_subset_the_noise_and_the_flip(shapes_root, tiny_c
     flipping = T.Compose([pre_val, T.RandomHorizontalFlip()])
     assert not dataclasses.replace(spec, preprocess_train=flipping).flip_added
     assert "model_name='fastprompt-tiny'" in repr(spec) and "splits" not in repr(spec)
+
+
+def test_the_spec_draws_per_class_noise_and_records_it(shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
+    splits = load_image_folder(shapes_root)
+    kwargs = dict(shots=4, noise_per_class=2, noise_type="pairflip", seed=4)
+    spec = CacheSpec(model, NAME, pre_train, pre_val, splits, **kwargs)
+    assert spec.noisy_labels == add_label_noise_per_class(
+        [y for _, y in spec.train], 4, 2, "pairflip", seed=4)
+    fingerprint = spec.fingerprint()
+    assert fingerprint["noise_per_class"] == 2 and fingerprint["noise_rate"] == 0.0
+    assert cache_fingerprint(model, NAME, pre_train, pre_val, splits, **kwargs) == fingerprint
+    assert dataclasses.replace(spec, noise_per_class=1).fingerprint() != fingerprint
+
+
+# The fingerprint's keys as fastprompt 0.2.0 wrote them before per-class noise existed.
+FINGERPRINT_KEYS = ["data", "fastprompt_version", "format", "image_size", "model_name",
+                    "model_weights", "noise_rate", "noise_type", "num_classes",
+                    "num_test_images", "num_train_images", "num_val_images", "seed", "shots",
+                    "transforms", "views"]
+
+
+def test_without_per_class_noise_the_fingerprint_is_unchanged(cached_shapes):
+    """A spec without per-class noise (None, or 0: no noise) gives the fingerprint it gave
+    before the field existed, so every cache built then is still valid and not rebuilt."""
+    shared = cached_shapes()
+    fingerprint = shared.spec.fingerprint()
+    assert sorted(fingerprint) == FINGERPRINT_KEYS
+    for unset in (None, 0):
+        assert dataclasses.replace(shared.spec, noise_per_class=unset).fingerprint() == fingerprint
+    load_cache(shared.cache.path, dataclasses.replace(shared.spec, noise_per_class=0).fingerprint())
+
+
+def test_per_class_noise_refusals(shapes_root, tiny_clip):
+    model, pre_train, pre_val, _ = tiny_clip
+    splits = load_image_folder(shapes_root)
+    good = dict(model=model, model_name=NAME, preprocess_train=pre_train,
+                preprocess_val=pre_val, splits=splits)
+    cases = [
+        (ValueError, "^noise_per_class: expected an int >= 0, got -1", dict(noise_per_class=-1)),
+        (TypeError, "^noise_per_class: expected an int >= 0", dict(noise_per_class=2.0)),
+        (ValueError, "^noise_per_class: one label-noise protocol per cache, got "
+         "noise_per_class=0 and noise_rate=0.25", dict(noise_per_class=0, noise_rate=0.25)),
+        (TypeError, "^noise_rate: expected a number", dict(noise_per_class=1, noise_rate="0")),
+        (ValueError, r"^noise_per_class: 3 noisy labels per class requested, but class .* "
+         r"\(label 0\) has only 2 image\(s\)$", dict(shots=2, noise_per_class=3)),
+        (ValueError, r"^noise_per_class: 6 noisy labels .* has only 5 image\(s\)$",
+         dict(noise_per_class=6)),
+    ]
+    for error, message, change in cases:
+        with pytest.raises(error, match=message):
+            CacheSpec(**{**good, **change})
 
 
 def test_both_call_forms_give_one_fingerprint_and_plan(tmp_path, shapes_root, tiny_clip):
