@@ -61,6 +61,7 @@ DEMO_METHODS = (
     ("dspt+isl(alt)+prograd", {"loss": "dspt", "targets": "isl", "alternate": True, "prograd": True}),
     ("gce", {"loss": "gce"}),
     ("coop+nlprompt", {"nlprompt": True}),
+    ("coop+joapr", {"joapr": True}),
     ("coop+dept", {"dept": True}),
     # Other learners, each from its official config, with the same epochs and batch size.
     ("kgcoop", {"learner": "kgcoop"}),
