@@ -142,3 +142,22 @@ def test_per_class_counts_are_whole_despite_float_rounding(world, tmp_path):
     spec = load_spec(_spec(world, tmp_path, noise_protocol="per-class", shots=[10],
                            noise_rates=[0.3, 0.7]))   # 0.3 * 10 = 3.0000000000000004
     assert [spec.noise_per_class(10, r) for r in (0.0, 0.3, 0.7)] == [None, 3, 7]
+
+
+def test_the_specs_in_the_docs_are_valid(world, tmp_path):
+    """Every sweep spec docs/protocols.md shows is read without a refusal (its data folder,
+    split file and weights replaced by files the test creates)."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "protocols.md")).read()
+    blocks = [json.loads(b.split("```", 1)[0]) for b in text.split("```json\n")[1:]]
+    specs = [b for b in blocks if "methods" in b]
+    assert len(specs) >= 3
+    root, weights = world
+    for i, spec in enumerate(specs):
+        split = tmp_path / f"split-{i}.json"
+        split.write_text("{}")
+        spec = {**spec, "data": root, "pretrained": weights}
+        if "split_file" in spec:
+            spec["split_file"] = str(split)
+        path = tmp_path / f"spec-{i}.json"
+        path.write_text(json.dumps(spec))
+        assert load_spec(str(path)).methods, spec
