@@ -48,7 +48,8 @@ _FLAGS = ("prograd", "dept", "nlprompt", "joapr")
 
 def parse_method(entry, where: str = "methods") -> Method:
     """A method as the spec names it, as ``TrainConfig.describe`` writes it: CoOp by its loss
-    (``coop``, ``dspt``, ``gce``, ``mae``) or a learner (``softcpt``, ``kgcoop``, ``cocoop``,
+    (``coop``, ``dspt``, ``gce``, ``mae``), a plug-in alone as its paper trains it (``nlprompt``,
+    ``joapr``: CoOp with it) or a learner (``softcpt``, ``kgcoop``, ``cocoop``,
     ...) with a loss in brackets (``kgcoop(dspt)``), then plug-ins (``+ls``, ``+isl(alt)``,
     ``+prograd``, ``+dept``, ``+nlprompt``, ``+joapr``): ``"dspt+isl(alt)+prograd"``,
     ``"cocoop(gce)+dept"``; or an object ``{"name": LABEL, "method": ..., any TrainConfig
@@ -70,6 +71,9 @@ def parse_method(entry, where: str = "methods") -> Method:
     head = _HEAD.match(parts[0])
     if head and head.group(1) in _COOP_LOSSES and head.group(2) is None:
         overrides: dict = {"learner": "coop", "loss": _COOP_LOSSES[head.group(1)]}
+    elif head and head.group(1) in _FLAGS and head.group(2) is None:
+        # A plug-in's own name is its paper's method: CoOp with it (``nlprompt``, ``joapr``).
+        overrides = {"learner": "coop", "loss": "ce", head.group(1): True}
     elif head and head.group(1) in LEARNERS and head.group(1) != "coop":
         overrides = {"learner": head.group(1), "loss": head.group(2) or "ce"}
         if overrides["loss"] not in LOSSES:
@@ -77,7 +81,7 @@ def parse_method(entry, where: str = "methods") -> Method:
                              f"{', '.join(LOSSES)})")
     else:
         raise ValueError(f"{where}: {entry!r} must start with coop, dspt, gce or mae (CoOp by "
-                         f"its loss) or a learner ({', '.join(sorted(set(LEARNERS) - {'coop'}))}"
+                         f"its loss), a plug-in ({', '.join(_FLAGS)}: CoOp with it) or a learner ({', '.join(sorted(set(LEARNERS) - {'coop'}))}"
                          ", optionally with a loss in brackets: kgcoop(dspt))")
     for part in parts[1:]:
         match = _PLUGIN.match(part)

@@ -51,6 +51,10 @@ def test_method_names():
     assert parse_method("kgcoop(dspt)+dept").overrides == {"learner": "kgcoop", "loss": "dspt",
                                                            "dept": True}
     assert parse_method("cocoop").overrides == {"learner": "cocoop", "loss": "ce"}
+    assert parse_method("joapr").overrides == {"learner": "coop", "loss": "ce", "joapr": True}
+    assert parse_method("nlprompt+ls").overrides == {"learner": "coop", "loss": "ce",
+                                                     "nlprompt": True, "targets": "ls",
+                                                     "alternate": False}
     with pytest.raises(ValueError, match="must start with"):
         parse_method("coop(dspt)")
     with pytest.raises(ValueError, match="unknown loss 'focal'"):
@@ -71,11 +75,13 @@ def test_bad_specs_are_refused_by_name(world):
 
 
 def test_label_noise_methods_get_a_row_each_and_a_purity_table(world, tmp_path):
-    """PTNL's GCE, MAE and NLPrompt (on DSPT) against CoOp, clean and at 50% noise: a row per
-    method in each table, and the kept samples' correct-label share for NLPrompt alone."""
-    spec = load_spec(_spec(world, "noise.json", methods=["coop", "gce", "mae", "dspt+nlprompt"],
+    """PTNL's GCE, MAE, NLPrompt (on DSPT) and JoAPR against CoOp, clean and at 50% noise: a
+    row per method in each table, and the kept samples' correct-label share for the two methods
+    that split their data."""
+    spec = load_spec(_spec(world, "noise.json",
+                           methods=["coop", "gce", "mae", "dspt+nlprompt", "joapr"],
                            noise_rates=[0.0, 0.5], seeds=[1],
-                           train={"epochs": 1, "n_ctx": 2, "ot_reg": 0.01}))
+                           train={"epochs": 2, "n_ctx": 2, "ot_reg": 0.01}))
     out = tmp_path / "sweep"
     run_sweep(spec, out, log=lambda *_: None)
     run = out / "runs" / "dspt+nlprompt" / "shots-all" / "noise-symmetric-0.5" / "seed-1"
@@ -87,10 +93,14 @@ def test_label_noise_methods_get_a_row_each_and_a_purity_table(world, tmp_path):
     accuracy = next(s for s in sections if s.startswith("Accuracy (%) against symmetric"))
     assert [line.split("|")[1].strip() for line in accuracy.splitlines()
             if line.startswith("| ") and "---" not in line][1:] == [
-        "zero-shot", "coop", "gce", "mae", "dspt+nlprompt"]
+        "zero-shot", "coop", "gce", "mae", "dspt+nlprompt", "joapr"]
     purity = next(s for s in sections if s.startswith("Correct labels among the samples kept"))
     rows = [line for line in purity.splitlines() if line.startswith("| dspt")]
     assert len(rows) == 1 and f"{100 * kept:.1f}" in rows[0].split("|")[3]
+    joapr = _metrics(out / "runs" / "joapr" / "shots-all" / "noise-symmetric-0.5" / "seed-1")
+    assert joapr["config"]["joapr"] and "joapr_kept_precision" in joapr["epochs"][-1]
+    assert [line.split("|")[1].strip() for line in purity.splitlines()
+            if line.startswith("| ") and "---" not in line][1:] == ["dspt+nlprompt", "joapr"]
     assert "| coop |" not in purity
 
 
