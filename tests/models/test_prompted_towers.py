@@ -364,3 +364,21 @@ def test_ivlp_names_and_bad_arguments(model64, tok):
             IVLPPrompts(model64, tok, CLASSES, **{"depth_text": 2, "depth_vision": 2, **kwargs})
     with pytest.raises(ValueError, match=r"^model: "):
         IVLPPrompts(torch.nn.Linear(2, 2), tok, CLASSES, depth_text=2, depth_vision=2)
+
+
+def test_casting_the_prompts_casts_the_towers_they_run(tiny_clip, model64, tok, seed):
+    """The encoders are outside the module tree (state_dict: learned tensors only), but ``.to``
+    reaches them: a float32 model's prompts cast to float64 give the float64 model's features."""
+    g = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(tiny_clip[0])
+    prompts = IVLPPrompts(model, tok, CLASSES, depth_text=2, depth_vision=2)
+    assert prompts.ctx.dtype == torch.float32
+    prompts.double()
+    assert model.visual.conv1.weight.dtype == torch.float64
+    assert prompts.text_encoder.attn_mask.dtype == torch.float64
+    want = IVLPPrompts(model64, tok, CLASSES, depth_text=2, depth_vision=2)
+    want.load_state_dict(prompts.state_dict())
+    images = random_images(g, 2)
+    with torch.no_grad():
+        for got, truth in zip(prompts(images), want(images)):
+            torch.testing.assert_close(got, truth, **TIGHT)
