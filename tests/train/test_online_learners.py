@@ -207,3 +207,14 @@ def test_official_defaults():
             ivlp.epochs, ivlp.batch_size, ivlp.lr) == (2, 2, 12, 12, 5, 4, 0.0035)
     with pytest.raises(ValueError, match="prompt_depth_vision: must be at least 0"):
         TrainConfig(prompt_depth_vision=-1)
+
+
+def test_sweeps_and_cached_training_refuse_online_learners(cached_shapes):
+    from fastprompt.protocols.sweep_grid import parse_method
+    from fastprompt.train import train_run
+    with pytest.raises(ValueError, match="maple trains online"):
+        parse_method("maple", "methods[0]")
+    shapes = cached_shapes(3)
+    with pytest.raises(ValueError, match="train_online_run"):
+        train_run(TrainConfig.for_learner("ivlp"), shapes.cache, shapes.model, shapes.tokenizer,
+                  "unused", progress=False)
