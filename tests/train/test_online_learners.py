@@ -16,7 +16,8 @@ from fastprompt.models import TINY_MODEL
 from fastprompt.train import IVLPLearner, MaPLeLearner, OnlineData, TrainConfig, load_run
 from fastprompt.train.epoch import logit_scale
 from fastprompt.train.files import read_prompt_file
-from fastprompt.train.online import EpochImages, epoch_image_order, image_loader
+from fastprompt.train.online import (EpochImages, epoch_image_order, image_loader,
+                                     train_online_run)
 
 # Valid depths for the 2-layer tiny model (the official 9 / 12 exceed it).
 SMALL = {"maple": {"prompt_depth": 2},
@@ -218,3 +219,19 @@ def test_sweeps_and_cached_training_refuse_online_learners(cached_shapes):
     with pytest.raises(ValueError, match="train_online_run"):
         train_run(TrainConfig.for_learner("ivlp"), shapes.cache, shapes.model, shapes.tokenizer,
                   "unused", progress=False)
+
+
+def test_dspt_and_atlas_targets_train_online(small, tmp_path):
+    """The run's loss and targets reach the online step through the shared loss options: DSPT
+    with ATLaS's class-wise soft labels, alternating (epoch 2 soft), and MAE."""
+    _, (model, _, _, tok) = small
+    data = online_data(small)
+    for name, kw in (("dspt", {"loss": "dspt", "targets": "csl", "alternate": True}),
+                     ("mae", {"loss": "mae", "targets": "ls"})):
+        cfg = TrainConfig.for_learner("maple", epochs=2, lr=0.05, prompt_depth=2, **kw)
+        metrics = train_online_run(cfg, data, model, tok, tmp_path / name, progress=False)
+        assert [e["soft_targets"] for e in metrics["epochs"]] == (
+            [False, True] if name == "dspt" else [True, True])
+        assert all(math.isfinite(e["loss"]) for e in metrics["epochs"])
+        assert metrics["method"] == f"maple({kw['loss']})+{kw['targets']}" + (
+            "(alt)" if name == "dspt" else "")
