@@ -276,8 +276,11 @@ def train_online(args) -> None:
         raise ValueError(f"--data: --learner {learner} trains on an image folder")
     common.check_noise_args(args)
     config = config_from(args, args.shots)
-    refuse_existing_run(args.out, args.resume, learner)  # before the model is loaded
+    cls = LEARNERS[learner]
+    cls.check_config(config)  # before the model is loaded
+    refuse_existing_run(args.out, args.resume, learner)
     model, pt, pv, tokenizer, device = common.load_model(args)
+    cls.check_depths(config, model)  # before the images are listed and hashed
     source = common.data_source(args)
     splits = source.load(shots=args.shots)
     common.print_classes(splits.classnames)

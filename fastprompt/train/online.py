@@ -307,8 +307,8 @@ class OnlineLearner(Learner):
             x = x[:, 0].to(self.device, non_blocking=True)
             y = labels[index]
             prompted = F.normalize(self.prompts.image_features(x).float(), dim=-1)
-            plain = F.normalize(self.model.encode_image(x.to(self.prompts.ctx.dtype)).float(),
-                                dim=-1)
+            plain = self.model.encode_image(x.to(self.model.visual.conv1.weight.dtype))
+            plain = F.normalize(plain.float(), dim=-1)
             correct[0] += int(((prompted @ text.t()).argmax(1).cpu() == y).sum())
             correct[1] += int(((plain @ self.zeroshot.float().t()).argmax(1).cpu() == y).sum())
         return int(correct[0]) / len(dataset), int(correct[1]) / len(dataset)
