@@ -27,8 +27,9 @@ class IVLPLearner(OnlineLearner):
         return [("prompt_depth_text", "text", config.prompt_depth_text),
                 ("prompt_depth_vision", "image", config.prompt_depth_vision)]
 
-    def make_prompts(self, model, tokenizer, classnames) -> IVLPPrompts:
-        c = self.config
+    @classmethod
+    def build_prompts(cls, config: TrainConfig, model, tokenizer, classnames) -> IVLPPrompts:
+        c = config
         return IVLPPrompts(model, tokenizer, classnames, n_ctx_text=c.n_ctx,
                            n_ctx_vision=c.n_ctx_vision, depth_text=c.prompt_depth_text,
                            depth_vision=c.prompt_depth_vision, ctx_init=c.ctx_init)

@@ -28,7 +28,8 @@ class MaPLeLearner(OnlineLearner):
         return [("prompt_depth", "text", config.prompt_depth),
                 ("prompt_depth", "image", config.prompt_depth)]
 
-    def make_prompts(self, model, tokenizer, classnames) -> MaPLePrompts:
-        c = self.config
+    @classmethod
+    def build_prompts(cls, config: TrainConfig, model, tokenizer, classnames) -> MaPLePrompts:
+        c = config
         return MaPLePrompts(model, tokenizer, classnames, n_ctx=c.n_ctx, depth=c.prompt_depth,
                             ctx_init=c.ctx_init)

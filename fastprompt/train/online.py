@@ -164,7 +164,7 @@ class OnlineLearner(Learner):
         self.tokenizer, self.workers = tokenizer, workers
         self.check_depths(config, model)
         torch.manual_seed(config.seed)  # the prompts' random initialisation
-        self.prompts = self.make_prompts(model, tokenizer, data.classnames).to(device)
+        self.prompts = self.build_prompts(config, model, tokenizer, data.classnames).to(device)
         self.zeroshot = zeroshot_text_features(model, tokenizer, data.classnames).to(device)
         self.targets = make_targets(config, None, self.zeroshot).to(device)
         self.scale = logit_scale(model).to(device)
@@ -175,9 +175,11 @@ class OnlineLearner(Learner):
 
     # -- what a subclass says
 
+    @classmethod
     @abc.abstractmethod
-    def make_prompts(self, model, tokenizer, classnames) -> nn.Module:
-        """The learner's prompt module over ``classnames`` (drawn from the seeded generator)."""
+    def build_prompts(cls, config: TrainConfig, model, tokenizer, classnames) -> nn.Module:
+        """The learner's prompt module for ``config`` over ``classnames`` (its initial tensors
+        drawn from the global generator)."""
 
     @classmethod
     @abc.abstractmethod
@@ -235,8 +237,9 @@ class OnlineLearner(Learner):
                          tasks) -> list[TrainedClassifier]:
         raise ValueError(f"run: {run_dir!r} is a {cls.name!r} run, whose prompts live inside the "
                          "image tower; loading it as a classifier over plain image features "
-                         f"(evaluate, export, predict) is not supported for --learner "
-                         f"{cls.name} yet (its metrics.json holds the test accuracy)")
+                         f"(eval, load_run) is not supported for --learner {cls.name} yet (its "
+                         "metrics.json holds the test accuracy; export bakes the prompts into "
+                         "the exported image tower)")
 
     # -- one epoch
 
@@ -322,6 +325,75 @@ class OnlineLearner(Learner):
                 "num_train_images": self.data.num_train_images,
                 "num_test_images": len(self.data.splits.test),
                 "data_fingerprint": self.data.fingerprint, "workers": self.workers}
+
+
+class BakedPromptTower(nn.Module):
+    """The prompted image tower with its prompts fixed (buffers): images (B x 3 x H x W) to
+    image features (B x E), what an export puts in the graph. It carries the tower's
+    ``preprocess_cfg``, ``image_size`` and ``output_dim``."""
+
+    def __init__(self, prompts: nn.Module, model):
+        super().__init__()
+        with torch.no_grad():
+            first, deep = prompts.vision_prompts()
+        self.encoder = prompts.vision_encoder
+        self.register_buffer("prompts", None if first is None else first.detach().clone())
+        self.deep_layers = sorted(deep)
+        for i in self.deep_layers:
+            self.register_buffer(f"deep_{i}", deep[i].detach().clone())
+        visual = model.visual
+        self.preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+        self.image_size = visual.image_size
+        self.output_dim = getattr(visual, "output_dim", None)
+
+    def forward(self, images: Tensor) -> Tensor:
+        deep = {i: getattr(self, f"deep_{i}") for i in self.deep_layers}
+        return self.encoder(images, self.prompts, deep or None)
+
+
+class BakedPromptModel(nn.Module):
+    """A model whose ``visual`` is a ``BakedPromptTower`` (what ``export_onnx`` takes)."""
+
+    def __init__(self, visual: BakedPromptTower):
+        super().__init__()
+        self.visual = visual
+
+
+def load_online_run(run_dir, device: str | torch.device = "cpu",
+                    classnames: list[str] | None = None) -> dict:
+    """A finished online run, for export: ``model`` (a ``BakedPromptModel``: the run's model
+    weights, checked, with the trained image prompts fixed in its tower), ``text_features``
+    (C x E, float32, the trained text prompts'), ``class_names``, ``scale``, ``model_name``,
+    ``method`` and ``config``. ``classnames``: the trained prompts in front of these names
+    instead (none of MaPLe's or IVLP's tensors belongs to a class)."""
+    from fastprompt.models import create_model
+    from fastprompt.train.files import read_prompt_file
+    from fastprompt.train.learner import method_summary
+    run_dir = os.fspath(run_dir)
+    prompt = read_prompt_file(run_dir)
+    if not is_online(prompt.learner):
+        raise ValueError(f"run: {run_dir!r} is a {prompt.learner!r} run, not an online one")
+    config = prompt.config
+    model, _, _, tokenizer = create_model(config.model, config.pretrained, device)
+    if prompt.metadata.get("model_weights") != model_weights_hash(model):
+        raise ValueError(f"run: the weights of model {config.model!r} (pretrained="
+                         f"{config.pretrained!r}) differ from those the prompt in {run_dir!r} "
+                         "was trained with")
+    method = method_summary(config)
+    if classnames is None:
+        classnames = prompt.field("classnames")
+    else:
+        method = {**method, "classnames_transferred": True}
+    cls = learner_class(prompt.learner)
+    with torch.random.fork_rng(devices=[]):  # the initial draw is overwritten
+        prompts = cls.build_prompts(config, model, tokenizer, classnames)
+    prompts.load_state_dict(prompt.tensors)
+    prompts.to(torch.device(device))
+    with torch.no_grad():
+        text = prompts.text_features().float()
+    return {"model": BakedPromptModel(BakedPromptTower(prompts, model)), "text_features": text,
+            "class_names": list(classnames), "scale": float(logit_scale(model)),
+            "model_name": config.model, "method": method, "config": config}
 
 
 def is_online(learner: str) -> bool:

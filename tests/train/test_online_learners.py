@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastprompt.data.cache.encode import open_rgb
 from fastprompt.data.sampling import add_label_noise
 from fastprompt.models import TINY_MODEL
 from fastprompt.train import IVLPLearner, MaPLeLearner, OnlineData, TrainConfig, load_run
@@ -159,9 +160,14 @@ def test_cli_run_resumes_to_the_uninterrupted_result(cli, cli_world, tmp_path, n
     official = {"maple": {"ctx", "proj.weight", "compound_prompts_text.0"},
                 "ivlp": {"ctx", "VPT", "text_VPT_shallow.1", "vision_VPT_shallow.1"}}[name]
     assert official <= set(a.tensors)
-    # Export and evaluation refuse by name: the prompts live inside the image tower.
+    # Export bakes the prompts into the image tower (tested below); a head-only export, eval and
+    # load_run refuse by name: the prompts live inside the image tower.
     capsys.readouterr()
-    assert cli(["export", str(full), str(tmp_path / "onnx")]) != 0
+    assert cli(["export", str(full), str(tmp_path / "onnx"), "--no-verify"]) == 0
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert cli(["export", str(full), str(tmp_path / "head"), "--head-only"]) != 0
+    assert f"head_only: a '{name}' run" in capsys.readouterr().err
+    assert cli(["eval", str(full), "--data", str(cli_world / "shapes")]) != 0
     assert f"'{name}' run" in capsys.readouterr().err
     with pytest.raises(ValueError, match=f"'{name}' run"):
         load_run(full)
@@ -235,3 +241,40 @@ def test_dspt_and_atlas_targets_train_online(small, tmp_path):
         assert all(math.isfinite(e["loss"]) for e in metrics["epochs"])
         assert metrics["method"] == f"maple({kw['loss']})+{kw['targets']}" + (
             "(alt)" if name == "dspt" else "")
+
+
+@pytest.mark.parametrize("name", ["maple", "ivlp"])
+def test_export_bakes_the_trained_prompts_into_the_image_tower(small, tmp_path, name):
+    """The exported graph's logits on the test images are the trained prompts' (rebuilt here
+    from the prompt file with the model-level module, in float64), not the plain tower's."""
+    ort = pytest.importorskip("onnxruntime")
+    from fastprompt.models import IVLPPrompts, MaPLePrompts
+    from fastprompt.pipeline import export_run
+    splits, (model, _, pv, tok) = small
+    data = online_data(small)
+    cfg = TrainConfig.for_learner(name, epochs=1, warmup_epochs=0, lr=0.5, **SMALL[name])
+    train_online_run(cfg, data, model, tok, tmp_path / "run", progress=False)
+    export_run(tmp_path / "run", tmp_path / "onnx")
+
+    prompt = read_prompt_file(tmp_path / "run")
+    model64 = copy.deepcopy(model).double()
+    kw = ({"n_ctx": 2, "depth": 2} if name == "maple" else
+          {"n_ctx_text": 2, "n_ctx_vision": 2, "depth_text": 2, "depth_vision": 2})
+    build = MaPLePrompts if name == "maple" else IVLPPrompts
+    prompts = build(model64, tok, prompt.field("classnames"), **kw)
+    initial = {k: v.clone() for k, v in prompts.state_dict().items()}
+    prompts.load_state_dict(prompt.tensors)
+    assert any(not torch.allclose(initial[k].double(), prompts.state_dict()[k].double())
+               for k in initial)  # training moved the prompts
+    x = torch.stack([pv(open_rgb(p)) for p, _ in splits.test])
+    scale = float(logit_scale(model))
+    with torch.no_grad():
+        text = F.normalize(prompts.text_features(), dim=-1)
+        want = scale * F.normalize(prompts.image_features(x.double()), dim=-1) @ text.t()
+        plain = scale * F.normalize(model64.encode_image(x.double()), dim=-1) @ text.t()
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {session.get_inputs()[0].name: x.numpy()})[0]
+    got = torch.from_numpy(got).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert (got - plain).abs().max() > 1e-2  # the baked prompts matter
