@@ -31,15 +31,15 @@ from torch import Tensor, nn
 from fastprompt.data.cache.encode import ImageViews, open_rgb
 from fastprompt.data.cache.spec import CacheSpec, view_seed
 from fastprompt.data.folders import DatasetSplits
-from fastprompt.models import zeroshot_text_features
+from fastprompt.models import create_model, zeroshot_text_features
 from fastprompt.models.weights import model_weights_hash
 from fastprompt.train.config import LEARNERS, TrainConfig
 from fastprompt.train.distributed import world_size
 from fastprompt.train.epoch import SHUFFLE_STREAM, logit_scale, optimise_epoch
-from fastprompt.train.files import PromptFile, refuse_existing_run
+from fastprompt.train.files import PromptFile, read_prompt_file, refuse_existing_run
 from fastprompt.train.fit import fit
 from fastprompt.train.learner import (EpochOrder, Learner, TrainedClassifier, learner_class,
-                                      resolve_device)
+                                      method_summary, resolve_device)
 from fastprompt.train.objective import fused_losses, loss_options, make_targets
 
 # Images per forward pass of the test and validation splits.
@@ -131,8 +131,11 @@ class ImageOrder(EpochOrder):
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, start: int, stop: int):
-        return [self.images[i] for i in range(start, stop)]
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """``(images, given labels)`` of the epoch's images ``start:stop`` (what
+        ``batch_losses`` takes; ``train_epoch`` reads them through a loader instead)."""
+        items = [self.images[i] for i in range(start, stop)]
+        return torch.stack([x for x, _, _ in items]), torch.stack([y for _, y, _ in items])
 
 
 # What an online learner refuses, and why (docs/online_learners.md lists them).
@@ -254,7 +257,8 @@ class OnlineLearner(Learner):
         """``(loss, None)`` of ``batch`` (``(images, labels)`` on the device) against the class
         text features ``text`` (C x E), with epoch 0's loss options."""
         images, labels = batch
-        return self.losses(text, self.prompts.image_features(images), labels, 0)
+        images = images.to(self.device)
+        return self.losses(text, self.prompts.image_features(images), labels.to(self.device), 0)
 
     def losses(self, text: Tensor, image_features: Tensor, labels: Tensor, epoch: int):
         options = loss_options(self.config, self.targets, epoch)
@@ -366,9 +370,6 @@ def load_online_run(run_dir, device: str | torch.device = "cpu",
     (C x E, float32, the trained text prompts'), ``class_names``, ``scale``, ``model_name``,
     ``method`` and ``config``. ``classnames``: the trained prompts in front of these names
     instead (none of MaPLe's or IVLP's tensors belongs to a class)."""
-    from fastprompt.models import create_model
-    from fastprompt.train.files import read_prompt_file
-    from fastprompt.train.learner import method_summary
     run_dir = os.fspath(run_dir)
     prompt = read_prompt_file(run_dir)
     if not is_online(prompt.learner):

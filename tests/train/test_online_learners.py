@@ -81,6 +81,11 @@ def test_one_step_matches_plain_torch(small, monkeypatch, name, loss, dtype):
     want = reference_loss(text, features, labels, scale, loss)
     grads = torch.autograd.grad(want, list(learner.trainable().values()))
 
+    # The Learner hooks give the same loss from the epoch's order.
+    with torch.no_grad():
+        hooked, kl = learner.batch_losses(prompts.text_features(),
+                                          learner.epoch_order(0).batch(0, m))
+    assert kl is None and float(hooked) == pytest.approx(float(want.detach()), rel=1e-9 if tight else 1e-5)
     record = learner.train_epoch(epoch=0, bar=None)
     # The epoch's record sums its losses in float32.
     assert record["loss"] == pytest.approx(float(want.detach()), rel=1e-6 if tight else 1e-5)
