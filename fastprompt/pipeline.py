@@ -12,6 +12,8 @@ from fastprompt.export.ensemble import EnsembleReport, export_ensemble
 from fastprompt.export.onnx_export import ExportReport, export_onnx
 from fastprompt.export.triton import TritonSettings
 from fastprompt.train import load_run, load_softcpt_run
+from fastprompt.train.files import read_prompt_file
+from fastprompt.train.online import is_online, load_online_run
 from fastprompt.train.files import read_metrics
 from fastprompt.train.transfer import with_classnames
 
@@ -25,7 +27,12 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     ``classnames``: classify among these names instead of the trained ones, with the run's
     learned context in front of each (``fastprompt.train.transfer``; refused for class-specific
     contexts); ``classnames_from`` names them in errors (e.g. the file they were read from).
-    Returns its ``ExportReport``."""
+    Returns its ``ExportReport``. A MaPLe or IVLP run (trained online) exports its prompted
+    image tower, the trained image prompts fixed in the graph, and its class text features."""
+    learner = read_prompt_file(run_dir).learner
+    if is_online(learner):
+        return _export_online_run(run_dir, out_dir, learner, task=task, classnames=classnames,
+                                  triton=triton, **kwargs)
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
     if classnames is not None:
         run = with_classnames(run, classnames, where=classnames_from)
@@ -40,6 +47,20 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
                        scale=scale, model_name=run.model_name, method=dict(run.method),
                        triton=triton, affine=affine, text_head=text_head,
                        text_head_weight=weight, **kwargs)
+
+
+def _export_online_run(run_dir, out_dir, learner: str, *, task, classnames, triton,
+                       **kwargs) -> ExportReport:
+    if task is not None:
+        raise ValueError(f"task: a {learner!r} run has one classifier; drop --task")
+    if kwargs.get("head_only"):
+        raise ValueError(f"head_only: a {learner!r} run classifies the features of its prompted "
+                         "image tower, which a head-only graph would take as input from "
+                         "elsewhere; export it with the image tower (drop --head-only)")
+    run = load_online_run(run_dir, classnames=classnames)
+    return export_onnx(run["model"], run["text_features"], run["class_names"], out_dir,
+                       scale=run["scale"], model_name=run["model_name"], method=run["method"],
+                       triton=triton, **kwargs)
 
 
 def export_run_ensemble(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,

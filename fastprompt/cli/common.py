@@ -95,7 +95,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "resumes from the chunk files of an interrupted one with the same value "
                    "(default: %(default)s)")
     g.add_argument("--workers", type=int_at_least(0), default=0,
-                   help="data loader workers while caching")
+                   help="data loader workers while caching (--learner maple|ivlp: while "
+                   "training and testing, each epoch's images decoded and augmented in them)")
     g.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild a cache file built with other model weights instead of refusing it")
 
@@ -147,6 +148,14 @@ def print_classes(classnames, where: str = "") -> None:
     print(f"fastprompt: {len(classnames)} classes{where}: {shown}{more}", file=sys.stderr)
 
 
+def check_noise_args(args) -> None:
+    """One label-noise protocol at a time (``--noise-rate`` or ``--noise-per-class``)."""
+    if args.noise_per_class is not None and args.noise_rate > 0:
+        raise ValueError(f"--noise-per-class: one label-noise protocol at a time, got "
+                         f"--noise-per-class {args.noise_per_class} and --noise-rate "
+                         f"{args.noise_rate:g}; drop one of them")
+
+
 def build_cache(args, path, model, preprocess_train, preprocess_val, *, splits=None,
                 where: str = "", show_progress=None):
     """The feature cache at ``path`` of ``--data`` (or of ``splits``: a task's, said ``where``)
@@ -154,10 +163,7 @@ def build_cache(args, path, model, preprocess_train, preprocess_val, *, splits=N
     ``--rebuild-cache``."""
     if splits is None and not args.data:
         raise ValueError("--data: a data folder is required (or --cache FILE of a built cache)")
-    if args.noise_per_class is not None and args.noise_rate > 0:
-        raise ValueError(f"--noise-per-class: one label-noise protocol at a time, got "
-                         f"--noise-per-class {args.noise_per_class} and --noise-rate "
-                         f"{args.noise_rate:g}; drop one of them")
+    check_noise_args(args)
     check_cache_weights(path, model, args.rebuild_cache)
     if splits is None:
         # Unreadable images are skipped with a warning that counts and names them.

@@ -17,6 +17,7 @@ from fastprompt.train.config import OPTIMIZERS
 from fastprompt.train.class_sharding import shard_bounds
 from fastprompt.train.distributed import DEFAULT_TIMEOUT_S, torchrun_process_group, world_size
 from fastprompt.train.files import refuse_existing_run
+from fastprompt.train.online import OnlineData, is_online, train_online_run
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tcp-layer", type=int, default=d.tcp_layer,
                    help="TCP: the text layer before which its class-aware tokens replace the "
                    "context (default: %(default)s)")
+    g.add_argument("--prompt-depth", type=int, default=None,
+                   help="MaPLe: layers of both towers that take prompts (official: 9; at most "
+                   "the model's layers)")
+    g.add_argument("--n-ctx-vision", type=int, default=None,
+                   help="IVLP: image prompt tokens (official: 2; --n-ctx sets the text ones)")
+    g.add_argument("--prompt-depth-text", type=int, default=None,
+                   help="IVLP: text layers that take prompts (official: 12)")
+    g.add_argument("--prompt-depth-vision", type=int, default=None,
+                   help="IVLP: image layers that take prompts (official: 12; 0: none)")
     g.add_argument("--dept", action="store_true",
                    help="DePT: FiLM'd features into a linear head over the training classes, "
                    "trained beside the prompt; base classes fuse both at test")
@@ -139,7 +149,8 @@ def add_softcpt_args(parser: argparse.ArgumentParser) -> None:
 
 
 # Flags whose default is the learner's official config (else CoOp's).
-LEARNER_DEFAULTED = ("n_ctx", "ctx_init", "epochs", "batch_size", "lr", "optimizer")
+LEARNER_DEFAULTED = ("n_ctx", "ctx_init", "epochs", "batch_size", "lr", "optimizer",
+                     "prompt_depth", "n_ctx_vision", "prompt_depth_text", "prompt_depth_vision")
 
 
 def learner_and_loss(args) -> tuple[str, str]:
@@ -189,8 +200,11 @@ def config_from(args, shots: int | None) -> TrainConfig:
 def cmd_train(args) -> None:
     with torchrun_process_group(args.device, args.dist_timeout) as device:
         args.device = device
-        if learner_and_loss(args)[0] == "softcpt":
+        learner = learner_and_loss(args)[0]
+        if learner == "softcpt":
             train_softcpt(args)
+        elif is_online(learner):
+            train_online(args)
         else:
             train_coop(args)
 
@@ -233,6 +247,49 @@ def train_coop(args) -> None:
                         data=None if from_cache else common.data_source(args).to_dict())
     if not common.is_writer():
         return
+    common.finish_run(args.out)
+    print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
+          f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "
+          f"{metrics['epoch_seconds_median'] * 1e3:.1f} ms; run in {args.out}")
+
+
+def train_online(args) -> None:
+    """``fastprompt train --learner maple|ivlp``: the image tower runs in every step, on the
+    images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature cache.
+    What does not combine is refused by name before any work."""
+    learner = learner_and_loss(args)[0]
+    for flag, given, why in (
+            ("--cache", args.cache, "its image features change with the prompts: it trains on "
+             "the images of --data"),
+            ("--compile", args.compile, "the compiled step takes cached features"),
+            ("--text-chunk", args.text_chunk, "the chunked text backward is for the cached "
+             "learners' text side"),
+            ("--tasks", args.tasks, "several tasks are SoftCPT's"),
+            ("--data", len(getattr(args, "data_all", None) or []) > 1,
+             "given several times; one folder per run")):
+        if given:
+            raise ValueError(f"{flag}: not supported with --learner {learner}: {why}")
+    if world_size() > 1:
+        raise ValueError(f"--learner: {learner} trains in one process; sharding its images over "
+                         f"{world_size()} ranks (torchrun) is not supported yet")
+    if not args.data:
+        raise ValueError(f"--data: --learner {learner} trains on an image folder")
+    common.check_noise_args(args)
+    config = config_from(args, args.shots)
+    cls = LEARNERS[learner]
+    cls.check_config(config)  # before the model is loaded
+    refuse_existing_run(args.out, args.resume, learner)
+    model, pt, pv, tokenizer, device = common.load_model(args)
+    cls.check_depths(config, model)  # before the images are listed and hashed
+    source = common.data_source(args)
+    splits = source.load(shots=args.shots)
+    common.print_classes(splits.classnames)
+    data = OnlineData(model, args.model, pt, pv, splits, shots=args.shots,
+                      noise_rate=args.noise_rate, noise_type=args.noise_type,
+                      noise_per_class=args.noise_per_class, seed=args.seed)
+    metrics = train_online_run(config, data, model, tokenizer, args.out, resume=args.resume,
+                               device=device, progress=common.progress(args),
+                               workers=args.workers, record=source.to_dict())
     common.finish_run(args.out)
     print(f"{metrics['method']}: test accuracy {metrics['test_acc']:.4f} "
           f"(zero-shot {metrics['zeroshot_test_acc']:.4f}), median epoch "

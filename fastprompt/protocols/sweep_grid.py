@@ -18,6 +18,7 @@ from fastprompt.data.source import DataSource
 from fastprompt.models.factory import check_device, check_model_name
 from fastprompt.protocols.stats import format_number
 from fastprompt.train import LEARNERS, LOSSES, TrainConfig, coop_epochs
+from fastprompt.train.online import is_online
 
 PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset")
 # How a noise rate r of the spec corrupts labels: each independently with probability r
@@ -75,6 +76,10 @@ def parse_method(entry, where: str = "methods") -> Method:
         # A plug-in's own name is its paper's method: CoOp with it (``nlprompt``, ``joapr``).
         overrides = {"learner": "coop", "loss": "ce", head.group(1): True}
     elif head and head.group(1) in LEARNERS and head.group(1) != "coop":
+        if is_online(head.group(1)):
+            raise ValueError(f"{where}: {entry!r}: {head.group(1)} trains online (its prompts "
+                             "run in the image tower) and sweeps train on feature caches; train "
+                             f"it with fastprompt train --learner {head.group(1)}")
         overrides = {"learner": head.group(1), "loss": head.group(2) or "ce"}
         if overrides["loss"] not in LOSSES:
             raise ValueError(f"{where}: unknown loss {head.group(2)!r} in {entry!r} (one of "

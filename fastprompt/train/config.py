@@ -73,6 +73,13 @@ class TrainConfig:
     kg_template: str = "a photo of a {}."
     # TCP: the text layer before which the class-aware tokens replace the context
     tcp_layer: int = 8
+    # MaPLe (learner "maple"): prompts in both towers before layers 0 .. prompt_depth-1; IVLP
+    # (learner "ivlp"): n_ctx text and n_ctx_vision image tokens, each tower its own depth.
+    # Defaults: the official ViT-B/16 configs; a depth may not exceed the model's layers
+    prompt_depth: int = 9
+    n_ctx_vision: int = 2
+    prompt_depth_text: int = 12
+    prompt_depth_vision: int = 12
     # DePT (any learner): FiLM'd features into a linear head over the training classes, its
     # loss weighted by dept_weight, its parameters' learning rate lr * dept_lr_scale
     dept: bool = False
@@ -173,6 +180,10 @@ class TrainConfig:
                       f"{self.kg_template!r}")
         if isinstance(self.tcp_layer, bool) or not isinstance(self.tcp_layer, int) or self.tcp_layer < 1:
             raise bad("tcp_layer", f"must be an int >= 1, got {self.tcp_layer!r}")
+        for name, low in (("prompt_depth", 1), ("n_ctx_vision", 1), ("prompt_depth_text", 1),
+                          ("prompt_depth_vision", 0)):
+            if getattr(self, name) < low:
+                raise bad(name, f"must be at least {low}, got {getattr(self, name)}")
         if not 0.0 <= self.dept_weight <= 1.0:
             raise bad("dept_weight", f"must lie in [0, 1], got {self.dept_weight}")
         if self.dept_lr_scale <= 0:

@@ -300,7 +300,8 @@ def train_run(config: TrainConfig, cache: FeatureCache, model, tokenizer, out_di
     cls = learner_class(config.learner)
     if not issubclass(cls, CoOpLearner):
         raise ValueError(f"config: learner {config.learner!r} does not train on one cache (SoftCPT "
-                         "trains several tasks: use fastprompt.train.train_softcpt_run)")
+                         "trains several tasks: use fastprompt.train.train_softcpt_run; MaPLe "
+                         "and IVLP train online on images: fastprompt.train.train_online_run)")
     text_chunk = check_text_chunk(text_chunk)
     if compile and text_chunk:  # "auto" too: it may choose chunks
         raise ValueError("text_chunk: the chunked text backward does not run inside the compiled "
