@@ -12,9 +12,8 @@ from fastprompt.export.ensemble import EnsembleReport, export_ensemble
 from fastprompt.export.onnx_export import ExportReport, export_onnx
 from fastprompt.export.triton import TritonSettings
 from fastprompt.train import load_run, load_softcpt_run
-from fastprompt.train.files import read_prompt_file
+from fastprompt.train.files import PROMPT, read_metrics, read_prompt_file
 from fastprompt.train.online import is_online, load_online_run
-from fastprompt.train.files import read_metrics
 from fastprompt.train.transfer import with_classnames
 
 
@@ -29,8 +28,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     contexts); ``classnames_from`` names them in errors (e.g. the file they were read from).
     Returns its ``ExportReport``. A MaPLe or IVLP run (trained online) exports its prompted
     image tower, the trained image prompts fixed in the graph, and its class text features."""
-    learner = read_prompt_file(run_dir).learner
-    if is_online(learner):
+    # Without a prompt file, load_run says what is missing.
+    has_prompt = os.path.isfile(os.path.join(run_dir, PROMPT))
+    learner = read_prompt_file(run_dir).learner if has_prompt else None
+    if learner is not None and is_online(learner):
         return _export_online_run(run_dir, out_dir, learner, task=task, classnames=classnames,
                                   triton=triton, **kwargs)
     run = load_run(run_dir) if task is None else load_run(run_dir, task=task)
