@@ -97,8 +97,8 @@ def main(argv=None) -> None:
                           f"({row['cocoop_vs_coop']:.1f}x)", flush=True)
     env["threads"] = threads
     env["load_average_end"] = list(os.getloadavg())
-    table = (f"{env.get('cpu', {}).get('model', 'CPU') if isinstance(env.get('cpu'), dict) else env.get('cpu')}"
-             f", {threads} threads, onnxruntime CPU; {env.get('timestamp', '')}\n\n")
+    table = (f"{env['cpu_model']}, {threads} threads, onnxruntime CPU; load average "
+             f"{env['load_average_end'][0]:.2f} at the end; {env['timestamp']}\n\n")
     table += common.markdown_table(
         ["model", "classes", "batch", "CoOp ms/image", "CoCoOp ms/image", "CoCoOp / CoOp"],
         [[r["model"], r["classes"], r["batch"], f"{r['coop_ms_per_image']:.2f}",
