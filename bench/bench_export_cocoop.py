@@ -57,7 +57,7 @@ def export_pair(name: str, classes: int, folder: str) -> dict[str, str]:
     return paths
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["fastprompt-tiny", "ViT-B-16"])
     p.add_argument("--classes", nargs="+", type=int, default=[10, 100])
@@ -104,6 +104,7 @@ def main(argv=None) -> None:
         [[r["model"], r["classes"], r["batch"], f"{r['coop_ms_per_image']:.2f}",
           f"{r['cocoop_ms_per_image']:.2f}", f"{r['cocoop_vs_coop']:.1f}x"] for r in rows])
     print(common.write_results("export_cocoop", env, rows, table))
+    return rows
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["fastprompt-tiny", "ViT-B-16"])
     p.add_argument("--learners", nargs="+", default=["coop", "cocoop", "kgcoop", "tcp"])
@@ -215,16 +215,16 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=32, help="CoCoOp's --text-chunk for the memory row")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = [r for name in args.models for r in bench_model(name, args, device)]
     env = common.environment(device)
-    command = "python bench/bench_learners.py " + " ".join(sys.argv[1:])
-    common.write_results(f"learners-{device.type}", {"environment": env, "command": command,
-                                                      "rows": rows},
-                         markdown(rows, env, command))
+    command = "python bench/bench_learners.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env["command"] = command
+    print(common.write_results("learners", env, rows, markdown(rows, env, command)))
+    return rows
 
 
 if __name__ == "__main__":

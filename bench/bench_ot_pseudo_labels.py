@@ -46,7 +46,7 @@ def pot_labels(scores: torch.Tensor, reg: float):
                        stopThr=1e-6).argmax(1)
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--shots", type=int, default=16)
@@ -55,12 +55,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-run-time", type=float, default=2.0)
     p.add_argument("--pot", action="store_true", help="also time POT's ot.sinkhorn (CPU)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = common.environment(device)
-    env["command"] = " ".join(["python", *sys.argv])
+    env["command"] = " ".join(["python", "bench/bench_ot_pseudo_labels.py",
+                               *(sys.argv[1:] if argv is None else argv)])
     env["load_average"] = os.getloadavg()
     rows, table = [], []
     for c in args.classes:
@@ -90,6 +91,7 @@ def main() -> None:
                                    "labels = POT's", "labels = argmax"], table))
     print(md)
     print(common.write_results("ot_pseudo_labels", env, rows, md))
+    return rows
 
 
 if __name__ == "__main__":
