@@ -268,8 +268,8 @@ def train_coop(args) -> None:
 
 
 def train_online(args) -> None:
-    """``fastprompt train --learner maple|ivlp|promptsrc``: the image tower runs in every step, on the
-    images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature cache.
+    """``fastprompt train --learner maple|ivlp|promptsrc``: the image tower runs in every step,
+    on the images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature cache.
     What does not combine is refused by name before any work."""
     learner = learner_and_loss(args)[0]
     for flag, given, why in (
