@@ -242,3 +242,36 @@ def test_official_defaults():
             c.warmup_epochs, c.warmup_lr) == (4, 4, "a photo of a", 9, 9, 20, 4, 0.0025, "sgd",
                                               0.9, 5e-4, 1, 1e-5)
     assert (c.text_loss_weight, c.image_loss_weight, c.gpa_mean, c.gpa_std) == (25, 10, 15, 1)
+
+
+def test_export_bakes_the_averaged_prompts_into_the_image_tower(small, tmp_path):
+    """The exported graph's logits on the test images are those of the prompt file's (GPA)
+    prompts, rebuilt with the model-level module in float64, not the plain tower's."""
+    ort = pytest.importorskip("onnxruntime")
+    from fastprompt.data.cache.encode import open_rgb
+    from fastprompt.models import IVLPPrompts
+    from fastprompt.pipeline import export_run
+    splits, (model, _, pv, tok) = small
+    data = online_data(small)
+    cfg = TrainConfig.for_learner("promptsrc", epochs=2, warmup_epochs=0, lr=0.5, gpa_mean=1.5,
+                                  **SMALL)
+    train_online_run(cfg, data, model, tok, tmp_path / "run", progress=False)
+    export_run(tmp_path / "run", tmp_path / "onnx")
+
+    prompt = read_prompt_file(tmp_path / "run")
+    model64 = copy.deepcopy(model).double()
+    prompts = IVLPPrompts(model64, tok, prompt.field("classnames"), n_ctx_text=4,
+                          n_ctx_vision=4, depth_text=2, depth_vision=2, ctx_init="a photo of a")
+    prompts.load_state_dict(prompt.tensors)
+    x = torch.stack([pv(open_rgb(p)) for p, _ in splits.test])
+    scale = float(logit_scale(model))
+    with torch.no_grad():
+        text = F.normalize(prompts.text_features(), dim=-1)
+        want = scale * F.normalize(prompts.image_features(x.double()), dim=-1) @ text.t()
+        plain = scale * F.normalize(model64.encode_image(x.double()), dim=-1) @ text.t()
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {session.get_inputs()[0].name: x.numpy()})[0]
+    got = torch.from_numpy(got).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert (got - plain).abs().max() > 1e-2  # the baked prompts matter
