@@ -269,8 +269,8 @@ def train_coop(args) -> None:
 
 def train_online(args) -> None:
     """``fastprompt train --learner maple|ivlp|promptsrc``: the image tower runs in every step,
-    on the images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature cache.
-    What does not combine is refused by name before any work."""
+    on the images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature
+    cache. What does not combine is refused by name before any work."""
     learner = learner_and_loss(args)[0]
     for flag, given, why in (
             ("--cache", args.cache, "its image features change with the prompts: it trains on "

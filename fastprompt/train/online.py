@@ -417,10 +417,10 @@ def train_online_run(config: TrainConfig, data: OnlineData, model, tokenizer, ou
                      device: str | torch.device | None = None, workers: int = 0,
                      record: dict | None = None) -> dict:
     """Train ``config``'s online learner (MaPLe, IVLP, PromptSRC) on ``data`` into ``out_dir``;
-    return the metrics (also in ``out_dir/metrics.json``; ``record``, where the images came from, is
-    recorded there as given). ``resume``: continue the checkpoint in ``out_dir`` (same config,
-    data and model); without it a folder holding a checkpoint is refused. One process only
-    (no sample sharding under torchrun yet)."""
+    return the metrics (also in ``out_dir/metrics.json``; ``record``, where the images came
+    from, is recorded there as given). ``resume``: continue the checkpoint in ``out_dir`` (same
+    config, data and model); without it a folder holding a checkpoint is refused. One process
+    only (no sample sharding under torchrun yet)."""
     cls = learner_class(config.learner)
     if not issubclass(cls, OnlineLearner):
         raise ValueError(f"config: learner {config.learner!r} trains on cached features, not "
