@@ -26,8 +26,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: 
     ``classnames``: classify among these names instead of the trained ones, with the run's
     learned context in front of each (``fastprompt.train.transfer``; refused for class-specific
     contexts); ``classnames_from`` names them in errors (e.g. the file they were read from).
-    Returns its ``ExportReport``. A MaPLe or IVLP run (trained online) exports its prompted
-    image tower, the trained image prompts fixed in the graph, and its class text features."""
+    Returns its ``ExportReport``. A MaPLe, IVLP or PromptSRC run (trained online) exports its
+    prompted image tower, the trained image prompts fixed in the graph, and its class text
+    features."""
     # Without a prompt file, load_run says what is missing.
     has_prompt = os.path.isfile(os.path.join(run_dir, PROMPT))
     learner = read_prompt_file(run_dir).learner if has_prompt else None

@@ -95,8 +95,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "resumes from the chunk files of an interrupted one with the same value "
                    "(default: %(default)s)")
     g.add_argument("--workers", type=int_at_least(0), default=0,
-                   help="data loader workers while caching (--learner maple|ivlp: while "
-                   "training and testing, each epoch's images decoded and augmented in them)")
+                   help="data loader workers while caching (--learner maple|ivlp|promptsrc: "
+                   "while training and testing, each epoch's images decoded and augmented in them)")
     g.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild a cache file built with other model weights instead of refusing it")
 

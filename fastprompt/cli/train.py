@@ -58,11 +58,24 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="MaPLe: layers of both towers that take prompts (official: 9; at most "
                    "the model's layers)")
     g.add_argument("--n-ctx-vision", type=int, default=None,
-                   help="IVLP: image prompt tokens (official: 2; --n-ctx sets the text ones)")
+                   help="IVLP, PromptSRC: image prompt tokens (official: 2, 4; --n-ctx sets the "
+                   "text ones)")
     g.add_argument("--prompt-depth-text", type=int, default=None,
-                   help="IVLP: text layers that take prompts (official: 12)")
+                   help="IVLP, PromptSRC: text layers that take prompts (official: 12, 9)")
     g.add_argument("--prompt-depth-vision", type=int, default=None,
-                   help="IVLP: image layers that take prompts (official: 12; 0: none)")
+                   help="IVLP, PromptSRC: image layers that take prompts (official: 12, 9; 0: "
+                   "none)")
+    g.add_argument("--text-loss-weight", type=float, default=None,
+                   help="PromptSRC: weight of the L1 distance of the text features to the frozen "
+                   "60-template ones (official: 25)")
+    g.add_argument("--image-loss-weight", type=float, default=None,
+                   help="PromptSRC: weight of the L1 distance of the image features to the "
+                   "frozen tower's (official: 10)")
+    g.add_argument("--gpa-mean", type=float, default=None,
+                   help="PromptSRC: the epoch (1-based) at the centre of the Gaussian prompt "
+                   "average's weights (official: 15 of 20 epochs)")
+    g.add_argument("--gpa-std", type=float, default=None,
+                   help="PromptSRC: the Gaussian prompt average's width in epochs (official: 1)")
     g.add_argument("--dept", action="store_true",
                    help="DePT: FiLM'd features into a linear head over the training classes, "
                    "trained beside the prompt; base classes fuse both at test")
@@ -150,7 +163,8 @@ def add_softcpt_args(parser: argparse.ArgumentParser) -> None:
 
 # Flags whose default is the learner's official config (else CoOp's).
 LEARNER_DEFAULTED = ("n_ctx", "ctx_init", "epochs", "batch_size", "lr", "optimizer",
-                     "prompt_depth", "n_ctx_vision", "prompt_depth_text", "prompt_depth_vision")
+                     "prompt_depth", "n_ctx_vision", "prompt_depth_text", "prompt_depth_vision",
+                     "text_loss_weight", "image_loss_weight", "gpa_mean", "gpa_std")
 
 
 def learner_and_loss(args) -> tuple[str, str]:
@@ -254,9 +268,9 @@ def train_coop(args) -> None:
 
 
 def train_online(args) -> None:
-    """``fastprompt train --learner maple|ivlp``: the image tower runs in every step, on the
-    images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature cache.
-    What does not combine is refused by name before any work."""
+    """``fastprompt train --learner maple|ivlp|promptsrc``: the image tower runs in every step,
+    on the images of ``--data`` (decoded and augmented by ``--workers`` processes); no feature
+    cache. What does not combine is refused by name before any work."""
     learner = learner_and_loss(args)[0]
     for flag, given, why in (
             ("--cache", args.cache, "its image features change with the prompts: it trains on "

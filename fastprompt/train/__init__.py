@@ -11,7 +11,7 @@ Typical use::
 A learner is a ``Learner`` subclass in one module (``coop.py``, ``softcpt.py``), registered
 under its ``TrainConfig.learner`` name; docs/design.md describes the interface.
 """
-from fastprompt.train import cocoop, coop, ivlp, kgcoop, maple, softcpt, tcp  # noqa: F401  (each registers its learner)
+from fastprompt.train import cocoop, coop, ivlp, kgcoop, maple, promptsrc, softcpt, tcp  # noqa: F401  (each registers its learner)
 from fastprompt.train.config import LEARNERS, LOSSES, METHODS, TARGETS, TrainConfig, coop_epochs
 from fastprompt.train.cocoop import CoCoOpLearner
 from fastprompt.train.coop import CoOpLearner, read_prompt, train_run
@@ -19,6 +19,7 @@ from fastprompt.train.ivlp import IVLPLearner
 from fastprompt.train.kgcoop import KgCoOpLearner
 from fastprompt.train.maple import MaPLeLearner
 from fastprompt.train.online import OnlineData, OnlineLearner, train_online_run
+from fastprompt.train.promptsrc import PromptSRCLearner
 from fastprompt.train.epoch import accuracy, epoch_order, learning_rate, logit_scale
 from fastprompt.train.files import RunMismatchError
 from fastprompt.train.fit import NonFiniteTrainingError, fit
@@ -28,7 +29,7 @@ from fastprompt.train.softcpt import SoftCPTLearner, Task, load_softcpt_run, tra
 from fastprompt.train.tcp import TCPLearner
 
 __all__ = ["CoCoOpLearner", "CoOpLearner", "IVLPLearner", "KgCoOpLearner", "MaPLeLearner",
-           "OnlineData", "OnlineLearner", "LEARNERS", "LOSSES", "Learner", "METHODS", "NonFiniteTrainingError",
+           "OnlineData", "OnlineLearner", "PromptSRCLearner", "LEARNERS", "LOSSES", "Learner", "METHODS", "NonFiniteTrainingError",
            "RunMismatchError", "SoftCPTLearner", "TARGETS", "TCPLearner", "Task", "TrainConfig",
            "TrainedClassifier", "accuracy", "coop_epochs", "epoch_order", "fit",
            "learning_rate", "load_run", "load_runs", "load_softcpt_run", "logit_scale",

@@ -80,6 +80,14 @@ class TrainConfig:
     n_ctx_vision: int = 2
     prompt_depth_text: int = 12
     prompt_depth_vision: int = 12
+    # PromptSRC (learner "promptsrc", IVLP's prompts and depths): the run's loss plus
+    # text_loss_weight · L1(text features, the frozen 60-template ones) + image_loss_weight ·
+    # L1(image features, the frozen tower's) + KL(zero-shot || prompted logits); the final prompts
+    # are the epochs' prompts averaged with Gaussian weights N(epoch; gpa_mean, gpa_std²)
+    text_loss_weight: float = 25.0
+    image_loss_weight: float = 10.0
+    gpa_mean: float = 15.0
+    gpa_std: float = 1.0
     # DePT (any learner): FiLM'd features into a linear head over the training classes, its
     # loss weighted by dept_weight, its parameters' learning rate lr * dept_lr_scale
     dept: bool = False
@@ -133,7 +141,8 @@ class TrainConfig:
         for name in ("gce_q", "smoothing", "csl_temperature", "lam", "temperature", "lr", "momentum",
                      "weight_decay", "warmup_lr", "kg_weight", "dept_weight", "dept_lr_scale",
                      "ot_reg", "joapr_confidence_penalty", "joapr_prior_weight",
-                     "joapr_mixup_beta", "joapr_temperature"):
+                     "joapr_mixup_beta", "joapr_temperature", "text_loss_weight",
+                     "image_loss_weight", "gpa_mean", "gpa_std"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value!r}")
@@ -184,6 +193,12 @@ class TrainConfig:
                           ("prompt_depth_vision", 0)):
             if getattr(self, name) < low:
                 raise bad(name, f"must be at least {low}, got {getattr(self, name)}")
+        for name in ("text_loss_weight", "image_loss_weight"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be non-negative, got {getattr(self, name)}")
+        if self.gpa_std <= 0:
+            raise bad("gpa_std", f"must be positive (the Gaussian's standard deviation in "
+                      f"epochs), got {self.gpa_std}")
         if not 0.0 <= self.dept_weight <= 1.0:
             raise bad("dept_weight", f"must lie in [0, 1], got {self.dept_weight}")
         if self.dept_lr_scale <= 0:

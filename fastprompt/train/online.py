@@ -1,4 +1,5 @@
-"""Online learners: the image tower runs in every step (MaPLe, IVLP; docs/online_learners.md).
+"""Online learners: the image tower runs in every step (MaPLe, IVLP, PromptSRC;
+docs/online_learners.md).
 
 Their learned tokens sit inside the image tower, so the image features change with every step
 and no feature cache can serve them. What they share is here:
@@ -258,7 +259,15 @@ class OnlineLearner(Learner):
         text features ``text`` (C x E), with epoch 0's loss options."""
         images, labels = batch
         images = images.to(self.device)
-        return self.losses(text, self.prompts.image_features(images), labels.to(self.device), 0)
+        return self.step_losses(images, text, self.prompts.image_features(images),
+                                labels.to(self.device), 0)
+
+    def step_losses(self, images: Tensor, text: Tensor, features: Tensor, labels: Tensor,
+                    epoch: int):
+        """A training batch's ``(loss, None)``: ``text`` (C x E) and ``features`` (B x E) are the
+        prompted towers' outputs for ``images`` (B x 3 x H x W). The run's loss (``losses``);
+        PromptSRC adds its self-regulating terms, which need the images themselves."""
+        return self.losses(text, features, labels, epoch)
 
     def losses(self, text: Tensor, image_features: Tensor, labels: Tensor, epoch: int):
         options = loss_options(self.config, self.targets, epoch)
@@ -285,7 +294,7 @@ class OnlineLearner(Learner):
                         @ F.normalize(text.detach().float(), dim=-1).t()).argmax(1)
                 correct[0] += (pred == labels).sum()
                 correct[1] += (pred == clean).sum()
-            return self.losses(text, features, labels, epoch)
+            return self.step_losses(x, text, features, labels, epoch)
 
         result = optimise_epoch(config, self.optimizer, list(self.trainable().values()), epoch,
                                 len(images), batch_loss, device, bar)
@@ -407,11 +416,11 @@ def train_online_run(config: TrainConfig, data: OnlineData, model, tokenizer, ou
                      resume: bool = False, progress: bool | None = None,
                      device: str | torch.device | None = None, workers: int = 0,
                      record: dict | None = None) -> dict:
-    """Train ``config``'s online learner (MaPLe, IVLP) on ``data`` into ``out_dir`` and return
-    the metrics (also in ``out_dir/metrics.json``; ``record``, where the images came from, is
-    recorded there as given). ``resume``: continue the checkpoint in ``out_dir`` (same config,
-    data and model); without it a folder holding a checkpoint is refused. One process only
-    (no sample sharding under torchrun yet)."""
+    """Train ``config``'s online learner (MaPLe, IVLP, PromptSRC) on ``data`` into ``out_dir``;
+    return the metrics (also in ``out_dir/metrics.json``; ``record``, where the images came
+    from, is recorded there as given). ``resume``: continue the checkpoint in ``out_dir`` (same
+    config, data and model); without it a folder holding a checkpoint is refused. One process
+    only (no sample sharding under torchrun yet)."""
     cls = learner_class(config.learner)
     if not issubclass(cls, OnlineLearner):
         raise ValueError(f"config: learner {config.learner!r} trains on cached features, not "
