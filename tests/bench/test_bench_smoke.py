@@ -61,3 +61,17 @@ def test_bench_export_cocoop(bench, tmp_path):
     assert row["coop_ms_per_image"] > 0 and row["cocoop_ms_per_image"] > 0
     assert row["onnx_bytes"]["cocoop"] > row["onnx_bytes"]["coop"]  # the text tower inside
     assert _written(tmp_path, "export_cocoop")["results"][0]["classes"] == 3
+
+
+def test_bench_online(bench, tmp_path):
+    rows = bench("bench_online").main(["--models", "fastprompt-tiny", "--classes", "3",
+                                       "--batch", "2", "--repeats", "1"])
+    assert [r["learner"] for r in rows] == ["maple", "ivlp"]
+    for r in rows:
+        assert r["image_grad_checkpointing"] == "supported"
+        assert all(math.isfinite(r[f"{side}_images_per_s"]) and r[f"{side}_images_per_s"] > 0
+                   for side in ("official", "fastprompt", "fastprompt_ckpt"))
+        # the truncated text tower and the fused loss keep less; checkpointing keeps less again
+        assert r["saved_bytes_fastprompt_ckpt"] < r["saved_bytes_fastprompt"]
+        assert r["saved_bytes_fastprompt"] < r["saved_bytes_official"]
+    assert _written(tmp_path, "online")["environment"]["command"].endswith("--repeats 1")
